@@ -1,0 +1,2040 @@
+"""
+title: OpenRouter Responses
+author: openrouter-responses-pipe contributors
+version: 0.1.0
+required_open_webui_version: 0.6.28
+license: MIT
+requirements: aiohttp, cryptography, pydantic
+description: OpenRouter's catalog in Open WebUI via the Responses API: streaming, thinking, costs.
+"""
+
+# Table of contents. The file reads in the order a request flows through it; `Pipe` is last.
+#
+#   §1  Imports and constants
+#   §2  Errors            one tree rooted at PipeError
+#   §3  Settings          Valves, UserValves, EncryptedStr, RequestSettings.merge
+#   §4  Wire types        frozen dataclasses for what crosses a boundary
+#   §5  Catalog           /models JSON -> CatalogEntry; selection; refresher with TTL and backoff
+#   §6  Transformer       Open WebUI chat body -> Responses request (pure)
+#   §7  Intake            message content parts -> Responses input parts (pure)
+#   §8  Client            transport (injectable), retry policy, upstream error mapping
+#   §9  Stream decoding   SSEDecoder.feed(bytes) -> events; reducer = table of handlers
+#   §10 Rendering         intents -> Open WebUI chunks; usage; status line; error text
+#   §11 Admission         global + per-user concurrency gate with a bounded wait queue
+#   §12 Telemetry         request-scoped log context
+#   §13 Pipe              the numbered steps of a request and nothing else
+
+# ─────────────────────────────────────────────────────────────────────────────
+# §1 Imports and constants
+# ─────────────────────────────────────────────────────────────────────────────
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextvars
+import hashlib
+import hmac
+import json
+import logging
+import os
+import random
+import re
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, Field, GetCoreSchemaHandler, field_validator
+from pydantic_core import core_schema
+
+try:  # Open WebUI ships orjson; it parses SSE payloads several times faster than json.
+    import orjson
+
+    _loads: Callable[[str | bytes], Any] = orjson.loads
+
+    def _dumps(obj: Any) -> bytes:
+        return orjson.dumps(obj)
+
+except ImportError:  # pragma: no cover - exercised only where orjson is absent
+    _loads = json.loads
+
+    def _dumps(obj: Any) -> bytes:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+LOG = logging.getLogger("openrouter_responses_pipe")
+
+DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
+EFFORT_ORDER: tuple[str, ...] = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529})
+STATUS_ENTRY_PREFIX = "_status"  # selector entries that explain a configuration problem
+_SAMPLING_PARAMS = ("temperature", "top_p", "top_k", "stop", "frequency_penalty",
+                    "presence_penalty", "parallel_tool_calls")
+
+# ─────────────────────────────────────────────────────────────────────────────
+# §2 Errors
+#
+#   PipeError                   user-facing message + hint
+#   ├── ConfigError             bad or missing valves
+#   ├── ModelNotAvailable       not in the catalog / not enabled
+#   ├── AdmissionRejected       too busy, or the per-user limit
+#   ├── UpstreamError           OpenRouter said no
+#   │   ├── UpstreamStatusError     HTTP error before streaming
+#   │   ├── UpstreamConnectionError network failure before any response
+#   │   └── UpstreamStreamError     failure after the first byte
+#   ├── IntakeError             an attachment was refused
+#   │   ├── UnsafeURLError
+#   │   └── PayloadTooLargeError
+#   ├── ToolError
+#   └── ArtifactStoreError
+#
+# `describe_error` (§10) is the one place that turns these into what the user reads.
+# ─────────────────────────────────────────────────────────────────────────────
+
+
+class PipeError(Exception):
+    """Base of every error the pipe reports; `message` is for the user, `hint` says what to do."""
+
+    def __init__(self, message: str, *, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} {self.hint}".strip()
+
+
+class ConfigError(PipeError):
+    """A valve is missing or malformed; only an admin can fix it."""
+
+
+class ModelNotAvailable(PipeError):
+    """The requested model is not in the catalog or not enabled by MODEL_ID."""
+
+
+class AdmissionRejected(PipeError):
+    """Too many answers in flight; the user should retry shortly."""
+
+
+class UpstreamError(PipeError):
+    """OpenRouter (or the network to it) failed."""
+
+
+@dataclass(eq=False)
+class UpstreamStatusError(UpstreamError):
+    """OpenRouter answered with an HTTP error before any event was streamed."""
+
+    status: int
+    provider_message: str
+    raw: str = ""
+    provider_name: str = ""
+    error_type: str = ""
+    retry_after: float | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        PipeError.__init__(self, self.provider_message or f"HTTP {self.status}")
+
+
+class UpstreamConnectionError(UpstreamError):
+    """The request never got an HTTP response (DNS, connect, TLS, read timeout)."""
+
+
+class UpstreamStreamError(UpstreamError):
+    """The stream failed after it started: `response.failed`, an error event, or a cut-off."""
+
+    def __init__(self, message: str, *, code: str = "", error_type: str = "",
+                 hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.code = code
+        self.error_type = error_type
+
+
+class IntakeError(PipeError):
+    """An attachment could not be sent to the model."""
+
+
+class UnsafeURLError(IntakeError):
+    """A remote URL points somewhere the server must not fetch."""
+
+
+class PayloadTooLargeError(IntakeError):
+    """An attachment exceeds a size limit."""
+
+
+class ToolError(PipeError):
+    """A tool call failed (timeout, unknown tool, breaker open, bad arguments)."""
+
+
+class ArtifactStoreError(PipeError):
+    """Database, Redis or crypto trouble in the artifact store; never fatal to a chat."""
+
+
+# ─────────────────────────────────────────────────────────────────────────────
+# §3 Settings
+#
+# Admin Valves hold every default. UserValves mirror the user-tunable subset; each user field
+# defaults to "inherit", which means "use the admin's value". `RequestSettings.merge` resolves
+# both once per request into a frozen object; nothing below `pipe()` reads `self.valves`.
+# ─────────────────────────────────────────────────────────────────────────────
+
+INHERIT = "inherit"
+Effort = Literal["auto", "none", "minimal", "low", "medium", "high", "xhigh", "max"]
+SummaryMode = Literal["auto", "concise", "detailed", "disabled"]
+TaskEffort = Literal["lowest", "none", "minimal", "low", "medium"]
+_PASSWORD: dict[str, Any] = {"input": {"type": "password"}}
+
+
+def _fernet_from_secret() -> Any | None:
+    """Fernet keyed by Open WebUI's WEBUI_SECRET_KEY, or None when no secret is configured."""
+    secret = os.environ.get("WEBUI_SECRET_KEY", "")
+    if not secret:
+        return None
+    from cryptography.fernet import Fernet
+
+    return Fernet(base64.urlsafe_b64encode(hashlib.sha256(secret.encode()).digest()))
+
+
+class EncryptedStr(str):
+    """A secret valve stored as `encrypted:<fernet token>` keyed by WEBUI_SECRET_KEY.
+
+    Validation encrypts plaintext (so what Open WebUI stores is ciphertext); `reveal()` returns
+    the plaintext and raises ConfigError when the secret key changed since it was stored.
+    """
+
+    PREFIX = "encrypted:"
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler
+                                     ) -> core_schema.CoreSchema:
+        return core_schema.no_info_after_validator_function(cls._encrypt, core_schema.str_schema())
+
+    @classmethod
+    def _encrypt(cls, value: str) -> EncryptedStr:
+        if not value or value.startswith(cls.PREFIX):
+            return cls(value)
+        fernet = _fernet_from_secret()
+        if fernet is None:
+            return cls(value)
+        return cls(cls.PREFIX + fernet.encrypt(value.encode()).decode())
+
+    def reveal(self) -> str:
+        if not self.startswith(self.PREFIX):
+            return str(self)
+        from cryptography.fernet import InvalidToken
+
+        fernet = _fernet_from_secret()
+        try:
+            if fernet is None:
+                raise InvalidToken
+            return fernet.decrypt(self[len(self.PREFIX):].encode()).decode()
+        except InvalidToken:
+            raise ConfigError(
+                "The stored OpenRouter API key can't be decrypted (WEBUI_SECRET_KEY changed).",
+                hint="An admin must re-enter API_KEY in the pipe's valves.") from None
+
+
+class Valves(BaseModel):
+    """Admin settings (Admin → Functions → OpenRouter → Valves)."""
+
+    API_KEY: EncryptedStr = Field(
+        default_factory=lambda: EncryptedStr(os.environ.get("OPENROUTER_API_KEY", "")),
+        description="OpenRouter API key (sk-or-…). Stored encrypted with WEBUI_SECRET_KEY.",
+        json_schema_extra=_PASSWORD)
+    BASE_URL: str = Field(
+        default_factory=lambda: os.environ.get("OPENROUTER_API_BASE_URL", DEFAULT_BASE_URL),
+        description="OpenRouter API base URL. Change only for a proxy or a local emulator.")
+    MODEL_ID: str = Field(
+        default="auto",
+        description="Models to show: `auto` for the whole catalog, or a comma list of "
+                    "OpenRouter ids (e.g. `openai/gpt-4o, deepseek/deepseek-r1:free`). "
+                    "Unknown ids are reported, never replaced by the whole catalog.")
+    MODEL_NAME_PREFIX: str = Field(
+        default="", description="Text put before every model name in the selector.")
+    MODEL_CATALOG_REFRESH_SECONDS: int = Field(
+        default=3600, ge=60, le=86400,
+        description="How long the model catalog is cached before it is fetched again.")
+    REASONING_EFFORT: Effort = Field(
+        default="auto",
+        description="Default reasoning effort for reasoning models. `auto` leaves it to the "
+                    "model; an effort the model doesn't offer is mapped to the nearest one.")
+    REASONING_SUMMARY: SummaryMode = Field(
+        default="auto",
+        description="Reasoning summaries for models that produce them (shown as the "
+                    "thinking block). `disabled` stops requesting them.")
+    TASK_REASONING_EFFORT: TaskEffort = Field(
+        default="lowest",
+        description="Reasoning effort for titles, tags and follow-ups. `lowest` turns "
+                    "reasoning off where the model allows it, else uses its lowest effort.")
+    SHOW_FINAL_STATUS: bool = Field(
+        default=True,
+        description="Show a final status line with time, tokens, cost and tokens/s.")
+    MAX_RETRIES: int = Field(
+        default=2, ge=0, le=6,
+        description="Retries for 429/5xx/network errors before the first byte. A stream "
+                    "that already started is never retried.")
+    RETRY_MAX_WAIT_SECONDS: float = Field(
+        default=20.0, ge=0, le=300,
+        description="Longest wait before a retry. A Retry-After longer than this is not "
+                    "waited for; the user is told when to retry instead.")
+    HTTP_CONNECT_TIMEOUT_SECONDS: float = Field(
+        default=15.0, ge=1, le=120, description="Timeout to connect to OpenRouter.")
+    HTTP_READ_TIMEOUT_SECONDS: float = Field(
+        default=300.0, ge=5, le=3600,
+        description="Longest silence allowed while reading a response (keep-alives count).")
+    MAX_CONCURRENT_REQUESTS: int = Field(
+        default=64, ge=1, le=10000, description="Answers generated at once, all users.")
+    MAX_QUEUED_REQUESTS: int = Field(
+        default=64, ge=0, le=10000,
+        description="Requests that may wait for a free slot; beyond that users get 'busy'.")
+    QUEUE_WAIT_SECONDS: float = Field(
+        default=20.0, ge=0, le=600,
+        description="Longest wait for a free slot before the user is told to retry.")
+    MAX_CONCURRENT_REQUESTS_PER_USER: int = Field(
+        default=4, ge=1, le=1000, description="Answers one user may generate at once.")
+    HTTP_REFERER: str = Field(
+        default="https://openwebui.com/",
+        description="Sent as HTTP-Referer for OpenRouter app attribution.")
+    APP_TITLE: str = Field(
+        default="Open WebUI", description="Sent as X-OpenRouter-Title for app attribution.")
+    STICKY_SESSION_ROUTING: bool = Field(
+        default=True,
+        description="Send a session_id derived from the chat id so a conversation stays on "
+                    "one provider (better prompt-cache hits). The chat id itself is not sent.")
+
+
+class UserValves(BaseModel):
+    """Per-user settings; `inherit` uses the admin's value."""
+
+    REASONING_EFFORT: Literal["inherit", "auto", "none", "minimal", "low", "medium", "high",
+                              "xhigh", "max"] = Field(
+        default="inherit", description="Your reasoning effort (`inherit` = admin default).")
+    REASONING_SUMMARY: Literal["inherit", "auto", "concise", "detailed", "disabled"] = Field(
+        default="inherit", description="Your reasoning summaries (`inherit` = admin default).")
+    SHOW_FINAL_STATUS: Literal["inherit", "on", "off"] = Field(
+        default="inherit", description="Your final status line (`inherit` = admin default).")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _normalise_inherit(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", INHERIT)):
+            return INHERIT
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return value.strip().lower() if isinstance(value, str) else value
+
+
+def _pick(user_value: str, admin_value: Any) -> Any:
+    return admin_value if user_value == INHERIT else user_value
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionLimits:
+    max_active: int
+    max_queued: int
+    wait_seconds: float
+    per_user: int
+
+
+@dataclass(frozen=True, slots=True)
+class RequestSettings:
+    """Everything one request needs from Valves ⊕ UserValves, resolved once."""
+
+    base_url: str
+    api_key: str
+    reasoning_effort: str
+    reasoning_summary: str
+    task_reasoning_effort: str
+    show_final_status: bool
+    max_retries: int
+    retry_max_wait: float
+    connect_timeout: float
+    read_timeout: float
+    admission: AdmissionLimits
+    http_referer: str
+    app_title: str
+    sticky_sessions: bool
+    session_secret: str
+
+    @classmethod
+    def merge(cls, valves: Valves, user: UserValves | None) -> RequestSettings:
+        user = user or UserValves()
+        show = _pick(user.SHOW_FINAL_STATUS, "on" if valves.SHOW_FINAL_STATUS else "off")
+        return cls(
+            base_url=valves.BASE_URL.rstrip("/"),
+            api_key=EncryptedStr(valves.API_KEY).reveal().strip(),
+            reasoning_effort=_pick(user.REASONING_EFFORT, valves.REASONING_EFFORT),
+            reasoning_summary=_pick(user.REASONING_SUMMARY, valves.REASONING_SUMMARY),
+            task_reasoning_effort=valves.TASK_REASONING_EFFORT,
+            show_final_status=show == "on",
+            max_retries=valves.MAX_RETRIES,
+            retry_max_wait=valves.RETRY_MAX_WAIT_SECONDS,
+            connect_timeout=valves.HTTP_CONNECT_TIMEOUT_SECONDS,
+            read_timeout=valves.HTTP_READ_TIMEOUT_SECONDS,
+            admission=AdmissionLimits(valves.MAX_CONCURRENT_REQUESTS, valves.MAX_QUEUED_REQUESTS,
+                                      valves.QUEUE_WAIT_SECONDS,
+                                      valves.MAX_CONCURRENT_REQUESTS_PER_USER),
+            http_referer=valves.HTTP_REFERER,
+            app_title=valves.APP_TITLE,
+            sticky_sessions=valves.STICKY_SESSION_ROUTING,
+            session_secret=os.environ.get("WEBUI_SECRET_KEY", ""),
+        )
+
+    def require_api_key(self) -> str:
+        if not self.api_key:
+            raise ConfigError("No OpenRouter API key is configured.",
+                              hint="An admin must set API_KEY in Admin → Functions → "
+                                   "OpenRouter → Valves.")
+        return self.api_key
+
+
+# ─────────────────────────────────────────────────────────────────────────────
+# §4 Wire types
+# ─────────────────────────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True, slots=True)
+class Pricing:
+    """USD per unit as OpenRouter reports it (per token for token prices)."""
+
+    prompt: float = 0.0
+    completion: float = 0.0
+    request: float = 0.0
+    image: float = 0.0
+    web_search: float | None = None
+    internal_reasoning: float = 0.0
+    input_cache_read: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningSpec:
+    mandatory: bool = False
+    supported_efforts: tuple[str, ...] | None = None
+    default_effort: str | None = None
+    supports_max_tokens: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogEntry:
+    """One OpenRouter model with the capabilities the pipe derives from it."""
+
+    id: str
+    name: str
+    canonical_slug: str
+    description: str
+    context_length: int | None
+    max_output_tokens: int | None
+    input_modalities: frozenset[str]
+    output_modalities: frozenset[str]
+    supported_parameters: frozenset[str]
+    pricing: Pricing
+    reasoning: ReasoningSpec | None
+    created: int = 0
+
+    @property
+    def supports_reasoning(self) -> bool:
+        return self.reasoning is not None or "reasoning" in self.supported_parameters
+
+    @property
+    def reasoning_summaries(self) -> bool:
+        """Only OpenAI-style reasoning models return summaries; others stream raw thinking."""
+        return self.supports_reasoning and self.id.split("/", 1)[0] in ("openai", "azure")
+
+    @property
+    def supports_tools(self) -> bool:
+        return "tools" in self.supported_parameters
+
+    @property
+    def supports_structured_outputs(self) -> bool:
+        return bool({"structured_outputs", "response_format"} & self.supported_parameters)
+
+    @property
+    def supports_web_search(self) -> bool:
+        return self.pricing.web_search is not None
+
+    @property
+    def image_output(self) -> bool:
+        return "image" in self.output_modalities
+
+    def accepts(self, modality: str) -> bool:
+        return modality in self.input_modalities
+
+
+@dataclass(frozen=True, slots=True)
+class TextPart:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ImagePart:
+    url: str
+    detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UnsupportedPart:
+    """A content part the pipe can't send yet; reported to the user, never dropped silently."""
+
+    kind: str
+
+
+ContentPart = TextPart | ImagePart | UnsupportedPart
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: str
+    parts: tuple[ContentPart, ...]
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(p.text for p in self.parts if isinstance(p, TextPart))
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """Open WebUI's chat body and call context, parsed once at the boundary."""
+
+    owui_model_id: str
+    model_id: str
+    messages: tuple[ChatMessage, ...]
+    stream: bool
+    params: Mapping[str, Any]
+    max_tokens: int | None = None
+    reasoning_effort: str | None = None
+    response_format: Mapping[str, Any] | None = None
+    task: str | None = None
+    chat_id: str | None = None
+    message_id: str | None = None
+    user_id: str = "anonymous"
+    user_role: str = "user"
+
+
+@dataclass(slots=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    cached_tokens: int = 0
+    cost: float | None = None
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any] | None) -> Usage | None:
+        if not raw:
+            return None
+        cost = raw.get("cost")
+        return cls(
+            input_tokens=int(raw.get("input_tokens") or 0),
+            output_tokens=int(raw.get("output_tokens") or 0),
+            reasoning_tokens=int((raw.get("output_tokens_details") or {})
+                                 .get("reasoning_tokens") or 0),
+            cached_tokens=int((raw.get("input_tokens_details") or {}).get("cached_tokens") or 0),
+            cost=float(cost) if isinstance(cost, int | float) else None)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    def add(self, other: Usage) -> None:
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        self.reasoning_tokens += other.reasoning_tokens
+        self.cached_tokens += other.cached_tokens
+        if other.cost is not None:
+            self.cost = (self.cost or 0.0) + other.cost
+
+
+@dataclass(frozen=True, slots=True)
+class SSEEvent:
+    data: str
+    event: str | None = None
+
+
+# ─────────────────────────────────────────────────────────────────────────────
+# §5 Catalog
+# ─────────────────────────────────────────────────────────────────────────────
+
+
+def _price(raw: Mapping[str, Any], key: str) -> float:
+    try:
+        return max(float(raw.get(key) or 0), 0.0)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _parse_pricing(raw: Mapping[str, Any] | None) -> Pricing:
+    raw = raw or {}
+    return Pricing(
+        prompt=_price(raw, "prompt"), completion=_price(raw, "completion"),
+        request=_price(raw, "request"), image=_price(raw, "image"),
+        web_search=_price(raw, "web_search") if "web_search" in raw else None,
+        internal_reasoning=_price(raw, "internal_reasoning"),
+        input_cache_read=_price(raw, "input_cache_read"))
+
+
+def _parse_reasoning(raw: Any, params: frozenset[str]) -> ReasoningSpec | None:
+    if isinstance(raw, Mapping):
+        efforts = raw.get("supported_efforts")
+        return ReasoningSpec(
+            mandatory=bool(raw.get("mandatory")),
+            supported_efforts=tuple(efforts) if isinstance(efforts, list) else None,
+            default_effort=raw.get("default_effort"),
+            supports_max_tokens=bool(raw.get("supports_max_tokens")))
+    return ReasoningSpec() if "reasoning" in params else None
+
+
+def parse_catalog_entry(raw: Mapping[str, Any]) -> CatalogEntry:
+    """One `/models` object -> CatalogEntry. Raises KeyError/TypeError on a malformed entry."""
+    arch = raw.get("architecture") or {}
+    top = raw.get("top_provider") or {}
+    params = frozenset(raw.get("supported_parameters") or ())
+    return CatalogEntry(
+        id=str(raw["id"]),
+        name=str(raw.get("name") or raw["id"]),
+        canonical_slug=str(raw.get("canonical_slug") or raw["id"]),
+        description=str(raw.get("description") or ""),
+        context_length=raw.get("context_length") or top.get("context_length"),
+        max_output_tokens=top.get("max_completion_tokens"),
+        input_modalities=frozenset(arch.get("input_modalities") or ("text",)),
+        output_modalities=frozenset(arch.get("output_modalities") or ("text",)),
+        supported_parameters=params,
+        pricing=_parse_pricing(raw.get("pricing")),
+        reasoning=_parse_reasoning(raw.get("reasoning"), params),
+        created=int(raw.get("created") or 0))
+
+
+def parse_catalog(payload: Any) -> tuple[CatalogEntry, ...]:
+    """`/models` JSON -> entries that can produce text, sorted by name; malformed ones skipped."""
+    rows = payload.get("data") if isinstance(payload, Mapping) else None
+    if not isinstance(rows, list):
+        raise UpstreamError("OpenRouter's model list had an unexpected shape.")
+    entries: list[CatalogEntry] = []
+    for row in rows:
+        try:
+            entry = parse_catalog_entry(row)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            LOG.warning("Skipping a malformed catalog entry: %.200r", row)
+            continue
+        if "text" in entry.output_modalities:
+            entries.append(entry)
+    entries.sort(key=lambda e: (e.name.lower(), e.id))
+    return tuple(entries)
+
+
+def select_models(entries: Iterable[CatalogEntry], model_ids: str
+                  ) -> tuple[tuple[CatalogEntry, ...], tuple[str, ...]]:
+    """Apply the MODEL_ID valve. Returns (selected, ids that matched nothing).
+
+    `auto` or empty selects everything; otherwise ids match exactly, then case-insensitively.
+    An unknown id is never widened to the whole catalog.
+    """
+    entries = tuple(entries)
+    wanted = [w.strip() for w in model_ids.split(",") if w.strip()]
+    if not wanted or [w.lower() for w in wanted] == ["auto"]:
+        return entries, ()
+    by_id = {e.id: e for e in entries}
+    by_lower = {e.id.lower(): e for e in entries}
+    selected: dict[str, CatalogEntry] = {}
+    unknown: list[str] = []
+    for wid in wanted:
+        hit = by_id.get(wid) or by_lower.get(wid.lower())
+        if hit is None:
+            unknown.append(wid)
+        else:
+            selected.setdefault(hit.id, hit)
+    return tuple(selected.values()), tuple(unknown)
+
+
+def openrouter_model_id(owui_model_id: str) -> str:
+    """`<function id>.<openrouter id>` -> `<openrouter id>`; function ids never contain a dot."""
+    return owui_model_id.split(".", 1)[1] if "." in owui_model_id else owui_model_id
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogSnapshot:
+    entries: tuple[CatalogEntry, ...]
+    by_id: Mapping[str, CatalogEntry]
+    fetched_at: float
+
+    @classmethod
+    def of(cls, entries: tuple[CatalogEntry, ...], now: float) -> CatalogSnapshot:
+        return cls(entries, {e.id: e for e in entries}, now)
+
+    def find(self, model_id: str) -> CatalogEntry | None:
+        hit = self.by_id.get(model_id)
+        if hit is None:
+            lowered = model_id.lower()
+            hit = next((e for e in self.entries if e.id.lower() == lowered), None)
+        return hit
+
+
+class CatalogRegistry:
+    """Cached catalog: one refresh at a time, stale list served on failure with backoff.
+
+    `get()` never waits when any catalog is cached: a stale one triggers a background refresh
+    and is returned at once, so `pipes()` stays fast.
+    """
+
+    BACKOFF_BASE = 5.0
+    BACKOFF_CAP = 300.0
+
+    def __init__(self, fetch: Callable[[RequestSettings], Awaitable[Any]],
+                 clock: Callable[[], float]) -> None:
+        self._fetch = fetch
+        self._clock = clock
+        self.snapshot: CatalogSnapshot | None = None
+        self.last_error: PipeError | None = None
+        self._failures = 0
+        self._next_attempt = 0.0
+        self._inflight: asyncio.Task[CatalogSnapshot] | None = None
+
+    def is_fresh(self, ttl: float) -> bool:
+        return self.snapshot is not None and self._clock() - self.snapshot.fetched_at < ttl
+
+    async def get(self, settings: RequestSettings, ttl: float) -> CatalogSnapshot:
+        snap = self.snapshot
+        if snap is not None:
+            if not self.is_fresh(ttl) and self._clock() >= self._next_attempt:
+                self._start_refresh(settings)
+            return snap
+        if self._clock() < self._next_attempt and self.last_error is not None:
+            raise self.last_error
+        return await asyncio.shield(self._start_refresh(settings))
+
+    def _start_refresh(self, settings: RequestSettings) -> asyncio.Task[CatalogSnapshot]:
+        task = self._inflight
+        if task is None or task.done():
+            task = asyncio.get_running_loop().create_task(self._refresh(settings))
+            task.add_done_callback(_consume_task_exception)
+            self._inflight = task
+        return task
+
+    async def _refresh(self, settings: RequestSettings) -> CatalogSnapshot:
+        try:
+            entries = parse_catalog(await self._fetch(settings))
+        except PipeError as exc:
+            self._record_failure(exc)
+            raise
+        self.snapshot = CatalogSnapshot.of(entries, self._clock())
+        self._failures, self.last_error, self._next_attempt = 0, None, 0.0
+        LOG.info("Model catalog refreshed: %d models", len(entries))
+        return self.snapshot
+
+    def _record_failure(self, exc: PipeError) -> None:
+        self._failures += 1
+        delay = min(self.BACKOFF_BASE * 2 ** (self._failures - 1), self.BACKOFF_CAP)
+        self._next_attempt = self._clock() + delay
+        self.last_error = exc
+        LOG.warning("Model catalog refresh failed (%s); next attempt in %.0fs", exc, delay)
+
+
+def _consume_task_exception(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # marks it retrieved; the failure was already logged
+
+
+# ─────────────────────────────────────────────────────────────────────────────
+# §6 Transformer (pure)
+#
+# Open WebUI body field       → Responses request field
+#   system/developer messages → instructions (joined by blank lines)
+#   user/assistant/tool       → typed `input` items
+#   max_tokens                → max_output_tokens (clamped to the model's limit)
+#   reasoning_effort / valve  → reasoning.effort (mapped onto the model's supported efforts)
+#   response_format           → text.format
+#   sampling params           → same name, only when supported_parameters lists them
+# ─────────────────────────────────────────────────────────────────────────────
+
+_REASONING_DETAILS = re.compile(
+    r'<details\s+type="reasoning"[^>]*>.*?</details>\s*', re.DOTALL | re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class Transformed:
+    """The request to send plus one-line notes for the user about what was left out."""
+
+    payload: dict[str, Any]
+    notes: tuple[str, ...] = ()
+
+
+def nearest_effort(wanted: str, spec: ReasoningSpec) -> str:
+    """Map an effort onto what the model supports: mandatory models never get `none`."""
+    allowed = list(spec.supported_efforts or EFFORT_ORDER)
+    if spec.mandatory and "none" in allowed:
+        allowed.remove("none")
+    if wanted in allowed or not allowed:
+        return wanted
+    rank = EFFORT_ORDER.index(wanted) if wanted in EFFORT_ORDER else 3
+    return min(allowed, key=lambda e: (abs(EFFORT_ORDER.index(e) - rank)
+                                       if e in EFFORT_ORDER else 99, EFFORT_ORDER.index(e)
+                                       if e in EFFORT_ORDER else 99))
+
+
+def lowest_effort(spec: ReasoningSpec) -> str:
+    return nearest_effort("none", spec)
+
+
+def build_reasoning(req: ChatRequest, entry: CatalogEntry, settings: RequestSettings
+                    ) -> dict[str, Any] | None:
+    """`reasoning` object for this model, or None when the model doesn't reason."""
+    if not entry.supports_reasoning:
+        return None
+    spec = entry.reasoning or ReasoningSpec()
+    if req.task:
+        wanted = settings.task_reasoning_effort
+        return {"effort": lowest_effort(spec) if wanted == "lowest"
+                else nearest_effort(wanted, spec)}
+    effort = req.reasoning_effort or settings.reasoning_effort
+    reasoning: dict[str, Any] = {}
+    if effort and effort != "auto":
+        reasoning["effort"] = nearest_effort(effort, spec)
+    if (entry.reasoning_summaries and settings.reasoning_summary != "disabled"
+            and reasoning.get("effort") != "none"):
+        reasoning["summary"] = settings.reasoning_summary
+    return reasoning or None
+
+
+def build_text_format(response_format: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Chat `response_format` -> Responses `text.format` (flat json_schema)."""
+    if not response_format:
+        return None
+    kind = response_format.get("type")
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema") or {}
+        fmt: dict[str, Any] = {"type": "json_schema", "name": spec.get("name") or "response",
+                               "schema": spec.get("schema") or {}}
+        if "strict" in spec:
+            fmt["strict"] = bool(spec["strict"])
+        if spec.get("description"):
+            fmt["description"] = spec["description"]
+        return fmt
+    return None
+
+
+def strip_reasoning_blocks(text: str) -> str:
+    """Drop rendered thinking blocks from replayed assistant text."""
+    return _REASONING_DETAILS.sub("", text) if "<details" in text else text
+
+
+def history_items(messages: Iterable[ChatMessage], entry: CatalogEntry
+                  ) -> tuple[list[str], list[dict[str, Any]], list[str]]:
+    """Messages -> (instruction texts, input items, notes about parts left out)."""
+    instructions: list[str] = []
+    items: list[dict[str, Any]] = []
+    notes: list[str] = []
+    for msg in messages:
+        if msg.role in ("system", "developer"):
+            if msg.text.strip():
+                instructions.append(msg.text)
+        elif msg.role == "user":
+            parts, left_out = input_parts(msg.parts, entry)
+            notes.extend(left_out)
+            if parts:
+                items.append({"type": "message", "role": "user", "content": parts})
+        elif msg.role == "assistant":
+            items.extend(assistant_items(msg))
+        elif msg.role == "tool" and msg.tool_call_id:
+            items.append({"type": "function_call_output", "call_id": msg.tool_call_id,
+                          "output": msg.text})
+    return instructions, items, notes
+
+
+def assistant_items(msg: ChatMessage) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    text = strip_reasoning_blocks(msg.text).strip()
+    if text:
+        out.append({"type": "message", "role": "assistant", "content": text})
+    out.extend({"type": "function_call", "call_id": call.id, "name": call.name,
+                "arguments": call.arguments or "{}"} for call in msg.tool_calls)
+    return out
+
+
+def _session_id(req: ChatRequest, settings: RequestSettings) -> str | None:
+    if not (settings.sticky_sessions and req.chat_id):
+        return None
+    key = (settings.session_secret or "openrouter-responses-pipe").encode()
+    return hmac.new(key, req.chat_id.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def build_responses_request(req: ChatRequest, entry: CatalogEntry,
+                            settings: RequestSettings) -> Transformed:
+    """The pure core: a parsed chat request + its catalog entry -> the Responses request."""
+    instructions, items, notes = history_items(req.messages, entry)
+    if not items:
+        items.append({"type": "message", "role": "user",
+                      "content": [{"type": "input_text", "text": ""}]})
+    payload: dict[str, Any] = {"model": entry.id, "input": items,
+                               "stream": req.stream and not req.task, "store": False}
+    if instructions:
+        payload["instructions"] = "\n\n".join(instructions)
+    _apply_limits(payload, req, entry)
+    reasoning = build_reasoning(req, entry, settings)
+    if reasoning is not None:
+        payload["reasoning"] = reasoning
+        if not req.task:
+            payload["include"] = ["reasoning.encrypted_content"]
+    _apply_sampling(payload, req, entry)
+    session = _session_id(req, settings)
+    if session:
+        payload["session_id"] = session
+    return Transformed(payload, tuple(notes))
+
+
+def _apply_limits(payload: dict[str, Any], req: ChatRequest, entry: CatalogEntry) -> None:
+    if req.max_tokens:
+        cap = entry.max_output_tokens
+        payload["max_output_tokens"] = min(req.max_tokens, cap) if cap else req.max_tokens
+
+
+def _apply_sampling(payload: dict[str, Any], req: ChatRequest, entry: CatalogEntry) -> None:
+    supported = entry.supported_parameters
+    for name in _SAMPLING_PARAMS:
+        if name in req.params:
+            if name in supported:
+                payload[name] = req.params[name]
+            else:
+                LOG.debug("Dropping %s: %s does not support it", name, entry.id)
+    if "seed" in req.params:
+        LOG.debug("Dropping seed: the Responses API has no seed parameter")
+    text_format = build_text_format(req.response_format)
+    if text_format is not None:
+        if entry.supports_structured_outputs:
+            payload["text"] = {"format": text_format}
+        else:
+            LOG.debug("Dropping response_format: %s has no structured outputs", entry.id)
+
+
+# ─────────────────────────────────────────────────────────────────────────────
+# §7 Intake (pure part)
+#
+# Content parts Open WebUI sends -> Responses input parts, gated by the model's input
+# modalities. A part the model can't take is left out with a note the user sees.
+# ─────────────────────────────────────────────────────────────────────────────
+
+_PART_LABELS = {"image": "an image", "file": "a file", "audio": "an audio clip",
+                "video": "a video"}
+
+
+def parse_content(content: Any) -> tuple[ContentPart, ...]:
+    """Open WebUI message content (str or list of parts) -> typed parts."""
+    if content is None:
+        return ()
+    if isinstance(content, str):
+        return (TextPart(content),)
+    parts: list[ContentPart] = []
+    for raw in content if isinstance(content, list) else [content]:
+        parts.append(_parse_part(raw))
+    return tuple(parts)
+
+
+def _parse_part(raw: Any) -> ContentPart:
+    if isinstance(raw, str):
+        return TextPart(raw)
+    if not isinstance(raw, Mapping):
+        return UnsupportedPart(type(raw).__name__)
+    kind = raw.get("type")
+    if kind in ("text", "input_text"):
+        return TextPart(str(raw.get("text") or ""))
+    if kind in ("image_url", "input_image"):
+        image = raw.get("image_url")
+        url = image.get("url") if isinstance(image, Mapping) else image
+        detail = image.get("detail") if isinstance(image, Mapping) else raw.get("detail")
+        if isinstance(url, str) and url:
+            return ImagePart(url, detail if detail in ("auto", "low", "high") else None)
+    return UnsupportedPart(str(kind or "unknown"))
+
+
+def input_parts(parts: Iterable[ContentPart], entry: CatalogEntry
+                ) -> tuple[list[dict[str, Any]], list[str]]:
+    """Typed parts -> Responses parts for this model, plus notes for what was left out."""
+    out: list[dict[str, Any]] = []
+    notes: list[str] = []
+    for part in parts:
+        if isinstance(part, TextPart):
+            out.append({"type": "input_text", "text": part.text})
+        elif isinstance(part, ImagePart) and entry.accepts("image"):
+            image: dict[str, Any] = {"type": "input_image", "image_url": part.url,
+                                     "detail": part.detail or "auto"}
+            out.append(image)
+        elif isinstance(part, ImagePart):
+            notes.append(f"{entry.name} can't read images, so {_PART_LABELS['image']} "
+                         "was left out of the request.")
+        else:
+            notes.append(f"An attachment of type '{part.kind}' can't be sent to the model "
+                         "yet and was left out.")
+    return out, notes
+
+
+# ─────────────────────────────────────────────────────────────────────────────
+# §8 Client
+#
+# `Transport` is the one HTTP seam: the default uses one pooled aiohttp session per event
+# loop; tests inject fakes. Retries happen here and only before any byte reaches the user.
+# ─────────────────────────────────────────────────────────────────────────────
+
+
+class TransportResponse(Protocol):
+    status: int
+    headers: Mapping[str, str]
+
+    async def read(self) -> bytes: ...
+
+    def iter_chunks(self) -> AsyncIterator[bytes]: ...
+
+    async def close(self) -> None: ...
+
+
+class Transport(Protocol):
+    async def request(self, method: str, url: str, *, headers: Mapping[str, str],
+                      body: bytes | None, connect_timeout: float, read_timeout: float
+                      ) -> TransportResponse: ...
+
+    async def aclose(self) -> None: ...
+
+
+class _AiohttpResponse:
+    __slots__ = ("_resp", "headers", "status")
+
+    def __init__(self, resp: Any) -> None:
+        self._resp = resp
+        self.status: int = resp.status
+        self.headers: Mapping[str, str] = resp.headers
+
+    async def read(self) -> bytes:
+        return bytes(await self._resp.read())
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        import aiohttp
+
+        try:
+            async for chunk in self._resp.content.iter_any():
+                yield chunk
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise UpstreamStreamError(f"The connection to OpenRouter broke ({_exc_text(exc)}).",
+                                      code="network_error") from exc
+
+    async def close(self) -> None:
+        self._resp.close()
+
+
+def _exc_text(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+class AiohttpTransport:
+    """Pooled aiohttp client; one session per event loop, created on first use."""
+
+    def __init__(self, *, limit: int = 256) -> None:
+        self._limit = limit
+        self._session: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _get_session(self) -> Any:
+        import aiohttp
+
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session.closed or self._loop is not loop:
+            connector = aiohttp.TCPConnector(limit=self._limit, ttl_dns_cache=300,
+                                             keepalive_timeout=60)
+            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
+            self._loop = loop
+        return self._session
+
+    async def request(self, method: str, url: str, *, headers: Mapping[str, str],
+                      body: bytes | None, connect_timeout: float, read_timeout: float
+                      ) -> TransportResponse:
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout,
+                                        connect=connect_timeout, sock_read=read_timeout)
+        try:
+            resp = await self._get_session().request(method, url, headers=dict(headers),
+                                                     data=body, timeout=timeout)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise UpstreamConnectionError(
+                f"Couldn't reach OpenRouter ({_exc_text(exc)}).",
+                hint="Check the server's network and BASE_URL, then retry.") from exc
+        return _AiohttpResponse(resp)
+
+    async def aclose(self) -> None:
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """`Retry-After` as seconds (number or HTTP date); None when absent or unparseable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(when - (time.time() if now is None else now), 0.0)
+
+
+def parse_upstream_error(status: int, body: bytes, headers: Mapping[str, str]
+                         ) -> UpstreamStatusError:
+    """An OpenRouter HTTP error body -> UpstreamStatusError with the provider's own words."""
+    try:
+        data = _loads(body) if body else {}
+    except ValueError:
+        data = {}
+    found = data.get("error") if isinstance(data, Mapping) else None
+    err: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
+    meta: Mapping[str, Any] = err.get("metadata") or {}
+    meta = meta if isinstance(meta, Mapping) else {}
+    message = str(err.get("message") or "").strip()
+    if not message:
+        message = body.decode("utf-8", "replace").strip()[:300] if body else ""
+    retry_after = parse_retry_after(headers.get("Retry-After") or headers.get("retry-after"))
+    availability: Mapping[str, Any] = err.get("availability") or {}
+    availability = availability if isinstance(availability, Mapping) else {}
+    if retry_after is None and isinstance(availability.get("retry_after"), int | float):
+        retry_after = float(availability["retry_after"])
+    return UpstreamStatusError(
+        status=status, provider_message=message, raw=str(meta.get("raw") or "")[:500],
+        provider_name=str(meta.get("provider_name") or ""),
+        error_type=str(err.get("error_type") or meta.get("error_type") or ""),
+        retry_after=retry_after, metadata=dict(meta))
+
+
+def retry_delay(err: UpstreamError, attempt: int, settings: RequestSettings,
+                rand: Callable[[], float] = random.random) -> float | None:
+    """Seconds to wait before retry `attempt` (0-based), or None when not retryable."""
+    if attempt >= settings.max_retries:
+        return None
+    if isinstance(err, UpstreamStatusError):
+        if err.status not in RETRYABLE_STATUSES:
+            return None
+        if err.retry_after is not None:
+            return err.retry_after if err.retry_after <= settings.retry_max_wait else None
+    elif not isinstance(err, UpstreamConnectionError):
+        return None
+    return min(0.5 * 2 ** attempt + rand() * 0.25, settings.retry_max_wait)
+
+
+class OpenRouterClient:
+    """Builds requests, retries before the first byte, maps failures to UpstreamError."""
+
+    def __init__(self, transport: Transport, sleep: Callable[[float], Awaitable[None]]
+                 ) -> None:
+        self._transport = transport
+        self._sleep = sleep
+
+    @staticmethod
+    def headers(settings: RequestSettings, *, stream: bool) -> dict[str, str]:
+        headers = {"Content-Type": "application/json",
+                   "Accept": "text/event-stream" if stream else "application/json",
+                   "HTTP-Referer": settings.http_referer,
+                   "X-OpenRouter-Title": settings.app_title, "X-Title": settings.app_title}
+        if settings.api_key:
+            headers["Authorization"] = f"Bearer {settings.api_key}"
+        return headers
+
+    async def fetch_models(self, settings: RequestSettings) -> Any:
+        resp = await self._send("GET", "/models", None, settings, stream=False)
+        try:
+            return _loads(await resp.read())
+        except ValueError as exc:
+            raise UpstreamError("OpenRouter's model list was not valid JSON.") from exc
+        finally:
+            await resp.close()
+
+    async def open_response(self, payload: Mapping[str, Any], settings: RequestSettings
+                            ) -> TransportResponse:
+        """POST /responses; returns the open 200 response (caller closes it)."""
+        settings.require_api_key()
+        stream = bool(payload.get("stream"))
+        return await self._send("POST", "/responses", _dumps(payload), settings, stream=stream)
+
+    async def _send(self, method: str, path: str, body: bytes | None,
+                    settings: RequestSettings, *, stream: bool) -> TransportResponse:
+        url, headers = settings.base_url + path, self.headers(settings, stream=stream)
+        attempt = 0
+        while True:
+            try:
+                resp = await self._transport.request(
+                    method, url, headers=headers, body=body,
+                    connect_timeout=settings.connect_timeout,
+                    read_timeout=settings.read_timeout)
+                if resp.status < 400:
+                    return resp
+                err: UpstreamError = await self._error_from(resp)
+            except UpstreamConnectionError as exc:
+                err = exc
+            delay = retry_delay(err, attempt, settings)
+            if delay is None:
+                raise _with_attempts(err, attempt + 1)
+            LOG.info("OpenRouter %s %s failed (%s); retry %d in %.1fs",
+                     method, path, err, attempt + 1, delay)
+            await self._sleep(delay)
+            attempt += 1
+
+    @staticmethod
+    async def _error_from(resp: TransportResponse) -> UpstreamStatusError:
+        try:
+            body = await resp.read()
+        finally:
+            await resp.close()
+        return parse_upstream_error(resp.status, body, resp.headers)
+
+
+def _with_attempts(err: UpstreamError, attempts: int) -> UpstreamError:
+    err.attempts = attempts  # type: ignore[attr-defined]
+    return err
+
+
+# ─────────────────────────────────────────────────────────────────────────────
+# §9 Stream decoding
+#
+# bytes ──SSEDecoder.feed──▶ SSEEvent ──json──▶ event dict ──HANDLERS[type]──▶ intents
+#
+# The decoder is pure and incremental: it buffers partial lines, so UTF-8 split across reads
+# is decoded only once its line is complete. The reducer is a table of small handlers that
+# update a StreamState and append intents; only the orchestrator (§13) performs them.
+# ─────────────────────────────────────────────────────────────────────────────
+
+
+class SSEDecoder:
+    """Incremental Server-Sent-Events parser (WHATWG rules; no I/O, no JSON)."""
+
+    __slots__ = ("_buf", "_data", "_event", "_started")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._data: list[str] = []
+        self._event: str | None = None
+        self._started = False
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        buf = self._buf + chunk if self._buf else chunk
+        if not self._started:
+            if len(buf) < 3 and b"\xef\xbb\xbf".startswith(buf):
+                self._buf = buf
+                return []
+            self._started = True
+            if buf.startswith(b"\xef\xbb\xbf"):
+                buf = buf[3:]
+        if b"\r" in buf:
+            buf = self._normalise_newlines(buf)
+        end = buf.rfind(b"\n")
+        if end < 0:
+            self._buf = buf
+            return []
+        self._buf = buf[end + 1:]
+        events: list[SSEEvent] = []
+        for line in buf[:end].split(b"\n"):
+            self._line(line, events)
+        return events
+
+    @staticmethod
+    def _normalise_newlines(buf: bytes) -> bytes:
+        # A trailing "\r" may be the first half of "\r\n": keep it raw for the next read.
+        tail = b"\r" if buf.endswith(b"\r") else b""
+        body = buf[:-1] if tail else buf
+        body = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        return body + b"\n" + tail if tail else body
+
+    def _line(self, line: bytes, events: list[SSEEvent]) -> None:
+        if not line:
+            if self._data:
+                data = self._data[0] if len(self._data) == 1 else "\n".join(self._data)
+                events.append(SSEEvent(data, self._event))
+                self._data = []
+            self._event = None
+            return
+        if line[0] == 0x3A:  # ":" comment / keep-alive
+            return
+        name, sep, value = line.partition(b":")
+        if sep and value[:1] == b" ":
+            value = value[1:]
+        if name == b"data":
+            self._data.append(value.decode("utf-8", "replace"))
+        elif name == b"event":
+            self._event = value.decode("utf-8", "replace")
+
+    def finish(self) -> list[SSEEvent]:
+        """End of stream: an event without its closing blank line is discarded (SSE rules)."""
+        self._buf, self._data, self._event = b"", [], None
+        return []
+
+
+# Intent kinds produced by the reducer and consumed by the renderer.
+TEXT, REASONING = "text", "reasoning"
+Intent = tuple[str, str]
+
+
+@dataclass(slots=True)
+class StreamState:
+    """What the reducer knows about one Responses stream."""
+
+    response_id: str = ""
+    model: str = ""
+    streamed_items: set[str] = field(default_factory=set)
+    open_items: dict[int, str] = field(default_factory=dict)
+    done_items: dict[int, Mapping[str, Any]] = field(default_factory=dict)
+    usage: Usage | None = None
+    terminal: str | None = None  # completed | incomplete | failed
+    incomplete_reason: str = ""
+    error: UpstreamStreamError | None = None
+    saw_done_marker: bool = False
+    bad_events: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.terminal is not None or self.saw_done_marker
+
+
+Handler = Callable[[StreamState, Mapping[str, Any], list[Intent]], None]
+
+
+def _on_created(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> None:
+    resp = ev.get("response") or {}
+    state.response_id = resp.get("id") or state.response_id
+    state.model = resp.get("model") or state.model
+
+
+def _on_text_delta(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> None:
+    state.streamed_items.add(ev.get("item_id", ""))
+    out.append((TEXT, ev.get("delta") or ""))
+
+
+def _on_reasoning_delta(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> None:
+    state.streamed_items.add(ev.get("item_id", ""))
+    out.append((REASONING, ev.get("delta") or ""))
+
+
+def _on_summary_part_added(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> None:
+    if ev.get("summary_index", 0) and ev.get("item_id") in state.streamed_items:
+        out.append((REASONING, "\n\n"))
+
+
+def _on_item_added(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> None:
+    item = ev.get("item") or {}
+    state.open_items[int(ev.get("output_index", len(state.open_items)))] = item.get("type", "")
+
+
+def _on_item_done(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> None:
+    item = ev.get("item") or {}
+    index = int(ev.get("output_index", -1))
+    state.open_items.pop(index, None)
+    state.done_items[index] = item
+    if item.get("id") in state.streamed_items:
+        return
+    kind = item.get("type")
+    if kind == "message":  # the provider sent the text only in the closing item
+        text = "".join(p.get("text") or p.get("refusal") or "" for p in item.get("content") or ())
+        if text:
+            out.append((TEXT, text))
+    elif kind == "reasoning":
+        text = reasoning_text(item)
+        if text:
+            out.append((REASONING, text))
+
+
+def reasoning_text(item: Mapping[str, Any]) -> str:
+    """Visible text of a reasoning item: its summaries, else its raw reasoning content."""
+    parts = [p.get("text") or "" for p in item.get("summary") or () if isinstance(p, Mapping)]
+    if not any(parts):
+        parts = [p.get("text") or "" for p in item.get("content") or () if isinstance(p, Mapping)]
+    return "\n\n".join(p for p in parts if p)
+
+
+def _on_completed(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> None:
+    resp = ev.get("response") or {}
+    state.terminal = "completed"
+    state.usage = Usage.from_json(resp.get("usage"))
+
+
+def _on_incomplete(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> None:
+    resp = ev.get("response") or {}
+    state.terminal = "incomplete"
+    state.usage = Usage.from_json(resp.get("usage"))
+    state.incomplete_reason = str((resp.get("incomplete_details") or {}).get("reason") or "")
+
+
+def _on_failed(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> None:
+    resp = ev.get("response") or {}
+    err = resp.get("error") or {}
+    state.terminal = "failed"
+    state.usage = Usage.from_json(resp.get("usage"))
+    state.error = UpstreamStreamError(
+        str(err.get("message") or "OpenRouter reported that the response failed."),
+        code=str(err.get("code") or ""), error_type=str(resp.get("error_type") or ""))
+
+
+def _on_error(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> None:
+    inner = ev.get("error")
+    nested: Mapping[str, Any] = inner if isinstance(inner, Mapping) else ev
+    state.terminal = "failed"
+    state.error = UpstreamStreamError(
+        str(nested.get("message") or "OpenRouter sent an error event."),
+        code=str(nested.get("code") or ""), error_type=str(ev.get("error_type") or ""))
+
+
+HANDLERS: dict[str, Handler] = {
+    "response.created": _on_created,
+    "response.in_progress": _on_created,
+    "response.output_item.added": _on_item_added,
+    "response.output_text.delta": _on_text_delta,
+    "response.refusal.delta": _on_text_delta,
+    "response.reasoning_text.delta": _on_reasoning_delta,
+    "response.reasoning_summary_text.delta": _on_reasoning_delta,
+    "response.reasoning_summary_part.added": _on_summary_part_added,
+    "response.output_item.done": _on_item_done,
+    "response.completed": _on_completed,
+    "response.incomplete": _on_incomplete,
+    "response.failed": _on_failed,
+    "response.error": _on_error,
+    "error": _on_error,
+}
+
+
+def reduce_events(state: StreamState, events: Iterable[SSEEvent]) -> list[Intent]:
+    """Apply decoded events to `state`; return the intents they produce, in order."""
+    out: list[Intent] = []
+    for sse in events:
+        data = sse.data
+        if data == "[DONE]":
+            state.saw_done_marker = True
+            break
+        try:
+            event = _loads(data)
+            handler = HANDLERS.get(event["type"])
+        except (ValueError, KeyError, TypeError):
+            state.bad_events += 1
+            LOG.warning("Ignoring an unreadable stream event: %.200r", data)
+            continue
+        if handler is not None:
+            handler(state, event, out)
+        if state.terminal is not None:
+            break
+    return out
+
+
+def finish_stream(state: StreamState) -> None:
+    """At end of stream: raise what the user must be told, or return if the answer is whole.
+
+    EOF without a terminal event is a cut-off, except in OpenRouter's known quirk where every
+    announced item was closed: then the answer is complete and only the usage is missing.
+    """
+    if state.terminal == "failed":
+        raise state.error or UpstreamStreamError("The response failed.")
+    if state.terminal is not None:
+        return
+    if state.done_items and not state.open_items:
+        LOG.warning("Stream ended without response.completed; all items were closed")
+        return
+    raise UpstreamStreamError("OpenRouter closed the stream before the answer was finished.",
+                              code="truncated", hint="The answer above is incomplete; retry.")
+
+
+# ─────────────────────────────────────────────────────────────────────────────
+# §10 Rendering
+#
+# Intents become OpenAI-style chunk dicts (text in `delta.content`, thinking in
+# `delta.reasoning_content`, which every supported Open WebUI renders as its native
+# "Thought for N seconds" block). Consecutive intents of one kind from the same network read
+# are joined into one chunk. The emitter only carries status lines and notifications.
+# ─────────────────────────────────────────────────────────────────────────────
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+class SurrogateCarry:
+    """Holds a trailing high surrogate until its partner arrives; replaces lone ones."""
+
+    __slots__ = ("_pending",)
+
+    def __init__(self) -> None:
+        self._pending = ""
+
+    def clean(self, text: str) -> str:
+        if self._pending:
+            text, self._pending = self._pending + text, ""
+        if text.isascii() or not _SURROGATES.search(text):
+            return text
+        if "\ud800" <= text[-1] <= "\udbff":
+            text, self._pending = text[:-1], text[-1]
+        if not _SURROGATES.search(text):
+            return text
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+    def flush(self) -> str:
+        pending, self._pending = self._pending, ""
+        return "\ufffd" if pending else ""
+
+
+class ChunkRenderer:
+    """Turns intents into Open WebUI chunk dicts for one response."""
+
+    def __init__(self, model: str, created: int) -> None:
+        self._base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
+                      "created": created, "model": model}
+        self._carry = {TEXT: SurrogateCarry(), REASONING: SurrogateCarry()}
+        self.emitted_text = False
+        self.emitted_any = False
+
+    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        return {**self._base, "choices": [{"index": 0, "delta": delta,
+                                           "finish_reason": finish_reason}]}
+
+    def render(self, intents: list[Intent]) -> list[dict[str, Any]]:
+        chunks: list[dict[str, Any]] = []
+        kind, buf = "", list[str]()
+        for ikind, text in intents:
+            if ikind != kind and buf:
+                self._emit(kind, "".join(buf), chunks)
+                buf = []
+            kind = ikind
+            buf.append(text)
+        if buf:
+            self._emit(kind, "".join(buf), chunks)
+        return chunks
+
+    def _emit(self, kind: str, text: str, chunks: list[dict[str, Any]]) -> None:
+        text = self._carry[kind].clean(text)
+        if not text:
+            return
+        self.emitted_any = True
+        if kind == TEXT:
+            self.emitted_text = True
+            chunks.append(self.chunk({"content": text}))
+        else:
+            chunks.append(self.chunk({"reasoning_content": text}))
+
+    def text_chunk(self, text: str) -> dict[str, Any]:
+        self.emitted_any = self.emitted_text = True
+        return self.chunk({"content": text})
+
+    def finish_chunk(self, reason: str = "stop") -> dict[str, Any]:
+        return self.chunk({}, finish_reason=reason)
+
+
+def usage_payload(usage: Usage | None, timing: StreamTiming | None = None) -> dict[str, Any]:
+    """Usage in the OpenAI chat shape Open WebUI stores (plus cost and timings)."""
+    usage = usage or Usage()
+    payload: dict[str, Any] = {
+        "prompt_tokens": usage.input_tokens, "completion_tokens": usage.output_tokens,
+        "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens}}
+    if usage.cost is not None:
+        payload["cost"] = round(usage.cost, 8)
+    if timing is not None:
+        payload["response_time_s"] = round(timing.elapsed, 3)
+        if timing.first_token is not None:
+            payload["time_to_first_token_s"] = round(timing.first_token, 3)
+        if timing.tokens_per_second(usage) is not None:
+            payload["tokens_per_second"] = round(timing.tokens_per_second(usage) or 0, 1)
+    return payload
+
+
+@dataclass(slots=True)
+class StreamTiming:
+    started: float
+    first_token_at: float | None = None
+    ended_at: float | None = None
+
+    @property
+    def elapsed(self) -> float:
+        return (self.ended_at or self.started) - self.started
+
+    @property
+    def first_token(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.started
+
+    def tokens_per_second(self, usage: Usage) -> float | None:
+        if self.first_token_at is None or self.ended_at is None or not usage.output_tokens:
+            return None
+        window = self.ended_at - self.first_token_at
+        return usage.output_tokens / window if window > 0.05 else None
+
+
+def final_status_line(usage: Usage | None, timing: StreamTiming) -> str:
+    """`2.31s · first token 0.42s · 1,234 tokens (1,000 in, 234 out, 120 reasoning) · …`"""
+    parts = [f"{timing.elapsed:.2f}s"]
+    if timing.first_token is not None:
+        parts.append(f"first token {timing.first_token:.2f}s")
+    if usage is not None:
+        detail = [f"{usage.input_tokens:,} in", f"{usage.output_tokens:,} out"]
+        if usage.cached_tokens:
+            detail.append(f"{usage.cached_tokens:,} cached")
+        if usage.reasoning_tokens:
+            detail.append(f"{usage.reasoning_tokens:,} reasoning")
+        parts.append(f"{usage.total_tokens:,} tokens ({', '.join(detail)})")
+        if usage.cost is not None:
+            parts.append(f"${usage.cost:.6f}".rstrip("0").rstrip(".") if usage.cost else "$0")
+        tps = timing.tokens_per_second(usage)
+        if tps is not None:
+            parts.append(f"{tps:.1f} tok/s")
+    return " · ".join(parts)
+
+
+_STATUS_ADVICE: dict[int, tuple[str, str]] = {
+    400: ("OpenRouter couldn't accept this request", "Check the model's settings and inputs."),
+    401: ("OpenRouter rejected the API key",
+          "An admin should check API_KEY in the pipe's valves."),
+    402: ("The OpenRouter account is out of credits",
+          "Add credits at https://openrouter.ai/settings/credits or lower max tokens."),
+    403: ("OpenRouter refused this request", "The input was blocked or the key has no access."),
+    404: ("OpenRouter found no provider for this model",
+          "The model may be gone or excluded by your routing settings; pick another model."),
+    408: ("OpenRouter timed out", "Retry in a moment."),
+    413: ("The request is too large for OpenRouter", "Shorten the conversation or attachments."),
+    422: ("OpenRouter couldn't process this request", "Check the model's settings and inputs."),
+    429: ("OpenRouter is rate-limiting this model", "Wait a moment and retry, or pick another."),
+}
+
+
+def describe_error(exc: PipeError) -> str:
+    """The one translation point: any PipeError -> what the user reads (markdown)."""
+    if isinstance(exc, UpstreamStatusError):
+        return _describe_status(exc)
+    text = exc.message
+    if exc.hint:
+        text = f"{text} {exc.hint}"
+    return text
+
+
+def _describe_status(exc: UpstreamStatusError) -> str:
+    headline, advice = _STATUS_ADVICE.get(
+        exc.status, ("OpenRouter's provider is unavailable" if exc.status >= 500
+                     else "OpenRouter returned an error", "Retry in a moment."))
+    lines = [f"{headline} (HTTP {exc.status}): {exc.provider_message or 'no details given'}"]
+    if exc.raw and exc.raw not in exc.provider_message:
+        source = f" ({exc.provider_name})" if exc.provider_name else ""
+        lines.append(f"Provider said{source}: {exc.raw}")
+    reasons = exc.metadata.get("reasons")
+    if isinstance(reasons, list) and reasons:
+        lines.append("Flagged for: " + ", ".join(map(str, reasons)))
+    attempts = getattr(exc, "attempts", 1)
+    if attempts > 1:
+        lines.append(f"Tried {attempts} times.")
+    if exc.retry_after:
+        lines.append(f"Retry after about {exc.retry_after:.0f} seconds.")
+    lines.append(advice)
+    return "\n".join(lines)
+
+
+def error_chunk(exc: PipeError) -> dict[str, Any]:
+    """A chunk Open WebUI (0.6.28 → 0.12) shows as an error box."""
+    return {"error": {"message": describe_error(exc)}}
+
+
+def interruption_notice(exc: PipeError) -> str:
+    """Appended to a partial answer so the user keeps the text and sees why it stopped."""
+    return f"\n\n---\n⚠️ **The answer was interrupted.** {describe_error(exc)}"
+
+
+class Emitter:
+    """Wraps Open WebUI's event emitter: never raises into a chat, never blocks the stream."""
+
+    def __init__(self, raw: Callable[[dict[str, Any]], Awaitable[Any]] | None) -> None:
+        self._raw = raw
+
+    async def emit(self, event: dict[str, Any]) -> None:
+        if self._raw is None:
+            return
+        try:
+            await self._raw(event)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the emitter is Open WebUI's; a broken socket must not end a chat
+            LOG.debug("Event emitter failed for %s", event.get("type"), exc_info=True)
+
+    async def status(self, description: str, *, done: bool, hidden: bool = False) -> None:
+        await self.emit({"type": "status", "data": {"description": description, "done": done,
+                                                    "hidden": hidden}})
+
+    async def notify(self, content: str, level: str = "warning") -> None:
+        await self.emit({"type": "notification", "data": {"type": level, "content": content}})
+
+
+# ─────────────────────────────────────────────────────────────────────────────
+# §11 Admission
+# ─────────────────────────────────────────────────────────────────────────────
+
+
+class AdmissionGate:
+    """Global concurrency limit with a bounded FIFO wait queue, plus a per-user limit.
+
+    Beyond the per-user limit, a full queue, or the wait timeout, the caller gets
+    AdmissionRejected at once instead of waiting without end. Lives on the shared Pipe.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.active = 0
+        self.waiting: deque[asyncio.Future[None]] = deque()
+        self.per_user: dict[str, int] = {}
+        self.rejected = 0
+        self._clock = clock
+
+    @property
+    def queued(self) -> int:
+        return sum(1 for f in self.waiting if not f.done())
+
+    def admit(self, user_id: str, limits: AdmissionLimits) -> _Admission:
+        return _Admission(self, user_id, limits)
+
+    async def _acquire(self, user_id: str, limits: AdmissionLimits) -> None:
+        if self.per_user.get(user_id, 0) >= limits.per_user:
+            self.rejected += 1
+            raise AdmissionRejected(
+                f"You already have {limits.per_user} answers generating.",
+                hint="Wait for one to finish, then retry.")
+        if self.active < limits.max_active and not self.queued:
+            self._take(user_id)
+            return
+        if self.queued >= limits.max_queued:
+            self.rejected += 1
+            raise _busy()
+        await self._wait(user_id, limits)
+
+    async def _wait(self, user_id: str, limits: AdmissionLimits) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiting.append(fut)
+        self.per_user[user_id] = self.per_user.get(user_id, 0) + 1  # queued counts too
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), limits.wait_seconds)
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            self._abandon(fut, user_id)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            self.rejected += 1
+            raise _busy() from None
+        self.per_user[user_id] -= 1
+        self._take(user_id)
+        self.active -= 1  # the releaser already counted this slot for us
+
+    def _abandon(self, fut: asyncio.Future[None], user_id: str) -> None:
+        self.per_user[user_id] -= 1
+        if fut.done() and not fut.cancelled():
+            self.active -= 1  # a slot was handed to us just as we gave up: pass it on
+            self._release_slot()
+        else:
+            fut.cancel()
+
+    def _take(self, user_id: str) -> None:
+        self.active += 1
+        self.per_user[user_id] = self.per_user.get(user_id, 0) + 1
+
+    def _release(self, user_id: str) -> None:
+        count = self.per_user.get(user_id, 1) - 1
+        if count:
+            self.per_user[user_id] = count
+        else:
+            self.per_user.pop(user_id, None)
+        self.active -= 1
+        self._release_slot()
+
+    def _release_slot(self) -> None:
+        while self.waiting:
+            fut = self.waiting.popleft()
+            if not fut.done():
+                self.active += 1
+                fut.set_result(None)
+                return
+
+
+def _busy() -> AdmissionRejected:
+    return AdmissionRejected("The server is busy generating other answers.",
+                             hint="Please retry in a moment.")
+
+
+class _Admission:
+    __slots__ = ("_gate", "_limits", "_user")
+
+    def __init__(self, gate: AdmissionGate, user_id: str, limits: AdmissionLimits) -> None:
+        self._gate, self._user, self._limits = gate, user_id, limits
+
+    async def __aenter__(self) -> None:
+        await self._gate._acquire(self._user, self._limits)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._gate._release(self._user)
+
+
+# ─────────────────────────────────────────────────────────────────────────────
+# §12 Telemetry
+# ─────────────────────────────────────────────────────────────────────────────
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("orp_request_id", default="-")
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = REQUEST_ID.get()
+        return True
+
+
+def _reset_request_id(token: contextvars.Token[str]) -> None:
+    try:
+        REQUEST_ID.reset(token)
+    except ValueError:  # a generator closed from another context (e.g. by the GC)
+        pass
+
+
+if not any(isinstance(f, _RequestIdFilter) for f in LOG.filters):
+    LOG.addFilter(_RequestIdFilter())
+
+
+# ─────────────────────────────────────────────────────────────────────────────
+# §13 Pipe
+# ─────────────────────────────────────────────────────────────────────────────
+
+
+def parse_chat_request(body: Mapping[str, Any], user: Mapping[str, Any] | None,
+                       metadata: Mapping[str, Any] | None, task: str | None) -> ChatRequest:
+    """Open WebUI's `body` + call context -> ChatRequest (the boundary parse)."""
+    meta = metadata or {}
+    messages = tuple(_parse_message(m) for m in body.get("messages") or () if isinstance(m, dict))
+    owui_id = str(body.get("model") or "")
+    max_tokens = body.get("max_output_tokens") or body.get("max_completion_tokens") \
+        or body.get("max_tokens")
+    return ChatRequest(
+        owui_model_id=owui_id, model_id=openrouter_model_id(owui_id), messages=messages,
+        stream=bool(body.get("stream", False)),
+        params={k: body[k] for k in (*_SAMPLING_PARAMS, "seed") if body.get(k) is not None},
+        max_tokens=int(max_tokens) if isinstance(max_tokens, int | float) and max_tokens > 0
+        else None,
+        reasoning_effort=_str_or_none(body.get("reasoning_effort")),
+        response_format=body.get("response_format") if isinstance(
+            body.get("response_format"), Mapping) else None,
+        task=task or _str_or_none(meta.get("task")),
+        chat_id=_str_or_none(meta.get("chat_id")),
+        message_id=_str_or_none(meta.get("message_id")),
+        user_id=str((user or {}).get("id") or "anonymous"),
+        user_role=str((user or {}).get("role") or "user"))
+
+
+def _str_or_none(value: Any) -> str | None:
+    return str(value) if value else None
+
+
+def _parse_message(raw: Mapping[str, Any]) -> ChatMessage:
+    calls = tuple(
+        ToolCall(str(c.get("id") or ""), str((c.get("function") or {}).get("name") or ""),
+                 str((c.get("function") or {}).get("arguments") or ""))
+        for c in raw.get("tool_calls") or () if isinstance(c, Mapping))
+    return ChatMessage(role=str(raw.get("role") or "user"), parts=parse_content(raw.get("content")),
+                       tool_calls=calls, tool_call_id=_str_or_none(raw.get("tool_call_id")))
+
+
+def extract_output_text(response: Mapping[str, Any]) -> str:
+    """Final text of a non-streamed Responses object."""
+    texts = [part.get("text") or part.get("refusal") or ""
+             for item in response.get("output") or () if item.get("type") == "message"
+             for part in item.get("content") or ()]
+    return "".join(texts)
+
+
+class Pipe:
+    """Open WebUI manifold: OpenRouter's catalog in the selector, chats via the Responses API.
+
+    One instance serves every user and request; per-request state lives in locals only.
+    The I/O edges (transport, clock, sleep) are constructor arguments so tests can call
+    `pipe()` end to end with fakes; Open WebUI constructs it with no arguments.
+    """
+
+    Valves = Valves
+    UserValves = UserValves
+
+    def __init__(self, *, transport: Transport | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self.type = "manifold"
+        self.valves = self.Valves()
+        self._clock = clock
+        self._client = OpenRouterClient(transport or AiohttpTransport(), sleep)
+        self._catalog = CatalogRegistry(self._client.fetch_models, clock)
+        self._gate = AdmissionGate(clock)
+        self._models_cache: tuple[Any, list[dict[str, str]]] | None = None
+
+    # -- model list ----------------------------------------------------------------------
+
+    async def pipes(self) -> list[dict[str, str]]:
+        """The selector entries; called by Open WebUI on every model-list request."""
+        valves = self.valves
+        try:
+            settings = RequestSettings.merge(valves, None)
+            snap = await self._catalog.get(settings, valves.MODEL_CATALOG_REFRESH_SECONDS)
+        except PipeError as exc:
+            return [_status_entry("catalog", f"catalog unavailable: {exc}")]
+        key = (snap, valves.MODEL_ID, valves.MODEL_NAME_PREFIX)
+        if self._models_cache is None or self._models_cache[0] != key:
+            self._models_cache = (key, build_model_list(snap, valves.MODEL_ID,
+                                                          valves.MODEL_NAME_PREFIX))
+        return self._models_cache[1]
+
+    # -- chat ----------------------------------------------------------------------------
+
+    async def pipe(self, body: dict[str, Any], __user__: dict[str, Any] | None = None,
+                   __metadata__: dict[str, Any] | None = None,
+                   __event_emitter__: Callable[[dict[str, Any]], Awaitable[Any]] | None = None,
+                   __task__: str | None = None, __request__: Any = None,
+                   __chat_id__: str | None = None, __message_id__: str | None = None,
+                   __files__: list[Any] | None = None, __tools__: dict[str, Any] | None = None,
+                   ) -> str | AsyncIterator[dict[str, Any]]:
+        """Serve one chat turn: a plain string for tasks and `stream: false`, else chunks."""
+        user_valves = (__user__ or {}).get("valves")
+        req = parse_chat_request(body, __user__, __metadata__, __task__)
+        emitter = Emitter(__event_emitter__)
+        try:
+            settings = RequestSettings.merge(self.valves, _as_user_valves(user_valves))
+        except PipeError as exc:
+            return self._fail_fast(req, exc)
+        if req.task or not req.stream:
+            return await self._complete(req, settings)
+        return self._stream(req, settings, emitter)
+
+    def _fail_fast(self, req: ChatRequest, exc: PipeError) -> str | AsyncIterator[dict[str, Any]]:
+        if req.task or not req.stream:
+            raise exc
+
+        async def one_error() -> AsyncIterator[dict[str, Any]]:
+            yield error_chunk(exc)
+
+        return one_error()
+
+    async def _complete(self, req: ChatRequest, settings: RequestSettings) -> str:
+        """Tasks and `stream: false`: one non-streamed request, the answer as a string."""
+        token = REQUEST_ID.set(uuid.uuid4().hex[:12])
+        try:
+            async with self._gate.admit(req.user_id, settings.admission):   # 1 admit
+                entry = await self._resolve_entry(req, settings)             # 3 catalog
+                plan = build_responses_request(req, entry, settings)         # 6 transform
+                resp = await self._client.open_response(plan.payload, settings)  # 7 send
+                try:
+                    data = _loads(await resp.read())
+                finally:
+                    await resp.close()
+            if data.get("status") == "failed":
+                err = data.get("error") or {}
+                raise UpstreamStreamError(str(err.get("message") or "The response failed."),
+                                          code=str(err.get("code") or ""))
+            return extract_output_text(data)
+        except PipeError as exc:
+            LOG.info("Request failed: %s", exc)
+            raise PipeError(describe_error(exc)) from exc
+        finally:
+            _reset_request_id(token)
+
+    async def _stream(self, req: ChatRequest, settings: RequestSettings, emitter: Emitter
+                      ) -> AsyncIterator[dict[str, Any]]:
+        """Streamed chat turn. Every failure ends as readable text or an error chunk."""
+        token = REQUEST_ID.set(uuid.uuid4().hex[:12])
+        timing = StreamTiming(started=self._clock())
+        renderer = ChunkRenderer(req.owui_model_id, int(time.time()))
+        state = StreamState()
+        try:
+            async with self._gate.admit(req.user_id, settings.admission):   # 1 admit
+                entry = await self._resolve_entry(req, settings)             # 3 catalog
+                plan = build_responses_request(req, entry, settings)         # 6 transform
+                for note in plan.notes:
+                    await emitter.notify(note)
+                resp = await self._client.open_response(plan.payload, settings)  # 7 send
+                try:
+                    async for chunks in self._pump(resp, state, renderer, timing):  # 8-9
+                        for chunk in chunks:                                         # 12
+                            yield chunk
+                finally:
+                    await resp.close()
+            timing.ended_at = self._clock()
+            yield from_tail(renderer, state)
+            yield {"choices": [], "usage": usage_payload(state.usage, timing)}
+            if settings.show_final_status:
+                await emitter.status(final_status_line(state.usage, timing), done=True)
+        except PipeError as exc:
+            LOG.info("Streamed request failed: %s", exc)
+            yield (renderer.text_chunk(interruption_notice(exc)) if renderer.emitted_text
+                   else error_chunk(exc))
+        finally:
+            _reset_request_id(token)
+
+    async def _pump(self, resp: TransportResponse, state: StreamState,
+                    renderer: ChunkRenderer, timing: StreamTiming
+                    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """Network reads -> decoded events -> reduced intents -> rendered chunk lists."""
+        decoder = SSEDecoder()
+        async for raw in resp.iter_chunks():
+            intents = reduce_events(state, decoder.feed(raw))
+            if intents:
+                chunks = renderer.render(intents)
+                if chunks:
+                    if timing.first_token_at is None:
+                        timing.first_token_at = self._clock()
+                    yield chunks
+            if state.finished:
+                break
+        finish_stream(state)
+
+    async def _resolve_entry(self, req: ChatRequest, settings: RequestSettings) -> CatalogEntry:
+        if req.model_id.startswith(STATUS_ENTRY_PREFIX):
+            raise ConfigError("This entry reports a configuration problem; it is not a model.",
+                              hint="An admin should check the pipe's valves (MODEL_ID, API_KEY).")
+        snap = await self._catalog.get(settings, self.valves.MODEL_CATALOG_REFRESH_SECONDS)
+        entry = snap.find(req.model_id)
+        if entry is None:
+            raise ModelNotAvailable(f"The model '{req.model_id}' is not in OpenRouter's catalog.",
+                                    hint="Pick another model; it may have been retired.")
+        return entry
+
+    async def close(self) -> None:
+        """Release pooled connections (Open WebUI never calls this; tests and tools do)."""
+        await self._client._transport.aclose()
+
+
+def from_tail(renderer: ChunkRenderer, state: StreamState) -> dict[str, Any]:
+    """The chunk that closes a stream: a visible note for a length cut-off, else finish."""
+    if state.terminal == "incomplete":
+        reason = state.incomplete_reason.replace("_", " ") or "a limit"
+        return renderer.text_chunk(f"\n\n---\n⚠️ The answer stopped early ({reason}).")
+    return renderer.finish_chunk()
+
+
+def build_model_list(snap: CatalogSnapshot, model_ids: str, prefix: str
+                     ) -> list[dict[str, str]]:
+    """Selector entries; a leading status entry names MODEL_ID ids that matched nothing."""
+    selected, unknown = select_models(snap.entries, model_ids)
+    models = [{"id": e.id, "name": prefix + e.name} for e in selected]
+    if unknown:
+        LOG.error("MODEL_ID lists ids OpenRouter doesn't have: %s", ", ".join(unknown))
+        models.insert(0, _status_entry("model-id",
+                                       "MODEL_ID has unknown ids: " + ", ".join(unknown)))
+    return models
+
+
+def _status_entry(slug: str, text: str) -> dict[str, str]:
+    return {"id": f"{STATUS_ENTRY_PREFIX}-{slug}", "name": f"⚠ OpenRouter: {text}"[:200]}
+
+
+def _as_user_valves(raw: Any) -> UserValves | None:
+    if raw is None or isinstance(raw, UserValves):
+        return raw
+    if isinstance(raw, BaseModel):
+        raw = raw.model_dump()
+    try:
+        return UserValves.model_validate(raw)
+    except (ValueError, TypeError):
+        LOG.warning("Ignoring invalid user valves: %.200r", raw)
+        return None

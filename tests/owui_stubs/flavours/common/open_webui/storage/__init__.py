@@ -1,0 +1,1 @@
+"""Stub sub-package of open_webui (empty, like the real one)."""
