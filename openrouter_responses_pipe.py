@@ -1722,12 +1722,10 @@ class AdmissionGate:
                 raise
             self.rejected += 1
             raise _busy() from None
-        self.per_user[user_id] -= 1
-        self._take(user_id)
-        self.active -= 1  # the releaser already counted this slot for us
+        # The releaser already counted the slot as active and the user was counted on entry.
 
     def _abandon(self, fut: asyncio.Future[None], user_id: str) -> None:
-        self.per_user[user_id] -= 1
+        self._forget_user(user_id)
         if fut.done() and not fut.cancelled():
             self.active -= 1  # a slot was handed to us just as we gave up: pass it on
             self._release_slot()
@@ -1738,12 +1736,15 @@ class AdmissionGate:
         self.active += 1
         self.per_user[user_id] = self.per_user.get(user_id, 0) + 1
 
-    def _release(self, user_id: str) -> None:
+    def _forget_user(self, user_id: str) -> None:
         count = self.per_user.get(user_id, 1) - 1
         if count:
             self.per_user[user_id] = count
         else:
             self.per_user.pop(user_id, None)
+
+    def _release(self, user_id: str) -> None:
+        self._forget_user(user_id)
         self.active -= 1
         self._release_slot()
 

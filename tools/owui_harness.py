@@ -115,6 +115,7 @@ def server_env(data_dir: Path, workers: int = 1) -> dict[str, str]:
         "WHISPER_MODEL_AUTO_UPDATE": "false",
         "ENABLE_PIP_INSTALL_FRONTMATTER_REQUIREMENTS": "false",
         "ENABLE_VERSION_UPDATE_CHECK": "false",
+        "ENABLE_EVALUATION_ARENA_MODELS": "false",  # 0.6.28 defaults it on: an extra "arena-model"
         "UVICORN_WORKERS": str(workers),
         # no telemetry / analytics calls on a closed network
         "ANONYMIZED_TELEMETRY": "false",
@@ -420,20 +421,29 @@ class OpenWebUIClient:
         user_id, msg_id = str(uuid.uuid4()), str(uuid.uuid4())
         now = int(time.time())
         events: list[dict] = []
-        finished = asyncio.Event()
+        finished, titled = asyncio.Event(), asyncio.Event()
+
+        assistant: dict = {}  # 0.6.28 only: the browser-side copy of the assistant message
+        loop = asyncio.get_running_loop()
 
         def on_event(ev: dict) -> None:
             if not isinstance(ev, dict) or ev.get("message_id") != msg_id:
                 return
             events.append(ev)
             data = ev.get("data") or {}
-            kind, payload = data.get("type"), data.get("data") or {}
-            if kind == "chat:completion" and isinstance(payload, dict) and (
-                payload.get("done") or payload.get("error")
-            ):
-                finished.set()
+            kind, payload = data.get("type"), data.get("data")
+            if legacy:
+                _apply_legacy_event(assistant, kind, payload)
+            if kind == "chat:title":
+                titled.set()
+            if kind == "chat:completion" and isinstance(payload, dict):
+                if payload.get("done"):
+                    finished.set()
+                elif payload.get("error"):
+                    # 0.12 stops after an error event; 0.6.28 still sends a final `done` event
+                    loop.call_later(0 if not legacy else 5, finished.set)
             elif kind == "chat:message:error":
-                finished.set()
+                loop.call_later(0 if not legacy else 5, finished.set)
 
         sio = socketio.AsyncClient(reconnection=False)
         sio.on("events", on_event)  # 0.8+ event name
@@ -469,15 +479,15 @@ class OpenWebUIClient:
             if legacy:
                 # 0.6.28: the server cannot create the chat; the UI creates it first, then
                 # sends chat_id + id + session_id (all three switch the server to async mode).
-                assistant = {"id": msg_id, "parentId": user_id, "childrenIds": [], "role": "assistant",
-                             "content": "", "model": model, "modelName": model, "modelIdx": 0,
-                             "timestamp": now}
-                user_message["childrenIds"] = [msg_id]
+                assistant.update({
+                    "id": msg_id, "parentId": user_id, "childrenIds": [], "role": "assistant",
+                    "content": "", "model": model, "modelName": model, "modelIdx": 0,
+                    "timestamp": now,
+                })
+                history = {"currentId": msg_id, "messages": {user_id: user_message, msg_id: assistant}}
                 new = self.request("POST", "/api/v1/chats/new", json={"chat": {
                     "title": "New Chat", "models": [model], "params": {}, "files": [],
-                    "messages": [user_message, assistant],
-                    "history": {"currentId": msg_id,
-                                "messages": {user_id: user_message, msg_id: assistant}},
+                    "messages": [user_message, assistant], "history": history,
                     "tags": [], "timestamp": now * 1000,
                 }}).json()
                 body["chat_id"] = new["id"]
@@ -496,12 +506,40 @@ class OpenWebUIClient:
                 await asyncio.wait_for(finished.wait(), timeout)
             except asyncio.TimeoutError:
                 raise TimeoutError(f"no final event for message {msg_id}; got {events!r}"[:2000])
+            if legacy and (body.get("background_tasks") or {}).get("title_generation"):
+                # 0.6.28 writes the title (a read-modify-write of the whole chat) after `done`;
+                # saving before it lands could be reverted, so wait for `chat:title` first.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(titled.wait(), 15)
         finally:
             await sio.disconnect()
+        if legacy:
+            # 0.6.28: the server stores only the content; usage, error, done, sources and
+            # statusHistory are stored by the browser, which POSTs the whole history at the end.
+            # Do the same so the stored chat matches what a real user would have.
+            await asyncio.to_thread(self._legacy_save, chat_id, model, session_id, history)
         chat = await asyncio.to_thread(self._wait_stored, chat_id, msg_id)
         chat["_message_id"] = msg_id
         chat["_events"] = events
         return chat
+
+    def _legacy_save(self, chat_id: str, model: str, session_id: str, history: dict) -> None:
+        msgs = [history["messages"][m] for m in history["messages"]]
+        assistant = history["messages"][history["currentId"]]
+        if not assistant.get("error"):  # the browser's chatCompletedHandler (outlet filters)
+            r = self.request("POST", "/api/chat/completed", ok=(), json={
+                "model": model, "chat_id": chat_id, "session_id": session_id,
+                "id": assistant["id"],
+                "messages": [{k: m[k] for k in ("id", "role", "content", "timestamp", "usage",
+                                                "sources") if k in m} for m in msgs],
+            })
+            if r.status_code == 200:
+                for m in (r.json() or {}).get("messages") or []:
+                    if m.get("id") in history["messages"]:
+                        history["messages"][m["id"]].update(m)
+        self.request("POST", f"/api/v1/chats/{chat_id}", json={"chat": {
+            "models": [model], "history": history, "messages": msgs, "params": {}, "files": [],
+        }})
 
     def _wait_stored(self, chat_id: str, msg_id: str, timeout: float = 15) -> dict:
         """The final event can race the DB write: poll until the stored message is final."""
@@ -512,6 +550,46 @@ class OpenWebUIClient:
             if msg.get("done") or msg.get("error") or time.monotonic() > deadline:
                 return chat
             time.sleep(0.3)
+
+
+def _apply_legacy_event(message: dict, kind: str | None, data: Any) -> None:
+    """What the 0.6.28 browser does to its copy of the assistant message for each socket event."""
+    if kind == "chat:completion" and isinstance(data, dict):
+        if data.get("error"):
+            err = data["error"]  # the browser's handleOpenAIError
+            if not isinstance(err, dict):
+                text = str(err)
+            elif "detail" in err:
+                text = err["detail"]
+            elif "error" in err:
+                inner = err["error"]
+                text = inner.get("message", inner) if isinstance(inner, dict) else inner
+            else:
+                text = err.get("message", "")
+            message["error"] = {"content": f"Uh-oh! There was an issue with the response.\n{text}"}
+            message["done"] = True
+        if data.get("sources") and not message.get("sources"):
+            message["sources"] = data["sources"]
+        if data.get("content"):
+            message["content"] = data["content"]
+        if data.get("usage"):
+            message["usage"] = data["usage"]
+        if data.get("done"):
+            message["done"] = True
+    elif kind == "status":
+        message.setdefault("statusHistory", []).append(data)
+    elif kind in ("chat:message:delta", "message"):
+        message["content"] = message.get("content", "") + (data or {}).get("content", "")
+    elif kind in ("chat:message", "replace"):
+        message["content"] = (data or {}).get("content", "")
+    elif kind in ("chat:message:files", "files"):
+        message["files"] = (data or {}).get("files")
+    elif kind == "chat:message:error":
+        message["error"] = (data or {}).get("error")
+    elif kind == "chat:message:follow_ups":
+        message["followUps"] = (data or {}).get("follow_ups")
+    elif kind in ("source", "citation") and isinstance(data, dict) and data.get("type") != "code_execution":
+        message.setdefault("sources", []).append(data)
 
 
 def stored_message(chat: dict, msg_id: str | None = None) -> dict:

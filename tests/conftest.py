@@ -1,0 +1,11 @@
+"""Shared test setup: import path for the single-file pipe and the repo's tools."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "tools", ROOT / "tests"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))

@@ -1,0 +1,156 @@
+"""Reducer and renderer over real captures and the quirks OpenRouter is known for."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from captures import streams
+
+from openrouter_responses_pipe import (
+    REASONING,
+    TEXT,
+    ChunkRenderer,
+    SSEDecoder,
+    SSEEvent,
+    StreamState,
+    SurrogateCarry,
+    UpstreamStreamError,
+    finish_stream,
+    reduce_events,
+)
+
+
+def run(raw_chunks: list[bytes]) -> tuple[StreamState, list]:
+    state, decoder, intents = StreamState(), SSEDecoder(), []
+    for chunk in raw_chunks:
+        intents.extend(reduce_events(state, decoder.feed(chunk)))
+        if state.finished:
+            break
+    return state, intents
+
+
+def text_of(intents, kind=TEXT) -> str:
+    return "".join(t for k, t in intents if k == kind)
+
+
+def final_output_text(capture) -> str:
+    last = [json.loads(line[6:]) for line in capture.body.decode().split("\n")
+            if line.startswith("data: {")][-1]
+    return "".join(p["text"] for item in last["response"]["output"] if item["type"] == "message"
+                   for p in item["content"])
+
+
+@pytest.mark.parametrize("capture", streams(), ids=lambda c: c.name)
+def test_streamed_text_equals_the_final_response_text(capture):
+    state, intents = run([capture.body])
+    finish_stream(state)
+    assert state.terminal == "completed"
+    assert text_of(intents) == final_output_text(capture)
+    assert state.usage is not None and state.usage.output_tokens > 0
+    assert state.usage.cost is not None and state.usage.cost > 0
+
+
+@pytest.mark.parametrize("capture", streams(), ids=lambda c: c.name)
+def test_byte_splits_do_not_change_what_the_user_sees(capture):
+    _, whole = run([capture.body])
+    for offset in range(1, len(capture.body), 7):
+        _, split = run([capture.body[:offset], capture.body[offset:]])
+        assert text_of(split) == text_of(whole)
+
+
+def test_reasoning_capture_reports_reasoning_tokens_and_item():
+    capture = next(c for c in streams() if c.name.startswith("test_reasoning"))
+    state, _ = run([capture.body])
+    assert state.usage.reasoning_tokens >= 0
+    kinds = [item.get("type") for item in state.done_items.values()]
+    assert "reasoning" in kinds and "message" in kinds
+
+
+def ev(payload: dict) -> SSEEvent:
+    return SSEEvent(json.dumps(payload))
+
+
+def test_reasoning_closed_after_the_message_is_tolerated():
+    events = [
+        ev({"type": "response.output_item.added", "output_index": 0,
+            "item": {"id": "rs_1", "type": "reasoning"}}),
+        ev({"type": "response.reasoning_summary_text.delta", "output_index": 0,
+            "item_id": "rs_1", "delta": "thinking"}),
+        ev({"type": "response.output_item.added", "output_index": 1,
+            "item": {"id": "msg_1", "type": "message"}}),
+        ev({"type": "response.output_text.delta", "output_index": 1, "item_id": "msg_1",
+            "delta": "answer"}),
+        ev({"type": "response.output_item.done", "output_index": 1,
+            "item": {"id": "msg_1", "type": "message",
+                     "content": [{"type": "output_text", "text": "answer"}]}}),
+        ev({"type": "response.output_item.done", "output_index": 0,
+            "item": {"id": "rs_1", "type": "reasoning",
+                     "summary": [{"type": "summary_text", "text": "thinking"}]}}),
+        SSEEvent("[DONE]"),
+    ]
+    state = StreamState()
+    intents = reduce_events(state, events)
+    assert intents == [(REASONING, "thinking"), (TEXT, "answer")]
+    finish_stream(state)  # every item closed: complete although response.completed is absent
+
+
+def test_text_only_in_closing_item_is_still_shown():
+    state = StreamState()
+    intents = reduce_events(state, [ev({
+        "type": "response.output_item.done", "output_index": 0,
+        "item": {"id": "m", "type": "message",
+                 "content": [{"type": "output_text", "text": "late"}]}})])
+    assert intents == [(TEXT, "late")]
+
+
+def test_eof_with_an_open_item_is_a_cut_off():
+    state = StreamState()
+    reduce_events(state, [
+        ev({"type": "response.output_item.added", "output_index": 0,
+            "item": {"id": "m", "type": "message"}}),
+        ev({"type": "response.output_text.delta", "item_id": "m", "delta": "par"})])
+    with pytest.raises(UpstreamStreamError, match="before the answer was finished"):
+        finish_stream(state)
+
+
+@pytest.mark.parametrize("payload", [
+    {"type": "error", "code": "server_error", "message": "Provider disconnected", "param": None},
+    {"type": "error", "error": {"code": "server_error", "message": "Provider disconnected"}},
+    {"type": "response.failed", "response": {"error": {"code": "server_error",
+                                                       "message": "Provider disconnected"},
+                                             "error_type": "provider_unavailable"}},
+])
+def test_failure_events_surface_the_provider_message(payload):
+    state = StreamState()
+    intents = reduce_events(state, [ev({"type": "response.output_text.delta", "item_id": "m",
+                                        "delta": "kept"}), ev(payload)])
+    assert intents == [(TEXT, "kept")]
+    with pytest.raises(UpstreamStreamError, match="Provider disconnected"):
+        finish_stream(state)
+
+
+def test_unknown_and_malformed_events_are_ignored():
+    state = StreamState()
+    intents = reduce_events(state, [SSEEvent("{not json"), ev({"type": "response.fusion_call.x"}),
+                                    ev({"type": "response.output_text.delta", "delta": "ok"})])
+    assert intents == [(TEXT, "ok")] and state.bad_events == 1
+
+
+def test_renderer_coalesces_consecutive_deltas_into_one_chunk_per_kind():
+    r = ChunkRenderer("openrouter.x/y", 0)
+    chunks = r.render([(REASONING, "a"), (REASONING, "b"), (TEXT, "c"), (TEXT, "d")])
+    assert [c["choices"][0]["delta"] for c in chunks] == [
+        {"reasoning_content": "ab"}, {"content": "cd"}]
+
+
+def test_surrogate_pair_split_across_deltas_is_rejoined():
+    carry = SurrogateCarry()
+    assert carry.clean("hi \ud83d") == "hi "
+    assert carry.clean("\ude00!") == "😀!"
+
+
+def test_lone_surrogates_become_replacement_characters():
+    out = SurrogateCarry().clean("lone \udc00 x")
+    assert out == "lone \ufffd x"
+    out.encode("utf-8")
