@@ -1243,7 +1243,15 @@ class SSEDecoder:
         self._buf = buf[end + 1:]
         events: list[SSEEvent] = []
         for line in buf[:end].split(b"\n"):
-            self._line(line, events)
+            # Hot path inlined: OpenRouter sends only `data: <json>` lines and blank lines.
+            if line.startswith(b"data: "):
+                self._data.append(line[6:].decode("utf-8", "replace"))
+            elif not line and self._data and self._event is None:
+                data = self._data
+                events.append(SSEEvent(data[0] if len(data) == 1 else "\n".join(data)))
+                self._data = []
+            else:
+                self._line(line, events)
         return events
 
     @staticmethod
