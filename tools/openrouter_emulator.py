@@ -1,31 +1,33 @@
 """Local, offline emulator of OpenRouter's HTTP API (``/api/v1``) for tests and benchmarks.
 
-It mimics the wire contract described in ``OPENROUTER_API.md`` and the real captures:
-``data:``-only SSE framing, ``sequence_number`` from 0, ``data: [DONE]``, ``gen-…`` ids,
-default echo fields in capture key order, ``usage.cost`` from catalogue pricing, error
-bodies shaped like OpenRouter's, plus scriptable failures and stream quirks.
-Runtime dependencies: stdlib + aiohttp (orjson is used when installed).
+Mimics the wire contract of ``OPENROUTER_API.md`` and the real captures: ``data:``-only SSE
+framing, ``sequence_number`` from 0, ``data: [DONE]``, ``gen-…`` ids, default echo fields in
+capture key order, ``usage.cost`` from catalogue pricing, OpenRouter-shaped error bodies, plus
+scriptable failures and stream quirks.  Runtime deps: stdlib + aiohttp (orjson if installed).
 
 Contents
   1. Constants, ids, JSON helpers
-  2. Model catalogue                       (GET /models; data in emulator_models.json)
-  3. Request inspection                    (last user text, directives, task prompts, tools)
-  4. Plans                                 (what one response contains)
-  5. Scenario registry                     (name -> handler building a Plan)
-  6. Event assembly                        (Plan -> ordered event dicts + final object)
-  7. Error bodies                          (HTTP errors with realistic bodies)
-  8. SSE writer                            (framing quirks: comments, CRLF, split writes)
-  9. Emulator (aiohttp app), EmulatorThread, CLI
+  2. Model catalogue        GET /models; rows live in emulator_models.json
+  3. Request inspection     last user text, [emu:…] directives, task prompts, tool outputs
+  4. Plans                  what one response contains (items, status, ending, timing)
+  5. Scenario registry      SCENARIOS: name -> handler building a Plan
+  6. Event assembly         Plan -> ordered event dicts + final response object
+  7. Errors & validation    HTTP error bodies, request checks
+  8. SSE writer             framing quirks: comments, CRLF, split writes
+  9. Emulator               aiohttp app, observability, EmulatorThread, CLI
 
 Scenario selection for ``POST /responses`` (first match wins):
-  1. ``emulator.enqueue(name, **opts)``  -- consumed by the next valid POST /responses
+  1. ``emulator.enqueue(name, **opts)``   consumed by the next valid POST /responses
   2. header ``X-Emulator-Scenario: name key=val key2=val2``
-  3. directive in the LAST user message: ``[emu:name key=val ...]`` (stripped from the echo)
-  4. default: task prompt JSON / tool-result quote / "You said: <last user text>"
-Values may be shell-quoted (``text="hello world"``). Unknown names/options -> HTTP 400.
+  3. directive in the LAST user message: ``[emu:name key=val …]`` (stripped from the echo)
+  4. ``default``: task-prompt JSON / tool-result quote / "You said: <last user text>"
+Values may be shell-quoted (``text="hello world"``); unknown names or options -> HTTP 400.
+Every scenario also takes the timing options ``delay_ms`` / ``first_byte_delay_ms`` and the
+stream quirks ``comments crlf split late_reasoning_close no_completed no_done unknown_events``
+(flags: ``=1``) and ``leading=N`` (leading ``: `` comment blocks, default 1).
 
 CLI: ``python tools/openrouter_emulator.py [--host H] [--port P] [--extra-models N]
-[--api-key K ...]`` prints ``EMULATOR_URL=<base url>`` and serves until SIGINT/SIGTERM.
+[--api-key K …]`` prints ``EMULATOR_URL=<base url>`` and serves until SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import copy
+import itertools
 import json
 import math
 import random
@@ -53,7 +57,7 @@ from typing import Any
 
 from aiohttp import web
 
-try:  # optional speed-up; output is byte-identical in key order and compactness
+try:  # optional speed-up; same compact output and key order as the json fallback
     import orjson
 
     def dumps(obj: Any) -> bytes:
@@ -73,8 +77,6 @@ TERMINAL_TYPES = ("response.completed", "response.incomplete", "response.failed"
 ROUTING_VARIANTS = ("nitro", "floor", "online", "exacto", "extended", "thinking")
 USER_ID = "user_2emuLAT0R000000000000000000"
 EXPOSE = "X-Generation-Id,X-Provider-Name,cf-ray"
-PROVIDERS = {"openai": "OpenAI", "anthropic": "Anthropic", "google": "Google AI Studio",
-             "deepseek": "DeepSeek", "meta-llama": "DeepInfra", "mistralai": "Mistral"}
 
 _ALNUM = string.ascii_letters + string.digits
 _B36 = string.ascii_lowercase + string.digits
@@ -90,7 +92,9 @@ def new_gen_id() -> str:
 
 
 def new_reasoning_id(vendor: str) -> str:
-    return "rs_" + _rand("0123456789abcdef", 50) if vendor == "openai" else "rs_tmp_" + _rand(_B36, 11)
+    if vendor == "openai":  # upstream OpenAI ids pass through
+        return "rs_" + _rand("0123456789abcdef", 50)
+    return "rs_tmp_" + _rand(_B36, 11)
 
 
 def _tokens(text: str) -> int:
@@ -110,35 +114,25 @@ def _catalog_file() -> dict:
 
 
 def synthetic_model(i: int) -> dict:
-    """A generated catalogue row (``synthetic/model-0001`` …) for large-catalogue benchmarks."""
+    """A generated row (``synthetic/model-0001`` …) shaped like a real text-only model."""
     slug = f"synthetic/model-{i:04d}"
-    return {
-        "id": slug, "canonical_slug": slug, "hugging_face_id": "",
-        "name": f"Synthetic: Model {i:04d}", "created": 1735689600 + i,
-        "description": f"Generated catalogue entry number {i} for benchmarks.",
-        "context_length": 32768,
-        "architecture": {"modality": "text->text", "input_modalities": ["text"],
-                         "output_modalities": ["text"], "tokenizer": "Other",
-                         "instruct_type": None},
-        "pricing": {"prompt": "0.0000001", "completion": "0.0000002"},
-        "top_provider": {"context_length": 32768, "max_completion_tokens": 8192,
-                         "is_moderated": False},
-        "per_request_limits": None,
-        "supported_parameters": ["max_tokens", "temperature", "tool_choice", "tools", "top_p"],
-        "default_parameters": {}, "supported_voices": None, "knowledge_cutoff": None,
-        "expiration_date": None, "links": {"details": f"/api/v1/models/{slug}/endpoints"},
-    }
+    base = next(r for r in _catalog_file()["captured"] if r["id"] == "openai/gpt-3.5-turbo")
+    return copy.deepcopy(base) | {
+        "id": slug, "canonical_slug": slug, "hugging_face_id": "", "created": 1735689600 + i,
+        "name": f"Synthetic: Model {i:04d}", "description": f"Generated benchmark row {i}.",
+        "links": {"details": f"/api/v1/models/{slug}/endpoints"}}
 
 
 def load_catalog(extra_models: int = 0) -> list[dict]:
+    """Captured rows + composed synthetic rows (fresh copies) + ``extra_models`` generated."""
     data = _catalog_file()
-    rows = [*data["captured"], *data["synthetic"]]
-    return json.loads(json.dumps(rows)) + [synthetic_model(i + 1) for i in range(extra_models)]
+    rows = copy.deepcopy([*data["captured"], *data["synthetic"]])
+    return rows + [synthetic_model(i + 1) for i in range(extra_models)]
 
 
 def filter_models(rows: list[dict], query: Any) -> list[dict]:
-    """Apply ``output_modalities`` (default ``text``), ``input_modalities`` and
-    ``supported_parameters`` query filters like the real endpoint."""
+    """``output_modalities`` (default ``text``; ``all``), ``input_modalities`` and
+    ``supported_parameters`` filters, like the real endpoint."""
     out_q = _csv(query.get("output_modalities") or "text")
     if "all" not in out_q:
         rows = [m for m in rows if out_q & set(m["architecture"]["output_modalities"])]
@@ -153,10 +147,22 @@ def _csv(value: str) -> set[str]:
     return {v.strip() for v in value.split(",") if v.strip()}
 
 
+def _reasoning_off(cfg: dict) -> bool:
+    return cfg.get("effort") == "none" or cfg.get("enabled") is False
+
+
+def lookup_model(catalog: dict[str, dict], model_id: str) -> dict | None:
+    """Exact id, or a known id with a routing suffix such as ``:nitro``."""
+    if model_id in catalog:
+        return catalog[model_id]
+    base, _, variant = model_id.partition(":")
+    return catalog.get(base) if variant in ROUTING_VARIANTS else None
+
+
 # =========================================================================== 3. request inspection
 
 _DIRECTIVE = re.compile(r"\[emu:([^\]]*)\]")
-TASK_ANSWERS = (  # checked in this order; Open WebUI puts the template in a user message
+TASK_ANSWERS = (  # checked in this order; Open WebUI sends the template as a user message
     ("follow_ups", {"follow_ups": ["Tell me more?"]}),
     ("tags", {"tags": ["General"]}),
     ("title", {"title": "Emulated chat title"}),
@@ -171,12 +177,13 @@ def _part_text(content: Any) -> str:
     return ""
 
 
+def _is_user_message(item: Any) -> bool:
+    return (isinstance(item, dict) and item.get("role") == "user"
+            and item.get("type", "message") == "message")
+
+
 def _last_user_index(items: list) -> int:
-    for i in range(len(items) - 1, -1, -1):
-        it = items[i]
-        if isinstance(it, dict) and it.get("role") == "user" and it.get("type", "message") == "message":
-            return i
-    return -1
+    return next((i for i in range(len(items) - 1, -1, -1) if _is_user_message(items[i])), -1)
 
 
 def last_user_text(inp: Any) -> str:
@@ -191,9 +198,8 @@ def trailing_tool_outputs(inp: Any) -> list[dict]:
     """``function_call_output`` items after the last user message (the current turn)."""
     if not isinstance(inp, list):
         return []
-    start = _last_user_index(inp) + 1
-    return [it for it in inp[start:] if isinstance(it, dict)
-            and it.get("type") == "function_call_output"]
+    return [it for it in inp[_last_user_index(inp) + 1:]
+            if isinstance(it, dict) and it.get("type") == "function_call_output"]
 
 
 def input_tokens(body: dict) -> int:
@@ -201,56 +207,41 @@ def input_tokens(body: dict) -> int:
     inp = body.get("input")
     items = [{"content": inp}] if isinstance(inp, str) else (inp or [])
     total = _tokens(body.get("instructions") or "")
-    for it in items:
-        if not isinstance(it, dict):
-            continue
-        texts = [_part_text(it.get("content")), _part_text(it.get("output")),
-                 str(it.get("arguments") or "")]
+    for it in (i for i in items if isinstance(i, dict)):
+        texts = (_part_text(it.get("content")), _part_text(it.get("output")),
+                 str(it.get("arguments") or ""))
         total += 8 + sum(_tokens(t) for t in texts)
     return max(total, 1)
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
-    """``"name k=v k2='a b'"`` -> ("name", {"k": "v", "k2": "a b"}); bare words become "1"."""
-    parts = shlex.split(spec.strip())
-    if not parts:
-        return "", {}
-    opts = dict(p.split("=", 1) if "=" in p else (p, "1") for p in parts[1:])
-    return parts[0], opts
+    """``"name k=v k2='a b'"`` -> ("name", {"k": "v", "k2": "a b"}); bare words mean "1"."""
+    parts = shlex.split(spec.strip()) or [""]
+    return parts[0], dict(p.split("=", 1) if "=" in p else (p, "1") for p in parts[1:])
 
 
 def task_answer(text: str) -> str | None:
-    if "### task" not in text.lower():
-        return None
-    for key, payload in TASK_ANSWERS:
-        if f'"{key}"' in text:
-            return json.dumps(payload, ensure_ascii=False)
+    if "### task" in text.lower():
+        for key, payload in TASK_ANSWERS:
+            if f'"{key}"' in text:
+                return json.dumps(payload, ensure_ascii=False)
     return None
 
 
 def tool_result_answer(outputs: list[dict]) -> str:
-    lines = []
-    for it in outputs:
-        out = it.get("output")
-        lines.append(f"Tool result for {it.get('call_id')}: {_part_text(out) if isinstance(out, list) else out}")
-    return "\n".join(lines)
+    return "\n".join(f"Tool result for {it.get('call_id')}: {_part_text(it.get('output'))}"
+                     for it in outputs)
 
 
 def word_deltas(text: str) -> list[str]:
-    """Split like real tokenised output: words keep their leading whitespace."""
-    parts = re.findall(r"\s*\S+\s*$|\s*\S+", text)
-    return parts or [text]
+    """Split like tokenised output: words keep their leading whitespace."""
+    return re.findall(r"\s*\S+\s*$|\s*\S+", text) or [text]
 
 
 def even_deltas(text: str, n: int) -> list[str]:
     n = max(1, min(n, len(text)))
-    size, rem = divmod(len(text), n)
-    out, pos = [], 0
-    for i in range(n):
-        step = size + (1 if i < rem else 0)
-        out.append(text[pos:pos + step])
-        pos += step
-    return out
+    bounds = [round(i * len(text) / n) for i in range(n + 1)]
+    return [text[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 @dataclass
@@ -263,31 +254,19 @@ class Ctx:
     gen_id: str
     created: int
     user_text: str  # last user text with [emu:…] directives removed
-    scenario_key: str = ""
+    scenario_key: str = ""  # stable across retries of the same request
 
     @property
     def vendor(self) -> str:
         return self.model_id.split("/", 1)[0]
 
     @property
-    def stream(self) -> bool:
-        return bool(self.body.get("stream"))
-
-    @property
     def reasoning_cfg(self) -> dict:
         return self.body.get("reasoning") or {}
 
     @property
-    def reasoning_disabled(self) -> bool:
-        cfg = self.reasoning_cfg
-        return cfg.get("effort") == "none" or cfg.get("enabled") is False
-
-    @property
     def supports_reasoning(self) -> bool:
         return "reasoning" in self.entry or "reasoning" in self.entry["supported_parameters"]
-
-    def function_tools(self) -> list[dict]:
-        return [t for t in self.body.get("tools") or [] if t.get("type") == "function"]
 
 
 # =========================================================================== 4. plans
@@ -321,7 +300,7 @@ class Plan:
     items: list[Item] = field(default_factory=list)
     status: str = "completed"  # completed | incomplete | failed
     ending: str = "terminal"  # terminal | error_event | truncate | hang
-    cut: int | None = None  # stop the (first) message after this many deltas
+    cut: int | None = None  # stop the message after this many deltas (failures)
     error: dict | None = None
     error_type: str | None = None
     error_form: str = "flat"
@@ -329,24 +308,28 @@ class Plan:
     http_error: HttpError | None = None
     delay_ms: int = 0
     first_byte_delay_ms: int = 0
-    auto_reasoning: bool = True  # prepend reasoning for reasoning-capable models
+    auto_reasoning: bool = True  # reasoning-capable models think first
     annotation_events: bool = False
+
+
+QUIRK_FLAGS = ("comments", "crlf", "split", "late_reasoning_close", "no_completed", "no_done",
+               "unknown_events")
 
 
 @dataclass
 class Quirks:
-    comments: bool = False
-    crlf: bool = False
-    split: bool = False
-    late_reasoning_close: bool = False
-    no_completed: bool = False
-    no_done: bool = False
-    unknown_events: bool = False
+    comments: bool = False  # ": OPENROUTER PROCESSING" after every event
+    crlf: bool = False  # \r\n line endings
+    split: bool = False  # several writes per event, cut mid-JSON and mid-UTF-8
+    late_reasoning_close: bool = False  # reasoning closes after the other items
+    no_completed: bool = False  # drop the terminal response.* event
+    no_done: bool = False  # no data: [DONE]
+    unknown_events: bool = False  # add fusion_call + an SDK-unknown event type
     leading: int = 1  # leading ": " comment blocks
 
 
 class Opts(dict):
-    """Scenario options (strings from headers/directives, any type from ``enqueue``)."""
+    """Scenario options: strings from headers/directives, any type from ``enqueue``."""
 
     def get_int(self, key: str, default: int) -> int:
         value = self.get(key)
@@ -360,9 +343,7 @@ class Opts(dict):
         return str(self.get(key, "0")).lower() in ("1", "true", "yes", "on")
 
     def quirks(self) -> Quirks:
-        q = Quirks(**{k: self.flag(k) for k in QUIRK_FLAGS})
-        q.leading = self.get_int("leading", 1)
-        return q
+        return Quirks(**{k: self.flag(k) for k in QUIRK_FLAGS}, leading=self.get_int("leading", 1))
 
 
 def message(text: str, deltas: int | None = None, status: str = "completed") -> Item:
@@ -371,8 +352,11 @@ def message(text: str, deltas: int | None = None, status: str = "completed") -> 
 
 
 def reasoning_item(ctx: Ctx, style: str | None = None) -> Item:
+    """OpenAI models: summary events only if a summary was requested (and effort isn't
+    minimal), else added->done with encrypted_content; other vendors: raw reasoning_text."""
     if style is None:
-        wants_summary = ctx.reasoning_cfg.get("summary") and ctx.reasoning_cfg.get("effort") != "minimal"
+        cfg = ctx.reasoning_cfg
+        wants_summary = cfg.get("summary") and cfg.get("effort") != "minimal"
         style = ("summary" if wants_summary else "encrypted") if ctx.vendor == "openai" else "raw"
     text = ("**Pensando na ação** 😀\n\nThe user wrote something; I will answer it directly."
             if style == "summary" else
@@ -382,13 +366,17 @@ def reasoning_item(ctx: Ctx, style: str | None = None) -> Item:
 
 
 def function_call(name: str, args: str) -> Item:
-    cut = max(1, len(args) // 2)
-    deltas = [args[:cut], args[cut:]] if len(args) > 1 else [args]
+    half = max(1, len(args) // 2)
+    deltas = [args[:half], args[half:]] if len(args) > 1 else [args]
     return Item("function_call", "fc_tmp_" + _rand(_B36, 11), deltas, name=name,
                 call_id="call_" + _rand(_ALNUM, 24))
 
 
 # =========================================================================== 5. scenarios
+
+
+class ScenarioError(ValueError):
+    """Bad scenario name/options: reported to the client as an emulator 400."""
 
 
 @dataclass(frozen=True)
@@ -398,25 +386,18 @@ class Scenario:
     options: frozenset[str]
 
 
-QUIRK_FLAGS = ("comments", "crlf", "split", "late_reasoning_close", "no_completed", "no_done",
-               "unknown_events")
 COMMON_OPTIONS = frozenset({*QUIRK_FLAGS, "leading", "delay_ms", "first_byte_delay_ms"})
 SCENARIOS: dict[str, Scenario] = {}
 
 
-def scenario(name: str, *options: str, aliases: tuple[str, ...] = ()):
+def scenario(name: str, *options: str):
+    """Register a scenario handler under ``name`` with its own option names."""
+
     def register(fn: Callable[[Emulator, Ctx, Opts], Plan]):
-        for n in (name, *aliases):
-            SCENARIOS[n] = Scenario(n, fn, COMMON_OPTIONS | set(options))
+        SCENARIOS[name] = Scenario(name, fn, COMMON_OPTIONS | set(options))
         return fn
 
     return register
-
-
-def _timing(plan: Plan, o: Opts, delay_default: int = 0) -> Plan:
-    plan.delay_ms = o.get_int("delay_ms", delay_default)
-    plan.first_byte_delay_ms = o.get_int("first_byte_delay_ms", 0)
-    return plan
 
 
 def default_text(ctx: Ctx) -> str:
@@ -429,26 +410,25 @@ def default_text(ctx: Ctx) -> str:
 
 @scenario("default")
 def sc_default(emu: Emulator, ctx: Ctx, o: Opts) -> Plan:
-    return _timing(Plan([message(default_text(ctx))]), o)
+    return Plan([message(default_text(ctx))])
 
 
 @scenario("text", "deltas", "text")
 def sc_text(emu: Emulator, ctx: Ctx, o: Opts) -> Plan:
-    text = o.get_str("text", default_text(ctx))
-    return _timing(Plan([message(text, o.get_int("deltas", 0) or None)]), o)
+    return Plan([message(o.get_str("text", default_text(ctx)), o.get_int("deltas", 0) or None)])
 
 
 @scenario("slow", "deltas", "text")
 def sc_slow(emu: Emulator, ctx: Ctx, o: Opts) -> Plan:
-    return _timing(sc_text(emu, ctx, o), o, delay_default=200)
+    plan = sc_text(emu, ctx, o)
+    plan.delay_ms = 200
+    return plan
 
 
 @scenario("flood", "deltas")
 def sc_flood(emu: Emulator, ctx: Ctx, o: Opts) -> Plan:
-    n = o.get_int("deltas", 20000)
-    text = "".join("ação 😀"[i % 6] for i in range(n))
-    item = Item("message", "msg_tmp_" + _rand(_B36, 11), list(text))
-    return _timing(Plan([item], auto_reasoning=False), o)
+    text = "".join("ação 😀"[i % 6] for i in range(o.get_int("deltas", 20000)))
+    return Plan([Item("message", "msg_tmp_" + _rand(_B36, 11), list(text))], auto_reasoning=False)
 
 
 @scenario("reasoning", "style", "text")
@@ -457,53 +437,52 @@ def sc_reasoning(emu: Emulator, ctx: Ctx, o: Opts) -> Plan:
     if style not in (None, "summary", "raw"):
         raise ScenarioError(f"reasoning style must be summary|raw, got {style!r}")
     items = [reasoning_item(ctx, style), message(o.get_str("text", default_text(ctx)))]
-    return _timing(Plan(items, auto_reasoning=False), o)
+    return Plan(items, auto_reasoning=False)
 
 
 @scenario("tool_call", "name", "args", "n")
 def sc_tool_call(emu: Emulator, ctx: Ctx, o: Opts) -> Plan:
-    tools = ctx.function_tools()
+    tools = [t for t in ctx.body.get("tools") or [] if t.get("type") == "function"]
     name = o.get_str("name", tools[0]["name"] if tools else "get_weather")
     args = o.get_str("args", '{"city":"São Paulo"}')
-    items = [function_call(name, args) for _ in range(o.get_int("n", 1))]
-    return _timing(Plan(items), o)
+    return Plan([function_call(name, args) for _ in range(o.get_int("n", 1))])
 
 
-WEB_TEXT = ("Lisboa é a capital de Portugal 😀 [wikipedia.org](https://en.wikipedia.org/wiki/Lisbon). "
-            "A população ronda 550 mil [example.org](https://example.org/lisboa).")
+WEB_TEXT = ("Lisboa é a capital de Portugal 😀 [wikipedia.org](https://en.wikipedia.org/wiki/"
+            "Lisbon). A população ronda 550 mil [example.org](https://example.org/lisboa).")
 
 
 def url_citations(text: str) -> list[dict]:
-    cites = []
-    for m in re.finditer(r"\[([^\]]+)\]\((https?://[^)]+)\)", text):
-        cites.append({"type": "url_citation", "url": m.group(2), "title": f"Source: {m.group(1)}",
-                      "start_index": m.start(), "end_index": m.end(),
-                      "content": "Excerpt from the cited page about Lisboa."})
-    return cites
+    return [{"type": "url_citation", "url": m.group(2), "title": f"Source: {m.group(1)}",
+             "start_index": m.start(), "end_index": m.end(),
+             "content": "Excerpt from the cited page about Lisboa."}
+            for m in re.finditer(r"\[([^\]]+)\]\((https?://[^)]+)\)", text)]
 
 
 @scenario("web_search", "annotation_events")
 def sc_web_search(emu: Emulator, ctx: Ctx, o: Opts) -> Plan:
     item = message(WEB_TEXT)
     item.annotations = url_citations(WEB_TEXT)
-    return _timing(Plan([item], annotation_events=o.flag("annotation_events")), o)
+    return Plan([item], annotation_events=o.flag("annotation_events"))
 
 
 @scenario("incomplete", "text", "deltas")
 def sc_incomplete(emu: Emulator, ctx: Ctx, o: Opts) -> Plan:
     text = o.get_str("text", "This answer was cut short by max_output_tokens — ação 😀 and")
     item = message(text, o.get_int("deltas", 0) or None, status="incomplete")
-    return _timing(Plan([item], status="incomplete"), o)
+    return Plan([item], status="incomplete")
 
 
 @scenario("http_error", "status", "retry_after")
 def sc_http_error(emu: Emulator, ctx: Ctx, o: Opts) -> Plan:
-    retry = o.get("retry_after")
-    return Plan(http_error=error_response(o.get_int("status", 500), ctx.model_id, retry))
+    status = o.get_int("status", 500)
+    return Plan(http_error=error_response(status, ctx.model_id, o.get("retry_after")))
 
 
 @scenario("fail_then_ok", "status", "times", "retry_after", "key")
 def sc_fail_then_ok(emu: Emulator, ctx: Ctx, o: Opts) -> Plan:
+    """The first ``times`` requests with the same ``key`` (default: model + header + last
+    user text, i.e. a retry of the same request) fail before the first byte."""
     key = o.get_str("key", ctx.scenario_key)
     emu.fail_counts[key] = emu.fail_counts.get(key, 0) + 1
     if emu.fail_counts[key] <= o.get_int("times", 1):
@@ -512,72 +491,73 @@ def sc_fail_then_ok(emu: Emulator, ctx: Ctx, o: Opts) -> Plan:
     return sc_default(emu, ctx, o)
 
 
-def _partial(ctx: Ctx, o: Opts, ending: str, status: str = "failed") -> Plan:
+def _partial(o: Opts, ending: str, message_text: str, error_type: str) -> Plan:
+    """Some text deltas (``after``, default 2), then a failure of kind ``ending``."""
     after = o.get_int("after", 2)
     text = "Partial answer — ação 😀 before the provider went away, sorry about that."
-    plan = _timing(Plan([message(text, max(after + 2, 6))], status=status, ending=ending), o)
-    plan.cut = after
-    plan.error = {"code": "server_error",
-                  "message": o.get_str("message", "Provider disconnected unexpectedly")}
-    plan.error_type = o.get_str("error_type", "provider_unavailable")
+    plan = Plan([message(text, max(after + 2, 6))], status="failed", ending=ending, cut=after)
+    plan.error = {"code": "server_error", "message": o.get_str("message", message_text)}
+    plan.error_type = o.get_str("error_type", error_type)
     return plan
 
 
 @scenario("mid_stream_failure", "after", "error_type", "message")
 def sc_mid_stream_failure(emu: Emulator, ctx: Ctx, o: Opts) -> Plan:
-    return _partial(ctx, o, "terminal")
+    return _partial(o, "terminal", "Provider disconnected unexpectedly", "provider_unavailable")
 
 
 @scenario("failed_200", "after", "error_type", "message")
 def sc_failed_200(emu: Emulator, ctx: Ctx, o: Opts) -> Plan:
-    plan = _partial(ctx, o, "terminal")
-    plan.error = {"code": "server_error", "message": o.get_str("message", "stream closed with reason: error")}
-    plan.error_type = o.get_str("error_type", "server")
-    return plan
+    return _partial(o, "terminal", "stream closed with reason: error", "server")
 
 
 @scenario("error_event", "form", "after", "done", "message")
 def sc_error_event(emu: Emulator, ctx: Ctx, o: Opts) -> Plan:
-    plan = _partial(ctx, o, "error_event")
-    plan.error_form = o.get_str("form", "flat")
+    plan = _partial(o, "error_event", "Provider disconnected unexpectedly", "provider_unavailable")
+    plan.error_form, plan.done = o.get_str("form", "flat"), o.flag("done")
     if plan.error_form not in ("flat", "nested"):
         raise ScenarioError("error_event form must be flat|nested")
-    plan.done = o.flag("done")
     return plan
 
 
 @scenario("truncate", "after")
 def sc_truncate(emu: Emulator, ctx: Ctx, o: Opts) -> Plan:
-    plan = _partial(ctx, o, "truncate")
+    plan = _partial(o, "truncate", "Stream truncated", "server")
     plan.done = False
     return plan
 
 
 @scenario("hang")
 def sc_hang(emu: Emulator, ctx: Ctx, o: Opts) -> Plan:
-    return _timing(Plan(ending="hang", auto_reasoning=False), o)
+    return Plan(ending="hang", auto_reasoning=False)
 
 
-class ScenarioError(ValueError):
-    """Bad scenario name/options: reported to the client as an emulator 400."""
-
-
-def add_reasoning(ctx: Ctx, plan: Plan) -> None:
-    """Models that reason (unless the request disabled it) think before answering."""
-    if plan.auto_reasoning and plan.items and ctx.supports_reasoning and not ctx.reasoning_disabled:
+def build_plan(emu: Emulator, ctx: Ctx, name: str, opts: dict) -> tuple[Plan, Quirks]:
+    sc = SCENARIOS.get(name)
+    if sc is None:
+        raise ScenarioError(f"unknown scenario {name!r}; known: {', '.join(sorted(SCENARIOS))}")
+    if unknown := set(opts) - sc.options:
+        raise ScenarioError(f"unknown option(s) {sorted(unknown)} for scenario {name!r}")
+    o = Opts(opts)
+    plan = sc.handler(emu, ctx, o)
+    plan.delay_ms = o.get_int("delay_ms", plan.delay_ms)
+    plan.first_byte_delay_ms = o.get_int("first_byte_delay_ms", 0)
+    thinks = ctx.supports_reasoning and not _reasoning_off(ctx.reasoning_cfg)
+    if plan.auto_reasoning and plan.items and thinks:
         plan.items.insert(0, reasoning_item(ctx))
+    return plan, o.quirks()
 
 
 # =========================================================================== 6. event assembly
 
 
-def _strict_tools(tools: list[dict]) -> list[dict]:
+def _echo_tools(tools: list[dict]) -> list[dict]:
+    """Function tools are echoed with ``strict`` filled in (null) after ``parameters``."""
     out = []
     for t in tools:
         if t.get("type") == "function":
-            keys = ("type", "name", "description", "parameters")
-            t = {**{k: t[k] for k in keys if k in t}, "strict": t.get("strict"),
-                 **{k: v for k, v in t.items() if k not in (*keys, "strict")}}
+            head = {k: t[k] for k in ("type", "name", "description", "parameters") if k in t}
+            t = {**head, "strict": t.get("strict"), **{k: v for k, v in t.items() if k not in head}}
         out.append(t)
     return out
 
@@ -592,34 +572,35 @@ def envelope(ctx: Ctx, status: str, output: list, usage: dict | None, *, final: 
              incomplete: dict | None = None) -> dict:
     """Response object with the default echoes, in the live key order (§3.1/§4.1)."""
     b = ctx.body
-    text = {"format": {"type": "text"}, **(b.get("text") or {})}
+    done_at = int(time.time()) if final and status == "completed" else None
     r: dict[str, Any] = {
         "id": ctx.gen_id, "object": "response", "created_at": ctx.created, "model": ctx.model_id,
-        "status": status, "completed_at": int(time.time()) if final and status == "completed" else None,
-        "output": output, "error": error}
+        "status": status, "completed_at": done_at, "output": output, "error": error}
     if error_type:
         r["error_type"] = error_type
-    r |= {"incomplete_details": incomplete, "tools": _strict_tools(b.get("tools") or []),
-          "tool_choice": _or(b, "tool_choice", "auto"),
-          "parallel_tool_calls": _or(b, "parallel_tool_calls", True),
-          "max_output_tokens": b.get("max_output_tokens"), "temperature": _or(b, "temperature", 1),
-          "top_p": _or(b, "top_p", 1), "presence_penalty": _or(b, "presence_penalty", 0),
-          "frequency_penalty": _or(b, "frequency_penalty", 0),
-          "top_logprobs": _or(b, "top_logprobs", 0), "max_tool_calls": b.get("max_tool_calls"),
-          "metadata": _or(b, "metadata", {}), "background": False, "previous_response_id": None,
-          "service_tier": "default" if final else "auto",
-          "truncation": _or(b, "truncation", "disabled"), "store": False,
-          "instructions": b.get("instructions"), "text": text, "reasoning": b.get("reasoning"),
-          "safety_identifier": b.get("safety_identifier"),
-          "prompt_cache_key": b.get("prompt_cache_key"),
-          "prompt_cache_options": b.get("prompt_cache_options"), "usage": usage}
-    return r
+    return r | {
+        "incomplete_details": incomplete, "tools": _echo_tools(b.get("tools") or []),
+        "tool_choice": _or(b, "tool_choice", "auto"),
+        "parallel_tool_calls": _or(b, "parallel_tool_calls", True),
+        "max_output_tokens": b.get("max_output_tokens"), "temperature": _or(b, "temperature", 1),
+        "top_p": _or(b, "top_p", 1), "presence_penalty": _or(b, "presence_penalty", 0),
+        "frequency_penalty": _or(b, "frequency_penalty", 0),
+        "top_logprobs": _or(b, "top_logprobs", 0), "max_tool_calls": b.get("max_tool_calls"),
+        "metadata": _or(b, "metadata", {}), "background": False, "previous_response_id": None,
+        "service_tier": "default" if final else "auto",
+        "truncation": _or(b, "truncation", "disabled"), "store": False,
+        "instructions": b.get("instructions"),
+        "text": {"format": {"type": "text"}, **(b.get("text") or {})},
+        "reasoning": b.get("reasoning"), "safety_identifier": b.get("safety_identifier"),
+        "prompt_cache_key": b.get("prompt_cache_key"),
+        "prompt_cache_options": b.get("prompt_cache_options"), "usage": usage}
 
 
 def usage_for(ctx: Ctx, items: list[Item]) -> dict:
+    """Token estimate + ``cost`` = input*pricing.prompt + output*pricing.completion."""
     reasoning = sum(_tokens(i.text) or 24 for i in items if i.kind == "reasoning")
-    visible = sum(_tokens(i.text) for i in items if i.kind != "reasoning")
-    inp, out = input_tokens(ctx.body), visible + reasoning
+    inp = input_tokens(ctx.body)
+    out = reasoning + sum(_tokens(i.text) for i in items if i.kind != "reasoning")
     price = ctx.entry["pricing"]
     cin, cout = Decimal(price["prompt"]) * inp, Decimal(price["completion"]) * out
     cost = float(cin + cout)
@@ -633,124 +614,118 @@ def usage_for(ctx: Ctx, items: list[Item]) -> dict:
 
 @dataclass
 class ItemEvents:
-    opening: list[dict]
-    closing: list[dict]
-    final: dict
-    stopped: bool = False
+    opening: list[dict]  # added + deltas
+    closing: list[dict]  # *.done events (may be held back by late_reasoning_close)
+    final: dict  # the item as it appears in the final response's output
+    stopped: bool = False  # a failure cut the stream inside this item
 
 
-def _encrypted(ctx: Ctx) -> str:
-    slug = base64.urlsafe_b64encode(json.dumps(
-        {"endpoint_slug": f"{ctx.entry['canonical_slug']}|{ctx.vendor}"}).encode()).decode().rstrip("=")
-    return "gAAAAAB" + _rand(_ALNUM + "-_", 120) + "=." + slug
-
-
-def reasoning_events(ctx: Ctx, idx: int, it: Item, cut: int | None) -> ItemEvents:
-    ref = {"output_index": idx, "item_id": it.id}
-    added = _ev("response.output_item.added", output_index=idx,
-                item={"id": it.id, "type": "reasoning", "status": "in_progress", "summary": []})
-    done_item: dict[str, Any] = {"id": it.id, "type": "reasoning", "status": "completed", "summary": []}
-    opening, closing = [added], []
-    if it.style == "summary":
-        part = {"type": "summary_text", "text": it.text}
-        opening += [_ev("response.reasoning_summary_part.added", **ref, summary_index=0,
-                        part={"type": "summary_text", "text": ""})]
-        opening += [_ev("response.reasoning_summary_text.delta", **ref, summary_index=0, delta=d)
-                    for d in it.deltas]
-        closing += [_ev("response.reasoning_summary_text.done", **ref, summary_index=0, text=it.text),
-                    _ev("response.reasoning_summary_part.done", **ref, summary_index=0, part=part)]
-        done_item["summary"] = [part]
-    elif it.style == "raw":
-        part = {"type": "reasoning_text", "text": it.text}
-        opening += [_ev("response.content_part.added", **ref, content_index=0,
-                        part={"type": "reasoning_text", "text": ""})]
-        opening += [_ev("response.reasoning_text.delta", **ref, content_index=0, delta=d)
-                    for d in it.deltas]
-        closing += [_ev("response.reasoning_text.done", **ref, content_index=0, text=it.text),
-                    _ev("response.content_part.done", **ref, content_index=0, part=part)]
-        done_item["content"] = [part]
-    done_item |= _reasoning_provenance(ctx, it)
-    closing.append(_ev("response.output_item.done", output_index=idx, item=done_item))
-    return ItemEvents(opening, closing, done_item)
-
-
-def _reasoning_provenance(ctx: Ctx, it: Item) -> dict:
-    if ctx.vendor == "openai":
-        return {"encrypted_content": _encrypted(ctx), "format": "openai-responses-v1"}
+def _provenance(ctx: Ctx) -> dict:
+    """Reasoning-item fields that say which provider produced it."""
+    if ctx.vendor == "openai":  # OpenAI blob + "." + base64url routing hint, like live traffic
+        hint = json.dumps({"endpoint_slug": f"{ctx.entry['canonical_slug']}|openai"}).encode()
+        suffix = base64.urlsafe_b64encode(hint).decode().rstrip("=")
+        blob = "gAAAAAB" + _rand(_ALNUM + "-_", 120) + "=." + suffix
+        return {"encrypted_content": blob, "format": "openai-responses-v1"}
     if ctx.vendor == "anthropic":
         return {"encrypted_content": None, "format": "anthropic-claude-v1",
                 "signature": "Er" + _rand(_ALNUM, 86) + "=="}
-    if ctx.vendor == "google":
-        return {"format": "google-gemini-v1"}
-    return {}
+    return {"format": "google-gemini-v1"} if ctx.vendor == "google" else {}
 
 
-def message_events(ctx: Ctx, idx: int, it: Item, cut: int | None, annotation_events: bool = False
-                   ) -> ItemEvents:
+REASONING_EVENTS = {  # style -> (part type, index key, final-item key, part / text events)
+    "summary": ("summary_text", "summary_index", "summary",
+                "response.reasoning_summary_part", "response.reasoning_summary_text"),
+    "raw": ("reasoning_text", "content_index", "content",
+            "response.content_part", "response.reasoning_text"),
+}
+
+
+def reasoning_events(ctx: Ctx, idx: int, it: Item, plan: Plan) -> ItemEvents:
+    head = {"id": it.id, "type": "reasoning"}
+    opening = [_ev("response.output_item.added", output_index=idx,
+                   item={**head, "status": "in_progress", "summary": []})]
+    final: dict[str, Any] = {**head, "status": "completed", "summary": []}
+    closing: list[dict] = []
+    if it.style in REASONING_EVENTS:
+        ptype, index_key, final_key, part_ev, text_ev = REASONING_EVENTS[it.style]
+        ref = {"output_index": idx, "item_id": it.id, index_key: 0}
+        part = {"type": ptype, "text": it.text}
+        opening += [_ev(f"{part_ev}.added", **ref, part={"type": ptype, "text": ""})]
+        opening += [_ev(f"{text_ev}.delta", **ref, delta=d) for d in it.deltas]
+        closing += [_ev(f"{text_ev}.done", **ref, text=it.text),
+                    _ev(f"{part_ev}.done", **ref, part=part)]
+        final[final_key] = [part]
+    final |= _provenance(ctx)
+    closing.append(_ev("response.output_item.done", output_index=idx, item=final))
+    return ItemEvents(opening, closing, final)
+
+
+def message_events(ctx: Ctx, idx: int, it: Item, plan: Plan) -> ItemEvents:
     ref = {"output_index": idx, "item_id": it.id, "content_index": 0}
+    cut = plan.cut
     opening = [
-        _ev("response.output_item.added", output_index=idx,
-            item={"id": it.id, "type": "message", "status": "in_progress", "role": "assistant",
-                  "content": []}),
+        _ev("response.output_item.added", output_index=idx, item={
+            "id": it.id, "type": "message", "status": "in_progress", "role": "assistant",
+            "content": []}),
         _ev("response.content_part.added", **ref,
             part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})]
     deltas = it.deltas if cut is None else it.deltas[:cut]
     opening += [_ev("response.output_text.delta", **ref, delta=d, logprobs=[]) for d in deltas]
-    text = "".join(deltas)
-    annotations = it.annotations if cut is None else []
+    text, annotations = "".join(deltas), it.annotations if cut is None else []
     part = {"type": "output_text", "text": text, "annotations": annotations, "logprobs": []}
     status = "incomplete" if cut is not None else it.status
-    final = {"id": it.id, "type": "message", "role": "assistant", "status": status, "content": [part]}
+    final = {"id": it.id, "type": "message", "role": "assistant", "status": status,
+             "content": [part]}  # live order: role before status here, after it in events
     if cut is not None:
         return ItemEvents(opening, [], final, stopped=True)
-    if annotation_events:
+    if plan.annotation_events:
         opening += [_ev("response.output_text.annotation.added", **ref, annotation_index=i,
                         annotation=a) for i, a in enumerate(annotations)]
-    closing = [
-        _ev("response.output_text.done", **ref, text=text, logprobs=[]),
-        _ev("response.content_part.done", **ref, part=part),
-        _ev("response.output_item.done", output_index=idx,
-            item={"id": it.id, "type": "message", "status": status, "role": "assistant",
-                  "content": [part]})]
+    done_item = {"id": it.id, "type": "message", "status": status, "role": "assistant",
+                 "content": [part]}
+    closing = [_ev("response.output_text.done", **ref, text=text, logprobs=[]),
+               _ev("response.content_part.done", **ref, part=part),
+               _ev("response.output_item.done", output_index=idx, item=done_item)]
     return ItemEvents(opening, closing, final)
 
 
-def function_call_events(ctx: Ctx, idx: int, it: Item, cut: int | None) -> ItemEvents:
-    base = {"id": it.id, "type": "function_call"}
-    opening = [_ev("response.output_item.added", output_index=idx,
-                   item={**base, "status": "in_progress", "call_id": it.call_id, "name": it.name,
-                         "arguments": ""})]
-    opening += [_ev("response.function_call_arguments.delta", output_index=idx, item_id=it.id,
-                    delta=d) for d in it.deltas]
-    final = {**base, "status": "completed", "call_id": it.call_id, "name": it.name,
+def function_call_events(ctx: Ctx, idx: int, it: Item, plan: Plan) -> ItemEvents:
+    ref = {"output_index": idx, "item_id": it.id}
+    head = {"id": it.id, "type": "function_call"}
+    opening = [_ev("response.output_item.added", output_index=idx, item={
+        **head, "status": "in_progress", "call_id": it.call_id, "name": it.name,
+        "arguments": ""})]
+    opening += [_ev("response.function_call_arguments.delta", **ref, delta=d) for d in it.deltas]
+    final = {**head, "status": "completed", "call_id": it.call_id, "name": it.name,
              "arguments": it.text}
-    closing = [_ev("response.function_call_arguments.done", output_index=idx, item_id=it.id,
-                   name=it.name, arguments=it.text),
+    closing = [_ev("response.function_call_arguments.done", **ref, name=it.name,
+                   arguments=it.text),
                _ev("response.output_item.done", output_index=idx, item=final)]
     return ItemEvents(opening, closing, final)
 
 
+ITEM_EVENTS = {"reasoning": reasoning_events, "message": message_events,
+               "function_call": function_call_events}
+
+
 def assemble(ctx: Ctx, plan: Plan, q: Quirks) -> tuple[list[dict], dict]:
-    """Return (events without sequence numbers, final response object) for a plan."""
+    """(events without sequence numbers, final response object) for a plan."""
     snapshot = envelope(ctx, "in_progress", [], None, final=False)
     events = [_ev("response.created", response=snapshot),
               _ev("response.in_progress", response=snapshot)]
-    outputs, held, cut = [], [], plan.cut
+    outputs: list[dict] = []
+    held: list[dict] = []
     for idx, it in enumerate(plan.items):
-        if it.kind == "message":
-            ie = message_events(ctx, idx, it, cut, plan.annotation_events)
-        elif it.kind == "reasoning":
-            ie = reasoning_events(ctx, idx, it, None)
-        else:
-            ie = function_call_events(ctx, idx, it, None)
+        ie = ITEM_EVENTS[it.kind](ctx, idx, it, plan)
         events += ie.opening
-        (held if q.late_reasoning_close and it.kind == "reasoning" else events).extend(ie.closing)
+        late = q.late_reasoning_close and it.kind == "reasoning"
+        (held if late else events).extend(ie.closing)
         outputs.append(ie.final)
         if ie.stopped:
             break
-    events += held
     final = final_object(ctx, plan, outputs)
-    events += ending_events(plan, final)
+    events += held + ending_events(plan, final)
     return apply_event_quirks(events, q), final
 
 
@@ -769,27 +744,26 @@ def ending_events(plan: Plan, final: dict) -> list[dict]:
     if plan.ending == "terminal":
         return [_ev(f"response.{final['status']}", response=final)]
     if plan.ending == "error_event":
-        err = final["error"]
-        if plan.error_form == "nested":
-            return [_ev("error", error={"code": err["code"], "message": err["message"]})]
-        return [_ev("error", code=err["code"], message=err["message"], param=None)]
-    return []  # truncate
+        err = {"code": final["error"]["code"], "message": final["error"]["message"]}
+        if plan.error_form == "nested":  # docs-prose form; not in the SDK schema
+            return [_ev("error", error=err)]
+        return [_ev("error", **err, param=None)]
+    return []  # truncate: EOF without a terminal event
 
 
 def apply_event_quirks(events: list[dict], q: Quirks) -> list[dict]:
     if q.no_completed:
         events = [e for e in events if e["type"] not in TERMINAL_TYPES]
-    if q.unknown_events:
+    if q.unknown_events:  # one event the SDK knows (fusion) and one it does not
         fusion = _ev("response.fusion_call.in_progress", output_index=0,
                      item_id="fusion_tmp_" + _rand(_B36, 11))
-        probe = _ev(UNKNOWN_EVENT_TYPES[0], note="forward-compatibility probe")
         events = [*events[:2], fusion, *events[2:]]
-        pos = len(events) - (1 if events[-1]["type"] in TERMINAL_TYPES else 0)
-        events.insert(pos, probe)
+        pos = len(events) - (events[-1]["type"] in TERMINAL_TYPES)
+        events.insert(pos, _ev(UNKNOWN_EVENT_TYPES[0], note="forward-compatibility probe"))
     return events
 
 
-# =========================================================================== 7. error bodies
+# =========================================================================== 7. errors
 
 
 def _err(code: int, message: str, **extra: Any) -> dict:
@@ -801,40 +775,51 @@ def _provider_error(code: int, raw: str, provider: str) -> dict:
                 metadata={"raw": raw, "provider_name": provider, "is_byok": False})
 
 
-ERROR_BODIES: dict[int, Callable[[str], dict]] = {
-    400: lambda m: _provider_error(400, '{"error":{"message":"at most 64 tools are allowed"}}', "OpenAI"),
-    401: lambda m: {"error": {"message": "User not found.", "code": 401}},
-    402: lambda m: _err(402, "Insufficient credits. Add more using https://openrouter.ai/settings/credits"),
-    403: lambda m: _err(403, f'{m} requires moderation on OpenAI. Your input was flagged for "harassment".',
-                        metadata={"reasons": ["harassment"], "flagged_input": "you are the worst ... go away",
-                                  "provider_name": "OpenAI", "model_slug": m}),
-    404: lambda m: _err(404, f"No endpoints found for {m}."),
-    408: lambda m: _err(408, "Operation timed out. Please try again later."),
-    413: lambda m: _err(413, "Request payload too large.", metadata={"error_type": "payload_too_large"}),
-    429: lambda m: _err(429, "Rate limit exceeded: free-models-per-min. ",
-                        metadata={"headers": {"X-RateLimit-Limit": "20", "X-RateLimit-Remaining": "0",
-                                              "X-RateLimit-Reset": str(_next_minute_ms())}}),
-    500: lambda m: _err(500, "Internal Server Error"),
-    502: lambda m: _provider_error(502, "upstream connect error or disconnect/reset before headers",
-                                   "ExampleCloud"),
-    503: lambda m: _err(503, f"All providers for {m} are temporarily unavailable.",
-                        error_type="provider_overloaded", http_status=503,
-                        availability={"code": "temporarily_unavailable", "retryable": True,
-                                      "requested_models": [m], "affected_providers": ["example-cloud"],
-                                      "docs_url": "https://openrouter.ai/docs/errors#temporarily_unavailable"},
-                        metadata={"previous_errors": [{"provider": "example-cloud", "code": "overloaded",
-                                                       "status": 503}]}),
-    524: lambda m: _err(524, "Request timed out. Please try again later."),
-    529: lambda m: _provider_error(
-        529, '{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}', "Anthropic"),
-}
+def _availability(code: str, model: str, retryable: bool, **extra: Any) -> dict:
+    return {"code": code, "retryable": retryable, "requested_models": [model], **extra,
+            "docs_url": f"https://openrouter.ai/docs/errors#{code}"}
 
 
 def _next_minute_ms() -> int:
     return (int(time.time()) // 60 + 1) * 60_000
 
 
+ERROR_BODIES: dict[int, Callable[[str], dict]] = {  # status -> body for model id (§6)
+    400: lambda m: _provider_error(
+        400, '{"error":{"message":"at most 64 tools are allowed"}}', "OpenAI"),
+    401: lambda m: {"error": {"message": "User not found.", "code": 401}},
+    402: lambda m: _err(
+        402, "Insufficient credits. Add more using https://openrouter.ai/settings/credits"),
+    403: lambda m: _err(
+        403, f'{m} requires moderation on OpenAI. Your input was flagged for "harassment".',
+        metadata={"reasons": ["harassment"], "flagged_input": "you are the worst ... go away",
+                  "provider_name": "OpenAI", "model_slug": m}),
+    404: lambda m: _err(404, f"No endpoints found for {m}."),
+    408: lambda m: _err(408, "Operation timed out. Please try again later."),
+    413: lambda m: _err(413, "Request payload too large.",
+                        metadata={"error_type": "payload_too_large"}),
+    429: lambda m: _err(429, "Rate limit exceeded: free-models-per-min. ", metadata={"headers": {
+        "X-RateLimit-Limit": "20", "X-RateLimit-Remaining": "0",
+        "X-RateLimit-Reset": str(_next_minute_ms())}}),
+    500: lambda m: _err(500, "Internal Server Error"),
+    502: lambda m: _provider_error(
+        502, "upstream connect error or disconnect/reset before headers", "ExampleCloud"),
+    503: lambda m: _err(
+        503, f"All providers for {m} are temporarily unavailable.",
+        error_type="provider_overloaded", http_status=503,
+        availability=_availability("temporarily_unavailable", m, True,
+                                   affected_providers=["example-cloud"]),
+        metadata={"previous_errors": [
+            {"provider": "example-cloud", "code": "overloaded", "status": 503}]}),
+    524: lambda m: _err(524, "Request timed out. Please try again later."),
+    529: lambda m: _provider_error(
+        529, '{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}',
+        "Anthropic"),
+}
+
+
 def error_response(status: int, model: str, retry_after: Any = None) -> HttpError:
+    """Realistic pre-stream error; 429 always carries Retry-After (default 1) + X-RateLimit-*."""
     if status not in ERROR_BODIES:
         raise ScenarioError(f"http_error status {status} not supported: {sorted(ERROR_BODIES)}")
     body, headers = ERROR_BODIES[status](model), {}
@@ -848,38 +833,32 @@ def error_response(status: int, model: str, retry_after: Any = None) -> HttpErro
     return HttpError(status, body, headers)
 
 
+STATELESS = "the Responses API is stateless"
+
+
 def validation_error(body: Any, catalog: dict[str, dict]) -> HttpError | None:
-    """Request checks done by the real server before anything is generated."""
+    """Request checks the real server makes before generating anything."""
     if not isinstance(body, dict):
         return HttpError(400, _err(400, "Request body must be a JSON object"))
-    if "input" not in body or body["input"] is None:
+    if body.get("input") is None:
         return HttpError(400, _err(400, 'Missing required parameter: "input"'))
     if body.get("store") is True:
-        return HttpError(400, _err(400, "store: true is not supported: the Responses API is stateless; "
+        return HttpError(400, _err(400, f"store: true is not supported: {STATELESS}; "
                                         "set store to false or omit it"))
     if body.get("previous_response_id") is not None:
-        return HttpError(400, _err(400, "previous_response_id is not supported: the Responses API is "
-                                        "stateless; send the full conversation in input"))
+        return HttpError(400, _err(400, f"previous_response_id is not supported: {STATELESS}; "
+                                        "send the full conversation in input"))
     model = body.get("model")
     entry = lookup_model(catalog, model) if isinstance(model, str) else None
     if entry is None:
-        return HttpError(400, _err(400, f"{model} is not a valid model ID", error_type="invalid_request",
-                                   http_status=400, availability={
-                                       "code": "model_not_found", "retryable": False,
-                                       "requested_models": [model],
-                                       "docs_url": "https://openrouter.ai/docs/errors#model_not_found"}))
-    cfg = body.get("reasoning") or {}
-    if (entry.get("reasoning") or {}).get("mandatory") and (
-            cfg.get("effort") == "none" or cfg.get("enabled") is False):
-        return HttpError(400, _err(400, "Reasoning is mandatory for this endpoint and cannot be disabled."))
+        return HttpError(400, _err(
+            400, f"{model} is not a valid model ID", error_type="invalid_request",
+            http_status=400, availability=_availability("model_not_found", model, False)))
+    mandatory = (entry.get("reasoning") or {}).get("mandatory")
+    if mandatory and _reasoning_off(body.get("reasoning") or {}):
+        return HttpError(400, _err(
+            400, "Reasoning is mandatory for this endpoint and cannot be disabled."))
     return None
-
-
-def lookup_model(catalog: dict[str, dict], model_id: str) -> dict | None:
-    if model_id in catalog:
-        return catalog[model_id]
-    base, _, variant = model_id.partition(":")
-    return catalog.get(base) if variant in ROUTING_VARIANTS else None
 
 
 def _json_response(status: int, payload: dict, headers: dict | None = None) -> web.Response:
@@ -891,7 +870,7 @@ def _json_response(status: int, payload: dict, headers: dict | None = None) -> w
 
 
 class SSEWriter:
-    """Frames events as ``data: <json>\\n\\n`` with optional quirks; numbers events from 0."""
+    """Frames events as ``data: <json>\\n\\n`` with quirks; numbers events from 0."""
 
     FLUSH_AT = 64 * 1024
 
@@ -920,9 +899,9 @@ class SSEWriter:
                 await self.flush()
             return
         await self.flush()
-        for piece in split_points(data):
+        for piece in split_frame(data):
             await self.resp.write(piece)
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(0.001)  # let each piece leave as its own chunk
 
     async def flush(self) -> None:
         if self.buf:
@@ -930,21 +909,24 @@ class SSEWriter:
             await self.resp.write(data)
 
 
-def split_points(data: bytes) -> list[bytes]:
+def split_frame(data: bytes) -> list[bytes]:
     """Cut a frame in 3+ pieces: inside the JSON and inside a multi-byte UTF-8 char if any."""
-    cuts = {len(data) // 3, 2 * len(data) // 3}
-    multibyte = next((i for i, b in enumerate(data) if b >= 0xC0), None)
-    if multibyte is not None:
-        cuts.add(multibyte + 1)
-    cuts = sorted(c for c in cuts if 0 < c < len(data))
-    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+    lead = next((i + 1 for i, b in enumerate(data) if b >= 0xC0), 0)
+    cuts = {len(data) // 3, 2 * len(data) // 3, lead}
+    bounds = [0, *sorted(c for c in cuts if 0 < c < len(data)), len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 # =========================================================================== 9. emulator
 
 
 class Emulator:
-    """aiohttp server faithful to OpenRouter's ``/api/v1`` (see module docstring)."""
+    """aiohttp server faithful to OpenRouter's ``/api/v1`` (see the module docstring).
+
+    Observability: ``requests`` (every request: path, method, headers, json, scenario, time),
+    ``disconnects`` (timestamps of clients that went away mid-response), ``active_streams``,
+    ``generations`` (GET /generation data by id); ``reset()`` clears them and the queue.
+    """
 
     def __init__(self, *, extra_models: int = 0, api_keys: set[str] | None = None):
         self.models = load_catalog(extra_models)
@@ -962,19 +944,18 @@ class Emulator:
 
     # ------------------------------------------------------------------ lifecycle / API
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Serve on ``host:port`` (0 = any free port); returns ``http://host:port/api/v1``."""
         self._closing = asyncio.Event()
-        self._runner = web.AppRunner(self.app(), handler_cancellation=True, shutdown_timeout=2.0,
-                                     access_log=None)
+        self._runner = web.AppRunner(self.app(), handler_cancellation=True,
+                                     shutdown_timeout=2.0, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        bound = self._runner.addresses[0]
-        self.base_url = f"http://{host}:{bound[1]}{API_PREFIX}"
+        await web.TCPSite(self._runner, host, port).start()
+        self.base_url = f"http://{host}:{self._runner.addresses[0][1]}{API_PREFIX}"
         return self.base_url
 
     async def stop(self) -> None:
         if self._closing:
-            self._closing.set()
+            self._closing.set()  # releases "hang" handlers
         if self._runner:
             await self._runner.cleanup()
             self._runner = None
@@ -987,30 +968,27 @@ class Emulator:
         await self.stop()
 
     def enqueue(self, name: str, **opts: Any) -> None:
-        """Use scenario ``name`` for the next valid ``POST /responses``."""
+        """Use scenario ``name`` with ``opts`` for the next valid ``POST /responses``."""
         self._queue.append((name, opts))
 
     def reset(self) -> None:
-        self.requests.clear()
-        self.disconnects.clear()
-        self.fail_counts.clear()
-        self.generations.clear()
-        self._queue.clear()
+        for store in (self.requests, self.disconnects, self.fail_counts, self.generations,
+                      self._queue):
+            store.clear()
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
-        p = API_PREFIX
-        app.router.add_get(f"{p}/models", self._get_models)
-        app.router.add_get(f"{p}/key", self._get_key)
-        app.router.add_get(f"{p}/generation", self._get_generation)
-        app.router.add_post(f"{p}/responses", self._post_responses)
+        app.router.add_get(f"{API_PREFIX}/models", self._get_models)
+        app.router.add_get(f"{API_PREFIX}/key", self._get_key)
+        app.router.add_get(f"{API_PREFIX}/generation", self._get_generation)
+        app.router.add_post(f"{API_PREFIX}/responses", self._post_responses)
         app.router.add_route("*", "/{tail:.*}", self._not_found)
         return app
 
     # ------------------------------------------------------------------ simple endpoints
-    def _record(self, request: web.Request, body: Any = None) -> dict:
+    def _record(self, request: web.Request) -> dict:
         rec = {"path": request.path, "method": request.method, "headers": dict(request.headers),
-               "json": body, "scenario": None, "time": time.time()}
+               "json": None, "scenario": None, "time": time.time()}
         self.requests.append(rec)
         return rec
 
@@ -1018,10 +996,12 @@ class Emulator:
         auth = request.headers.get("Authorization", "")
         key = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
         if not key:
-            return _json_response(401, {"error": {"message": "No auth credentials found", "code": 401}})
-        if self.api_keys is not None and key not in self.api_keys:
-            return _json_response(401, {"error": {"message": "User not found.", "code": 401}})
-        return None
+            message = "No auth credentials found"
+        elif self.api_keys is not None and key not in self.api_keys:
+            message = "User not found."
+        else:
+            return None
+        return _json_response(401, {"error": {"message": message, "code": 401}})
 
     async def _not_found(self, request: web.Request) -> web.Response:
         self._record(request)
@@ -1030,8 +1010,9 @@ class Emulator:
     async def _get_models(self, request: web.Request) -> web.Response:
         self._record(request)
         rows = filter_models(self.models, request.query)
-        return _json_response(200, {"data": rows, "total_count": len(rows), "links": {"next": None}},
-                              {"Cache-Control": "public, max-age=300", "Access-Control-Allow-Origin": "*"})
+        payload = {"data": rows, "total_count": len(rows), "links": {"next": None}}
+        return _json_response(200, payload, {"Cache-Control": "public, max-age=300",
+                                             "Access-Control-Allow-Origin": "*"})
 
     async def _get_key(self, request: web.Request) -> web.Response:
         self._record(request)
@@ -1039,14 +1020,13 @@ class Emulator:
             return err
         key = request.headers["Authorization"][7:].strip()
         spent = round(sum(g["total_cost"] for g in self.generations.values()), 10)
+        windows = ("", "_daily", "_weekly", "_monthly")
         return _json_response(200, {"data": {
             "label": f"{key[:11]}...{key[-3:]}", "limit": None, "limit_remaining": None,
-            "limit_reset": None, "include_byok_in_limit": False, "usage": spent, "usage_daily": spent,
-            "usage_weekly": spent, "usage_monthly": spent, "byok_usage": 0, "byok_usage_daily": 0,
-            "byok_usage_weekly": 0, "byok_usage_monthly": 0, "is_free_tier": False,
-            "is_management_key": False, "is_provisioning_key": False, "creator_user_id": USER_ID,
-            "expires_at": None, "rate_limit": {"requests": -1, "interval": "10s",
-                                               "note": "This field is deprecated and safe to ignore."}}})
+            "limit_reset": None, "include_byok_in_limit": False,
+            **{f"usage{w}": spent for w in windows}, **{f"byok_usage{w}": 0 for w in windows},
+            "is_free_tier": False, "is_management_key": False, "is_provisioning_key": False,
+            "creator_user_id": USER_ID, "expires_at": None}})
 
     async def _get_generation(self, request: web.Request) -> web.Response:
         self._record(request)
@@ -1057,26 +1037,22 @@ class Emulator:
             return _json_response(404, _err(404, "Generation not found"))
         return _json_response(200, {"data": gen})
 
-    def _remember(self, ctx: Ctx, final: dict, streamed: bool, cancelled: bool = False) -> None:
+    def _remember(self, ctx: Ctx, final: dict, streamed: bool) -> None:
+        """Record what GET /generation?id= returns for this id (§2.5 subset)."""
         usage = final.get("usage") or {}
         cost = usage.get("cost", 0)
         finish = {"completed": "stop", "incomplete": "length"}.get(final["status"], "error")
+        reasoning = (usage.get("output_tokens_details") or {}).get("reasoning_tokens", 0)
         self.generations[ctx.gen_id] = {
-            "id": ctx.gen_id, "upstream_id": "chatcmpl-" + _rand(_ALNUM, 24), "total_cost": cost,
-            "usage": cost, "cache_discount": None, "upstream_inference_cost": None,
+            "id": ctx.gen_id, "total_cost": cost, "usage": cost,
             "created_at": datetime.fromtimestamp(ctx.created, UTC).isoformat(),
-            "model": ctx.model_id, "provider_name": PROVIDERS.get(ctx.vendor, "Emulator"),
-            "api_type": "responses", "streamed": streamed, "cancelled": cancelled,
-            "latency": 5, "generation_time": 5, "moderation_latency": None,
+            "model": ctx.model_id, "provider_name": ctx.vendor.title(),
+            "api_type": "responses", "streamed": streamed, "cancelled": False,
             "finish_reason": finish, "native_finish_reason": finish,
             "tokens_prompt": usage.get("input_tokens", 0),
             "tokens_completion": usage.get("output_tokens", 0),
-            "native_tokens_prompt": usage.get("input_tokens", 0),
-            "native_tokens_completion": usage.get("output_tokens", 0),
-            "native_tokens_reasoning": (usage.get("output_tokens_details") or {}).get("reasoning_tokens", 0),
-            "native_tokens_cached": 0, "num_media_prompt": 0, "num_search_results": 0,
-            "is_byok": False, "external_user": ctx.body.get("user"),
-            "session_id": ctx.body.get("session_id"), "router": None, "service_tier": "default"}
+            "native_tokens_reasoning": reasoning, "is_byok": False,
+            "external_user": ctx.body.get("user"), "session_id": ctx.body.get("session_id")}
 
     # ------------------------------------------------------------------ POST /responses
     async def _post_responses(self, request: web.Request) -> web.StreamResponse:
@@ -1084,55 +1060,40 @@ class Emulator:
         if err := self._auth_error(request):
             return err
         try:
-            body = json.loads(await request.read())
+            body = rec["json"] = json.loads(await request.read())
         except ValueError:
             return _json_response(400, _err(400, "Invalid JSON in request body"))
-        rec["json"] = body
         if err := validation_error(body, self.catalog):
             return _json_response(err.status, err.body, err.headers)
         ctx, (name, opts) = self._context(request, body)
         rec["scenario"] = name
         try:
-            plan, quirks = self._plan(ctx, name, opts)
-        except (ScenarioError, ValueError) as exc:
+            plan, quirks = build_plan(self, ctx, name, opts)
+        except ValueError as exc:  # ScenarioError or a non-integer option
             return _json_response(400, _err(400, f"[emulator] {exc}"))
-        if plan.http_error:
-            e = plan.http_error
+        if e := plan.http_error:
             return _json_response(e.status, e.body, e.headers)
         if plan.first_byte_delay_ms:
             await asyncio.sleep(plan.first_byte_delay_ms / 1000)
-        if ctx.stream:
+        if body.get("stream"):
             return await self._stream(request, ctx, plan, quirks)
         return await self._respond(request, ctx, plan, quirks)
 
     def _context(self, request: web.Request, body: dict) -> tuple[Ctx, tuple[str, dict]]:
         raw_text = last_user_text(body.get("input"))
+        header = request.headers.get("X-Emulator-Scenario", "").strip()
         directive = _DIRECTIVE.search(raw_text)
-        header = request.headers.get("X-Emulator-Scenario", "")
         if self._queue:
             spec = self._queue.pop(0)
-        elif header.strip():
+        elif header:
             spec = parse_spec(header)
-        elif directive:
-            spec = parse_spec(directive.group(1))
         else:
-            spec = ("default", {})
-        text = _DIRECTIVE.sub("", raw_text).strip()
+            spec = parse_spec(directive.group(1)) if directive else ("default", {})
         model_id = body["model"]
         ctx = Ctx(body, model_id, lookup_model(self.catalog, model_id) or {}, new_gen_id(),
-                  int(time.time()), text, scenario_key=f"{model_id}|{header}|{raw_text}")
+                  int(time.time()), _DIRECTIVE.sub("", raw_text).strip(),
+                  scenario_key=f"{model_id}|{header}|{raw_text}")
         return ctx, spec
-
-    def _plan(self, ctx: Ctx, name: str, opts: dict) -> tuple[Plan, Quirks]:
-        sc = SCENARIOS.get(name)
-        if sc is None:
-            raise ScenarioError(f"unknown scenario {name!r}; known: {', '.join(sorted(SCENARIOS))}")
-        if unknown := set(opts) - sc.options:
-            raise ScenarioError(f"unknown option(s) {sorted(unknown)} for scenario {name!r}")
-        o = Opts(opts)
-        plan = sc.handler(self, ctx, o)
-        add_reasoning(ctx, plan)
-        return plan, o.quirks()
 
     def _headers(self, ctx: Ctx, content_type: str) -> dict[str, str]:
         return {"Content-Type": content_type, "X-Generation-Id": ctx.gen_id,
@@ -1140,15 +1101,16 @@ class Emulator:
 
     async def _respond(self, request: web.Request, ctx: Ctx, plan: Plan, q: Quirks
                        ) -> web.StreamResponse:
+        """Non-stream: the final object (HTTP 200 even when failed); truncate cuts it."""
         if plan.ending == "hang":
             await self._wait_for_disconnect()
             return _json_response(524, _err(524, "Request timed out. Please try again later."))
         _, final = assemble(ctx, plan, q)
         self._remember(ctx, final, streamed=False)
-        body = dumps(final)
+        body, headers = dumps(final), self._headers(ctx, "application/json")
         if plan.ending != "truncate":
-            return web.Response(status=200, body=body, headers=self._headers(ctx, "application/json"))
-        resp = web.StreamResponse(status=200, headers=self._headers(ctx, "application/json"))
+            return web.Response(status=200, body=body, headers=headers)
+        resp = web.StreamResponse(status=200, headers=headers)
         resp.content_length = len(body)
         await resp.prepare(request)
         await resp.write(body[: len(body) // 2])
@@ -1157,6 +1119,7 @@ class Emulator:
         return resp
 
     async def _wait_for_disconnect(self) -> None:
+        """Block until the client goes away (handler cancelled) or the emulator stops."""
         try:
             assert self._closing is not None
             await self._closing.wait()
@@ -1172,7 +1135,7 @@ class Emulator:
         self.active_streams += 1
         writer = SSEWriter(resp, q)
         try:
-            if plan.ending == "hang":
+            if plan.ending == "hang":  # headers + one comment, then silence
                 await writer.comment("OPENROUTER PROCESSING")
                 await writer.flush()
                 await self._wait_for_disconnect()
@@ -1180,9 +1143,10 @@ class Emulator:
             await self._write_events(ctx, plan, q, writer)
             await resp.write_eof()
         except (ConnectionError, asyncio.CancelledError):
-            if plan.ending != "hang":
+            if plan.ending != "hang":  # (hang already recorded it)
                 self.disconnects.append(time.time())
-                self._remember_cancel(ctx)
+                if gen := self.generations.get(ctx.gen_id):
+                    gen["cancelled"] = True
             raise
         finally:
             self.active_streams -= 1
@@ -1202,17 +1166,15 @@ class Emulator:
             await writer.done()
         await writer.flush()
 
-    def _remember_cancel(self, ctx: Ctx) -> None:
-        if ctx.gen_id in self.generations:
-            self.generations[ctx.gen_id]["cancelled"] = True
-
 
 async def _call(fn: Callable[[], Any]) -> Any:
     return fn()
 
 
 class EmulatorThread:
-    """Runs an :class:`Emulator` on its own event loop in a daemon thread (sync callers)."""
+    """Runs an :class:`Emulator` on its own event loop in a daemon thread, for synchronous
+    callers (e.g. e2e tests driving a separate Open WebUI process).  All accessors hop onto
+    the emulator's loop, so they are thread-safe."""
 
     def __init__(self, *, extra_models: int = 0, api_keys: set[str] | None = None):
         self.emulator = Emulator(extra_models=extra_models, api_keys=api_keys)
@@ -1220,23 +1182,23 @@ class EmulatorThread:
         self._thread: threading.Thread | None = None
         self.base_url = ""
 
-    def _run(self, fn: Callable[[], Any], timeout: float = 30) -> Any:
+    def _run(self, coro_or_fn: Any, timeout: float = 30) -> Any:
         assert self._loop is not None, "EmulatorThread not started"
-        return asyncio.run_coroutine_threadsafe(_call(fn), self._loop).result(timeout)
+        coro = coro_or_fn if asyncio.iscoroutine(coro_or_fn) else _call(coro_or_fn)
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="openrouter-emulator",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="openrouter-emulator")
         self._thread.start()
-        fut = asyncio.run_coroutine_threadsafe(self.emulator.start(host, port), self._loop)
-        self.base_url = fut.result(30)
+        self.base_url = self._run(self.emulator.start(host, port))
         return self.base_url
 
     def stop(self) -> None:
         if self._loop is None:
             return
-        asyncio.run_coroutine_threadsafe(self.emulator.stop(), self._loop).result(30)
+        self._run(self.emulator.stop())
         self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread:
             self._thread.join(10)
@@ -1256,17 +1218,9 @@ class EmulatorThread:
     def reset(self) -> None:
         self._run(self.emulator.reset)
 
-    @property
-    def requests(self) -> list[dict]:
-        return self._run(lambda: list(self.emulator.requests))
-
-    @property
-    def disconnects(self) -> list[float]:
-        return self._run(lambda: list(self.emulator.disconnects))
-
-    @property
-    def active_streams(self) -> int:
-        return self._run(lambda: self.emulator.active_streams)
+    requests = property(lambda self: self._run(lambda: list(self.emulator.requests)))
+    disconnects = property(lambda self: self._run(lambda: list(self.emulator.disconnects)))
+    active_streams = property(lambda self: self._run(lambda: self.emulator.active_streams))
 
 
 # =========================================================================== CLI
@@ -1274,13 +1228,11 @@ class EmulatorThread:
 
 async def _serve(args: argparse.Namespace) -> None:
     emu = Emulator(extra_models=args.extra_models, api_keys=set(args.api_key) or None)
-    url = await emu.start(args.host, args.port)
-    print(f"EMULATOR_URL={url}", flush=True)
+    print(f"EMULATOR_URL={await emu.start(args.host, args.port)}", flush=True)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     await stop.wait()
     await emu.stop()
 
@@ -1289,8 +1241,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Local OpenRouter API emulator")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8765)
-    ap.add_argument("--extra-models", type=int, default=0)
-    ap.add_argument("--api-key", action="append", default=[], help="allow-listed key (repeatable)")
+    ap.add_argument("--extra-models", type=int, default=0, help="append N synthetic models")
+    ap.add_argument("--api-key", action="append", default=[], help="allow-listed key (repeat)")
     asyncio.run(_serve(ap.parse_args(argv)))
 
 
