@@ -4,13 +4,15 @@
   (OW config.py:180-189).
 * ``RAG_FILE_MAX_SIZE`` is a plain ``int | None`` env default (OW config.py:990) -- no
   ``PersistentConfig``/``.value`` any more.  The live value is
-  ``await open_webui.models.config.Config.get("rag.file.max_size")``; these env defaults
-  seed ``Config.DEFAULTS`` (OW config.py:3005-3008).
+  ``await open_webui.models.config.Config.get("rag.file.max_size")``.
+* Like the real module, importing it runs ``Config.configure(defaults=DEFAULT_CONFIG)``
+  (OW config.py:3005-3008, 3355-3359), so unset keys fall back to these env defaults.
 """
 
 import os
 
 from open_webui.env import DATA_DIR
+from open_webui.models.config import Config
 
 STORAGE_PROVIDER = os.getenv("STORAGE_PROVIDER", "local")
 
@@ -25,7 +27,9 @@ RAG_ALLOWED_FILE_EXTENSIONS = [  # OW config.py:1005-1007
     ext.strip() for ext in os.getenv("RAG_ALLOWED_FILE_EXTENSIONS", "").split(",") if ext.strip()
 ]
 
-CONFIG_DEFAULTS = {
+DEFAULT_CONFIG = {
     "rag.file.max_size": RAG_FILE_MAX_SIZE,
     "rag.file.allowed_extensions": RAG_ALLOWED_FILE_EXTENSIONS,
 }
+
+Config.configure(defaults=DEFAULT_CONFIG)

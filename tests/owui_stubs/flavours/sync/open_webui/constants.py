@@ -22,7 +22,7 @@ def _too_large(size=""):
     )
 
 
-class ERROR_MESSAGES(str, Enum):  # noqa: N801 - real name
+class ERROR_MESSAGES(str, Enum):  # noqa: UP042 - real base classes
     def __str__(self) -> str:
         return super().__str__()
 
@@ -43,7 +43,7 @@ def _default_task(task=""):
     return task if task else "generation"
 
 
-class TASKS(str, Enum):
+class TASKS(str, Enum):  # noqa: UP042 - real base classes
     def __str__(self) -> str:
         return super().__str__()
 

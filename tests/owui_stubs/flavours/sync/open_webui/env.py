@@ -23,7 +23,7 @@ GLOBAL_LOG_LEVEL = os.environ.get("GLOBAL_LOG_LEVEL", "").upper()  # W06 env.py:
 if GLOBAL_LOG_LEVEL not in logging.getLevelNamesMapping():
     GLOBAL_LOG_LEVEL = "INFO"
 
-LOG_SOURCES = ["AUDIO", "COMFYUI", "CONFIG", "DB", "IMAGES", "MAIN", "MODELS", "OLLAMA",
+log_sources = ["AUDIO", "COMFYUI", "CONFIG", "DB", "IMAGES", "MAIN", "MODELS", "OLLAMA",
                "OPENAI", "RAG", "WEBHOOK", "SOCKET", "OAUTH"]  # W06 env.py:85-100 (log_sources)
 SRC_LOG_LEVELS: dict = {}  # see module docstring
 
@@ -45,7 +45,9 @@ WEBUI_SECRET_KEY = os.environ.get(  # W06 env.py:436-441
     "WEBUI_SECRET_KEY", os.environ.get("WEBUI_JWT_SECRET_KEY", "t0p-s3cr3t")
 )
 
-ENABLE_WEBSOCKET_SUPPORT = os.environ.get("ENABLE_WEBSOCKET_SUPPORT", "True").lower() == "true"  # :566
+ENABLE_WEBSOCKET_SUPPORT = (  # W06 env.py:566
+    os.environ.get("ENABLE_WEBSOCKET_SUPPORT", "True").lower() == "true"
+)
 WEBSOCKET_MANAGER = os.environ.get("WEBSOCKET_MANAGER", "")  # W06 env.py:571
 WEBSOCKET_REDIS_URL = os.environ.get("WEBSOCKET_REDIS_URL", REDIS_URL)  # W06 env.py:573
 

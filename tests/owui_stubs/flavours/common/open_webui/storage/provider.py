@@ -80,7 +80,9 @@ class LocalStorageProvider(StorageProvider):
 
 def get_storage_provider(storage_provider: str):
     if storage_provider != "local":
-        raise RuntimeError(f"owui_stubs only implements the local storage provider, not {storage_provider!r}")
+        raise RuntimeError(
+            f"owui_stubs only implements the local storage provider, not {storage_provider!r}"
+        )
     return LocalStorageProvider()
 
 

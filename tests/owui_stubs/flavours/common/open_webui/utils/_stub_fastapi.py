@@ -9,7 +9,16 @@ like the real one).  Falls back to tiny look-alikes otherwise.
 from typing import Any
 
 try:
-    from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, Query, Request, UploadFile
+    from fastapi import (
+        BackgroundTasks,
+        Depends,
+        File,
+        Form,
+        HTTPException,
+        Query,
+        Request,
+        UploadFile,
+    )
 
     HAVE_FASTAPI = True
 except ImportError:  # pragma: no cover - exercised only without fastapi
@@ -24,19 +33,19 @@ except ImportError:  # pragma: no cover - exercised only without fastapi
         def __repr__(self) -> str:
             return f"{self.kind}({self.default!r})"
 
-    def File(default: Any = ..., **extra: Any) -> Any:  # noqa: N802
+    def File(default: Any = ..., **extra: Any) -> Any:
         return _Param("File", default, **extra)
 
-    def Form(default: Any = ..., **extra: Any) -> Any:  # noqa: N802
+    def Form(default: Any = ..., **extra: Any) -> Any:
         return _Param("Form", default, **extra)
 
-    def Query(default: Any = ..., **extra: Any) -> Any:  # noqa: N802
+    def Query(default: Any = ..., **extra: Any) -> Any:
         return _Param("Query", default, **extra)
 
-    def Depends(dependency: Any = None, **extra: Any) -> Any:  # noqa: N802
+    def Depends(dependency: Any = None, **extra: Any) -> Any:
         return _Param("Depends", dependency, **extra)
 
-    class HTTPException(Exception):  # noqa: N818 - real name
+    class HTTPException(Exception):
         def __init__(self, status_code: int, detail: Any = None, headers: Any = None):
             super().__init__(status_code, detail)
             self.status_code = status_code

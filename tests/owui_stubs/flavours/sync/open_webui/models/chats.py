@@ -59,7 +59,7 @@ class ChatModel(BaseModel):
     share_id: Optional[str] = None  # noqa: UP045
     archived: bool = False
     pinned: Optional[bool] = False  # noqa: UP045
-    meta: dict = {}  # noqa: RUF012
+    meta: dict = {}
     folder_id: Optional[str] = None  # noqa: UP045
 
 

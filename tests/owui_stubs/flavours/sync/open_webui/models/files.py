@@ -62,15 +62,17 @@ class FileForm(BaseModel):
     hash: Optional[str] = None  # noqa: UP045
     filename: str
     path: str
-    data: dict = {}  # noqa: RUF012 - pydantic copies mutable defaults
-    meta: dict = {}  # noqa: RUF012
+    data: dict = {}
+    meta: dict = {}
     access_control: Optional[dict] = None  # noqa: UP045
 
 
 class FilesTable:
     def insert_new_file(self, user_id: str, form_data: FileForm) -> Optional[FileModel]:  # noqa: UP045
         now = int(time.time())
-        record = FileModel(**form_data.model_dump(), user_id=user_id, created_at=now, updated_at=now)
+        record = FileModel(
+            **form_data.model_dump(), user_id=user_id, created_at=now, updated_at=now
+        )
         with get_db() as db:
             try:
                 row = File(**record.model_dump())

@@ -21,7 +21,7 @@ background_tasks=None)``).  Behaviour reproduced:
   ``HTTPException(400, "[ERROR: Error uploading file]")`` (the 0.6.28 ``except Exception``).
 
 RAG processing is not reproduced: ``process_uploaded_file`` only records its call in
-``PROCESSED_UPLOADS``.
+``STUB_PROCESSED_UPLOADS``.
 """
 
 import json
@@ -48,13 +48,17 @@ from open_webui.utils._stub_fastapi import (
 
 log = logging.getLogger(__name__)
 
-PROCESSED_UPLOADS: list = []
+STUB_PROCESSED_UPLOADS: list = []
 
 
 def process_uploaded_file(request, file, file_path, file_item, file_metadata, user):
-    """Stand-in for the real RAG processing (W06 routers/files.py:96-136): records the call."""
-    PROCESSED_UPLOADS.append(
-        {"file_id": getattr(file_item, "id", None), "file_path": file_path, "metadata": file_metadata}
+    """Stand-in for the real RAG processing (W06 routers/files.py:88): records the call."""
+    STUB_PROCESSED_UPLOADS.append(
+        {
+            "file_id": getattr(file_item, "id", None),
+            "file_path": file_path,
+            "metadata": file_metadata,
+        }
     )
 
 
@@ -62,8 +66,8 @@ def upload_file_handler(
     request: Request,
     file: UploadFile = File(...),  # noqa: B008 - real signature
     metadata: Optional[dict | str] = Form(None),  # noqa: B008, UP045
-    process: bool = Query(True),  # noqa: B008
-    process_in_background: bool = Query(True),  # noqa: B008
+    process: bool = Query(True),
+    process_in_background: bool = Query(True),
     user=Depends(get_verified_user),  # noqa: B008
     background_tasks: Optional[BackgroundTasks] = None,  # noqa: UP045
 ):
