@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-
 from openrouter_emulator import Emulator
+
 from openrouter_responses_pipe import Pipe
 
 

@@ -21,7 +21,7 @@ def loaded(request, tmp_path, emulator):
 
 
 async def test_models_listed_with_function_prefix(loaded):
-    flavour, pipe, meta, valves = loaded
+    _, pipe, meta, valves = loaded
     assert meta["title"] == "OpenRouter Responses"
     models = await list_models(pipe, "openrouter", stored_valves=valves)
     ids = {m["id"] for m in models}

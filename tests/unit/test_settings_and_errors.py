@@ -6,7 +6,6 @@ import pytest
 
 from openrouter_responses_pipe import (
     ConfigError,
-    EncryptedStr,
     RequestSettings,
     UpstreamConnectionError,
     UpstreamStatusError,

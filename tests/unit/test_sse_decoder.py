@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -23,7 +24,7 @@ def decode(chunks: list[bytes]) -> list[SSEEvent]:
 
 def split_at(data: bytes, *offsets: int) -> list[bytes]:
     bounds = [0, *sorted(offsets), len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 @pytest.mark.parametrize("capture", streams(), ids=lambda c: c.name)
