@@ -114,6 +114,9 @@ def server_env(data_dir: Path, workers: int = 1) -> dict[str, str]:
         "RAG_RERANKING_MODEL_AUTO_UPDATE": "false",
         "WHISPER_MODEL_AUTO_UPDATE": "false",
         "ENABLE_PIP_INSTALL_FRONTMATTER_REQUIREMENTS": "false",
+        # 0.6.28 has no such switch and pip-installs `requirements:` on every load: keep it
+        # off the network (and on par with 0.12, which installs nothing)
+        "PIP_OPTIONS": "--no-index --disable-pip-version-check",
         "ENABLE_VERSION_UPDATE_CHECK": "false",
         "ENABLE_EVALUATION_ARENA_MODELS": "false",  # 0.6.28 defaults it on: an extra "arena-model"
         "UVICORN_WORKERS": str(workers),
@@ -163,7 +166,8 @@ class OpenWebUIServer:
         env.pop("VIRTUAL_ENV", None)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
-        cmd = [str(venv / "bin" / "open-webui"), "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd = [str(venv / "bin" / "open-webui"), "serve",
+               "--host", "127.0.0.1", "--port", str(self.port)]
         t0 = time.monotonic()
         self.proc = subprocess.Popen(
             cmd,
@@ -187,16 +191,14 @@ class OpenWebUIServer:
     def _wait_healthy(self, t0: float) -> None:
         while time.monotonic() - t0 < STARTUP_TIMEOUT:
             if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"open-webui {self.version} exited with {self.proc.returncode}:\n{self.log_tail()}"
-                )
+                code = self.proc.returncode
+                raise RuntimeError(f"open-webui {self.version} exited ({code}):\n{self.log_tail()}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
                     return
             time.sleep(0.5)
-        raise TimeoutError(
-            f"open-webui {self.version} not healthy after {STARTUP_TIMEOUT:.0f}s:\n{self.log_tail()}"
-        )
+        raise TimeoutError(f"open-webui {self.version} not healthy after "
+                           f"{STARTUP_TIMEOUT:.0f}s:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 60) -> str:
         try:
@@ -216,9 +218,13 @@ class OpenWebUIServer:
                     break
                 except subprocess.TimeoutExpired:
                     continue
-        if proc is not None:
-            with contextlib.suppress(ProcessLookupError):  # stragglers left in the group
+        if proc is not None:  # stragglers left in the group (uvicorn workers, pip children)
+            deadline = time.monotonic() + 5
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
+                while time.monotonic() < deadline:
+                    os.killpg(proc.pid, 0)  # raises once the group is gone
+                    time.sleep(0.1)
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
@@ -302,12 +308,12 @@ class OpenWebUIClient:
 
     @property
     def is_legacy(self) -> bool:
-        """True for the 0.6.x line (sync socket events named `chat-events`, no server-made chats)."""
+        """True for 0.6.x: socket event `chat-events`, no server-made chats, browser-side saves."""
         return tuple(int(p) for p in self.version.split(".")[:2]) < (0, 8)
 
     # -- auth
     def signup_admin(self, name: str, email: str, password: str) -> str:
-        """Sign up (the first user becomes admin) or sign in if the account exists; returns the JWT."""
+        """Sign up (the first user becomes admin), or sign in if the account exists; -> JWT."""
         r = self.request("POST", "/api/v1/auths/signup", ok=(),
                          json={"name": name, "email": email, "password": password})
         if r.status_code != 200:
@@ -315,7 +321,7 @@ class OpenWebUIClient:
                              json={"email": email, "password": password})
         body = r.json()
         if body.get("role") != "admin":
-            raise OpenWebUIError(f"{email} is {body.get('role')!r}, not admin (the DB already had users)")
+            raise OpenWebUIError(f"{email} is {body.get('role')!r}, not admin (DB had users)")
         self.token = body["token"]
         return self.token
 
@@ -359,7 +365,8 @@ class OpenWebUIClient:
         params = {"refresh": "true"} if refresh else None
         return self.request("GET", "/api/models", params=params).json()["data"]
 
-    def chat(self, model: str, messages: list[dict], stream: bool = False, **extra) -> tuple[int, Any]:
+    def chat(self, model: str, messages: list[dict], stream: bool = False,
+             **extra: Any) -> tuple[int, Any]:
         """Plain-HTTP chat (no chat_id): returns (status, list of SSE payloads | JSON | text)."""
         body = {"model": model, "messages": messages, "stream": stream, **extra}
         r = self.request("POST", "/api/chat/completions", ok=(), json=body)
@@ -374,7 +381,8 @@ class OpenWebUIClient:
     def chat_stream(self, model: str, messages: list[dict], **extra):
         """Yield SSE payloads of a streamed plain-HTTP chat as they arrive."""
         body = {"model": model, "messages": messages, "stream": True, **extra}
-        with self.http.stream("POST", "/api/chat/completions", json=body, headers=self._headers()) as r:
+        headers = self._headers()
+        with self.http.stream("POST", "/api/chat/completions", json=body, headers=headers) as r:
             for line in r.iter_lines():
                 yield from parse_sse(line)
 
@@ -414,7 +422,7 @@ class OpenWebUIClient:
             raise TimeoutError("chat_ui did not finish")
         return result["chat"]
 
-    async def _chat_ui(self, model: str, prompt: str, timeout: float, extra: dict) -> dict:
+    async def _chat_ui(self, model: str, prompt: str, wait_s: float, extra: dict) -> dict:
         import socketio  # python-socketio[asyncio_client]
 
         legacy = self.is_legacy
@@ -484,7 +492,8 @@ class OpenWebUIClient:
                     "content": "", "model": model, "modelName": model, "modelIdx": 0,
                     "timestamp": now,
                 })
-                history = {"currentId": msg_id, "messages": {user_id: user_message, msg_id: assistant}}
+                history = {"currentId": msg_id,
+                           "messages": {user_id: user_message, msg_id: assistant}}
                 new = self.request("POST", "/api/v1/chats/new", json={"chat": {
                     "title": "New Chat", "models": [model], "params": {}, "files": [],
                     "messages": [user_message, assistant], "history": history,
@@ -498,18 +507,19 @@ class OpenWebUIClient:
             r = await asyncio.to_thread(
                 self.request, "POST", "/api/chat/completions", ok=(), json=body
             )
-            reply = r.json() if r.headers.get("content-type", "").startswith("application/json") else None
+            is_json = r.headers.get("content-type", "").startswith("application/json")
+            reply = r.json() if is_json else None
             if r.status_code != 200 or not isinstance(reply, dict) or not reply.get("status"):
                 raise OpenWebUIError(f"chat_ui POST -> {r.status_code}: {r.text[:500]}")
             chat_id = body.get("chat_id") or reply.get("chat_id")
             try:
-                await asyncio.wait_for(finished.wait(), timeout)
-            except asyncio.TimeoutError:
-                raise TimeoutError(f"no final event for message {msg_id}; got {events!r}"[:2000])
+                await asyncio.wait_for(finished.wait(), wait_s)
+            except TimeoutError:
+                raise TimeoutError(f"no final event for {msg_id}; got {events!r}"[:2000]) from None
             if legacy and (body.get("background_tasks") or {}).get("title_generation"):
                 # 0.6.28 writes the title (a read-modify-write of the whole chat) after `done`;
                 # saving before it lands could be reverted, so wait for `chat:title` first.
-                with contextlib.suppress(asyncio.TimeoutError):
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(titled.wait(), 15)
         finally:
             await sio.disconnect()
@@ -588,7 +598,7 @@ def _apply_legacy_event(message: dict, kind: str | None, data: Any) -> None:
         message["error"] = (data or {}).get("error")
     elif kind == "chat:message:follow_ups":
         message["followUps"] = (data or {}).get("follow_ups")
-    elif kind in ("source", "citation") and isinstance(data, dict) and data.get("type") != "code_execution":
+    elif kind in ("source", "citation") and (data or {}).get("type") != "code_execution":
         message.setdefault("sources", []).append(data)
 
 

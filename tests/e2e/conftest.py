@@ -1,0 +1,91 @@
+"""Session fixtures for the end-to-end tests against a real Open WebUI from PyPI.
+
+- `ORP_E2E_VERSIONS` (default "0.12.4 0.6.28"): one server per version, shared by all tests.
+- `ORP_SKIP_E2E=1`: skip every e2e test (the only way to skip them).
+- `ORP_E2E_PIPE`: pipe file to install (default: the repo's openrouter_responses_pipe.py).
+A venv that cannot be created is a failure, not a skip.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from openrouter_emulator import EmulatorThread
+from owui_harness import OpenWebUIClient, OpenWebUIServer, ensure_venv, install_pipe
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+VERSIONS = os.environ.get("ORP_E2E_VERSIONS", "0.12.4 0.6.28").split()
+PIPE = Path(os.environ.get("ORP_E2E_PIPE") or ROOT / "openrouter_responses_pipe.py")
+FUNCTION_ID = "openrouter"
+API_KEY = "sk-or-emulator"
+ADMIN = ("Admin", "admin@example.com", "e2e-admin-password")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip = os.environ.get("ORP_SKIP_E2E") == "1"
+    for item in items:
+        if HERE not in item.path.parents:
+            continue
+        item.add_marker(pytest.mark.e2e)
+        if skip:
+            item.add_marker(pytest.mark.skip(
+                reason="!!! ORP_SKIP_E2E=1: real Open WebUI e2e tests NOT RUN !!!"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    rep = outcome.get_result()
+    env = getattr(item, "funcargs", {}).get("owui")
+    if rep.failed and isinstance(env, Owui):
+        rep.sections.append((f"open-webui {env.version} log (tail)", env.server.log_tail(40)))
+
+
+@dataclass
+class Owui:
+    version: str
+    server: OpenWebUIServer
+    client: OpenWebUIClient
+    emulator: EmulatorThread
+
+    def model(self, openrouter_id: str) -> str:
+        """The Open WebUI model id of an OpenRouter model served by the pipe."""
+        return f"{FUNCTION_ID}.{openrouter_id}"
+
+    @property
+    def legacy(self) -> bool:
+        return self.client.is_legacy
+
+
+@pytest.fixture(scope="session")
+def emulator():
+    emu = EmulatorThread()
+    emu.start()
+    yield emu
+    emu.stop()
+
+
+@pytest.fixture(scope="session", params=VERSIONS, ids=[f"owui-{v}" for v in VERSIONS])
+def owui(request: pytest.FixtureRequest, emulator: EmulatorThread, tmp_path_factory):
+    version = request.param
+    try:
+        ensure_venv(version)
+    except Exception as e:  # no silent skip: the e2e suite is the point
+        pytest.fail(f"could not create the open-webui {version} venv: {e}", pytrace=False)
+    assert PIPE.exists(), f"pipe file not found: {PIPE}"
+    log = tmp_path_factory.mktemp(f"owui-{version}") / "server.log"
+    server = OpenWebUIServer(version, log_path=log)
+    server.start()
+    client = OpenWebUIClient(server.base_url)
+    try:
+        client.signup_admin(*ADMIN)
+        install_pipe(client, PIPE, {"BASE_URL": emulator.base_url, "API_KEY": API_KEY},
+                     function_id=FUNCTION_ID)
+        yield Owui(version, server, client, emulator)
+    finally:
+        client.close()
+        server.stop()
