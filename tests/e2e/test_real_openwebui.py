@@ -7,6 +7,7 @@ the chat title, the error text and the token usage of a stored chat.
 from __future__ import annotations
 
 import json
+import time
 
 from owui_harness import content_chunks, reasoning_chunks, stored_message
 
@@ -115,3 +116,38 @@ def test_usage_is_stored_on_the_message(owui):
     usage = msg.get("usage") or {}
     assert (usage.get("prompt_tokens") or usage.get("input_tokens") or 0) > 0, msg
     assert (usage.get("completion_tokens") or usage.get("output_tokens") or 0) > 0, msg
+
+
+def test_failure_mid_answer_keeps_the_partial_text_and_says_why(owui):
+    msg = stored_message(owui.client.chat_ui(owui.model("openai/gpt-4o"),
+                                             "Tell me a story [emu:mid_stream_failure after=3]"))
+    content = msg.get("content") or ""
+    assert content.startswith("Partial answer"), msg            # the partial answer is kept
+    assert "The answer was interrupted" in content, msg
+    assert "Provider" in content, msg                               # OpenRouter's own message
+
+
+def test_final_status_line_is_stored_with_tokens_and_cost(owui):
+    msg = stored_message(owui.client.chat_ui(owui.model("openai/gpt-4o"), "Status please"))
+    final = [s for s in msg.get("statusHistory") or [] if s.get("done")]
+    assert final, msg
+    assert "tokens" in final[-1]["description"] and "$" in final[-1]["description"]
+
+
+def test_closing_the_connection_cancels_the_upstream_request(owui):
+    emu = owui.emulator
+    before = len(emu.disconnects)
+    stream = owui.client.chat_stream(
+        owui.model("openai/gpt-4o"),
+        [{"role": "user", "content": "long one [emu:slow delay_ms=300 deltas=200]"}])
+    for payload in stream:
+        if content_chunks([payload]):
+            break                       # the user saw text; now they close the tab
+    stream.close()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and len(emu.disconnects) == before:
+        time.sleep(0.1)
+    assert len(emu.disconnects) > before, "upstream stream was not cancelled"
+    while time.monotonic() < deadline and emu.active_streams:
+        time.sleep(0.1)
+    assert emu.active_streams == 0
