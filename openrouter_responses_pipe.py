@@ -185,6 +185,8 @@ INHERIT = "inherit"
 Effort = Literal["auto", "none", "minimal", "low", "medium", "high", "xhigh", "max"]
 SummaryMode = Literal["auto", "concise", "detailed", "disabled"]
 TaskEffort = Literal["lowest", "none", "minimal", "low", "medium"]
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 _PASSWORD: dict[str, Any] = {"input": {"type": "password"}}
 
 
@@ -300,6 +302,18 @@ class Valves(BaseModel):
         description="Sent as HTTP-Referer for OpenRouter app attribution.")
     APP_TITLE: str = Field(
         default="Open WebUI", description="Sent as X-OpenRouter-Title for app attribution.")
+    LOG_LEVEL: LogLevel = Field(
+        default_factory=lambda: _env_log_level(),
+        description="Lowest level the pipe logs (server log and each turn's own log). "
+                    "Default: Open WebUI's GLOBAL_LOG_LEVEL, else INFO.")
+    REQUEST_LOG_CITATION: Literal["off", "errors", "always"] = Field(
+        default="errors",
+        description="Attach the turn's own log (redacted) to the message as a collapsible "
+                    "source: on errors, always (for debugging), or never.")
+    SHOW_HEALTH_MODEL: bool = Field(
+        default=True,
+        description="List an admin-only 'pipe health' entry in the model selector that "
+                    "answers with requests in flight, error counts and latencies.")
     STICKY_SESSION_ROUTING: bool = Field(
         default=True,
         description="Send a session_id derived from the chat id so a conversation stays on "
@@ -317,6 +331,11 @@ class UserValves(BaseModel):
     SHOW_FINAL_STATUS: Literal["inherit", "on", "off"] = Field(
         default="inherit", description="Your final status line (`inherit` = admin default).")
 
+    LOG_LEVEL: Literal["inherit", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        default="inherit",
+        description="Your own log level (admins only; `inherit` = admin LOG_LEVEL). Raise it "
+                    "to DEBUG and set REQUEST_LOG_CITATION to see each turn's log in chat.")
+
     @field_validator("*", mode="before")
     @classmethod
     def _normalise_inherit(cls, value: Any) -> Any:
@@ -324,7 +343,14 @@ class UserValves(BaseModel):
             return INHERIT
         if isinstance(value, bool):
             return "on" if value else "off"
+        if isinstance(value, str) and value.strip().upper() in LEVELS:
+            return value.strip().upper()
         return value.strip().lower() if isinstance(value, str) else value
+
+
+def _env_log_level() -> LogLevel:
+    level = os.environ.get("GLOBAL_LOG_LEVEL", "INFO").upper()
+    return level if level in LEVELS else "INFO"  # type: ignore[return-value]
 
 
 def _pick(user_value: str, admin_value: Any) -> Any:
@@ -358,14 +384,19 @@ class RequestSettings:
     app_title: str
     sticky_sessions: bool
     session_secret: str
+    log_level: int
+    log_citation: str
 
     @classmethod
-    def merge(cls, valves: Valves, user: UserValves | None) -> RequestSettings:
+    def merge(cls, valves: Valves, user: UserValves | None, user_role: str = "user"
+              ) -> RequestSettings:
         user = user or UserValves()
         show = _pick(user.SHOW_FINAL_STATUS, "on" if valves.SHOW_FINAL_STATUS else "off")
+        api_key = EncryptedStr(valves.API_KEY).reveal().strip()
+        register_secret(api_key)
         return cls(
             base_url=valves.BASE_URL.rstrip("/"),
-            api_key=EncryptedStr(valves.API_KEY).reveal().strip(),
+            api_key=api_key,
             reasoning_effort=_pick(user.REASONING_EFFORT, valves.REASONING_EFFORT),
             reasoning_summary=_pick(user.REASONING_SUMMARY, valves.REASONING_SUMMARY),
             task_reasoning_effort=valves.TASK_REASONING_EFFORT,
@@ -381,6 +412,8 @@ class RequestSettings:
             app_title=valves.APP_TITLE,
             sticky_sessions=valves.STICKY_SESSION_ROUTING,
             session_secret=os.environ.get("WEBUI_SECRET_KEY", ""),
+            log_level=request_level(valves.LOG_LEVEL, user.LOG_LEVEL, user_role),
+            log_citation=valves.REQUEST_LOG_CITATION,
         )
 
     def require_api_key(self) -> str:
@@ -1135,10 +1168,16 @@ def retry_delay(err: UpstreamError, attempt: int, settings: RequestSettings,
 class OpenRouterClient:
     """Builds requests, retries before the first byte, maps failures to UpstreamError."""
 
-    def __init__(self, transport: Transport, sleep: Callable[[float], Awaitable[None]]
-                 ) -> None:
+    def __init__(self, transport: Transport, sleep: Callable[[float], Awaitable[None]], *,
+                 observe: Callable[[int | str, float | None], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._transport = transport
         self._sleep = sleep
+        self._observe = observe or (lambda status, seconds: None)
+        self._clock = clock
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
 
     @staticmethod
     def headers(settings: RequestSettings, *, stream: bool) -> dict[str, str]:
@@ -1171,15 +1210,18 @@ class OpenRouterClient:
         url, headers = settings.base_url + path, self.headers(settings, stream=stream)
         attempt = 0
         while True:
+            started = self._clock()
             try:
                 resp = await self._transport.request(
                     method, url, headers=headers, body=body,
                     connect_timeout=settings.connect_timeout,
                     read_timeout=settings.read_timeout)
+                self._observe(resp.status, self._clock() - started)
                 if resp.status < 400:
                     return resp
                 err: UpstreamError = await self._error_from(resp)
             except UpstreamConnectionError as exc:
+                self._observe("network", None)
                 err = exc
             delay = retry_delay(err, attempt, settings)
             if delay is None:
@@ -1644,14 +1686,16 @@ def _describe_status(exc: UpstreamStatusError) -> str:
     return "\n".join(lines)
 
 
-def error_chunk(exc: PipeError) -> dict[str, Any]:
+def error_chunk(exc: PipeError, reference: str = "") -> dict[str, Any]:
     """A chunk Open WebUI (0.6.28 → 0.12) shows as an error box."""
-    return {"error": {"message": describe_error(exc)}}
+    suffix = f"\n(reference {reference})" if reference else ""
+    return {"error": {"message": describe_error(exc) + suffix}}
 
 
-def interruption_notice(exc: PipeError) -> str:
+def interruption_notice(exc: PipeError, reference: str = "") -> str:
     """Appended to a partial answer so the user keeps the text and sees why it stopped."""
-    return f"\n\n---\n⚠️ **The answer was interrupted.** {describe_error(exc)}"
+    suffix = f" (reference {reference})" if reference else ""
+    return f"\n\n---\n⚠️ **The answer was interrupted.** {describe_error(exc)}{suffix}"
 
 
 class Emitter:
@@ -1676,6 +1720,12 @@ class Emitter:
 
     async def notify(self, content: str, level: str = "warning") -> None:
         await self.emit({"type": "notification", "data": {"type": level, "content": content}})
+
+    async def citation(self, name: str, text: str) -> None:
+        """A collapsible source under the message (used for the turn's own log)."""
+        await self.emit({"type": "citation", "data": {
+            "source": {"name": name}, "document": [text or "(no log lines at this level)"],
+            "metadata": [{"source": name, "name": name}]}})
 
 
 # ─────────────────────────────────────────────────────────────────────────────
@@ -1787,24 +1837,243 @@ class _Admission:
 # §12 Telemetry
 # ─────────────────────────────────────────────────────────────────────────────
 
-REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("orp_request_id", default="-")
+#
+# Every log line the pipe writes is redacted (keys, bearer tokens, Fernet tokens, data-URL
+# payloads), stamped with the request, user and chat ids from a context variable, kept in that
+# request's own buffer (so an admin can read one turn's log from the chat) and handed to a
+# background thread for the server log, so logging never blocks the event loop.
+# ─────────────────────────────────────────────────────────────────────────────
+
+_REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"sk-or-[A-Za-z0-9_\-]{6,}"), "sk-or-[redacted]"),
+    (re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=\-]{6,}"), r"\1[redacted]"),
+    (re.compile(r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?)[^'\",}\s]+(\s+[^'\",}\s]+)?"),
+     r"\1[redacted]"),
+    (re.compile(r"gAAAAA[A-Za-z0-9_\-=]{20,}"), "[fernet-token]"),
+    (re.compile(r"(data:[\w.+\-/]+;base64,)[A-Za-z0-9+/=]{16,}"), r"\1[payload]"),
+)
+_SECRETS: set[str] = set()
 
 
-class _RequestIdFilter(logging.Filter):
+def register_secret(value: str) -> None:
+    """Make an exact secret (API key, encryption key) disappear from every log line."""
+    if len(value) >= 8:
+        _SECRETS.add(value)
+
+
+def redact(text: str) -> str:
+    for secret in _SECRETS:
+        if secret in text:
+            text = text.replace(secret, "[secret]")
+    for pattern, replacement in _REDACTIONS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+@dataclass(slots=True)
+class RequestLog:
+    """One turn's log: its ids, its threshold, and the lines it wrote."""
+
+    request_id: str
+    user_id: str = "-"
+    chat_id: str = "-"
+    level: int = logging.INFO
+    lines: deque[str] = field(default_factory=lambda: deque(maxlen=1000))
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+CURRENT_LOG: contextvars.ContextVar[RequestLog | None] = contextvars.ContextVar(
+    "orp_request_log", default=None)
+_BASE_LEVEL = [logging.INFO]  # admin LOG_LEVEL for lines written outside any request
+_LINE_FORMAT = logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S")
+
+
+class _RequestContextFilter(logging.Filter):
+    """Redacts, stamps ids, applies the request's level and copies the line to its buffer."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = REQUEST_ID.get()
+        ctx = CURRENT_LOG.get()
+        if record.levelno < (ctx.level if ctx else _BASE_LEVEL[0]):
+            return False
+        record.msg, record.args = redact(record.getMessage()), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact(_LINE_FORMAT.formatException(record.exc_info))
+        record.request_id = ctx.request_id if ctx else "-"
+        record.user_id = ctx.user_id if ctx else "-"
+        record.chat_id = ctx.chat_id if ctx else "-"
+        if ctx is not None:
+            ctx.lines.append(_LINE_FORMAT.format(record))
+            record.msg = f"[req={ctx.request_id} user={ctx.user_id} chat={ctx.chat_id}] " \
+                         f"{record.msg}"
         return True
 
 
-def _reset_request_id(token: contextvars.Token[str]) -> None:
+class _LogPump(logging.Handler):
+    """Queues records for a daemon thread that passes them to the root logger's handlers."""
+
+    def __init__(self) -> None:
+        import queue
+        import threading
+
+        super().__init__()
+        self.queue: queue.Queue[logging.LogRecord | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="orp-log-pump", daemon=True)
+        self._thread.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.queue.put_nowait(record)
+
+    def _run(self) -> None:
+        while (record := self.queue.get()) is not None:
+            try:
+                logging.getLogger().handle(record)
+            except Exception:  # a broken server log must not kill the pump
+                pass
+            finally:
+                self.queue.task_done()
+        self.queue.task_done()
+
+    def flush(self) -> None:
+        self.queue.join()
+
+    def close(self) -> None:
+        self.queue.put_nowait(None)
+        super().close()
+
+
+def _install_logging() -> None:
+    """Idempotent across re-execs of this file (Open WebUI re-runs it when the code changes)."""
+    for handler in [h for h in LOG.handlers if isinstance(h, logging.Handler)
+                    and getattr(h, "orp_pump", False)]:
+        LOG.removeHandler(handler)
+        handler.close()
+    LOG.filters = [f for f in LOG.filters if type(f).__name__ != "_RequestContextFilter"]
+    pump = _LogPump()
+    pump.orp_pump = True  # type: ignore[attr-defined]
+    LOG.addHandler(pump)
+    LOG.addFilter(_RequestContextFilter())
+    LOG.setLevel(logging.DEBUG)
+    LOG.propagate = False
+
+
+_install_logging()
+
+
+def _reset_context(var: contextvars.ContextVar[Any], token: contextvars.Token[Any]) -> None:
     try:
-        REQUEST_ID.reset(token)
+        var.reset(token)
     except ValueError:  # a generator closed from another context (e.g. by the GC)
         pass
 
 
-if not any(isinstance(f, _RequestIdFilter) for f in LOG.filters):
-    LOG.addFilter(_RequestIdFilter())
+def flush_logs() -> None:
+    """Wait until queued log records reached the server log (tests and shutdown)."""
+    for handler in LOG.handlers:
+        handler.flush()
+
+
+def request_level(valves_level: str, user_level: str, user_role: str) -> int:
+    """The user's own LOG_LEVEL counts only for admins, so nobody floods the server log."""
+    chosen = user_level if user_level != INHERIT and user_role == "admin" else valves_level
+    return logging.getLevelName(chosen) if chosen in LEVELS else logging.INFO
+
+
+class RecentLogs:
+    """The last N request logs, so an admin can fetch one turn's log by its reference."""
+
+    def __init__(self, size: int = 200) -> None:
+        self._logs: dict[str, RequestLog] = {}
+        self._size = size
+
+    def add(self, log: RequestLog) -> None:
+        self._logs[log.request_id] = log
+        while len(self._logs) > self._size:
+            self._logs.pop(next(iter(self._logs)))
+
+    def get(self, request_id: str) -> RequestLog | None:
+        return self._logs.get(request_id.strip().removeprefix("req-"))
+
+
+def percentile(values: Iterable[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100); None for no data."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+class Telemetry:
+    """Counters and recent latencies for the health snapshot; cheap to update."""
+
+    def __init__(self, clock: Callable[[], float], window: int = 500) -> None:
+        self.started = clock()
+        self.requests = 0
+        self.failures: dict[str, int] = {}
+        self.upstream_status: dict[str, int] = {}
+        self.upstream_latency: deque[float] = deque(maxlen=window)
+        self.first_token: deque[float] = deque(maxlen=window)
+
+    def upstream(self, status: int | str, seconds: float | None) -> None:
+        key = str(status)
+        self.upstream_status[key] = self.upstream_status.get(key, 0) + 1
+        if seconds is not None:
+            self.upstream_latency.append(seconds)
+
+    def failed(self, exc: PipeError) -> None:
+        kind = type(exc).__name__
+        self.failures[kind] = self.failures.get(kind, 0) + 1
+
+
+def health_snapshot(tel: Telemetry, gate: AdmissionGate, catalog: CatalogRegistry,
+                    now: float) -> dict[str, Any]:
+    """The pipe's state as JSON-ready data."""
+    snap = catalog.snapshot
+
+    def ms(value: float | None) -> float | None:
+        return None if value is None else round(value * 1000, 1)
+
+    return {
+        "uptime_s": round(now - tel.started, 1),
+        "requests": {"total": tel.requests, "in_flight": gate.active, "waiting": gate.queued,
+                     "rejected_busy": gate.rejected, "failed_by_kind": dict(tel.failures)},
+        "upstream": {"responses_by_status": dict(tel.upstream_status),
+                     "latency_ms_p50": ms(percentile(tel.upstream_latency, 50)),
+                     "latency_ms_p95": ms(percentile(tel.upstream_latency, 95)),
+                     "first_token_ms_p50": ms(percentile(tel.first_token, 50)),
+                     "first_token_ms_p95": ms(percentile(tel.first_token, 95)),
+                     "window": len(tel.upstream_latency)},
+        "catalog": {"models": len(snap.entries) if snap else 0,
+                    "age_s": round(now - snap.fetched_at, 1) if snap else None,
+                    "last_error": str(catalog.last_error) if catalog.last_error else None},
+        "breakers": {},
+        "artifact_store": "not configured (no artifacts are stored yet)",
+        "redis": "not used",
+    }
+
+
+def health_markdown(data: Mapping[str, Any]) -> str:
+    """A short report an admin reads in the chat, with the JSON underneath."""
+    req, up, cat = data["requests"], data["upstream"], data["catalog"]
+    lines = [
+        "### OpenRouter pipe health",
+        f"- Requests: {req['in_flight']} in flight, {req['waiting']} waiting, "
+        f"{req['total']} served since start ({data['uptime_s']:.0f}s ago), "
+        f"{req['rejected_busy']} turned away as busy",
+        f"- Upstream latency p50/p95: {up['latency_ms_p50']} / {up['latency_ms_p95']} ms; "
+        f"first token p50/p95: {up['first_token_ms_p50']} / {up['first_token_ms_p95']} ms",
+        "- Upstream responses by status: " + (", ".join(
+            f"{k}: {v}" for k, v in sorted(up["responses_by_status"].items())) or "none yet"),
+        "- Failures by kind: " + (", ".join(
+            f"{k}: {v}" for k, v in sorted(req["failed_by_kind"].items())) or "none"),
+        f"- Catalog: {cat['models']} models, age {cat['age_s']}s"
+        + (f", last refresh error: {cat['last_error']}" if cat["last_error"] else ""),
+        f"- Breakers: {data['breakers'] or 'none'}; artifact store: {data['artifact_store']}; "
+        f"Redis: {data['redis']}",
+        "", "```json", json.dumps(data, indent=2), "```"]
+    return "\n".join(lines)
 
 
 # ─────────────────────────────────────────────────────────────────────────────
@@ -1857,10 +2126,24 @@ def extract_output_text(response: Mapping[str, Any]) -> str:
     return "".join(texts)
 
 
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """Everything one chat turn carries through the pipe (no per-request state on `self`)."""
+
+    req: ChatRequest
+    settings: RequestSettings
+    emitter: Emitter
+    log: RequestLog
+
+    @property
+    def reference(self) -> str:
+        return f"req-{self.log.request_id}"
+
+
 class Pipe:
     """Open WebUI manifold: OpenRouter's catalog in the selector, chats via the Responses API.
 
-    One instance serves every user and request; per-request state lives in locals only.
+    One instance serves every user and request; per-request state lives in `Turn` objects.
     The I/O edges (transport, clock, sleep) are constructor arguments so tests can call
     `pipe()` end to end with fakes; Open WebUI constructs it with no arguments.
     """
@@ -1874,7 +2157,10 @@ class Pipe:
         self.type = "manifold"
         self.valves = self.Valves()
         self._clock = clock
-        self._client = OpenRouterClient(transport or AiohttpTransport(), sleep)
+        self._telemetry = Telemetry(clock)
+        self._logs = RecentLogs()
+        self._client = OpenRouterClient(transport or AiohttpTransport(), sleep,
+                                        observe=self._telemetry.upstream, clock=clock)
         self._catalog = CatalogRegistry(self._client.fetch_models, clock)
         self._gate = AdmissionGate(clock)
         self._models_cache: tuple[Any, list[dict[str, str]]] | None = None
@@ -1884,15 +2170,18 @@ class Pipe:
     async def pipes(self) -> list[dict[str, str]]:
         """The selector entries; called by Open WebUI on every model-list request."""
         valves = self.valves
+        _BASE_LEVEL[0] = logging.getLevelName(valves.LOG_LEVEL)
         try:
             settings = RequestSettings.merge(valves, None)
             snap = await self._catalog.get(settings, valves.MODEL_CATALOG_REFRESH_SECONDS)
         except PipeError as exc:
             return [_status_entry("catalog", f"catalog unavailable: {exc}")]
-        key = (snap, valves.MODEL_ID, valves.MODEL_NAME_PREFIX)
+        key = (snap, valves.MODEL_ID, valves.MODEL_NAME_PREFIX, valves.SHOW_HEALTH_MODEL)
         if self._models_cache is None or self._models_cache[0] != key:
-            self._models_cache = (key, build_model_list(snap, valves.MODEL_ID,
-                                                          valves.MODEL_NAME_PREFIX))
+            models = build_model_list(snap, valves.MODEL_ID, valves.MODEL_NAME_PREFIX)
+            if valves.SHOW_HEALTH_MODEL:
+                models.append(HEALTH_ENTRY)
+            self._models_cache = (key, models)
         return self._models_cache[1]
 
     # -- chat ----------------------------------------------------------------------------
@@ -1905,80 +2194,78 @@ class Pipe:
                    __files__: list[Any] | None = None, __tools__: dict[str, Any] | None = None,
                    ) -> str | AsyncIterator[dict[str, Any]]:
         """Serve one chat turn: a plain string for tasks and `stream: false`, else chunks."""
-        user_valves = (__user__ or {}).get("valves")
         req = parse_chat_request(body, __user__, __metadata__, __task__)
-        emitter = Emitter(__event_emitter__)
-        try:
-            settings = RequestSettings.merge(self.valves, _as_user_valves(user_valves))
+        try:                                                               # 2 settings
+            settings = RequestSettings.merge(
+                self.valves, _as_user_valves((__user__ or {}).get("valves")), req.user_role)
         except PipeError as exc:
-            return self._fail_fast(req, exc)
+            return _fail_fast(req, exc)
+        log = RequestLog(uuid.uuid4().hex[:12], req.user_id, req.chat_id or "-",
+                         settings.log_level)
+        turn = Turn(req, settings, Emitter(__event_emitter__), log)
+        self._logs.add(log)
+        if req.model_id == HEALTH_ENTRY["id"]:
+            return self._health(turn)
         if req.task or not req.stream:
-            return await self._complete(req, settings)
-        return self._stream(req, settings, emitter)
+            return await self._complete(turn)
+        return self._stream(turn)
 
-    def _fail_fast(self, req: ChatRequest, exc: PipeError) -> str | AsyncIterator[dict[str, Any]]:
-        if req.task or not req.stream:
-            raise exc
-
-        async def one_error() -> AsyncIterator[dict[str, Any]]:
-            yield error_chunk(exc)
-
-        return one_error()
-
-    async def _complete(self, req: ChatRequest, settings: RequestSettings) -> str:
+    async def _complete(self, turn: Turn) -> str:
         """Tasks and `stream: false`: one non-streamed request, the answer as a string."""
-        token = REQUEST_ID.set(uuid.uuid4().hex[:12])
+        token = CURRENT_LOG.set(turn.log)
         try:
-            async with self._gate.admit(req.user_id, settings.admission):   # 1 admit
-                entry = await self._resolve_entry(req, settings)             # 3 catalog
-                plan = build_responses_request(req, entry, settings)         # 6 transform
-                resp = await self._client.open_response(plan.payload, settings)  # 7 send
+            self._telemetry.requests += 1
+            async with self._gate.admit(turn.req.user_id, turn.settings.admission):  # 1 admit
+                plan = await self._plan(turn)                                # 3 catalog, 6
+                resp = await self._client.open_response(plan.payload, turn.settings)  # 7 send
                 try:
                     data = _loads(await resp.read())
                 finally:
                     await resp.close()
-            if data.get("status") == "failed":
-                err = data.get("error") or {}
-                raise UpstreamStreamError(str(err.get("message") or "The response failed."),
-                                          code=str(err.get("code") or ""))
-            return extract_output_text(data)
+            return _final_text(data)
         except PipeError as exc:
-            LOG.info("Request failed: %s", exc)
-            raise PipeError(describe_error(exc)) from exc
+            await self._report_failure(turn, exc)
+            raise PipeError(f"{describe_error(exc)}\n(reference {turn.reference})") from exc
         finally:
-            _reset_request_id(token)
+            _reset_context(CURRENT_LOG, token)
 
-    async def _stream(self, req: ChatRequest, settings: RequestSettings, emitter: Emitter
-                      ) -> AsyncIterator[dict[str, Any]]:
+    async def _stream(self, turn: Turn) -> AsyncIterator[dict[str, Any]]:
         """Streamed chat turn. Every failure ends as readable text or an error chunk."""
-        token = REQUEST_ID.set(uuid.uuid4().hex[:12])
+        token = CURRENT_LOG.set(turn.log)
         timing = StreamTiming(started=self._clock())
-        renderer = ChunkRenderer(req.owui_model_id, int(time.time()))
+        renderer = ChunkRenderer(turn.req.owui_model_id, int(time.time()))
         state = StreamState()
         try:
-            async with self._gate.admit(req.user_id, settings.admission):   # 1 admit
-                entry = await self._resolve_entry(req, settings)             # 3 catalog
-                plan = build_responses_request(req, entry, settings)         # 6 transform
+            self._telemetry.requests += 1
+            async with self._gate.admit(turn.req.user_id, turn.settings.admission):  # 1 admit
+                plan = await self._plan(turn)                                # 3 catalog, 6
                 for note in plan.notes:
-                    await emitter.notify(note)
-                resp = await self._client.open_response(plan.payload, settings)  # 7 send
+                    await turn.emitter.notify(note)
+                resp = await self._client.open_response(plan.payload, turn.settings)  # 7 send
                 try:
                     async for chunks in self._pump(resp, state, renderer, timing):  # 8-9
                         for chunk in chunks:                                         # 12
                             yield chunk
                 finally:
                     await resp.close()
-            timing.ended_at = self._clock()
-            yield from_tail(renderer, state)
-            yield {"choices": [], "usage": usage_payload(state.usage, timing)}
-            if settings.show_final_status:
-                await emitter.status(final_status_line(state.usage, timing), done=True)
+            for chunk in self._finish(turn, state, renderer, timing):
+                yield chunk
+            await self._announce(turn, state, timing)
         except PipeError as exc:
-            LOG.info("Streamed request failed: %s", exc)
-            yield (renderer.text_chunk(interruption_notice(exc)) if renderer.emitted_text
-                   else error_chunk(exc))
+            await self._report_failure(turn, exc)
+            yield (renderer.text_chunk(interruption_notice(exc, turn.reference))
+                   if renderer.emitted_text else error_chunk(exc, turn.reference))
         finally:
-            _reset_request_id(token)
+            _reset_context(CURRENT_LOG, token)
+
+    async def _plan(self, turn: Turn) -> Transformed:
+        entry = await self._resolve_entry(turn.req, turn.settings)
+        plan = build_responses_request(turn.req, entry, turn.settings)
+        LOG.info("Turn: model=%s stream=%s task=%s messages=%d", entry.id,
+                 plan.payload.get("stream"), turn.req.task, len(turn.req.messages))
+        if LOG.isEnabledFor(logging.DEBUG) and turn.log.level <= logging.DEBUG:
+            LOG.debug("Request body: %s", _dumps(plan.payload).decode()[:20000])
+        return plan
 
     async def _pump(self, resp: TransportResponse, state: StreamState,
                     renderer: ChunkRenderer, timing: StreamTiming
@@ -1997,6 +2284,28 @@ class Pipe:
                 break
         finish_stream(state)
 
+    def _finish(self, turn: Turn, state: StreamState, renderer: ChunkRenderer,
+                timing: StreamTiming) -> list[dict[str, Any]]:
+        timing.ended_at = self._clock()
+        if timing.first_token is not None:
+            self._telemetry.first_token.append(timing.first_token)
+        LOG.info("Done: %s", final_status_line(state.usage, timing))
+        return [from_tail(renderer, state),
+                {"choices": [], "usage": usage_payload(state.usage, timing)}]
+
+    async def _announce(self, turn: Turn, state: StreamState, timing: StreamTiming) -> None:
+        if turn.settings.show_final_status:
+            await turn.emitter.status(final_status_line(state.usage, timing), done=True)
+        if turn.settings.log_citation == "always":
+            await turn.emitter.citation(f"Pipe log {turn.reference}", turn.log.text())
+
+    async def _report_failure(self, turn: Turn, exc: PipeError) -> None:
+        self._telemetry.failed(exc)
+        status = f", HTTP {exc.status}" if isinstance(exc, UpstreamStatusError) else ""
+        LOG.warning("Turn failed (%s%s): %s", type(exc).__name__, status, exc)
+        if turn.settings.log_citation != "off":
+            await turn.emitter.citation(f"Pipe log {turn.reference}", turn.log.text())
+
     async def _resolve_entry(self, req: ChatRequest, settings: RequestSettings) -> CatalogEntry:
         if req.model_id.startswith(STATUS_ENTRY_PREFIX):
             raise ConfigError("This entry reports a configuration problem; it is not a model.",
@@ -2008,9 +2317,63 @@ class Pipe:
                                     hint="Pick another model; it may have been retired.")
         return entry
 
+    # -- health ----------------------------------------------------------------------------
+
+    def _health(self, turn: Turn) -> str | AsyncIterator[dict[str, Any]]:
+        """The admin-only health entry: a report, its JSON, or one turn's log by reference."""
+        if turn.req.user_role != "admin":
+            return _fail_fast(turn.req, PipeError("The pipe health report is for admins only."))
+        data = health_snapshot(self._telemetry, self._gate, self._catalog, self._clock())
+        text = health_reply(turn.req.messages[-1].text if turn.req.messages else "", data,
+                            self._logs)
+        if turn.req.task or not turn.req.stream:
+            return text
+
+        async def reply() -> AsyncIterator[dict[str, Any]]:
+            renderer = ChunkRenderer(turn.req.owui_model_id, int(time.time()))
+            yield renderer.text_chunk(text)
+            yield renderer.finish_chunk()
+
+        return reply()
+
     async def close(self) -> None:
         """Release pooled connections (Open WebUI never calls this; tests and tools do)."""
-        await self._client._transport.aclose()
+        await self._client.aclose()
+
+
+HEALTH_ENTRY = {"id": "_health", "name": "OpenRouter: pipe health (admins)"}
+
+
+def health_reply(prompt: str, data: Mapping[str, Any], logs: RecentLogs) -> str:
+    """`json` -> the raw snapshot; `log req-…` -> that turn's log; anything else -> report."""
+    words = prompt.strip().split()
+    if words[:1] == ["json"]:
+        return json.dumps(data, indent=2)
+    if len(words) == 2 and words[0] == "log":
+        found = logs.get(words[1])
+        if found is None:
+            return f"No log for {words[1]} (only the last turns are kept in memory)."
+        return f"```\n{found.text()}\n```"
+    return health_markdown(data)
+
+
+def _fail_fast(req: ChatRequest, exc: PipeError) -> AsyncIterator[dict[str, Any]]:
+    """A failure before any work: raised for tasks/non-stream, one error chunk for streams."""
+    if req.task or not req.stream:
+        raise exc
+
+    async def one_error() -> AsyncIterator[dict[str, Any]]:
+        yield error_chunk(exc)
+
+    return one_error()
+
+
+def _final_text(data: Mapping[str, Any]) -> str:
+    if data.get("status") == "failed":
+        err = data.get("error") or {}
+        raise UpstreamStreamError(str(err.get("message") or "The response failed."),
+                                  code=str(err.get("code") or ""))
+    return extract_output_text(data)
 
 
 def from_tail(renderer: ChunkRenderer, state: StreamState) -> dict[str, Any]:

@@ -30,6 +30,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
                  "MAX_CONCURRENT_REQUESTS_PER_USER"),
     "Routing": ("STICKY_SESSION_ROUTING",),
     "Display": ("SHOW_FINAL_STATUS",),
+    "Logging and health": ("LOG_LEVEL", "REQUEST_LOG_CITATION", "SHOW_HEALTH_MODEL"),
 }
 
 
@@ -45,6 +46,8 @@ def default_text(name: str, info: Any) -> str:
     if info.default_factory is not None:
         if name == "API_KEY":
             return "env `OPENROUTER_API_KEY`, else empty"
+        if name == "LOG_LEVEL":
+            return "env `GLOBAL_LOG_LEVEL`, else `INFO`"
         if name == "BASE_URL":
             return f"env `OPENROUTER_API_BASE_URL`, else `{orp.DEFAULT_BASE_URL}`"
         return "computed"
