@@ -151,3 +151,43 @@ def test_closing_the_connection_cancels_the_upstream_request(owui):
     while time.monotonic() < deadline and emu.active_streams:
         time.sleep(0.1)
     assert emu.active_streams == 0
+
+
+def test_admin_reads_the_turns_log_from_the_chat(owui):
+    msg = stored_message(owui.client.chat_ui(owui.model("openai/gpt-4o"),
+                                             "Fail please [emu:http_error status=403]"))
+    logs = [s for s in msg.get("sources") or []
+            if (s.get("source") or {}).get("name", "").startswith("Pipe log req-")]
+    assert logs, msg
+    text = "\n".join(logs[0]["document"])
+    assert "Turn failed (UpstreamStatusError, HTTP 403)" in text
+    assert "sk-or-emulator" not in text
+    shown = json.dumps([msg.get("content"), msg.get("error")])
+    assert logs[0]["source"]["name"].removeprefix("Pipe log ") in shown  # the reference
+
+
+def test_health_report_reflects_a_burst_of_traffic(owui):
+    before = json.loads(health_json(owui))
+    model = owui.model("openai/gpt-4o")
+    for i in range(5):
+        status, _ = owui.client.chat(model, [{"role": "user", "content": f"burst {i}"}],
+                                     stream=False)
+        assert status == 200
+    status, _ = owui.client.chat(
+        model, [{"role": "user", "content": "[emu:http_error status=402] burst"}], stream=True)
+    after = json.loads(health_json(owui))
+    assert after["requests"]["total"] - before["requests"]["total"] == 6
+    grew = {k: after["upstream"]["responses_by_status"].get(k, 0)
+            - before["upstream"]["responses_by_status"].get(k, 0) for k in ("200", "402")}
+    assert grew == {"200": 5, "402": 1}
+    assert after["requests"]["in_flight"] == 0
+    status, body = owui.client.chat(owui.model("_health"),
+                                    [{"role": "user", "content": "report"}], stream=False)
+    assert "OpenRouter pipe health" in body["choices"][0]["message"]["content"]
+
+
+def health_json(owui) -> str:
+    status, body = owui.client.chat(owui.model("_health"),
+                                    [{"role": "user", "content": "json"}], stream=False)
+    assert status == 200, body
+    return body["choices"][0]["message"]["content"]

@@ -27,7 +27,7 @@ async def test_each_turn_log_holds_only_its_own_lines(pipe, emulator, events):
     configure(pipe, emulator, REQUEST_LOG_CITATION="always")
     other_events = type(events)()
     slow = "[emu:text delay_ms=20 deltas=6]"
-    a, b = await asyncio.gather(
+    await asyncio.gather(
         stream(pipe, body(GPT4O, f"{slow} from alice"), __event_emitter__=events,
                __user__={"id": "alice", "role": "user"}),
         stream(pipe, body(CLAUDE, f"{slow} from bob"), __event_emitter__=other_events,
