@@ -394,6 +394,7 @@ class RequestSettings:
         show = _pick(user.SHOW_FINAL_STATUS, "on" if valves.SHOW_FINAL_STATUS else "off")
         api_key = EncryptedStr(valves.API_KEY).reveal().strip()
         register_secret(api_key)
+        register_secret(os.environ.get("WEBUI_SECRET_KEY", ""))
         return cls(
             base_url=valves.BASE_URL.rstrip("/"),
             api_key=api_key,
@@ -1897,6 +1898,14 @@ class _RequestContextFilter(logging.Filter):
         ctx = CURRENT_LOG.get()
         if record.levelno < (ctx.level if ctx else _BASE_LEVEL[0]):
             return False
+        try:
+            self._prepare(record, ctx)
+        except Exception:  # a log line must never raise into a chat; drop it instead
+            return False
+        return True
+
+    @staticmethod
+    def _prepare(record: logging.LogRecord, ctx: RequestLog | None) -> None:
         record.msg, record.args = redact(record.getMessage()), None
         if record.exc_info and not record.exc_text:
             record.exc_text = redact(_LINE_FORMAT.formatException(record.exc_info))
@@ -1907,7 +1916,6 @@ class _RequestContextFilter(logging.Filter):
             ctx.lines.append(_LINE_FORMAT.format(record))
             record.msg = f"[req={ctx.request_id} user={ctx.user_id} chat={ctx.chat_id}] " \
                          f"{record.msg}"
-        return True
 
 
 class _LogPump(logging.Handler):

@@ -157,3 +157,10 @@ async def test_health_is_for_admins_and_can_fetch_a_turns_log(pipe, emulator, ev
     streamed = await health(pipe, stream_=True)
     chunks = [c async for c in streamed]
     assert "pipe health" in chunks[0]["choices"][0]["delta"]["content"]
+
+
+def test_a_broken_log_call_never_raises_into_a_chat():
+    from openrouter_responses_pipe import LOG
+
+    LOG.warning("bad format %d", "not a number")  # getMessage() raises inside the filter
+    LOG.warning("still logging")
