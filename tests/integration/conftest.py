@@ -8,16 +8,21 @@ from typing import Any
 
 import pytest
 from openrouter_emulator import Emulator
+from sdk_validation import validate_request
 
 from openrouter_responses_pipe import Pipe
 
 
 @pytest.fixture
 async def emulator() -> AsyncIterator[Emulator]:
+    """The emulator; afterwards every body the pipe POSTed is checked against the SDK schema."""
     emu = Emulator()
     await emu.start()
     yield emu
     await emu.stop()
+    for sent in emu.requests:
+        if sent["path"].endswith("/responses") and isinstance(sent.get("json"), dict):
+            validate_request(sent["json"])
 
 
 class Sleeps:
