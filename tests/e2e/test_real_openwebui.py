@@ -127,11 +127,16 @@ def test_failure_mid_answer_keeps_the_partial_text_and_says_why(owui):
     assert "Provider" in content, msg                               # OpenRouter's own message
 
 
-def test_final_status_line_is_stored_with_tokens_and_cost(owui):
+def test_final_status_line_and_usage_tooltip_agree(owui):
     msg = stored_message(owui.client.chat_ui(owui.model("openai/gpt-4o"), "Status please"))
     final = [s for s in msg.get("statusHistory") or [] if s.get("done")]
     assert final, msg
-    assert "tokens" in final[-1]["description"] and "$" in final[-1]["description"]
+    line, usage = final[-1]["description"], msg.get("usage") or {}
+    assert usage.get("cost", 0) > 0, usage
+    total = usage["prompt_tokens"] + usage["completion_tokens"]
+    assert usage["total_tokens"] == total
+    assert f"{total:,} tokens ({usage['prompt_tokens']:,} in, " in line, (line, usage)
+    assert f"${usage['cost']:.6f}".rstrip("0").rstrip(".") in line, (line, usage)
 
 
 def test_closing_the_connection_cancels_the_upstream_request(owui):
