@@ -1490,6 +1490,11 @@ def finish_stream(state: StreamState) -> None:
     """
     if state.terminal == "failed":
         raise state.error or UpstreamStreamError("The response failed.")
+    if state.terminal == "completed" and not state.done_items and not state.streamed_items \
+            and not (state.usage and state.usage.output_tokens):
+        raise UpstreamStreamError(  # OpenRouter's known "network_error as empty completion"
+            "The model returned an empty answer.", code="empty",
+            hint="This is usually a passing provider problem: retry, or pick another model.")
     if state.terminal is not None:
         return
     if state.done_items and not state.open_items:

@@ -154,3 +154,11 @@ def test_lone_surrogates_become_replacement_characters():
     out = SurrogateCarry().clean("lone \udc00 x")
     assert out == "lone \ufffd x"
     out.encode("utf-8")
+
+
+def test_empty_completion_with_zero_output_is_reported_not_shown_blank():
+    state = StreamState()
+    reduce_events(state, [ev({"type": "response.completed", "response": {
+        "output": [], "usage": {"input_tokens": 5, "output_tokens": 0}}})])
+    with pytest.raises(UpstreamStreamError, match="empty answer"):
+        finish_stream(state)
