@@ -196,3 +196,27 @@ def health_json(owui) -> str:
                                     [{"role": "user", "content": "json"}], stream=False)
     assert status == 200, body
     return body["choices"][0]["message"]["content"]
+
+
+def test_title_tags_and_follow_ups_come_from_cheap_task_calls(owui):
+    since = len(owui.emulator.requests)
+    chat = owui.client.chat_ui(owui.model("openai/gpt-5-nano"), "How do tides work?",
+                               background_tasks={"title_generation": True,
+                                                 "tags_generation": True,
+                                                 "follow_up_generation": True})
+    deadline = time.monotonic() + 20
+    while True:
+        full = owui.client.get_chat(chat["id"])
+        msg = full["chat"]["history"]["messages"][chat["_message_id"]]
+        if (msg.get("followUps") and (full.get("meta") or {}).get("tags")) \
+                or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert full["title"] == "Emulated chat title"
+    assert full["meta"]["tags"] == ["general"]
+    assert msg["followUps"] == ["Tell me more?"]
+    tasks = [p["json"] for p in new_responses_posts(owui.emulator, since)
+             if "### Task" in json.dumps(p["json"]["input"])]
+    assert len(tasks) == 3
+    for task in tasks:
+        assert task["stream"] is False and task["reasoning"] == {"effort": "minimal"}, task
