@@ -2035,7 +2035,7 @@ class Telemetry:
         if seconds is not None:
             self.upstream_latency.append(seconds)
 
-    def failed(self, exc: PipeError) -> None:
+    def failed(self, exc: Exception) -> None:
         kind = type(exc).__name__
         self.failures[kind] = self.failures.get(kind, 0) + 1
 
@@ -2236,9 +2236,9 @@ class Pipe:
                 finally:
                     await resp.close()
             return _final_text(data)
-        except PipeError as exc:
-            await self._report_failure(turn, exc)
-            raise PipeError(f"{describe_error(exc)}\n(reference {turn.reference})") from exc
+        except Exception as exc:  # the boundary: Open WebUI shows str() of what we raise
+            failure = await self._report_failure(turn, exc)
+            raise PipeError(f"{describe_error(failure)}\n(reference {turn.reference})") from exc
         finally:
             _reset_context(CURRENT_LOG, token)
 
@@ -2264,10 +2264,10 @@ class Pipe:
             for chunk in self._finish(turn, state, renderer, timing):
                 yield chunk
             await self._announce(turn, state, timing)
-        except PipeError as exc:
-            await self._report_failure(turn, exc)
-            yield (renderer.text_chunk(interruption_notice(exc, turn.reference))
-                   if renderer.emitted_text else error_chunk(exc, turn.reference))
+        except Exception as exc:  # the boundary: every failure becomes words for the user
+            failure = await self._report_failure(turn, exc)
+            yield (renderer.text_chunk(interruption_notice(failure, turn.reference))
+                   if renderer.emitted_text else error_chunk(failure, turn.reference))
         finally:
             _reset_context(CURRENT_LOG, token)
 
@@ -2312,12 +2312,20 @@ class Pipe:
         if turn.settings.log_citation == "always":
             await turn.emitter.citation(f"Pipe log {turn.reference}", turn.log.text())
 
-    async def _report_failure(self, turn: Turn, exc: PipeError) -> None:
-        self._telemetry.failed(exc)
-        status = f", HTTP {exc.status}" if isinstance(exc, UpstreamStatusError) else ""
-        LOG.warning("Turn failed (%s%s): %s", type(exc).__name__, status, exc)
+    async def _report_failure(self, turn: Turn, exc: Exception) -> PipeError:
+        """Log and count a failure, attach the turn's log; returns the error to show."""
+        if isinstance(exc, PipeError):
+            status = f", HTTP {exc.status}" if isinstance(exc, UpstreamStatusError) else ""
+            LOG.warning("Turn failed (%s%s): %s", type(exc).__name__, status, exc)
+            failure = exc
+        else:  # a bug: keep the traceback for the admin, give the user a reference
+            LOG.exception("Turn failed with an unexpected %s", type(exc).__name__)
+            failure = PipeError("The pipe hit an unexpected internal error.",
+                                hint="An admin can read the details in this turn's log.")
+        self._telemetry.failed(failure if isinstance(exc, PipeError) else exc)
         if turn.settings.log_citation != "off":
             await turn.emitter.citation(f"Pipe log {turn.reference}", turn.log.text())
+        return failure
 
     async def _resolve_entry(self, req: ChatRequest, settings: RequestSettings) -> CatalogEntry:
         if req.model_id.startswith(STATUS_ENTRY_PREFIX):

@@ -164,3 +164,24 @@ def test_a_broken_log_call_never_raises_into_a_chat():
 
     LOG.warning("bad format %d", "not a number")  # getMessage() raises inside the filter
     LOG.warning("still logging")
+
+
+class ExplodingTransport:
+    """A transport with a bug in it: the pipe must still answer in words."""
+
+    async def request(self, method, url, **kwargs):
+        raise RuntimeError("kaboom in transport")
+
+    async def aclose(self):
+        pass
+
+
+async def test_an_unexpected_bug_becomes_a_readable_error_with_its_log(events):
+    pipe = Pipe(transport=ExplodingTransport())
+    pipe.valves = pipe.Valves(API_KEY=KEY)
+    out = await stream(pipe, body(GPT4O, "hi"), __event_emitter__=events)
+    assert "unexpected internal error" in out.error and "reference req-" in out.error
+    (citation,) = log_citations(events)
+    assert "RuntimeError: kaboom in transport" in citation["document"][0]  # the traceback
+    with pytest.raises(Exception, match="unexpected internal error"):
+        await pipe.pipe(body=body(GPT4O, "hi", stream=False), __user__={"id": "u"})
