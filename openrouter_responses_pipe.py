@@ -21,7 +21,7 @@ description: OpenRouter's catalog in Open WebUI via the Responses API: streaming
 #   §9  Stream decoding   SSEDecoder.feed(bytes) -> events; reducer = table of handlers
 #   §10 Rendering         intents -> Open WebUI chunks; usage; status line; error text
 #   §11 Admission         global + per-user concurrency gate with a bounded wait queue
-#   §12 Telemetry         request-scoped log context
+#   §12 Telemetry         redacted request-scoped logs, log pump, counters, health snapshot
 #   §13 Pipe              the numbered steps of a request and nothing else
 
 # ─────────────────────────────────────────────────────────────────────────────
@@ -1041,10 +1041,11 @@ class Transport(Protocol):
 
 
 class _AiohttpResponse:
-    __slots__ = ("_resp", "headers", "status")
+    __slots__ = ("_read_timeout", "_resp", "headers", "status")
 
-    def __init__(self, resp: Any) -> None:
+    def __init__(self, resp: Any, read_timeout: float) -> None:
         self._resp = resp
+        self._read_timeout = read_timeout
         self.status: int = resp.status
         self.headers: Mapping[str, str] = resp.headers
 
@@ -1057,7 +1058,12 @@ class _AiohttpResponse:
         try:
             async for chunk in self._resp.content.iter_any():
                 yield chunk
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except TimeoutError as exc:  # aiohttp's read timeout subclasses both
+            raise UpstreamStreamError(
+                f"OpenRouter sent nothing for {self._read_timeout:.0f} seconds.",
+                code="read_timeout", hint="The provider may be overloaded; retry, or raise "
+                "HTTP_READ_TIMEOUT_SECONDS for very slow models.") from exc
+        except aiohttp.ClientError as exc:
             raise UpstreamStreamError(f"The connection to OpenRouter broke ({_exc_text(exc)}).",
                                       code="network_error") from exc
 
@@ -1102,7 +1108,7 @@ class AiohttpTransport:
             raise UpstreamConnectionError(
                 f"Couldn't reach OpenRouter ({_exc_text(exc)}).",
                 hint="Check the server's network and BASE_URL, then retry.") from exc
-        return _AiohttpResponse(resp)
+        return _AiohttpResponse(resp, read_timeout)
 
     async def aclose(self) -> None:
         if self._session is not None and not self._session.closed:

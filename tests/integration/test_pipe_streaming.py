@@ -208,3 +208,11 @@ async def test_user_valves_arrive_as_an_instance_and_override_admin_defaults(pip
     user = {"id": "u", "valves": Pipe.UserValves(REASONING_EFFORT="low")}
     await stream(pipe, body(NANO, "hi"), __user__=user)
     assert posts(emulator)[-1]["json"]["reasoning"]["effort"] == "low"
+
+
+async def test_silent_upstream_times_out_with_a_specific_message(pipe, emulator):
+    # model_construct: a sub-second timeout the valve's validation (>= 5 s) wouldn't allow
+    pipe.valves = pipe.Valves.model_construct(
+        **{**pipe.valves.model_dump(), "HTTP_READ_TIMEOUT_SECONDS": 0.3})
+    out = await stream(pipe, body(GPT4O, "[emu:text first_byte_delay_ms=0 delay_ms=2000] x"))
+    assert "sent nothing for 0 seconds" in (out.error or out.text)
