@@ -2020,8 +2020,8 @@ def percentile(values: Iterable[float], q: float) -> float | None:
     ordered = sorted(values)
     if not ordered:
         return None
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
-    return ordered[rank - 1]
+    rank = max(1, min(len(ordered), -(-q * len(ordered) // 100)))  # ceil without floats
+    return ordered[int(rank) - 1]
 
 
 class Telemetry:
