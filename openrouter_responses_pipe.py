@@ -40,6 +40,7 @@ import os
 import random
 import re
 import time
+import typing
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -120,7 +121,9 @@ class AdmissionRejected(PipeError):
 
 
 class UpstreamError(PipeError):
-    """OpenRouter (or the network to it) failed."""
+    """OpenRouter (or the network to it) failed; `attempts` counts the requests sent."""
+
+    attempts: int = 1
 
 
 @dataclass(eq=False)
@@ -350,7 +353,10 @@ class UserValves(BaseModel):
 
 def _env_log_level() -> LogLevel:
     level = os.environ.get("GLOBAL_LOG_LEVEL", "INFO").upper()
-    return level if level in LEVELS else "INFO"  # type: ignore[return-value]
+    for known in typing.get_args(LogLevel):
+        if level == known:
+            return known
+    return "INFO"
 
 
 def _pick(user_value: str, admin_value: Any) -> Any:
@@ -1248,7 +1254,7 @@ class OpenRouterClient:
 
 
 def _with_attempts(err: UpstreamError, attempts: int) -> UpstreamError:
-    err.attempts = attempts  # type: ignore[attr-defined]
+    err.attempts = attempts
     return err
 
 
@@ -1689,9 +1695,8 @@ def _describe_status(exc: UpstreamStatusError) -> str:
     reasons = exc.metadata.get("reasons")
     if isinstance(reasons, list) and reasons:
         lines.append("Flagged for: " + ", ".join(map(str, reasons)))
-    attempts = getattr(exc, "attempts", 1)
-    if attempts > 1:
-        lines.append(f"Tried {attempts} times.")
+    if exc.attempts > 1:
+        lines.append(f"Tried {exc.attempts} times.")
     if exc.retry_after:
         lines.append(f"Retry after about {exc.retry_after:.0f} seconds.")
     lines.append(advice)
@@ -1932,6 +1937,8 @@ class _RequestContextFilter(logging.Filter):
 class _LogPump(logging.Handler):
     """Queues records for a daemon thread that passes them to the root logger's handlers."""
 
+    orp_pump = True  # found again by name after Open WebUI re-executes this file
+
     def __init__(self) -> None:
         import queue
         import threading
@@ -1969,9 +1976,7 @@ def _install_logging() -> None:
         LOG.removeHandler(handler)
         handler.close()
     LOG.filters = [f for f in LOG.filters if type(f).__name__ != "_RequestContextFilter"]
-    pump = _LogPump()
-    pump.orp_pump = True  # type: ignore[attr-defined]
-    LOG.addHandler(pump)
+    LOG.addHandler(_LogPump())
     LOG.addFilter(_RequestContextFilter())
     LOG.setLevel(logging.DEBUG)
     LOG.propagate = False

@@ -216,3 +216,8 @@ async def test_silent_upstream_times_out_with_a_specific_message(pipe, emulator)
         **{**pipe.valves.model_dump(), "HTTP_READ_TIMEOUT_SECONDS": 0.3})
     out = await stream(pipe, body(GPT4O, "[emu:text first_byte_delay_ms=0 delay_ms=2000] x"))
     assert "sent nothing for 0 seconds" in (out.error or out.text)
+
+
+async def test_exhausted_retries_say_how_many_times_it_tried(pipe, emulator, sleeps):
+    out = await stream(pipe, body(GPT4O, "[emu:fail_then_ok status=502 times=9 key=z] x"))
+    assert "Tried 3 times" in out.error and len(sleeps.calls) == 2
