@@ -53,10 +53,11 @@ def test_streamed_text_equals_the_final_response_text(capture):
 
 @pytest.mark.parametrize("capture", streams(), ids=lambda c: c.name)
 def test_byte_splits_do_not_change_what_the_user_sees(capture):
-    _, whole = run([capture.body])
-    for offset in range(1, len(capture.body), 7):
-        _, split = run([capture.body[:offset], capture.body[offset:]])
-        assert text_of(split) == text_of(whole)
+    whole_state, whole = run([capture.body])
+    for offset in range(1, len(capture.body)):
+        state, split = run([capture.body[:offset], capture.body[offset:]])
+        assert split == whole, offset                      # same text and thinking, in order
+        assert (state.terminal, state.usage) == (whole_state.terminal, whole_state.usage)
 
 
 def test_reasoning_capture_reports_reasoning_tokens_and_item():
