@@ -1869,7 +1869,30 @@ _REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"gAAAAA[A-Za-z0-9_\-=]{20,}"), "[fernet-token]"),
     (re.compile(r"(data:[\w.+\-/]+;base64,)[A-Za-z0-9+/=]{16,}"), r"\1[payload]"),
 )
-_SECRETS: set[str] = set()
+@dataclass(slots=True)
+class _SharedLogState:
+    """Logging state shared by every copy of this file in the process.
+
+    The logger is process-wide, but Open WebUI re-executes this file on updates and admins
+    may install it twice; each copy must see the same request context and secrets.
+    """
+
+    current: contextvars.ContextVar[Any]
+    base_level: list[int]
+    secrets: set[str]
+
+
+def _shared_log_state() -> _SharedLogState:
+    found = getattr(LOG, "orp_shared_state", None)
+    if found is None:
+        found = _SharedLogState(contextvars.ContextVar("orp_request_log", default=None),
+                                [logging.INFO], set())
+        vars(LOG)["orp_shared_state"] = found
+    return found
+
+
+_SHARED = _shared_log_state()
+_SECRETS: set[str] = _SHARED.secrets
 
 
 def register_secret(value: str) -> None:
@@ -1901,9 +1924,8 @@ class RequestLog:
         return "\n".join(self.lines)
 
 
-CURRENT_LOG: contextvars.ContextVar[RequestLog | None] = contextvars.ContextVar(
-    "orp_request_log", default=None)
-_BASE_LEVEL = [logging.INFO]  # admin LOG_LEVEL for lines written outside any request
+CURRENT_LOG: contextvars.ContextVar[RequestLog | None] = _SHARED.current
+_BASE_LEVEL = _SHARED.base_level  # admin LOG_LEVEL for lines written outside any request
 _LINE_FORMAT = logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S")
 
 

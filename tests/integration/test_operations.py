@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
+import types
+from pathlib import Path
 
 import pytest
 from helpers import body, stream
@@ -12,6 +15,7 @@ from helpers import body, stream
 from openrouter_responses_pipe import Pipe, Usage, flush_logs
 
 GPT4O, CLAUDE = "openai/gpt-4o", "anthropic/claude-sonnet-4"
+PIPE_SOURCE = (Path(__file__).resolve().parents[2] / "openrouter_responses_pipe.py").read_text()
 KEY = "sk-or-v1-0123456789abcdefSECRET"
 
 
@@ -185,3 +189,22 @@ async def test_an_unexpected_bug_becomes_a_readable_error_with_its_log(events):
     assert "RuntimeError: kaboom in transport" in citation["document"][0]  # the traceback
     with pytest.raises(Exception, match="unexpected internal error"):
         await pipe.pipe(body=body(GPT4O, "hi", stream=False), __user__={"id": "u"})
+
+
+async def test_two_installed_copies_share_logging_and_redaction(emulator, events):
+    """Admins may install this file twice (two keys); Open WebUI re-execs it on updates."""
+    copy = types.ModuleType("function_openrouter_second_copy")
+    sys.modules[copy.__name__] = copy                # Open WebUI registers it the same way
+    exec(compile(PIPE_SOURCE, "second_copy.py", "exec"), copy.__dict__)
+    first = Pipe()                                   # the imported module's copy
+    first.valves = first.Valves(BASE_URL=emulator.base_url, API_KEY=KEY,
+                                REQUEST_LOG_CITATION="always")
+    out = await stream(first, body(GPT4O, f"key {KEY} please"), __event_emitter__=events)
+    (citation,) = log_citations(events)
+    assert "model=openai/gpt-4o" in citation["document"][0]        # turn log still collected
+    copy.LOG.info("second copy logs the first key: %s", KEY)
+    flush_logs()
+    assert KEY not in citation["document"][0] and out.error is None
+    assert KEY not in copy.redact(f"x {KEY} y")                     # secrets are shared
+    await first.close()
+    del sys.modules[copy.__name__]
