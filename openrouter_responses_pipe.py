@@ -392,6 +392,7 @@ class RequestSettings:
     session_secret: str
     log_level: int
     log_citation: str
+    catalog_ttl: float
 
     @classmethod
     def merge(cls, valves: Valves, user: UserValves | None, user_role: str = "user"
@@ -421,6 +422,7 @@ class RequestSettings:
             session_secret=os.environ.get("WEBUI_SECRET_KEY", ""),
             log_level=request_level(valves.LOG_LEVEL, user.LOG_LEVEL, user_role),
             log_citation=valves.REQUEST_LOG_CITATION,
+            catalog_ttl=valves.MODEL_CATALOG_REFRESH_SECONDS,
         )
 
     def require_api_key(self) -> str:
@@ -557,7 +559,6 @@ class ChatRequest:
     response_format: Mapping[str, Any] | None = None
     task: str | None = None
     chat_id: str | None = None
-    message_id: str | None = None
     user_id: str = "anonymous"
     user_role: str = "user"
 
@@ -1547,10 +1548,6 @@ class SurrogateCarry:
             return text
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
-    def flush(self) -> str:
-        pending, self._pending = self._pending, ""
-        return "\ufffd" if pending else ""
-
 
 class ChunkRenderer:
     """Turns intents into Open WebUI chunk dicts for one response."""
@@ -1560,7 +1557,6 @@ class ChunkRenderer:
                       "created": created, "model": model}
         self._carry = {TEXT: SurrogateCarry(), REASONING: SurrogateCarry()}
         self.emitted_text = False
-        self.emitted_any = False
 
     def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
         return {**self._base, "choices": [{"index": 0, "delta": delta,
@@ -1583,7 +1579,6 @@ class ChunkRenderer:
         text = self._carry[kind].clean(text)
         if not text:
             return
-        self.emitted_any = True
         if kind == TEXT:
             self.emitted_text = True
             chunks.append(self.chunk({"content": text}))
@@ -1591,7 +1586,7 @@ class ChunkRenderer:
             chunks.append(self.chunk({"reasoning_content": text}))
 
     def text_chunk(self, text: str) -> dict[str, Any]:
-        self.emitted_any = self.emitted_text = True
+        self.emitted_text = True
         return self.chunk({"content": text})
 
     def finish_chunk(self, reason: str = "stop") -> dict[str, Any]:
@@ -2146,7 +2141,6 @@ def parse_chat_request(body: Mapping[str, Any], user: Mapping[str, Any] | None,
             body.get("response_format"), Mapping) else None,
         task=task or _str_or_none(meta.get("task")),
         chat_id=_str_or_none(meta.get("chat_id")),
-        message_id=_str_or_none(meta.get("message_id")),
         user_id=str((user or {}).get("id") or "anonymous"),
         user_role=str((user or {}).get("role") or "user"))
 
@@ -2219,7 +2213,7 @@ class Pipe:
         _BASE_LEVEL[0] = logging.getLevelName(valves.LOG_LEVEL)
         try:
             settings = RequestSettings.merge(valves, None)
-            snap = await self._catalog.get(settings, valves.MODEL_CATALOG_REFRESH_SECONDS)
+            snap = await self._catalog.get(settings, settings.catalog_ttl)
         except PipeError as exc:
             return [_status_entry("catalog", f"catalog unavailable: {exc}")]
         key = (snap, valves.MODEL_ID, valves.MODEL_NAME_PREFIX, valves.SHOW_HEALTH_MODEL)
@@ -2235,10 +2229,7 @@ class Pipe:
     async def pipe(self, body: dict[str, Any], __user__: dict[str, Any] | None = None,
                    __metadata__: dict[str, Any] | None = None,
                    __event_emitter__: Callable[[dict[str, Any]], Awaitable[Any]] | None = None,
-                   __task__: str | None = None, __request__: Any = None,
-                   __chat_id__: str | None = None, __message_id__: str | None = None,
-                   __files__: list[Any] | None = None, __tools__: dict[str, Any] | None = None,
-                   ) -> str | AsyncIterator[dict[str, Any]]:
+                   __task__: str | None = None) -> str | AsyncIterator[dict[str, Any]]:
         """Serve one chat turn: a plain string for tasks and `stream: false`, else chunks."""
         req = parse_chat_request(body, __user__, __metadata__, __task__)
         try:                                                               # 2 settings
@@ -2294,7 +2285,7 @@ class Pipe:
                             yield chunk
                 finally:
                     await resp.close()
-            for chunk in self._finish(turn, state, renderer, timing):
+            for chunk in self._finish(state, renderer, timing):
                 yield chunk
             await self._announce(turn, state, timing)
         except Exception as exc:  # the boundary: every failure becomes words for the user
@@ -2330,8 +2321,8 @@ class Pipe:
                 break
         finish_stream(state)
 
-    def _finish(self, turn: Turn, state: StreamState, renderer: ChunkRenderer,
-                timing: StreamTiming) -> list[dict[str, Any]]:
+    def _finish(self, state: StreamState, renderer: ChunkRenderer, timing: StreamTiming
+                ) -> list[dict[str, Any]]:
         timing.ended_at = self._clock()
         if timing.first_token is not None:
             self._telemetry.first_token.append(timing.first_token)
@@ -2364,7 +2355,7 @@ class Pipe:
         if req.model_id.startswith(STATUS_ENTRY_PREFIX):
             raise ConfigError("This entry reports a configuration problem; it is not a model.",
                               hint="An admin should check the pipe's valves (MODEL_ID, API_KEY).")
-        snap = await self._catalog.get(settings, self.valves.MODEL_CATALOG_REFRESH_SECONDS)
+        snap = await self._catalog.get(settings, settings.catalog_ttl)
         entry = snap.find(req.model_id)
         if entry is None:
             raise ModelNotAvailable(f"The model '{req.model_id}' is not in OpenRouter's catalog.",
