@@ -1671,11 +1671,9 @@ _STATUS_ADVICE: dict[int, tuple[str, str]] = {
 
 def describe_error(exc: PipeError) -> str:
     """The one translation point: any PipeError -> what the user reads (markdown)."""
-    if isinstance(exc, UpstreamStatusError):
-        return _describe_status(exc)
-    text = exc.message
-    if exc.hint:
-        text = f"{text} {exc.hint}"
+    text = _describe_status(exc) if isinstance(exc, UpstreamStatusError) else str(exc)
+    if isinstance(exc, UpstreamError) and exc.attempts > 1:
+        text += f"\nTried {exc.attempts} times."
     return text
 
 
@@ -1690,8 +1688,6 @@ def _describe_status(exc: UpstreamStatusError) -> str:
     reasons = exc.metadata.get("reasons")
     if isinstance(reasons, list) and reasons:
         lines.append("Flagged for: " + ", ".join(map(str, reasons)))
-    if exc.attempts > 1:
-        lines.append(f"Tried {exc.attempts} times.")
     if exc.retry_after:
         lines.append(f"Retry after about {exc.retry_after:.0f} seconds.")
     lines.append(advice)

@@ -208,3 +208,14 @@ async def test_two_installed_copies_share_logging_and_redaction(emulator, events
     assert KEY not in copy.redact(f"x {KEY} y")                     # secrets are shared
     await first.close()
     del sys.modules[copy.__name__]
+
+
+async def test_health_counts_network_failures(sleeps):
+    pipe = Pipe(sleep=sleeps)
+    pipe.valves = pipe.Valves(BASE_URL="http://127.0.0.1:9/api/v1", API_KEY=KEY, MAX_RETRIES=1)
+    out = await stream(pipe, body(GPT4O, "hi"))
+    assert "Couldn't reach OpenRouter" in out.error and "Tried 2 times" in out.error
+    data = json.loads(await health(pipe, "json"))
+    assert data["upstream"]["responses_by_status"] == {"network": 2}
+    assert data["catalog"]["last_error"] is not None
+    await pipe.close()
