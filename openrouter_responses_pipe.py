@@ -19,10 +19,12 @@ description: OpenRouter's catalog in Open WebUI via the Responses API: streaming
 #   §7  Intake            message content parts -> Responses input parts (pure)
 #   §8  Client            transport (injectable), retry policy, upstream error mapping
 #   §9  Stream decoding   SSEDecoder.feed(bytes) -> events; reducer = table of handlers
-#   §10 Rendering         intents -> Open WebUI chunks; usage; status line; error text
-#   §11 Admission         global + per-user concurrency gate with a bounded wait queue
-#   §12 Telemetry         redacted request-scoped logs, log pump, counters, health snapshot
-#   §13 Pipe              the numbered steps of a request and nothing else
+#   §10 Tool executor     tool schemas, strict mode, runner with timeouts and breakers
+#   §11 Artifact store    codec, markers, SQLAlchemy store, Redis write-behind
+#   §12 Rendering         intents -> Open WebUI chunks; usage; status line; error text
+#   §13 Admission         global + per-user concurrency gate with a bounded wait queue
+#   §14 Telemetry         redacted request-scoped logs, log pump, counters, health snapshot
+#   §15 Pipe              the numbered steps of a request and nothing else
 
 # ─────────────────────────────────────────────────────────────────────────────
 # §1 Imports and constants
@@ -92,7 +94,7 @@ _SAMPLING_PARAMS = ("temperature", "top_p", "top_k", "stop", "frequency_penalty"
 #   ├── ToolError
 #   └── ArtifactStoreError
 #
-# `describe_error` (§10) is the one place that turns these into what the user reads.
+# `describe_error` (§12) is the one place that turns these into what the user reads.
 # ─────────────────────────────────────────────────────────────────────────────
 
 
@@ -322,6 +324,12 @@ class Valves(BaseModel):
         description="Send a session_id derived from the chat id so a conversation stays on "
                     "one provider (better prompt-cache hits). The chat id itself is not sent.")
 
+    # ── Tools (issue #3) ──────────────────────────────────────────────────────
+
+    # ── Multimodal intake (issue #4) ──────────────────────────────────────────
+
+    # ── Artifact store and Redis (issue #5) ───────────────────────────────────
+
 
 class UserValves(BaseModel):
     """Per-user settings; `inherit` uses the admin's value."""
@@ -333,6 +341,12 @@ class UserValves(BaseModel):
         default="inherit", description="Your reasoning summaries (`inherit` = admin default).")
     SHOW_FINAL_STATUS: Literal["inherit", "on", "off"] = Field(
         default="inherit", description="Your final status line (`inherit` = admin default).")
+
+    # ── Tools (issue #3) ──
+
+    # ── Multimodal intake (issue #4) ──
+
+    # ── Artifact store (issue #5) ──
 
     LOG_LEVEL: Literal["inherit", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         default="inherit",
@@ -393,6 +407,11 @@ class RequestSettings:
     log_level: int
     log_citation: str
     catalog_ttl: float
+    # ── Tools (issue #3) ──
+
+    # ── Multimodal intake (issue #4) ──
+
+    # ── Artifact store (issue #5) ──
 
     @classmethod
     def merge(cls, valves: Valves, user: UserValves | None, user_role: str = "user"
@@ -423,6 +442,11 @@ class RequestSettings:
             log_level=request_level(valves.LOG_LEVEL, user.LOG_LEVEL, user_role),
             log_citation=valves.REQUEST_LOG_CITATION,
             catalog_ttl=valves.MODEL_CATALOG_REFRESH_SECONDS,
+            # ── Tools (issue #3) ──
+
+            # ── Multimodal intake (issue #4) ──
+
+            # ── Artifact store (issue #5) ──
         )
 
     def require_api_key(self) -> str:
@@ -1266,7 +1290,7 @@ def _with_attempts(err: UpstreamError, attempts: int) -> UpstreamError:
 #
 # The decoder is pure and incremental: it buffers partial lines, so UTF-8 split across reads
 # is decoded only once its line is complete. The reducer is a table of small handlers that
-# update a StreamState and append intents; only the orchestrator (§13) performs them.
+# update a StreamState and append intents; only the orchestrator (§15) performs them.
 # ─────────────────────────────────────────────────────────────────────────────
 
 
@@ -1518,7 +1542,23 @@ def finish_stream(state: StreamState) -> None:
 
 
 # ─────────────────────────────────────────────────────────────────────────────
-# §10 Rendering
+# §10 Tool executor
+#
+# (Issue #3 fills this section: Open WebUI tools -> Responses function tools, strict schemas,
+# the runner with per-call timeouts, bounded parallelism and per-tool breakers.)
+# ─────────────────────────────────────────────────────────────────────────────
+
+
+# ─────────────────────────────────────────────────────────────────────────────
+# §11 Artifact store
+#
+# (Issue #5 fills this section: codec JSON -> LZ4 -> Fernet, markers, the SQLAlchemy store,
+# Redis write-behind.)
+# ─────────────────────────────────────────────────────────────────────────────
+
+
+# ─────────────────────────────────────────────────────────────────────────────
+# §12 Rendering
 #
 # Intents become OpenAI-style chunk dicts (text in `delta.content`, thinking in
 # `delta.reasoning_content`, which every supported Open WebUI renders as its native
@@ -1737,7 +1777,7 @@ class Emitter:
 
 
 # ─────────────────────────────────────────────────────────────────────────────
-# §11 Admission
+# §13 Admission
 # ─────────────────────────────────────────────────────────────────────────────
 
 
@@ -1842,7 +1882,7 @@ class _Admission:
 
 
 # ─────────────────────────────────────────────────────────────────────────────
-# §12 Telemetry
+# §14 Telemetry
 # ─────────────────────────────────────────────────────────────────────────────
 
 #
@@ -2114,7 +2154,7 @@ def health_markdown(data: Mapping[str, Any]) -> str:
 
 
 # ─────────────────────────────────────────────────────────────────────────────
-# §13 Pipe
+# §15 Pipe
 # ─────────────────────────────────────────────────────────────────────────────
 
 
@@ -2163,6 +2203,17 @@ def extract_output_text(response: Mapping[str, Any]) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class CallContext:
+    """What Open WebUI hands `pipe()` besides the body: its tools, files, request, dialogs."""
+
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    tools: Mapping[str, Any] = field(default_factory=dict)     # __tools__ (issue #3)
+    files: tuple[Mapping[str, Any], ...] = ()                   # __files__ (issue #4)
+    request: Any = None                                         # __request__ (issue #4)
+    event_call: Callable[[dict[str, Any]], Awaitable[Any]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Turn:
     """Everything one chat turn carries through the pipe (no per-request state on `self`)."""
 
@@ -2170,6 +2221,7 @@ class Turn:
     settings: RequestSettings
     emitter: Emitter
     log: RequestLog
+    context: CallContext = field(default_factory=lambda: CallContext())
 
     @property
     def reference(self) -> str:
@@ -2225,7 +2277,10 @@ class Pipe:
     async def pipe(self, body: dict[str, Any], __user__: dict[str, Any] | None = None,
                    __metadata__: dict[str, Any] | None = None,
                    __event_emitter__: Callable[[dict[str, Any]], Awaitable[Any]] | None = None,
-                   __task__: str | None = None) -> str | AsyncIterator[dict[str, Any]]:
+                   __event_call__: Callable[[dict[str, Any]], Awaitable[Any]] | None = None,
+                   __task__: str | None = None, __tools__: dict[str, Any] | None = None,
+                   __files__: list[dict[str, Any]] | None = None, __request__: Any = None
+                   ) -> str | AsyncIterator[dict[str, Any]]:
         """Serve one chat turn: a plain string for tasks and `stream: false`, else chunks."""
         req = parse_chat_request(body, __user__, __metadata__, __task__)
         try:                                                               # 2 settings
@@ -2235,7 +2290,10 @@ class Pipe:
             return _fail_fast(req, exc)
         log = RequestLog(uuid.uuid4().hex[:12], req.user_id, req.chat_id or "-",
                          settings.log_level)
-        turn = Turn(req, settings, Emitter(__event_emitter__), log)
+        context = CallContext(__metadata__ or {}, __tools__ or {},
+                              tuple(f for f in __files__ or () if isinstance(f, Mapping)),
+                              __request__, __event_call__)
+        turn = Turn(req, settings, Emitter(__event_emitter__), log, context)
         self._logs.add(log)
         if req.model_id == HEALTH_ENTRY["id"]:
             return self._health(turn)
