@@ -31,6 +31,10 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "Routing": ("STICKY_SESSION_ROUTING",),
     "Display": ("SHOW_FINAL_STATUS",),
     "Logging and health": ("LOG_LEVEL", "REQUEST_LOG_CITATION", "SHOW_HEALTH_MODEL"),
+    "Memory across turns (artifact store, Redis)": (
+        "REASONING_RETENTION", "TOOL_OUTPUT_RETENTION_TURNS", "ARTIFACT_ENCRYPTION_KEY",
+        "ENCRYPT_ALL", "COMPRESSION_MIN_BYTES", "ARTIFACT_CLEANUP_DAYS",
+        "ARTIFACT_CLEANUP_INTERVAL_HOURS", "REDIS_WRITE_BEHIND", "REDIS_CACHE_TTL_SECONDS"),
 }
 
 
