@@ -1879,13 +1879,15 @@ def _is_assistant_text(item: Mapping[str, Any]) -> bool:
 def _expand(text: str, artifacts: Mapping[str, Mapping[str, Any]], policy: ReplayPolicy,
             age: int) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    for segment, ids in split_markers(text):
+    segments = split_markers(text)
+    calls = {str(artifacts[i].get("call_id")) for _, ids in segments for i in ids
+             if i in artifacts and artifacts[i].get("type") == "function_call"}
+    for segment, ids in segments:
         found = [dict(artifacts[i]) for i in ids if i in artifacts]
         reasoning = [it for it in found if it.get("type") == REASONING_ITEM]
         if policy.reasoning == "disabled" or (policy.reasoning == "next_reply" and age > 0):
             reasoning = []
         others = [_prune(it, policy, age) for it in found if it.get("type") != REASONING_ITEM]
-        calls = {str(it.get("call_id")) for it in others if it.get("type") == "function_call"}
         clean = strip_tool_cards(segment, calls)
         out.extend(reasoning)
         if clean.strip():
@@ -1966,15 +1968,19 @@ def _close_calls(out: list[dict[str, Any]], open_calls: list[str], answered: set
 
 
 def _drop_dangling_reasoning(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for index, item in enumerate(items):
-        if item.get("type") == REASONING_ITEM:
-            nxt = items[index + 1] if index + 1 < len(items) else None
-            if nxt is None or nxt.get("role") == "user" or (
-                    nxt.get("type") not in ("message", "function_call", REASONING_ITEM)):
+    """Keep reasoning only when an assistant message or call (maybe after more reasoning)
+    follows it: walk backwards, remembering whether what comes next is such an item."""
+    kept: list[dict[str, Any]] = []
+    followed = False
+    for item in reversed(items):
+        kind = item.get("type")
+        if kind == REASONING_ITEM:
+            if not followed:
                 continue
-        out.append(item)
-    return out
+        else:
+            followed = kind == "function_call" or item.get("role") == "assistant"
+        kept.append(item)
+    return kept[::-1]
 
 
 def artifact_table_name(function_id: str) -> str:

@@ -626,6 +626,8 @@ def _provenance(ctx: Ctx) -> dict:
         hint = json.dumps({"endpoint_slug": f"{ctx.entry['canonical_slug']}|openai"}).encode()
         suffix = base64.urlsafe_b64encode(hint).decode().rstrip("=")
         blob = "gAAAAAB" + _rand(_ALNUM + "-_", 120) + "=." + suffix
+        if "reasoning.encrypted_content" not in (ctx.body.get("include") or ()):
+            blob = None  # like OpenAI: the blob only when `include` asks for it
         return {"encrypted_content": blob, "format": "openai-responses-v1"}
     if ctx.vendor == "anthropic":
         return {"encrypted_content": None, "format": "anthropic-claude-v1",
