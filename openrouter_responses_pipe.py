@@ -2333,7 +2333,13 @@ class ArtifactStore:
             found = {k: v for k, v in found.items() if v.chat_id == chat_id}
         missing = [i for i in ids if i not in found]
         if missing:
-            fetched = await self.db.fetch(chat_id, missing, self.clock())
+            try:
+                fetched = await self.db.fetch(chat_id, missing, self.clock())
+            except ArtifactStoreError:
+                if self.redis is None:
+                    raise
+                LOG.warning("Database unavailable for an artifact read; using the queue")
+                fetched = {}
             found.update(fetched)
             if self.redis is not None and fetched:
                 await self._redis_try(self.redis.cache(fetched.values(), ttl))

@@ -927,7 +927,8 @@ class Emulator:
 
     Observability: ``requests`` (every request: path, method, headers, json, scenario, time),
     ``disconnects`` (timestamps of clients that went away mid-response), ``active_streams``,
-    ``generations`` (GET /generation data by id); ``reset()`` clears them and the queue.
+    ``generations`` (GET /generation data by id), ``responses`` (final response objects sent);
+    ``reset()`` clears them and the queue.
     """
 
     def __init__(self, *, extra_models: int = 0, api_keys: set[str] | None = None):
@@ -939,6 +940,7 @@ class Emulator:
         self.active_streams = 0
         self.fail_counts: dict[str, int] = {}
         self.generations: dict[str, dict] = {}
+        self.responses: list[dict] = []  # every final response object sent, oldest first
         self.base_url = ""
         self._queue: list[tuple[str, dict]] = []
         self._runner: web.AppRunner | None = None
@@ -975,7 +977,7 @@ class Emulator:
 
     def reset(self) -> None:
         for store in (self.requests, self.disconnects, self.fail_counts, self.generations,
-                      self._queue):
+                      self._queue, self.responses):
             store.clear()
 
     def app(self) -> web.Application:
@@ -1041,6 +1043,7 @@ class Emulator:
 
     def _remember(self, ctx: Ctx, final: dict, streamed: bool) -> None:
         """Record what GET /generation?id= returns for this id (§2.5 subset)."""
+        self.responses.append(final)
         usage = final.get("usage") or {}
         cost = usage.get("cost", 0)
         finish = {"completed": "stop", "incomplete": "length"}.get(final["status"], "error")
@@ -1223,6 +1226,7 @@ class EmulatorThread:
     requests = property(lambda self: self._run(lambda: list(self.emulator.requests)))
     disconnects = property(lambda self: self._run(lambda: list(self.emulator.disconnects)))
     active_streams = property(lambda self: self._run(lambda: self.emulator.active_streams))
+    responses = property(lambda self: self._run(lambda: list(self.emulator.responses)))
 
 
 # =========================================================================== CLI
