@@ -3345,6 +3345,7 @@ class Pipe:
             await turn.emitter.notify("This reply's reasoning and tool results could not be "
                                       "saved; the model won't see them in the next turn.")
             return ""
+        LOG.info("Stored %d items (worker pid %d)", len(ids), os.getpid())
         return marker_block(ids)
 
     async def _checkpoint_passthrough(self, turn: Turn, reasoning: list[dict[str, Any]],
@@ -3387,8 +3388,8 @@ class Pipe:
                 out[item_id] = codec.decode(row.payload)
             except ArtifactStoreError as exc:  # e.g. a rotated key: skip, keep chatting
                 LOG.warning("Skipping stored item %s: %s", item_id, exc)
-        if len(out) < len(ids):
-            LOG.info("Replaying %d of %d stored items", len(out), len(ids))
+        LOG.info("Replaying %d of %d stored items (worker pid %d)", len(out), len(ids),
+                 os.getpid())
         return out
 
     async def _after_turn(self, turn: Turn, plan: Transformed) -> None:
