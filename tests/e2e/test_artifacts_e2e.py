@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from integration.artifact_fixtures import RedisServer, pg_available
+from integration.artifact_fixtures import RedisServer, pg_available, redis_values
 from owui_harness import (
     OpenWebUIClient,
     OpenWebUIServer,
@@ -136,7 +136,7 @@ def worker_pids(log: str) -> list[int]:
 
 
 def test_a_chat_continues_across_two_workers_on_postgres_and_redis(two_workers, emulator):
-    server, client, redis, database = two_workers
+    server, client, redis_server, database = two_workers
     model = "openrouter." + NANO
     since = len(emulator.responses)
     chat = client.chat_ui(model, "Turn 1 [emu:reasoning style=summary]")
@@ -159,8 +159,11 @@ def test_a_chat_continues_across_two_workers_on_postgres_and_redis(two_workers, 
     assert replayed == produced[:len(replayed)]     # every earlier turn, verbatim, in order
     assert len(set(worker_pids(server.log_tail(400)))) == 2, server.log_tail(80)
     payloads = stored_payloads(database, expected=len(produced))
-    for item in produced:  # written through to PostgreSQL, encrypted at rest
-        assert all(item["encrypted_content"].encode() not in p for p in payloads)
+    cached = redis_values(redis_server.url)
+    assert cached, "write-behind was not used"
+    for item in produced:  # written through to PostgreSQL; encrypted at rest and in Redis
+        blob = item["encrypted_content"].encode()
+        assert all(blob not in p for p in payloads) and all(blob not in v for v in cached)
 
 
 def stored_payloads(database: str, expected: int, timeout: float = 30) -> list[bytes]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis as redis_sync
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -85,6 +86,20 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path).start()
     yield server
     server.stop()
+
+
+def redis_values(url: str) -> list[bytes]:
+    """Every list element and string value in a Redis database."""
+    client = redis_sync.Redis.from_url(url)
+    out: list[bytes] = []
+    for key in client.keys("*"):
+        kind = client.type(key)
+        if kind == b"list":
+            out += client.lrange(key, 0, -1)
+        elif kind == b"string":
+            out.append(client.get(key))
+    client.close()
+    return out
 
 
 def sqlite_sync(tmp: Path) -> tuple[SyncEngineRunner, Callable[[], Any]]:

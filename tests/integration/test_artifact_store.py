@@ -9,7 +9,6 @@ import threading
 from pathlib import Path
 
 import pytest
-import redis as redis_sync
 import redis.asyncio as aioredis
 import sqlalchemy as sa
 from artifact_fixtures import (
@@ -19,6 +18,7 @@ from artifact_fixtures import (
     drop_table,
     pg_available,
     redis_server,  # noqa: F401 - fixture
+    redis_values,
     sqlite_sync,
     unique_pipe_id,
 )
@@ -156,19 +156,6 @@ async def test_database_failure_is_a_typed_error(tmp_path):
 
 
 # -- Redis write-behind ------------------------------------------------------------------------
-
-
-def redis_values(url: str) -> list[bytes]:
-    client = redis_sync.Redis.from_url(url)
-    out = []
-    for key in client.keys("*"):
-        kind = client.type(key)
-        if kind == b"list":
-            out += client.lrange(key, 0, -1)
-        elif kind == b"string":
-            out.append(client.get(key))
-    client.close()
-    return out
 
 
 def assert_no_plaintext(blobs: list[bytes]) -> None:
