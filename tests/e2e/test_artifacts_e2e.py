@@ -115,7 +115,7 @@ def fresh_database():
 @pytest.fixture
 def two_workers(emulator, fresh_database, tmp_path):
     redis = RedisServer(tmp_path).start()
-    env = {"DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{fresh_database}",
+    env = {"DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{fresh_database}",
            "REDIS_URL": redis.url, "WEBSOCKET_MANAGER": "redis", "ENABLE_WEBSOCKET_SUPPORT": "true"}
     server = OpenWebUIServer("0.12.4", data_dir=tmp_path / "owui", env=env, workers=2)
     try:
