@@ -1684,6 +1684,12 @@ def turn_reasoning(state: StreamState) -> list[dict[str, Any]]:
             if item.get("type") == REASONING_ITEM]
 
 
+def response_reasoning(response: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The reasoning items of a non-streamed response, in output order."""
+    return [dict(item) for item in response.get("output") or ()
+            if isinstance(item, Mapping) and item.get("type") == REASONING_ITEM]
+
+
 def passthrough_ids(req: ChatRequest) -> list[str]:
     """Ids under which reasoning before Open WebUI-run tool calls would be stored."""
     scope = artifact_scope(req)
@@ -3182,7 +3188,8 @@ class Pipe:
                     data = _loads(await resp.read())
                 finally:
                     await resp.close()
-            return _final_text(data)
+            text = _final_text(data)
+            return text + await self._checkpoint(turn, response_reasoning(data))  # 11 persist
         except Exception as exc:  # the boundary: Open WebUI shows str() of what we raise
             failure = await self._report_failure(turn, exc)
             raise PipeError(f"{describe_error(failure)}\n(reference {turn.reference})") from exc

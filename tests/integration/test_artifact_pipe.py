@@ -165,3 +165,17 @@ async def test_write_behind_pipe_across_two_workers(emulator, sleeps, tmp_path,
     assert '"pending_rows"' in health and "write-behind" in health
     for p in workers:
         await p.close()
+
+
+async def test_non_streamed_chats_remember_reasoning_too_but_tasks_do_not(emulator, sleeps, db):
+    pipe = make_pipe(emulator, sleeps, db)
+    body = {**chat_body(ask="What is 2 + 2?"), "stream": False}
+    text = await pipe.pipe(body=body, __user__={"id": "u"}, __metadata__=CHAT)
+    assert len(marker_ids(text)) == 1
+    produced = reasoning_output(emulator)
+    await stream(pipe, chat_body(("What is 2 + 2?", text), ask="next"), __metadata__=CHAT)
+    assert posts(emulator)[-1]["json"]["input"][1] == produced
+    title = await pipe.pipe(body=body, __user__={"id": "u"}, __metadata__=CHAT,
+                            __task__="title_generation")
+    assert marker_ids(title) == []
+    await pipe.close()
