@@ -2306,10 +2306,11 @@ class ArtifactStore:
     """
 
     def __init__(self, db: ArtifactDB, redis: WriteBehind | None = None, *,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, auto_flush: bool = True) -> None:
         self.db = db
         self.redis = redis
         self.clock = clock
+        self.auto_flush = auto_flush  # off in tests that flush step by step
         self.redis_error: str | None = None
         self.last_cleanup: float | None = None
         self.next_cleanup: float | None = None
@@ -2370,7 +2371,9 @@ class ArtifactStore:
 
     def kick(self) -> None:
         """Start a background flush of the Redis queue unless one is running."""
-        if self.redis is not None and (self._flusher is None or self._flusher.done()):
+        if not self.auto_flush or self.redis is None:
+            return
+        if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self.drain())
             self._flusher.add_done_callback(_consume_task_exception)
 
@@ -3188,8 +3191,9 @@ class Pipe:
                     data = _loads(await resp.read())
                 finally:
                     await resp.close()
-            text = _final_text(data)
-            return text + await self._checkpoint(turn, response_reasoning(data))  # 11 persist
+            text = _final_text(data) + await self._checkpoint(turn, response_reasoning(data))
+            await self._after_turn(turn, plan)                                # 11 persist
+            return text
         except Exception as exc:  # the boundary: Open WebUI shows str() of what we raise
             failure = await self._report_failure(turn, exc)
             raise PipeError(f"{describe_error(failure)}\n(reference {turn.reference})") from exc
@@ -3409,6 +3413,7 @@ class Pipe:
                 await store.delete(list(plan.replayed_reasoning))
             await store.maybe_cleanup(turn.settings.artifact_cleanup_days,
                                       turn.settings.artifact_cleanup_interval_hours)
+            store.kick()  # rows a stopped worker left queued get flushed by this one
         except ArtifactStoreError as exc:
             LOG.warning("Artifact housekeeping failed: %s", exc)
 

@@ -179,3 +179,38 @@ async def test_non_streamed_chats_remember_reasoning_too_but_tasks_do_not(emulat
                             __task__="title_generation")
     assert marker_ids(title) == []
     await pipe.close()
+
+
+async def test_passthrough_reasoning_is_reattached_when_open_webui_returns_results(
+        emulator, sleeps, db, tmp_path):
+    """Open WebUI ran the tools (passthrough mode): the reasoning that preceded the calls comes
+    back before them when Open WebUI calls the pipe again with the results."""
+    from openrouter_responses_pipe import (
+        CallContext,
+        Emitter,
+        RequestLog,
+        RequestSettings,
+        Turn,
+        parse_chat_request,
+    )
+
+    pipe = make_pipe(emulator, sleeps, db)
+    reasoning = {"type": "reasoning", "id": "rs_pt", "summary": [],
+                 "encrypted_content": "gAAAA-passthrough", "format": "openai-responses-v1"}
+    calls = [{"id": "call_w", "type": "function",
+              "function": {"name": "weather", "arguments": "{}"}}]
+    req = parse_chat_request(chat_body(ask="weather?"), {"id": "u"}, CHAT, None)
+    turn = Turn(req, RequestSettings.merge(pipe.valves, None), Emitter(None),
+                RequestLog("r", "u", "chat-A", 20), CallContext(CHAT))
+    await pipe._checkpoint_passthrough(turn, [reasoning], ["call_w"])
+    body = {"model": f"openrouter.{NANO}", "stream": True, "messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": "", "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "call_w", "content": "sunny"}]}
+    await stream(pipe, body, __metadata__=CHAT)
+    sent = posts(emulator)[-1]["json"]["input"]
+    assert [i.get("type") for i in sent] == ["message", "reasoning", "function_call",
+                                             "function_call_output"]
+    assert sent[1] == reasoning
+    assert all(b"gAAAA-passthrough" not in p for p in stored_payloads(tmp_path))
+    await pipe.close()

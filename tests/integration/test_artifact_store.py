@@ -169,7 +169,8 @@ async def wb_store(redis_server, tmp_path):  # noqa: F811 - fixture
     failing = FailingRunner(runner)
     client = aioredis.from_url(redis_server.url, socket_timeout=1.0, socket_connect_timeout=1.0)
     name = artifact_table_name(unique_pipe_id())
-    store = ArtifactStore(ArtifactDB(failing, name), WriteBehind(client, name, batch=3))
+    store = ArtifactStore(ArtifactDB(failing, name), WriteBehind(client, name, batch=3),
+                          auto_flush=False)
     yield store, failing, redis_server, tmp_path
     await store.close()
     await client.aclose()
@@ -184,7 +185,6 @@ def db_ids(tmp_path: Path, name: str) -> set[str]:
 async def test_write_behind_queues_encrypted_rows_and_flushes_them_in_batches(wb_store):
     store, _, server, tmp = wb_store
     saved = rows(7)
-    store.kick = lambda: None  # flush explicitly below
     assert await store.save(saved, ttl=60) == [r.id for r in saved]
     assert await store.redis.depth() == 7
     assert_no_plaintext(redis_values(server.url))
@@ -197,7 +197,6 @@ async def test_write_behind_queues_encrypted_rows_and_flushes_them_in_batches(wb
 
 async def test_a_failed_database_flush_keeps_every_row_queued(wb_store):
     store, failing, _, tmp = wb_store
-    store.kick = lambda: None
     saved = rows(5)
     await store.save(saved, ttl=0)
     failing.failing = True
@@ -215,7 +214,6 @@ async def test_a_failed_database_flush_keeps_every_row_queued(wb_store):
 
 async def test_drain_backs_off_while_the_database_is_down_then_writes_everything(wb_store):
     store, failing, _, tmp = wb_store
-    store.kick = lambda: None
     saved = rows(4)
     await store.save(saved, ttl=0)
     failing.failing = True
@@ -233,7 +231,6 @@ async def test_drain_backs_off_while_the_database_is_down_then_writes_everything
 
 async def test_redis_stopped_mid_run_loses_nothing(wb_store):
     store, _, server, tmp = wb_store
-    store.kick = lambda: None
     before, during, after = rows(3), rows(3), rows(3)
     assert await store.save(before, ttl=30) == [r.id for r in before]    # queued in Redis
     server.pause()                                                         # Redis stops
@@ -253,7 +250,6 @@ async def test_redis_stopped_mid_run_loses_nothing(wb_store):
 
 async def test_redis_killed_and_restarted_from_its_append_only_file_loses_nothing(wb_store):
     store, _, server, tmp = wb_store
-    store.kick = lambda: None
     queued = rows(4)
     await store.save(queued, ttl=30)
     server.stop()                                   # the process dies with rows queued
@@ -270,10 +266,8 @@ async def test_two_workers_share_one_queue_and_lock(redis_server, tmp_path):  # 
     runner, dispose = sqlite_sync(tmp_path)
     name = artifact_table_name(unique_pipe_id())
     clients = [aioredis.from_url(redis_server.url) for _ in range(2)]
-    stores = [ArtifactStore(ArtifactDB(runner, name), WriteBehind(c, name, batch=2))
-              for c in clients]
-    for s in stores:
-        s.kick = lambda: None
+    stores = [ArtifactStore(ArtifactDB(runner, name), WriteBehind(c, name, batch=2),
+                            auto_flush=False) for c in clients]
     saved = rows(5)
     await stores[0].save(saved, ttl=30)
     flushed = await asyncio.gather(stores[0].drain(), stores[1].drain())
