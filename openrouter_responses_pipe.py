@@ -43,6 +43,7 @@ import logging
 import os
 import random
 import re
+import sys
 import time
 import typing
 import uuid
@@ -1784,9 +1785,8 @@ class ArtifactCodec:
         """Stored bytes -> item; ArtifactStoreError for a wrong key, truncation or garbage."""
         try:
             return self._decode(bytes(blob))
-        except ArtifactStoreError:
-            raise
-        except Exception as exc:  # corrupt payloads take many shapes (zlib, lz4, JSON)
+        except (ValueError, TypeError, IndexError, RuntimeError, zlib.error) as exc:
+            # corrupt payloads: JSON/UTF-8 errors are ValueErrors, lz4 raises RuntimeError
             raise ArtifactStoreError(f"unreadable stored item ({type(exc).__name__})") from None
 
     def _decode(self, blob: bytes) -> dict[str, Any]:
@@ -2072,9 +2072,8 @@ def owui_env() -> dict[str, Any]:
     """Open WebUI's deployment settings (open_webui.env when loaded, else the environment)."""
     names = ("REDIS_URL", "WEBSOCKET_MANAGER", "UVICORN_WORKERS")
     env: dict[str, Any] = {n: os.environ.get(n) for n in names}
-    try:
-        import open_webui.env as owui
-    except Exception:  # outside Open WebUI; importing it may even exit without a secret
+    owui = sys.modules.get("open_webui.env")  # never imported here: it may exit the process
+    if owui is None:
         return env
     return {n: getattr(owui, n, env[n]) for n in names}
 
@@ -2089,7 +2088,7 @@ def owui_db_runner() -> DBRunner | None:
     """The runner on Open WebUI's own database, or None outside Open WebUI."""
     try:
         import open_webui.internal.db as owui_db
-    except Exception:  # not inside Open WebUI (or its DB failed to import)
+    except ImportError:  # not inside Open WebUI
         return None
     if getattr(owui_db, "async_engine", None) is not None:
         return AsyncEngineRunner(owui_db.async_engine)
@@ -2211,6 +2210,10 @@ class ArtifactDB:
 
 _RELEASE_LOCK = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
                  "return redis.call('del', KEYS[1]) else return 0 end")
+# Trim the flushed batch only while still holding the lock: if it expired during a slow write,
+# another worker may have flushed (and trimmed) the same rows already.
+_TRIM_IF_OWNER = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
+                  "redis.call('ltrim', KEYS[2], tonumber(ARGV[2]), -1) return 1 else return 0 end")
 
 
 class WriteBehind:
@@ -2280,7 +2283,10 @@ class WriteBehind:
                 LOG.warning("Artifact flush failed; %d rows stay queued: %s", len(raw),
                             self.last_error)
                 return 0
-            await self.redis.ltrim(self.pending_key, len(raw), -1)
+            if not await self.redis.eval(_TRIM_IF_OWNER, 2, self.lock_key, self.pending_key,
+                                         token, len(raw)):
+                LOG.warning("Artifact flush lock expired during a slow write; not trimming")
+                return 0
             self.last_error = None
             return len(raw)
         finally:

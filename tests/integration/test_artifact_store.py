@@ -277,3 +277,28 @@ async def test_two_workers_share_one_queue_and_lock(redis_server, tmp_path):  # 
     for c in clients:
         await c.aclose()
     dispose()
+
+
+async def test_a_flush_whose_lock_expired_does_not_trim_rows_it_did_not_write(
+        redis_server, tmp_path):  # noqa: F811
+    runner, dispose = sqlite_sync(tmp_path)
+    name = artifact_table_name(unique_pipe_id())
+    client = aioredis.from_url(redis_server.url)
+    wb = WriteBehind(client, name, batch=2)
+    store = ArtifactStore(ArtifactDB(runner, name), wb, auto_flush=False)
+    saved = rows(4)
+    await store.save(saved, ttl=0)
+
+    class LockStolenDuringWrite:
+        async def run(self, fn):
+            await client.set(wb.lock_key, "another-worker")  # our lock expired; B took it
+            return await runner.run(fn)
+
+    store_b = ArtifactDB(LockStolenDuringWrite(), name)
+    assert await wb.flush(store_b) == 0
+    assert await wb.depth() == 4                 # nothing trimmed by the stale holder
+    await client.delete(wb.lock_key)
+    assert await store.drain() == 4
+    assert db_ids(tmp_path, name) == {r.id for r in saved}
+    await client.aclose()
+    dispose()
