@@ -3006,6 +3006,14 @@ def health_snapshot(tel: Telemetry, gate: AdmissionGate, catalog: CatalogRegistr
     }
 
 
+def _inline(value: Any) -> str:
+    """`{"a": 1, "b": None}` -> `a 1, b none` for the one-line health summary."""
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k.replace('_', ' ')} {'none' if v is None else v}"
+                         for k, v in value.items())
+    return str(value)
+
+
 def health_markdown(data: Mapping[str, Any]) -> str:
     """A short report an admin reads in the chat, with the JSON underneath."""
     req, up, cat = data["requests"], data["upstream"], data["catalog"]
@@ -3022,8 +3030,8 @@ def health_markdown(data: Mapping[str, Any]) -> str:
             f"{k}: {v}" for k, v in sorted(req["failed_by_kind"].items())) or "none"),
         f"- Catalog: {cat['models']} models, age {cat['age_s']}s"
         + (f", last refresh error: {cat['last_error']}" if cat["last_error"] else ""),
-        f"- Breakers: {data['breakers'] or 'none'}; artifact store: {data['artifact_store']}; "
-        f"Redis: {data['redis']}",
+        f"- Breakers: {data['breakers'] or 'none'}; "
+        f"artifact store: {_inline(data['artifact_store'])}; Redis: {_inline(data['redis'])}",
         "", "```json", json.dumps(data, indent=2), "```"]
     return "\n".join(lines)
 

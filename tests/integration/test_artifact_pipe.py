@@ -163,6 +163,12 @@ async def test_write_behind_pipe_across_two_workers(emulator, sleeps, tmp_path,
               "messages": [{"role": "user", "content": "json"}]},
         __user__={"id": "admin", "role": "admin"})
     assert '"pending_rows"' in health and "write-behind" in health
+    report = await workers[0].pipe(
+        body={"model": "openrouter._health", "stream": False,
+              "messages": [{"role": "user", "content": "report"}]},
+        __user__={"id": "admin", "role": "admin"})
+    assert "artifact store: backend database behind Redis write-behind" in report
+    assert "Redis: pending rows " in report and "last flush error none" in report
     for p in workers:
         await p.close()
 
