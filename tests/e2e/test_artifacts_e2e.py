@@ -116,7 +116,8 @@ def fresh_database():
 def two_workers(emulator, fresh_database, tmp_path):
     redis = RedisServer(tmp_path).start()
     env = {"DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{fresh_database}",
-           "REDIS_URL": redis.url, "WEBSOCKET_MANAGER": "redis", "ENABLE_WEBSOCKET_SUPPORT": "true"}
+           "REDIS_URL": redis.url, "WEBSOCKET_MANAGER": "redis",
+           "ENABLE_WEBSOCKET_SUPPORT": "true"}
     server = OpenWebUIServer("0.12.4", data_dir=tmp_path / "owui", env=env, workers=2)
     try:
         server.start()
