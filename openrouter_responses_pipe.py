@@ -1939,15 +1939,20 @@ def _attach_passthrough(items: list[dict[str, Any]], artifacts: Mapping[str, Map
 
 def repair_orphans(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Make a history OpenRouter accepts: every call gets exactly one output right after its
-    round (a short synthetic one when lost), outputs without a call and duplicates are
-    dropped, and reasoning not followed by any item of its turn is dropped."""
+    round (a short synthetic one when lost), outputs without a call and duplicates (calls,
+    outputs, reasoning ids) are dropped, and reasoning followed by nothing is dropped."""
     calls = {str(i.get("call_id")) for i in items if i.get("type") == "function_call"}
     out: list[dict[str, Any]] = []
     open_calls: list[str] = []
     seen_calls: set[str] = set()
     answered: set[str] = set()
+    seen_reasoning: set[str] = set()
     for item in items:
         kind, call_id = item.get("type"), str(item.get("call_id"))
+        if kind == REASONING_ITEM and item.get("id"):
+            if item["id"] in seen_reasoning:  # stored twice (marker and passthrough)
+                continue
+            seen_reasoning.add(item["id"])
         if kind == "function_call_output":
             if call_id in calls and call_id not in answered and call_id in seen_calls:
                 answered.add(call_id)

@@ -148,6 +148,8 @@ def test_repaired_histories_are_always_acceptable(items):
     calls = [i["call_id"] for i in out if i.get("type") == "function_call"]
     outputs = [i["call_id"] for i in out if i.get("type") == "function_call_output"]
     assert sorted(calls) == sorted(outputs) and len(set(calls)) == len(calls)
+    reasoning = [i["id"] for i in out if i.get("type") == "reasoning"]
+    assert len(set(reasoning)) == len(reasoning)
     for index, item in enumerate(out):
         if item.get("type") == "function_call_output":  # its call came first
             assert item["call_id"] in [i.get("call_id") for i in out[:index]
