@@ -69,9 +69,8 @@ def rendered_html(version: str, markdown: str) -> str:
 
 
 def test_second_turn_sends_the_first_turns_reasoning_back(owui):
-    owui.client.update_valves("openrouter", {"BASE_URL": owui.emulator.base_url,
-                                             "API_KEY": "sk-or-emulator",
-                                             "ARTIFACT_ENCRYPTION_KEY": KEY})
+    valves = owui.client.get_valves("openrouter")
+    owui.client.update_valves("openrouter", {**valves, "ARTIFACT_ENCRYPTION_KEY": KEY})
     model = owui.model(NANO)
     since = len(owui.emulator.responses)
     first = owui.client.chat_ui(model, "What is 2 + 2? [emu:reasoning style=summary]")
