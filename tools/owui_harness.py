@@ -572,7 +572,20 @@ class OpenWebUIClient:
 
 
 _LEGACY_STRIPPED = re.compile(
-    r'<details type="(?:reasoning|code_interpreter)"[^>]*>.*?</details>\s*', re.DOTALL)
+    r'<details\s+type="(?:reasoning|code_interpreter)"[^>]*>.*?</details>', re.DOTALL | re.I)
+_LEGACY_TOOL_CARD = re.compile(r'<details\s+type="tool_calls"([^>]*)>[\s\S]*?</details>', re.I)
+
+
+def legacy_history_text(content: str) -> str:
+    """What the 0.6.28 browser sends for an assistant message (its `processDetails`):
+    reasoning/code blocks removed, each tool card replaced by `"<result attribute>"`."""
+    content = _LEGACY_STRIPPED.sub("", content)
+
+    def result(card: re.Match) -> str:
+        attrs = dict(re.findall(r'(\w+)="([^"]*)"', card.group(0)))
+        return f'"{attrs.get("result", "undefined")}"'
+
+    return _LEGACY_TOOL_CARD.sub(result, content)
 
 
 def _follow_up(client: OpenWebUIClient, follow: dict, user_message: dict, body: dict,
@@ -593,7 +606,7 @@ def _follow_up(client: OpenWebUIClient, follow: dict, user_message: dict, body: 
     if legacy:
         for m in sent:
             if m["role"] == "assistant":
-                m["content"] = _LEGACY_STRIPPED.sub("", m["content"]).strip()
+                m["content"] = legacy_history_text(m["content"])
     body["chat_id"] = chat_id
     body["messages"] = [*sent, {"role": "user", "content": user_message["content"]}]
     body["background_tasks"] = {}  # the title was made on the first turn
