@@ -1016,7 +1016,7 @@ def build_responses_request(req: ChatRequest, entry: CatalogEntry, settings: Req
     caller); `replay_items` (§11) puts them back where they happened.
     """
     instructions, items, notes = history_items(req.messages, entry)
-    items = replay_items(items, artifacts or {}, ReplayPolicy.of(settings))
+    items = replay_items(items, artifacts or {}, ReplayPolicy.of(settings, entry.id))
     if not items:
         items.append({"type": "message", "role": "user",
                       "content": [{"type": "input_text", "text": ""}]})
@@ -1849,10 +1849,25 @@ class ReplayPolicy:
 
     reasoning: str = "conversation"  # conversation | next_reply | disabled
     keep_tool_turns: int = 10        # 0: never prune
+    model_id: str = ""               # the model the history goes to
 
     @classmethod
-    def of(cls, settings: RequestSettings) -> ReplayPolicy:
-        return cls(settings.reasoning_retention, settings.tool_output_retention_turns)
+    def of(cls, settings: RequestSettings, model_id: str = "") -> ReplayPolicy:
+        return cls(settings.reasoning_retention, settings.tool_output_retention_turns, model_id)
+
+
+# Reasoning `format` prefixes by model family; another family's reasoning is not sent (its
+# encrypted blob or signature means nothing there). Unknown families and formats pass.
+_REASONING_FAMILIES = {"openai": ("openai-", "azure-openai-", "bedrock-openai-"),
+                       "anthropic": ("anthropic-",), "google": ("google-",),
+                       "x-ai": ("xai-", "bedrock-xai-")}
+
+
+def reasoning_fits(item: Mapping[str, Any], model_id: str) -> bool:
+    fmt = str(item.get("format") or "")
+    target = _REASONING_FAMILIES.get(model_id.split("/", 1)[0])
+    known = any(fmt.startswith(p) for ps in _REASONING_FAMILIES.values() for p in ps)
+    return target is None or not known or fmt.startswith(target)
 
 
 def wanted_marker_ids(messages: Iterable[ChatMessage]) -> list[str]:
@@ -1890,7 +1905,8 @@ def _expand(text: str, artifacts: Mapping[str, Mapping[str, Any]], policy: Repla
              if i in artifacts and artifacts[i].get("type") == "function_call"}
     for segment, ids in segments:
         found = [dict(artifacts[i]) for i in ids if i in artifacts]
-        reasoning = [it for it in found if it.get("type") == REASONING_ITEM]
+        reasoning = [it for it in found if it.get("type") == REASONING_ITEM
+                     and reasoning_fits(it, policy.model_id)]
         if policy.reasoning == "disabled" or (policy.reasoning == "next_reply" and age > 0):
             reasoning = []
         others = [_prune(it, policy, age) for it in found if it.get("type") != REASONING_ITEM]

@@ -186,3 +186,23 @@ def test_codec_of_settings_uses_the_admin_key_list():
     settings = RequestSettings.merge(Valves(API_KEY="k", ARTIFACT_ENCRYPTION_KEY="new, old"),
                                      None)
     assert ArtifactCodec.of(settings).keys == ("new", "old")
+
+
+def test_reasoning_from_another_model_family_is_not_sent():
+    text = "Four." + marker_block([IDS["r1"]])
+    items = [user("2+2?"), assistant(text), user("next")]
+
+    def sent_to(model: str) -> list[dict]:
+        out = replay_items(items, ARTIFACTS, ReplayPolicy(model_id=model))
+        return [i for i in out if i.get("type") == "reasoning"]
+
+    r1 = {**R1, "format": "openai-responses-v1"}
+    arts = {IDS["r1"]: r1}
+    assert replay_items(items, arts, ReplayPolicy(model_id="openai/gpt-5"))[1] == r1
+    assert [i for i in replay_items(items, arts, ReplayPolicy(model_id="anthropic/claude-4"))
+            if i.get("type") == "reasoning"] == []
+    assert sent_to("anthropic/claude-4") == [R1]   # no format: can't tell, sent
+    claude = {IDS["r1"]: {**R1, "format": "anthropic-claude-v1"}}
+    assert [i["format"] for i in replay_items(items, claude, ReplayPolicy(
+        model_id="anthropic/claude-4")) if i.get("type") == "reasoning"] == ["anthropic-claude-v1"]
+    assert len(replay_items(items, claude, ReplayPolicy(model_id="deepseek/r1"))) == 4
