@@ -2316,13 +2316,21 @@ class WriteBehind:
 
 # -- the store: database, optionally behind Redis -------------------------------------------
 
-_REDIS_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionError)
-try:
-    import redis.exceptions as _redis_exc
+_REDIS_ERRORS: list[tuple[type[BaseException], ...]] = []
 
-    _REDIS_ERRORS = (*_REDIS_ERRORS, _redis_exc.RedisError)
-except ImportError:  # pragma: no cover - redis ships with Open WebUI
-    pass
+
+def redis_errors() -> tuple[type[BaseException], ...]:
+    """What a Redis call raises when Redis is unreachable or misbehaves (redis imported late)."""
+    if not _REDIS_ERRORS:
+        errors: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionError)
+        try:
+            import redis.exceptions as redis_exc
+
+            errors = (*errors, redis_exc.RedisError)
+        except ImportError:  # pragma: no cover - redis ships with Open WebUI
+            pass
+        _REDIS_ERRORS.append(errors)
+    return _REDIS_ERRORS[0]
 
 
 class ArtifactStore:
@@ -2353,7 +2361,7 @@ class ArtifactStore:
                 self.redis_error = None
                 self.kick()
                 return [r.id for r in rows]
-            except _REDIS_ERRORS as exc:
+            except redis_errors() as exc:
                 self.redis_error = f"{type(exc).__name__}: {exc}"[:300]
                 LOG.warning("Redis unavailable (%s); writing artifacts directly", self.redis_error)
         await self.db.insert(rows)
@@ -2391,7 +2399,7 @@ class ArtifactStore:
     async def _redis_try(self, op: Awaitable[Any]) -> Any:
         try:
             return await op
-        except _REDIS_ERRORS as exc:
+        except redis_errors() as exc:
             self.redis_error = f"{type(exc).__name__}: {exc}"[:300]
             LOG.warning("Redis unavailable for an artifact read: %s", self.redis_error)
             return None
@@ -2414,7 +2422,7 @@ class ArtifactStore:
             try:
                 count = await self.redis.flush(self.db)
                 depth = await self.redis.depth()
-            except _REDIS_ERRORS as exc:
+            except redis_errors() as exc:
                 self.redis_error = f"{type(exc).__name__}: {exc}"[:300]
                 return written
             written += count
