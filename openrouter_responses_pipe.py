@@ -1886,11 +1886,20 @@ def replay_items(items: list[dict[str, Any]], artifacts: Mapping[str, Mapping[st
     out: list[dict[str, Any]] = []
     for index, item in enumerate(items):
         if index not in assistants:
-            out.append(item)
+            out.append(_unmarked_user(item) if item.get("role") == "user" else item)
             continue
         age = len(assistants) - 1 - assistants.index(index)  # 0 = the latest reply
         out.extend(_expand(str(item["content"]), artifacts, policy, age))
     return repair_orphans(_attach_passthrough(out, artifacts))
+
+
+def _unmarked_user(item: dict[str, Any]) -> dict[str, Any]:
+    """Task prompts (titles, tags) quote the chat, markers included: drop them there."""
+    parts = item.get("content")
+    if not isinstance(parts, list) or "[orp:" not in str(parts):
+        return item
+    return {**item, "content": [{**p, "text": strip_markers(p["text"])}
+                                if isinstance(p.get("text"), str) else p for p in parts]}
 
 
 def _is_assistant_text(item: Mapping[str, Any]) -> bool:

@@ -206,3 +206,11 @@ def test_reasoning_from_another_model_family_is_not_sent():
     assert [i["format"] for i in replay_items(items, claude, ReplayPolicy(
         model_id="anthropic/claude-4")) if i.get("type") == "reasoning"] == ["anthropic-claude-v1"]
     assert len(replay_items(items, claude, ReplayPolicy(model_id="deepseek/r1"))) == 4
+
+
+def test_markers_quoted_in_a_task_prompt_are_removed():
+    prompt = "### Chat History:\nASSISTANT: Four." + marker_block([IDS["r1"]]) + "USER: next"
+    [out] = replay_items([user(prompt)], ARTIFACTS, ReplayPolicy())
+    text = out["content"][0]["text"]
+    assert "[orp:" not in text and "reasoning" not in str(out)
+    assert text.startswith("### Chat History:\nASSISTANT: Four.\n") and text.endswith("USER: next")
