@@ -2359,6 +2359,7 @@ class ArtifactStore:
         self.last_cleanup: float | None = None
         self.next_cleanup: float | None = None
         self._flusher: asyncio.Task[int] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
 
     async def save(self, rows: list[ArtifactRow], ttl: int) -> list[str]:
         """Ids of the rows now durably queued in Redis or written to the database."""
@@ -2441,6 +2442,19 @@ class ArtifactStore:
                 await sleep(delay)
                 delay = min(delay * 2, max_wait)
 
+    def spawn(self, work: Awaitable[Any]) -> None:
+        """Run housekeeping in the background (a turn never waits for it)."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(_consume_task_exception)
+
+    async def cleanup_logged(self, days: int, interval_hours: float) -> None:
+        try:
+            await self.maybe_cleanup(days, interval_hours)
+        except ArtifactStoreError as exc:
+            LOG.warning("Artifact cleanup failed (retried at the next interval): %s", exc)
+
     async def maybe_cleanup(self, days: int, interval_hours: float) -> int:
         """Delete rows unused for `days` when the (jittered) interval has passed."""
         now = self.clock()
@@ -2464,10 +2478,11 @@ class ArtifactStore:
                        "last_error": self.redis_error}
 
     async def close(self) -> None:
-        if self._flusher is not None and not self._flusher.done():
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+        for task in [self._flusher, *self._background]:
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
 
 # ─────────────────────────────────────────────────────────────────────────────
@@ -3463,11 +3478,11 @@ class Pipe:
         try:
             if turn.settings.reasoning_retention == "next_reply" and plan.replayed_reasoning:
                 await store.delete(list(plan.replayed_reasoning))
-            await store.maybe_cleanup(turn.settings.artifact_cleanup_days,
-                                      turn.settings.artifact_cleanup_interval_hours)
-            store.kick()  # rows a stopped worker left queued get flushed by this one
         except ArtifactStoreError as exc:
-            LOG.warning("Artifact housekeeping failed: %s", exc)
+            LOG.warning("Could not delete reasoning sent back once: %s", exc)
+        store.spawn(store.cleanup_logged(turn.settings.artifact_cleanup_days,
+                                         turn.settings.artifact_cleanup_interval_hours))
+        store.kick()  # rows a stopped worker left queued get flushed by this one
 
     def _store_key(self, turn: Turn) -> tuple[str, bool]:
         function_id = turn.req.owui_model_id.split(".", 1)[0] or "openrouter"

@@ -220,3 +220,36 @@ async def test_passthrough_reasoning_is_reattached_when_open_webui_returns_resul
     assert sent[1] == reasoning
     assert all(b"gAAAA-passthrough" not in p for p in stored_payloads(tmp_path))
     await pipe.close()
+
+
+async def test_cleanup_runs_after_turns_and_removes_only_unused_items(emulator, sleeps, db,
+                                                                       tmp_path):
+    import asyncio
+
+    now = [1_000_000.0]
+
+    def worker() -> Pipe:
+        p = Pipe(sleep=sleeps, artifact_db=db, env={}, wall_clock=lambda: now[0])
+        p.valves = p.Valves(BASE_URL=emulator.base_url, API_KEY="sk-or-test",
+                            ARTIFACT_CLEANUP_DAYS=30)
+        return p
+
+    pipe = worker()
+    stale = await stream(pipe, chat_body(ask="What is 2 + 2?"), __metadata__=CHAT)
+    kept = await stream(pipe, chat_body(ask="What is 3 + 3?"),
+                        __metadata__={"chat_id": "chat-K", "message_id": "k"})
+    now[0] += 20 * 86400
+    await stream(pipe, chat_body(("q", kept.text), ask="more"),  # chat-K is still in use
+                 __metadata__={"chat_id": "chat-K", "message_id": "k2"})
+    now[0] += 20 * 86400
+    await pipe.close()
+    pipe = worker()  # a restarted worker: its first turn runs the cleanup
+    await stream(pipe, chat_body(ask="hello"), __metadata__={"chat_id": "chat-X"})
+    for _ in range(200):
+        if len(stored_payloads(tmp_path)) == 3:
+            break
+        await asyncio.sleep(0.01)
+    assert len(stored_payloads(tmp_path)) == 3  # K's two turns + X; A's unused item is gone
+    await stream(pipe, chat_body(("q", stale.text), ask="again"), __metadata__=CHAT)
+    assert "reasoning" not in [i.get("type") for i in posts(emulator)[-1]["json"]["input"]]
+    await pipe.close()
