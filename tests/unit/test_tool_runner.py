@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from typing import Any
 
@@ -32,7 +33,7 @@ def tools(**fns: Any) -> Any:
 
 
 def calls(name: str, n: int) -> list[FunctionCall]:
-    return [FunctionCall(f"call_{i}", name, '{"x": %d}' % i) for i in range(n)]
+    return [FunctionCall(f"call_{i}", name, json.dumps({"x": i})) for i in range(n)]
 
 
 class Gauge:

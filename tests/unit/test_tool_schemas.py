@@ -88,7 +88,7 @@ def strict_violations(schema: Any, root: Any, path: str = "$") -> list[str]:
     kind = schema.get("type")
     kinds = kind if isinstance(kind, list) else [kind]
     if kind is None and "enum" not in schema and "const" not in schema:
-        return out + [f"{path}: untyped"]
+        return [*out, f"{path}: untyped"]
     if "object" in kinds:
         props = schema.get("properties", {})
         if schema.get("additionalProperties") is not False:
