@@ -2205,6 +2205,12 @@ class ToolRunner:
 
 # -- the loop's pure steps ---------------------------------------------------------------
 
+# Open WebUI's prompt-based function calling (the 0.6-0.8 default) first asks the model, as
+# task "function_calling", which tools to run, then runs them itself. When the pipe runs tools,
+# that would run them twice and cost a request: the pipe answers "none" without calling out.
+PROMPT_TOOL_TASK = "function_calling"
+NO_PROMPT_TOOL_CALLS = '{"tool_calls": []}'
+
 FINAL_ANSWER_INSTRUCTION = (
     "The tool-call limit for this answer has been reached. Do not call any more tools: "
     "answer the user now with the results you already have, and say what is still missing.")
@@ -3116,6 +3122,8 @@ class Pipe:
         self._logs.add(log)
         if req.model_id == HEALTH_ENTRY["id"]:
             return self._health(turn)
+        if req.task == PROMPT_TOOL_TASK and settings.tools.mode == "pipe":
+            return NO_PROMPT_TOOL_CALLS  # the pipe runs the tools itself (see §10)
         if req.task or not req.stream:
             return await self._complete(turn)
         return self._stream(turn)

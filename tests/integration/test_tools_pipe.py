@@ -308,3 +308,101 @@ async def test_breaker_pauses_only_the_failing_tool(pipe, emulator):
                                    "messages": [{"role": "user", "content": "json"}]},
                              __user__={"id": "admin", "role": "admin"})
     assert json.loads(health)["breakers"]["user-1/flaky"] == {"failures": 2, "open": True}
+
+
+async def test_reasoning_items_are_replayed_verbatim_across_tool_rounds(pipe, emulator):
+    async def weather(city: str) -> str:
+        return "ok"
+
+    out = await stream(pipe, body(NANO, "[emu:tool_call name=weather] go"),
+                       __tools__={"weather": owui_tool(weather, "weather")})
+    assert out.error is None
+    first, second = posts(emulator)
+    assert first["json"]["include"] == ["reasoning.encrypted_content"]
+    round_one = [i for i in second["json"]["input"] if i.get("type") in ("reasoning",
+                                                                        "function_call")]
+    assert [i["type"] for i in round_one] == ["reasoning", "function_call"]
+    assert round_one[0]["encrypted_content"].startswith("gAAAAAB")
+    assert set(round_one[0]) == {"id", "type", "status", "summary", "encrypted_content",
+                                 "format"}  # the output item as streamed, nothing dropped
+
+
+async def test_checkpoint_seam_sees_each_rounds_items_before_its_cards(pipe, emulator):
+    seen: list[list[dict[str, Any]]] = []
+
+    async def checkpoint(turn: Any, items: list[dict[str, Any]]) -> str:
+        seen.append(items)
+        return f"<!-- marker {len(seen)} -->\n"
+
+    pipe._checkpoint = checkpoint  # type: ignore[method-assign]
+
+    async def weather(city: str) -> str:
+        return "sunny"
+
+    out = await stream(pipe, body(NANO, "[emu:tool_call name=weather] go"),
+                       __tools__={"weather": owui_tool(weather, "weather")})
+    assert [[i["type"] for i in items] for items in seen] == [
+        ["reasoning", "function_call", "function_call_output"], ["reasoning"]]
+    assert seen[0][2]["output"] == "sunny"
+    assert out.text.index("<!-- marker 1 -->") < out.text.index("<details type=\"tool_calls\"")
+    assert out.text.index("<!-- marker 2 -->") > out.text.index("</details>")
+
+
+async def test_open_webui_prompt_based_tool_task_is_answered_without_a_request(pipe, emulator):
+    task = {**body(GPT4O, "which tools?", stream=False)}
+    answer = await pipe.pipe(body=task, __task__="function_calling",
+                             __user__={"id": "u", "role": "user"})
+    assert answer == '{"tool_calls": []}'
+    assert posts(emulator) == []
+    pipe.valves = pipe.Valves(**{**pipe.valves.model_dump(),
+                                 "TOOL_EXECUTION_MODE": "open_webui"})
+    answer = await pipe.pipe(body=task, __task__="function_calling",
+                             __user__={"id": "u", "role": "user"})
+    assert answer == "You said: which tools?" and len(posts(emulator)) == 1
+
+
+async def test_nulls_for_optional_arguments_are_dropped_in_strict_mode(pipe, emulator):
+    got: list[dict[str, Any]] = []
+
+    async def search(query: str, limit: int = 5) -> str:
+        got.append({"query": query, "limit": limit})
+        return "found"
+
+    params = {"type": "object", "properties": {"query": {"type": "string"},
+                                               "limit": {"type": "integer"}},
+              "required": ["query"]}
+    args = json.dumps({"query": "q", "limit": None})
+    await stream(pipe, body(GPT4O, f"[emu:tool_call name=search args='{args}'] go"),
+                 __tools__={"search": owui_tool(search, "search", params)})
+    sent = posts(emulator)[0]["json"]["tools"][0]["parameters"]
+    assert sent["properties"]["limit"]["type"] == ["integer", "null"]
+    assert got == [{"query": "q", "limit": 5}]
+
+
+async def test_emulator_tool_rounds_and_citations_are_sdk_valid(emulator):
+    import aiohttp
+    from sdk_validation import parse_sse, validate_stream_event
+
+    base = {"model": GPT4O, "stream": True, "store": False, "tools": [
+        {"type": "function", "name": "a", "parameters": {"type": "object"}}]}
+    async with aiohttp.ClientSession() as http:
+        for spec in ("tool_call name=a,a cite", "tool_call chain=a,a rounds=0",
+                     "web_search annotation_events=1"):
+            payload = {**base, "input": [{"role": "user", "content": "hi"}]}
+            async with http.post(f"{emulator.base_url}/responses", json=payload, headers={
+                    "Authorization": "Bearer k", "X-Emulator-Scenario": spec}) as r:
+                assert r.status == 200
+                events = parse_sse(await r.read())
+            for ev in events:
+                validate_stream_event(ev)
+        bad = {**base, "tools": [{"type": "function", "name": "a.b"}],
+               "input": [{"role": "user", "content": "hi"}]}
+        async with http.post(f"{emulator.base_url}/responses", json=bad,
+                             headers={"Authorization": "Bearer k"}) as r:
+            assert r.status == 400 and "does not match pattern" in await r.text()
+        orphan = {**base, "input": [{"role": "user", "content": "hi"}, {
+            "type": "function_call_output", "call_id": "nope", "output": "x"}]}
+        async with http.post(f"{emulator.base_url}/responses", json=orphan,
+                             headers={"Authorization": "Bearer k"}) as r:
+            assert r.status == 400 and "No tool call found" in await r.text()
+    emulator.requests.clear()  # the deliberately bad requests are not the pipe's
