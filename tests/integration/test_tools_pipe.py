@@ -202,6 +202,7 @@ async def test_passthrough_streams_tool_calls_for_open_webui(pipe, emulator):
     assert [c["index"] for c in calls] == [0, 1]
     assert len({c["id"] for c in calls}) == 2
     assert len(posts(emulator)) == 1 and "<details" not in out.text
+    assert posts(emulator)[0]["json"]["tools"][0]["strict"] is False  # Open WebUI keeps nulls
     # Open WebUI then calls again with the results: they become function_call_output items
     again = body(GPT4O, "[emu:tool_call name=get_time n=2] go", tools=[builtin])
     again["messages"] += [
