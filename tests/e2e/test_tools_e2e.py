@@ -132,3 +132,18 @@ def test_passthrough_open_webui_runs_the_tool(owui, weather_tool, valves):
     assert outputs[0]["call_id"] == calls[0]["call_id"]
     stored = json.dumps(msg, ensure_ascii=False)
     assert f"Tool result for {calls[0]['call_id']}: E2E-SUNNY-IN-FARO" in stored
+
+
+def test_web_search_sources_when_the_user_turns_it_on(owui):
+    since = len(owui.emulator.requests)
+    chat = owui.client.chat_ui(owui.model(MODEL), "[emu:web_search] Capital of Portugal?",
+                               features={"web_search": True}, background_tasks=NO_TITLE)
+    msg = stored_message(chat)
+    assert not msg.get("error"), msg
+    posts = [p["json"] for p in responses_posts(owui.emulator, since)]
+    chat_posts = [p for p in posts if p.get("stream")]
+    assert {"type": "openrouter:web_search", "parameters": {"max_results": 5}} in \
+        chat_posts[-1]["tools"]
+    assert msg["content"].rstrip().endswith("[1][2]"), msg["content"]
+    urls = [s["source"].get("url") for s in msg.get("sources") or []]
+    assert urls == ["https://en.wikipedia.org/wiki/Lisbon", "https://example.org/lisboa"], msg
