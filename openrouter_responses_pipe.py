@@ -91,7 +91,10 @@ _SAMPLING_PARAMS = ("temperature", "top_p", "top_k", "stop", "frequency_penalty"
 #   ├── IntakeError             an attachment was refused
 #   │   ├── UnsafeURLError
 #   │   └── PayloadTooLargeError
-#   ├── ToolError
+#   ├── ToolError               reported to the model as the call's output, never fatal
+#   │   ├── BadToolArguments
+#   │   ├── ToolTimeout
+#   │   └── ToolBreakerOpen
 #   └── ArtifactStoreError
 #
 # `describe_error` (§12) is the one place that turns these into what the user reads.
@@ -171,7 +174,23 @@ class PayloadTooLargeError(IntakeError):
 
 
 class ToolError(PipeError):
-    """A tool call failed (timeout, unknown tool, breaker open, bad arguments)."""
+    """A tool call failed (timeout, unknown tool, breaker open, bad arguments).
+
+    Tool errors never end a chat: the text goes to the model as the call's output and into
+    the tool card, so the model can recover.
+    """
+
+
+class BadToolArguments(ToolError):
+    """The model's arguments were not a JSON object; it is told so and may call again."""
+
+
+class ToolTimeout(ToolError):
+    """A tool ran longer than TOOL_TIMEOUT_SECONDS."""
+
+
+class ToolBreakerOpen(ToolError):
+    """A tool failed repeatedly for this user and is paused."""
 
 
 class ArtifactStoreError(PipeError):
@@ -1598,7 +1617,7 @@ def finish_stream(state: StreamState) -> None:
 # per (user, tool name) keeps one flaky tool from costing the others.
 # ─────────────────────────────────────────────────────────────────────────────
 
-TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # use with fullmatch ($ allows a "\n")
 _TOOL_NAME_BAD = re.compile(r"[^a-zA-Z0-9_-]+")
 _STRICT_UNSUPPORTED = frozenset({
     "allOf", "not", "if", "then", "else", "patternProperties", "dependentRequired",
@@ -1680,7 +1699,7 @@ def assign_tool_names(names: Iterable[str]) -> dict[str, str]:
     most 64 chars), and a clash gets the smallest free suffix `_2`, `_3`, … (sorted order).
     """
     unique = sorted(set(names))
-    taken: set[str] = {n for n in unique if TOOL_NAME.match(n)}
+    taken: set[str] = {n for n in unique if TOOL_NAME.fullmatch(n)}
     mapping = {n: n for n in taken}
     for name in (n for n in unique if n not in mapping):
         base, k, candidate = _safe_base(name), 1, _safe_base(name)
@@ -1798,8 +1817,8 @@ def _strict_object(node: dict[str, Any]) -> dict[str, Any]:
     for name, sub in props.items():
         strict_sub = _strict_node(sub)
         strict_props[name] = strict_sub if name in required else _nullable(strict_sub)
-    node.update(type="object", properties=strict_props, required=list(props),
-                additionalProperties=False)
+    node.setdefault("type", "object")  # a list such as ["object", "null"] stays as it is
+    node.update(properties=strict_props, required=list(props), additionalProperties=False)
     return node
 
 
@@ -1897,7 +1916,7 @@ def _optional_args(params: Mapping[str, Any] | None) -> frozenset[str]:
 
 _MCP_KEYS = ("server_label", "server_url", "server_description", "require_approval",
              "allowed_tools", "headers", "authorization")
-_MCP_LABEL = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+_MCP_LABEL = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 
 
 def parse_mcp_servers(raw: str) -> tuple[dict[str, Any], ...]:
@@ -1929,7 +1948,7 @@ def _mcp_tool(position: int, server: Any) -> dict[str, Any]:
     if unknown:
         raise _mcp_error(f"{where} has unknown key(s) {unknown}; allowed: {', '.join(_MCP_KEYS)}")
     label, url = server.get("server_label"), server.get("server_url")
-    if not isinstance(label, str) or not _MCP_LABEL.match(label):
+    if not isinstance(label, str) or not _MCP_LABEL.fullmatch(label):
         raise _mcp_error(f"{where} needs a server_label of letters, digits, _ or - (≤64)")
     if not isinstance(url, str) or not re.match(r"^(https?|wss?)://[^/\s:]+", url):
         raise _mcp_error(f"{where} ({label}) needs a server_url starting with https:// "
@@ -1978,18 +1997,6 @@ class ToolOutcome:
                 "output": self.output}
 
 
-class BadToolArguments(ToolError):
-    """The model's arguments were not a JSON object; it is told so and may call again."""
-
-
-class ToolTimeout(ToolError):
-    """A tool ran longer than TOOL_TIMEOUT_SECONDS."""
-
-
-class ToolBreakerOpen(ToolError):
-    """A tool failed repeatedly for this user and is paused."""
-
-
 def parse_arguments(raw: str, optional: frozenset[str] = frozenset()) -> dict[str, Any]:
     """The model's argument string -> kwargs. Never guesses: bad JSON raises BadToolArguments.
 
@@ -2035,11 +2042,7 @@ def truncate(text: str, limit: int) -> str:
 
 def failure_output(tool: str, exc: ToolError) -> str:
     """The output the model gets for a failed call: what failed and what it may do."""
-    return f"Error: the tool `{tool}` failed: {describe_tool_error(exc)}"
-
-
-def describe_tool_error(exc: ToolError) -> str:
-    return str(exc)
+    return f"Error: the tool `{tool}` failed: {describe_error(exc)}"
 
 
 # -- the runner (I/O) --------------------------------------------------------------------

@@ -907,7 +907,7 @@ def tools_error(body: dict, entry: dict) -> HttpError | None:
     outputs whose call is missing, output statuses other than OpenAI's item statuses."""
     tools = body.get("tools") or []
     for t in tools:
-        if t.get("type") == "function" and not _TOOL_NAME.match(str(t.get("name", ""))):
+        if t.get("type") == "function" and not _TOOL_NAME.fullmatch(str(t.get("name", ""))):
             return HttpError(400, _provider_error(
                 400, f"Invalid 'tools[].name': string does not match pattern "
                      f"'^[a-zA-Z0-9_-]{{1,64}}$' ({t.get('name')!r})", "OpenAI"))

@@ -407,3 +407,20 @@ async def test_emulator_tool_rounds_and_citations_are_sdk_valid(emulator):
                              headers={"Authorization": "Bearer k"}) as r:
             assert r.status == 400 and "No tool call found" in await r.text()
     emulator.requests.clear()  # the deliberately bad requests are not the pipe's
+
+
+async def test_long_results_are_cut_in_the_card_but_sent_to_the_model(pipe, emulator):
+    pipe.valves = pipe.Valves(**{**pipe.valves.model_dump(), "TOOL_CARD_MAX_CHARS": 100,
+                                 "TOOL_RESULT_MAX_CHARS": 3000})
+    big = "x" * 5000
+
+    async def dump(city: str) -> str:
+        return big
+
+    out = await stream(pipe, body(GPT4O, "[emu:tool_call name=dump] go"),
+                       __tools__={"dump": owui_tool(dump, "dump")})
+    [card] = cards(out.text)
+    assert card["result"].startswith("x" * 100 + "\n…[truncated: ")
+    assert len(card["result"]) < 150
+    [sent] = outputs_sent(emulator)
+    assert sent["output"] == "x" * 3000 + "\n…[truncated: 2,000 more characters]"

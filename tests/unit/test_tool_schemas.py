@@ -23,7 +23,7 @@ from openrouter_responses_pipe import (
     truncate,
 )
 
-VALID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+VALID = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 
 # -- names -------------------------------------------------------------------------------
 
@@ -34,7 +34,7 @@ names = st.lists(st.text(min_size=0, max_size=90), max_size=12)
 def test_names_are_valid_injective_and_reversible(raw: list[str]) -> None:
     mapping = assign_tool_names(raw)
     assert set(mapping) == set(raw)
-    assert all(VALID.match(v) for v in mapping.values())
+    assert all(VALID.fullmatch(v) for v in mapping.values())
     assert len(set(mapping.values())) == len(mapping)  # injective
     reverse = {v: k for k, v in mapping.items()}
     assert all(reverse[mapping[n]] == n for n in raw)  # exact way back
@@ -53,6 +53,7 @@ def test_valid_names_are_kept(raw: list[str]) -> None:
 
 
 def test_clashes_get_suffixes() -> None:
+    assert assign_tool_names(["ok\n"]) == {"ok\n": "ok"}  # `$` would accept the newline
     assert assign_tool_names(["a.b", "a b", "a_b"]) == {"a_b": "a_b", "a b": "a_b_2",
                                                         "a.b": "a_b_3"}
     long = "x" * 70
@@ -283,3 +284,12 @@ def test_result_text_and_truncation() -> None:
 
 def test_tool_spec_parse() -> None:
     assert parse_body_tools([{"name": "bare", "parameters": "x"}]) == (ToolSpec("bare"),)
+
+
+def test_nullable_object_property_keeps_null() -> None:
+    schema = {"type": "object", "properties": {"opt": {
+        "type": ["object", "null"], "properties": {"a": {"type": "string"}}}},
+        "required": ["opt"]}
+    result, strict = strictify(schema)
+    assert strict and result["properties"]["opt"]["type"] == ["object", "null"]
+    assert result["properties"]["opt"]["required"] == ["a"]
