@@ -1870,6 +1870,10 @@ class ToolSet:
     def find(self, wire_name: str) -> ToolEntry | None:
         return next((e for e in self.entries if e.wire_name == wire_name), None)
 
+    def display_name(self, wire_name: str) -> str:
+        entry = self.find(wire_name)
+        return entry.spec.name if entry else wire_name
+
     def __bool__(self) -> bool:
         return bool(self.wire)
 
@@ -2497,16 +2501,16 @@ def tool_calls_delta(calls: Iterable[FunctionCall], tools: ToolSet) -> dict[str,
     """Passthrough: calls in the OpenAI streaming shape, names mapped back to Open WebUI's."""
     out = []
     for index, call in enumerate(calls):
-        entry = tools.find(call.name)
         out.append({"index": index, "id": call.call_id, "type": "function", "function": {
-            "name": entry.spec.name if entry else call.name, "arguments": call.arguments}})
+            "name": tools.display_name(call.name), "arguments": call.arguments}})
     return {"tool_calls": out}
 
 
-def tool_status(names: Iterable[str]) -> str:
+def tool_status(verb: str, names: Iterable[str]) -> str:
+    """`Running search, weather and 2 more` (each name once)."""
     unique = list(dict.fromkeys(names))
     shown = ", ".join(unique[:3]) + (f" and {len(unique) - 3} more" if len(unique) > 3 else "")
-    return f"Running {shown}…"
+    return f"{verb} {shown}"
 
 
 class CitationBook:
@@ -3221,9 +3225,10 @@ class Pipe:
             if ts.mode == "open_webui":                                                 # d
                 yield renderer.chunk(tool_calls_delta(calls, plan.tools), "tool_calls")
                 return
-            await turn.emitter.status(tool_status(c.name for c in calls), done=False)   # e
+            names = [plan.tools.display_name(c.name) for c in calls]                   # e
+            await turn.emitter.status(tool_status("Running", names) + "…", done=False)
             outcomes = await self._tools.run_round(calls, plan.tools, ts, turn.req.user_id)
-            await turn.emitter.status(f"Ran {len(outcomes)} tool call(s)", done=True)
+            await turn.emitter.status(tool_status("Ran", names), done=True)
             marker = await self._checkpoint(turn, round_items(items, outcomes))         # f
             if marker:
                 yield renderer.text_chunk(marker)

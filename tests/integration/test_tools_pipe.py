@@ -59,7 +59,8 @@ async def test_single_call_card_and_answer_use_the_result(pipe, emulator, events
     assert [i.get("type") for i in sent[-2:]] == ["function_call", "function_call_output"]
     assert sent[-1] == {"type": "function_call_output", "call_id": card["id"],
                         "output": "Sunny in São Paulo <b>"}
-    assert any(s["description"].startswith("Running weather") for s in events.of("status"))
+    statuses = [(s["description"], s["done"]) for s in events.of("status")]
+    assert statuses[:2] == [("Running weather…", False), ("Ran weather", True)]
     assert out.usage["prompt_tokens"] > 0
 
 
