@@ -293,3 +293,31 @@ def test_nullable_object_property_keeps_null() -> None:
     result, strict = strictify(schema)
     assert strict and result["properties"]["opt"]["type"] == ["object", "null"]
     assert result["properties"]["opt"]["required"] == ["a"]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=12),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.sampled_from(["server_label", "server_url", "headers", "name",
+                                       "function", "parameters", "type", "x"]),
+                      children, max_size=5), max_leaves=15)
+
+
+@given(json_values)
+def test_mcp_parser_never_crashes_and_keeps_only_valid_servers(value: Any) -> None:
+    try:
+        tools = parse_mcp_servers(json.dumps(value))
+    except ConfigError as exc:
+        assert "REMOTE_MCP_SERVERS_JSON" in str(exc)
+        return
+    for tool in tools:
+        assert tool["type"] == "mcp" and VALID.fullmatch(tool["server_label"])
+        assert re.match(r"(https?|wss?)://", tool["server_url"])
+
+
+@given(json_values)
+def test_body_tools_parser_never_crashes(value: Any) -> None:
+    specs = parse_body_tools(value)
+    assert all(isinstance(s.name, str) and s.name for s in specs)
+    wire = tool_set({}, specs, strict=True, runnable_only=False).wire
+    assert all(VALID.fullmatch(w["name"]) for w in wire)
