@@ -2066,6 +2066,10 @@ class ConcurrencyLimiter:
             self._waiters.append(fut)
             try:
                 await fut
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():
+                    self._wake_next()  # woken, then cancelled: pass the free slot on
+                raise
             finally:
                 if fut in self._waiters:
                     self._waiters.remove(fut)
@@ -2074,6 +2078,9 @@ class ConcurrencyLimiter:
 
     def release(self) -> None:
         self.active -= 1
+        self._wake_next()
+
+    def _wake_next(self) -> None:
         while self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():

@@ -185,3 +185,17 @@ def test_loop_payloads() -> None:
     final = final_answer_payload({**nxt, "instructions": "Be brief."})
     assert final["tool_choice"] == "none" and final["tools"] == [1]
     assert final["instructions"].startswith("Be brief.\n\nThe tool-call limit")
+
+
+async def test_limiter_passes_the_slot_on_when_a_woken_waiter_is_cancelled() -> None:
+    from openrouter_responses_pipe import ConcurrencyLimiter
+
+    limiter = ConcurrencyLimiter()
+    await limiter.acquire(1)
+    first = asyncio.create_task(limiter.acquire(1))
+    second = asyncio.create_task(limiter.acquire(1))
+    await asyncio.sleep(0)
+    limiter.release()  # wakes `first`...
+    first.cancel()     # ...which is cancelled before it runs
+    await asyncio.wait_for(second, 1)  # the slot reaches `second` instead of being lost
+    assert first.cancelled() and limiter.active == 1
