@@ -3207,8 +3207,8 @@ class Pipe:
 
         Each round: (a) send the request and stream its text and reasoning as they arrive;
         (b) keep the round's output items verbatim and number its web citations; (c) no
-        function calls (or tools were forbidden) -> checkpoint the final items, done;
-        (d) passthrough mode -> hand the calls to Open WebUI as `delta.tool_calls`, done;
+        function calls, tools forbidden, or passthrough -> checkpoint the items, and
+        (d) in passthrough mode hand the calls to Open WebUI as `delta.tool_calls`; done;
         (e) run the calls under a status line; (f) checkpoint the round's items, then show
         its tool cards; (g) next input = input + this round's items + outputs; after the
         last allowed round the model must answer without tools, and the user is told.
@@ -3225,12 +3225,12 @@ class Pipe:
             if cited:
                 yield renderer.text_chunk(cited)
             calls = [FunctionCall.of(i) for i in items if i.get("type") == "function_call"]
-            if not calls or payload.get("tool_choice") == "none":                       # c
+            passthrough = ts.mode == "open_webui"
+            if not calls or passthrough or payload.get("tool_choice") == "none":        # c
                 async for chunk in self._last_round(turn, items, calls, renderer):
                     yield chunk
-                return
-            if ts.mode == "open_webui":                                                 # d
-                yield renderer.chunk(tool_calls_delta(calls, plan.tools), "tool_calls")
+                if calls and passthrough:                                               # d
+                    yield renderer.chunk(tool_calls_delta(calls, plan.tools), "tool_calls")
                 return
             names = [plan.tools.display_name(c.name) for c in calls]                   # e
             await turn.emitter.status(tool_status("Running", names) + "…", done=False)
@@ -3262,7 +3262,7 @@ class Pipe:
         marker = await self._checkpoint(turn, [i for i in items if i.get("type") != "message"])
         if marker:
             yield renderer.text_chunk(marker)
-        if calls:  # tool_choice was "none" and the model still asked for tools
+        if calls and turn.settings.tools.mode == "pipe":  # asked for tools after the limit
             LOG.warning("The model called %d tool(s) after the limit; not run", len(calls))
             yield renderer.text_chunk("\n\n⚠️ The model asked for more tools after the limit; "
                                       "they were not run.")

@@ -425,3 +425,22 @@ async def test_long_results_are_cut_in_the_card_but_sent_to_the_model(pipe, emul
     assert len(card["result"]) < 150
     [sent] = outputs_sent(emulator)
     assert sent["output"] == "x" * 3000 + "\n…[truncated: 2,000 more characters]"
+
+
+async def test_passthrough_checkpoints_the_rounds_reasoning_and_calls(pipe, emulator):
+    pipe.valves = pipe.Valves(**{**pipe.valves.model_dump(),
+                                 "TOOL_EXECUTION_MODE": "open_webui"})
+    seen: list[list[str]] = []
+
+    async def checkpoint(turn: Any, items: list[dict[str, Any]]) -> str:
+        seen.append([i["type"] for i in items])
+        return "<!-- marker -->\n"
+
+    pipe._checkpoint = checkpoint  # type: ignore[method-assign]
+    tool = {"type": "function", "function": {"name": "t", "parameters": {"type": "object"}}}
+    out = await stream(pipe, body(NANO, "[emu:tool_call name=t] go", tools=[tool]))
+    assert seen == [["reasoning", "function_call"]]
+    texts = [c["choices"][0]["delta"] for c in out.chunks if c.get("choices")]
+    marker_at = next(i for i, d in enumerate(texts) if d.get("content") == "<!-- marker -->\n")
+    calls_at = next(i for i, d in enumerate(texts) if d.get("tool_calls"))
+    assert marker_at < calls_at
