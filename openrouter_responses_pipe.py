@@ -2236,11 +2236,15 @@ def with_tools(plan: Transformed, req: ChatRequest, entry: CatalogEntry,
     """Attach the request's tools: functions, remote MCP servers, web search.
 
     A model without tool support gets no function/MCP tools and one note; web search then
-    uses the `web` plugin, which needs no tool support. Strict schemas only in pipe mode:
-    they make optional parameters nullable, and only the pipe drops the nulls again.
+    uses the `web` plugin, which needs no tool support. In passthrough mode only the tools
+    Open WebUI put in `body["tools"]` are declared: those are the ones it executes from
+    streamed calls (native function calling); with prompt-based calling it sends none and
+    picks tools itself. Strict schemas only in pipe mode: they make optional parameters
+    nullable, and only the pipe drops the nulls again.
     """
     piped = ts.mode == "pipe"
-    tools = tool_set(owui_tools, req.tools, strict=ts.strict and piped, runnable_only=piped)
+    tools = tool_set(owui_tools if piped else {}, req.tools, strict=ts.strict and piped,
+                     runnable_only=piped)
     wire: list[Mapping[str, Any]] = [*tools.wire, *ts.mcp_servers]
     notes = list(plan.notes)
     if wire and not entry.supports_tools:

@@ -193,8 +193,14 @@ async def test_passthrough_streams_tool_calls_for_open_webui(pipe, emulator):
     builtin = {"type": "function", "function": {
         "name": "get.time", "description": "time", "parameters": {"type": "object",
                                                                   "properties": {}}}}
+    async def own(city: str) -> str:
+        return "x"
+
     out = await stream(pipe, body(GPT4O, "[emu:tool_call name=get_time n=2] go",
-                                  tools=[builtin]))
+                                  tools=[builtin]),
+                       __tools__={"own": owui_tool(own, "own")})
+    # only body["tools"] is declared: Open WebUI executes exactly those from streamed calls
+    assert [t["name"] for t in posts(emulator)[0]["json"]["tools"]] == ["get_time"]
     [chunk] = [c for c in out.chunks if c.get("choices") and
                c["choices"][0]["delta"].get("tool_calls")]
     calls = chunk["choices"][0]["delta"]["tool_calls"]
