@@ -985,7 +985,7 @@ def history_items(messages: Iterable[ChatMessage], entry: CatalogEntry
 
 def assistant_items(msg: ChatMessage) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    text = strip_reasoning_blocks(msg.text).strip()
+    text = tool_cards_as_text(strip_reasoning_blocks(msg.text)).strip()
     if text:
         out.append({"type": "message", "role": "assistant", "content": text})
     out.extend({"type": "function_call", "call_id": call.id, "name": call.name,
@@ -2215,6 +2215,36 @@ class ToolRunner:
                                        "effect.") from None
             raise ToolError(f"{type(exc).__name__}: {_exc_text(exc)}"[:2000]) from exc
         return result_text(value)
+
+
+# -- tool cards in replayed history ------------------------------------------------------
+
+_TOOL_CARD = re.compile(r'<details type="tool_calls"([^>]*)>\n.*?</details>\n?', re.DOTALL)
+_CARD_ATTR = re.compile(r'(\w+)="(.*?)"')
+
+
+def tool_cards_as_text(text: str) -> str:
+    """Tool cards in an earlier assistant message -> a line the model can read (the card's
+    attributes are html-escaped JSON, as Open WebUI writes them)."""
+    if '<details type="tool_calls"' not in text:
+        return text
+    return _TOOL_CARD.sub(_card_line, text)
+
+
+def _card_line(match: re.Match[str]) -> str:
+    import html
+
+    attrs = {k: html.unescape(v) for k, v in _CARD_ATTR.findall(match.group(1))}
+
+    def decoded(key: str) -> str:
+        try:
+            value = json.loads(attrs.get(key) or '""')
+        except ValueError:
+            return attrs.get(key, "")
+        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+    return (f"[Tool call {attrs.get('name', '?')}({decoded('arguments')}) returned: "
+            f"{decoded('result')}]\n")
 
 
 # -- the loop's pure steps ---------------------------------------------------------------

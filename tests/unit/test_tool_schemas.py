@@ -321,3 +321,14 @@ def test_body_tools_parser_never_crashes(value: Any) -> None:
     assert all(isinstance(s.name, str) and s.name for s in specs)
     wire = tool_set({}, specs, strict=True, runnable_only=False).wire
     assert all(VALID.fullmatch(w["name"]) for w in wire)
+
+
+def test_tool_cards_in_history_become_readable_lines() -> None:
+    from openrouter_responses_pipe import tool_card, tool_cards_as_text
+
+    card = tool_card("call_1", "weather", '{"city": "Zürich \\"old\\""}', 'Sun & <rain>\n2')
+    text = f"Let me check.\n\n{card}\nIt is sunny."
+    assert tool_cards_as_text(text) == (
+        'Let me check.\n\n[Tool call weather({"city": "Zürich \\"old\\""}) returned: '
+        "Sun & <rain>\n2]\n\nIt is sunny.")
+    assert tool_cards_as_text("plain") == "plain"
