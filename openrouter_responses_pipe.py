@@ -1858,6 +1858,7 @@ class ToolEntry:
     spec: ToolSpec
     callable: Callable[..., Any] | None
     optional_args: frozenset[str] = frozenset()
+    known_args: frozenset[str] | None = None   # None: the spec names no properties
 
 
 @dataclass(frozen=True, slots=True)
@@ -1902,18 +1903,21 @@ def tool_set(owui_tools: Mapping[str, Any], body_tools: Iterable[ToolSpec], *,
         spec, fn = found[name]
         params, is_strict = strictify(spec.parameters) if strict else (
             dict(spec.parameters or {"type": "object", "properties": {}}), False)
-        entries.append(ToolEntry(names[name], spec, fn, _optional_args(spec.parameters)))
+        entries.append(ToolEntry(names[name], spec, fn, *_arg_names(spec.parameters)))
         wire.append({"type": "function", "name": names[name],
                      "description": spec.description or spec.name,
                      "parameters": params, "strict": is_strict})
     return ToolSet(tuple(entries), tuple(wire))
 
 
-def _optional_args(params: Mapping[str, Any] | None) -> frozenset[str]:
+def _arg_names(params: Mapping[str, Any] | None
+               ) -> tuple[frozenset[str], frozenset[str] | None]:
+    """(optional parameter names, all parameter names or None when the spec names none)."""
     props = (params or {}).get("properties")
+    if not isinstance(props, Mapping) or not props:
+        return frozenset(), None
     required = (params or {}).get("required") or ()
-    return frozenset(p for p in props or () if p not in required) if isinstance(
-        props, Mapping) else frozenset()
+    return frozenset(p for p in props if p not in required), frozenset(props)
 
 
 # -- remote MCP servers ------------------------------------------------------------------
@@ -2001,11 +2005,13 @@ class ToolOutcome:
                 "output": self.output}
 
 
-def parse_arguments(raw: str, optional: frozenset[str] = frozenset()) -> dict[str, Any]:
+def parse_arguments(raw: str, optional: frozenset[str] = frozenset(),
+                    known: frozenset[str] | None = None) -> dict[str, Any]:
     """The model's argument string -> kwargs. Never guesses: bad JSON raises BadToolArguments.
 
     Nulls for originally optional parameters (strict mode makes them nullable) are dropped so
-    the tool's own defaults apply.
+    the tool's own defaults apply; so are names the tool's spec doesn't declare (as Open WebUI
+    itself does), which would only make the call fail.
     """
     try:
         args = json.loads(raw) if raw.strip() else {}
@@ -2015,7 +2021,8 @@ def parse_arguments(raw: str, optional: frozenset[str] = frozenset()) -> dict[st
     if not isinstance(args, dict):
         raise BadToolArguments(f"The arguments must be a JSON object, not {type(args).__name__}.",
                                hint="Call the tool again with a JSON object.")
-    return {k: v for k, v in args.items() if not (v is None and k in optional)}
+    return {k: v for k, v in args.items()
+            if not (v is None and k in optional) and (known is None or k in known)}
 
 
 def result_text(value: Any) -> str:
@@ -2174,7 +2181,7 @@ class ToolRunner:
                                f"Available tools: {known}.", ok=False)
         name = entry.spec.name
         try:
-            args = parse_arguments(call.arguments, entry.optional_args)
+            args = parse_arguments(call.arguments, entry.optional_args, entry.known_args)
         except BadToolArguments as exc:
             return ToolOutcome(call, name, failure_output(name, exc), ok=False)
         key = (user_id, name)

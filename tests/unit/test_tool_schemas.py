@@ -332,3 +332,8 @@ def test_tool_cards_in_history_become_readable_lines() -> None:
         'Let me check.\n\n[Tool call weather({"city": "Zürich \\"old\\""}) returned: '
         "Sun & <rain>\n2]\n\nIt is sunny.")
     assert tool_cards_as_text("plain") == "plain"
+
+
+def test_undeclared_argument_names_are_dropped() -> None:
+    assert parse_arguments('{"a": 1, "zz": 2}', known=frozenset({"a"})) == {"a": 1}
+    assert parse_arguments('{"a": 1, "zz": 2}') == {"a": 1, "zz": 2}
