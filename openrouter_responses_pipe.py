@@ -3235,6 +3235,8 @@ class Pipe:
         if turn.req.stream and not turn.req.task:  # tools only where a turn can loop
             plan = with_tools(plan, turn.req, entry, turn.context.tools,
                               turn.context.metadata.get("features") or {}, turn.settings.tools)
+        elif not turn.req.task and (turn.context.tools or turn.req.tools):
+            LOG.info("Tools are used in streamed chats only; this one is sent without them")
         LOG.info("Turn: model=%s stream=%s task=%s messages=%d", entry.id,
                  plan.payload.get("stream"), turn.req.task, len(turn.req.messages))
         if LOG.isEnabledFor(logging.DEBUG) and turn.log.level <= logging.DEBUG:
