@@ -91,7 +91,10 @@ _SAMPLING_PARAMS = ("temperature", "top_p", "top_k", "stop", "frequency_penalty"
 #   ├── IntakeError             an attachment was refused
 #   │   ├── UnsafeURLError
 #   │   └── PayloadTooLargeError
-#   ├── ToolError
+#   ├── ToolError               reported to the model as the call's output, never fatal
+#   │   ├── BadToolArguments
+#   │   ├── ToolTimeout
+#   │   └── ToolBreakerOpen
 #   └── ArtifactStoreError
 #
 # `describe_error` (§12) is the one place that turns these into what the user reads.
@@ -171,7 +174,23 @@ class PayloadTooLargeError(IntakeError):
 
 
 class ToolError(PipeError):
-    """A tool call failed (timeout, unknown tool, breaker open, bad arguments)."""
+    """A tool call failed (timeout, unknown tool, breaker open, bad arguments).
+
+    Tool errors never end a chat: the text goes to the model as the call's output and into
+    the tool card, so the model can recover.
+    """
+
+
+class BadToolArguments(ToolError):
+    """The model's arguments were not a JSON object; it is told so and may call again."""
+
+
+class ToolTimeout(ToolError):
+    """A tool ran longer than TOOL_TIMEOUT_SECONDS."""
+
+
+class ToolBreakerOpen(ToolError):
+    """A tool failed repeatedly for this user and is paused."""
 
 
 class ArtifactStoreError(PipeError):
@@ -325,6 +344,48 @@ class Valves(BaseModel):
                     "one provider (better prompt-cache hits). The chat id itself is not sent.")
 
     # ── Tools (issue #3) ──────────────────────────────────────────────────────
+    TOOL_EXECUTION_MODE: Literal["pipe", "open_webui"] = Field(
+        default="pipe",
+        description="Who runs Open WebUI's tools: `pipe` (shown as tool cards, results sent "
+                    "back to the model in the same turn) or `open_webui` (the pipe streams "
+                    "tool calls and Open WebUI executes them).")
+    MAX_TOOL_ROUNDS: int = Field(
+        default=8, ge=1, le=50,
+        description="Tool rounds per answer (pipe mode). At the limit the model is asked for "
+                    "a final answer without tools and the user is told.")
+    TOOL_TIMEOUT_SECONDS: float = Field(
+        default=60.0, ge=1, le=3600, description="Longest a single tool call may run.")
+    MAX_PARALLEL_TOOLS_PER_REQUEST: int = Field(
+        default=4, ge=1, le=64, description="Tool calls of one answer running at once.")
+    MAX_PARALLEL_TOOLS_GLOBAL: int = Field(
+        default=32, ge=1, le=1024, description="Tool calls running at once, all users.")
+    TOOL_BREAKER_THRESHOLD: int = Field(
+        default=5, ge=1, le=100,
+        description="Failures of one tool for one user (within the window) that pause it.")
+    TOOL_BREAKER_WINDOW_SECONDS: float = Field(
+        default=60.0, ge=1, le=86400,
+        description="Window for TOOL_BREAKER_THRESHOLD, and how long a paused tool stays off.")
+    STRICT_TOOL_SCHEMAS: bool = Field(
+        default=True,
+        description="Send tool schemas in strict mode (exact arguments). A schema strict mode "
+                    "can't express is sent non-strict.")
+    TOOL_RESULT_MAX_CHARS: int = Field(
+        default=50_000, ge=100, le=2_000_000,
+        description="Longest tool result sent to the model (longer ones are cut, with a note).")
+    TOOL_CARD_MAX_CHARS: int = Field(
+        default=2_000, ge=50, le=200_000,
+        description="Longest tool result shown in the chat's tool card.")
+    WEB_SEARCH: Literal["off", "user_toggle", "always"] = Field(
+        default="user_toggle",
+        description="OpenRouter web search (paid per result): only when the user turns on "
+                    "Web Search in the chat, always, or never.")
+    WEB_SEARCH_MAX_RESULTS: int = Field(
+        default=5, ge=1, le=25, description="Web search results per search.")
+    REMOTE_MCP_SERVERS_JSON: str = Field(
+        default="",
+        description='Remote MCP servers the provider calls, as JSON: one object or a list of '
+                    '{"server_label", "server_url", "require_approval", "allowed_tools", '
+                    '"headers", "server_description", "authorization"}.')
 
     # ── Multimodal intake (issue #4) ──────────────────────────────────────────
 
@@ -408,6 +469,7 @@ class RequestSettings:
     log_citation: str
     catalog_ttl: float
     # ── Tools (issue #3) ──
+    tools: ToolSettings = field(default_factory=lambda: ToolSettings())
 
     # ── Multimodal intake (issue #4) ──
 
@@ -443,6 +505,7 @@ class RequestSettings:
             log_citation=valves.REQUEST_LOG_CITATION,
             catalog_ttl=valves.MODEL_CATALOG_REFRESH_SECONDS,
             # ── Tools (issue #3) ──
+            tools=tool_settings(valves),
 
             # ── Multimodal intake (issue #4) ──
 
@@ -585,6 +648,7 @@ class ChatRequest:
     chat_id: str | None = None
     user_id: str = "anonymous"
     user_role: str = "user"
+    tools: tuple[ToolSpec, ...] = ()           # body["tools"] (issue #3)
 
 
 @dataclass(slots=True)
@@ -832,6 +896,7 @@ class Transformed:
 
     payload: dict[str, Any]
     notes: tuple[str, ...] = ()
+    tools: ToolSet = field(default_factory=lambda: ToolSet())  # function tools (issue #3)
 
 
 def nearest_effort(wanted: str, spec: ReasoningSpec) -> str:
@@ -920,7 +985,7 @@ def history_items(messages: Iterable[ChatMessage], entry: CatalogEntry
 
 def assistant_items(msg: ChatMessage) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    text = strip_reasoning_blocks(msg.text).strip()
+    text = tool_cards_as_text(strip_reasoning_blocks(msg.text)).strip()
     if text:
         out.append({"type": "message", "role": "assistant", "content": text})
     out.extend({"type": "function_call", "call_id": call.id, "name": call.name,
@@ -1544,9 +1609,722 @@ def finish_stream(state: StreamState) -> None:
 # ─────────────────────────────────────────────────────────────────────────────
 # §10 Tool executor
 #
-# (Issue #3 fills this section: Open WebUI tools -> Responses function tools, strict schemas,
-# the runner with per-call timeouts, bounded parallelism and per-tool breakers.)
+# Pure part: Open WebUI tools (`__tools__` and the built-in specs 0.11+ puts in `body["tools"]`)
+# -> Responses `function` tools with provider-safe names (exact reverse map), strict schemas
+# (cached by canonical JSON), remote MCP servers from a JSON valve, argument parsing, result
+# shaping. I/O part: `ToolRunner` runs one round's calls in parallel, bounded per request and
+# globally, each with a timeout; sync callables run in a thread; nothing is retried; a breaker
+# per (user, tool name) keeps one flaky tool from costing the others.
 # ─────────────────────────────────────────────────────────────────────────────
+
+TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # use with fullmatch ($ allows a "\n")
+_TOOL_NAME_BAD = re.compile(r"[^a-zA-Z0-9_-]+")
+_STRICT_UNSUPPORTED = frozenset({
+    "allOf", "not", "if", "then", "else", "patternProperties", "dependentRequired",
+    "dependentSchemas", "unevaluatedProperties", "unevaluatedItems", "propertyNames",
+    "prefixItems", "contains", "additionalItems", "$dynamicRef", "dependencies"})
+_STRICT_DROPPED = frozenset({"default", "examples", "$schema", "$id", "$comment"})
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """One function tool as Open WebUI describes it (OpenAI function spec), parsed once."""
+
+    name: str
+    description: str = ""
+    parameters: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSettings:
+    """The tool valves of one request, resolved by `RequestSettings.merge`."""
+
+    mode: str = "pipe"                      # pipe | open_webui
+    max_rounds: int = 8
+    timeout: float = 60.0
+    per_request: int = 4
+    global_limit: int = 32
+    breaker_threshold: int = 5
+    breaker_window: float = 60.0
+    strict: bool = True
+    result_max_chars: int = 50_000
+    card_max_chars: int = 2_000
+    web_search: str = "user_toggle"         # off | user_toggle | always
+    web_search_max_results: int = 5
+    mcp_servers: tuple[Mapping[str, Any], ...] = ()
+
+
+def tool_settings(valves: Valves) -> ToolSettings:
+    """The tool valves -> ToolSettings; a bad REMOTE_MCP_SERVERS_JSON raises ConfigError."""
+    return ToolSettings(
+        mode=valves.TOOL_EXECUTION_MODE, max_rounds=valves.MAX_TOOL_ROUNDS,
+        timeout=valves.TOOL_TIMEOUT_SECONDS, per_request=valves.MAX_PARALLEL_TOOLS_PER_REQUEST,
+        global_limit=valves.MAX_PARALLEL_TOOLS_GLOBAL,
+        breaker_threshold=valves.TOOL_BREAKER_THRESHOLD,
+        breaker_window=valves.TOOL_BREAKER_WINDOW_SECONDS, strict=valves.STRICT_TOOL_SCHEMAS,
+        result_max_chars=valves.TOOL_RESULT_MAX_CHARS, card_max_chars=valves.TOOL_CARD_MAX_CHARS,
+        web_search=valves.WEB_SEARCH, web_search_max_results=valves.WEB_SEARCH_MAX_RESULTS,
+        mcp_servers=parse_mcp_servers(valves.REMOTE_MCP_SERVERS_JSON))
+
+
+def parse_tool_spec(raw: Any) -> ToolSpec | None:
+    """`{"type":"function","function":{…}}` or a bare `{name, description, parameters}`."""
+    if not isinstance(raw, Mapping):
+        return None
+    inner = raw.get("function")
+    spec: Mapping[str, Any] = inner if isinstance(inner, Mapping) else raw
+    name = spec.get("name")
+    if not isinstance(name, str) or not name:
+        return None
+    params = spec.get("parameters")
+    return ToolSpec(name, str(spec.get("description") or ""),
+                    params if isinstance(params, Mapping) else None)
+
+
+def parse_body_tools(raw: Any) -> tuple[ToolSpec, ...]:
+    """`body["tools"]` (chat-completions style) -> specs; entries of other shapes are skipped."""
+    if not isinstance(raw, list):
+        return ()
+    return tuple(spec for spec in map(parse_tool_spec, raw) if spec is not None)
+
+
+def _safe_base(name: str) -> str:
+    return (_TOOL_NAME_BAD.sub("_", name).strip("_") or "tool")[:64]
+
+
+def assign_tool_names(names: Iterable[str]) -> dict[str, str]:
+    """Original names -> provider-safe unique names, independent of input order.
+
+    Valid names keep their spelling; the others are sanitised (`[^a-zA-Z0-9_-]` -> `_`, at
+    most 64 chars), and a clash gets the smallest free suffix `_2`, `_3`, … (sorted order).
+    """
+    unique = sorted(set(names))
+    taken: set[str] = {n for n in unique if TOOL_NAME.fullmatch(n)}
+    mapping = {n: n for n in taken}
+    for name in (n for n in unique if n not in mapping):
+        base, k, candidate = _safe_base(name), 1, _safe_base(name)
+        while candidate in taken:
+            k += 1
+            suffix = f"_{k}"
+            candidate = base[:64 - len(suffix)] + suffix
+        taken.add(candidate)
+        mapping[name] = candidate
+    return mapping
+
+
+# -- strict schemas ----------------------------------------------------------------------
+
+
+class _NotStrictifiable(Exception):
+    """Internal: the schema uses something OpenAI's strict mode can't express."""
+
+
+def strictify(schema: Mapping[str, Any] | None) -> tuple[dict[str, Any], bool]:
+    """(schema, strict): a strict-mode version of a tool's parameters, or the original.
+
+    Every object gets `additionalProperties: false` and all its properties required; a
+    property that was optional becomes nullable. `$defs`/`definitions` are strictified, local
+    `$ref`s kept, `oneOf` becomes `anyOf`, `default`/`examples` are dropped. A schema strict
+    mode can't express (free-form objects, `allOf`, tuple arrays, remote refs…) comes back
+    unchanged with `strict=False`. Results are cached by canonical JSON.
+    """
+    if schema is None:
+        schema = {"type": "object", "properties": {}}
+    try:
+        key = json.dumps(schema, sort_keys=True, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return dict(schema), False
+    text, strict = _strictify_cached(key)
+    return json.loads(text), strict
+
+
+_STRICT_CACHE: dict[str, tuple[str, bool]] = {}
+
+
+def _strictify_cached(key: str) -> tuple[str, bool]:
+    hit = _STRICT_CACHE.get(key)
+    if hit is None:
+        if len(_STRICT_CACHE) >= 512:
+            _STRICT_CACHE.clear()
+        hit = _STRICT_CACHE[key] = _strictify_json(key)
+    return hit
+
+
+def _strictify_json(key: str) -> tuple[str, bool]:
+    original = json.loads(key)
+    try:
+        if not isinstance(original, dict) or not _is_object(original):
+            raise _NotStrictifiable("root is not an object")
+        result = _strict_node(original, root=True)
+    except _NotStrictifiable as exc:
+        LOG.debug("Tool schema sent non-strict: %s", exc)
+        return key, False
+    return json.dumps(result, ensure_ascii=False), True
+
+
+def _is_object(node: Mapping[str, Any]) -> bool:
+    kind = node.get("type")
+    return kind == "object" or (isinstance(kind, list) and "object" in kind) or (
+        kind is None and "properties" in node)
+
+
+def _strict_node(node: Any, root: bool = False) -> dict[str, Any]:
+    if not isinstance(node, dict):
+        raise _NotStrictifiable(f"schema node {node!r}")
+    bad = _STRICT_UNSUPPORTED & node.keys()
+    if bad:
+        raise _NotStrictifiable(f"unsupported keyword(s) {sorted(bad)}")
+    out = {k: v for k, v in node.items() if k not in _STRICT_DROPPED}
+    for defs in ("$defs", "definitions"):
+        if defs in out:
+            if not root or not isinstance(out[defs], dict):
+                raise _NotStrictifiable(f"nested {defs}")
+            out[defs] = {k: _strict_node(v) for k, v in out[defs].items()}
+    if "$ref" in out:
+        return _strict_ref(out)
+    if "oneOf" in out:
+        out["anyOf"] = out.pop("oneOf")
+    if "anyOf" in out:
+        if not isinstance(out["anyOf"], list) or not out["anyOf"] or root:
+            raise _NotStrictifiable("anyOf at the root or empty")
+        out["anyOf"] = [_strict_node(branch) for branch in out["anyOf"]]
+        return out
+    if _is_object(out):
+        return _strict_object(out)
+    if "enum" in out or "const" in out or isinstance(out.get("type"), str | list):
+        return _strict_leaf(out)
+    raise _NotStrictifiable("a node without a type")
+
+
+def _strict_ref(node: dict[str, Any]) -> dict[str, Any]:
+    ref = node["$ref"]
+    if not isinstance(ref, str) or not ref.startswith(("#/$defs/", "#/definitions/", "#")):
+        raise _NotStrictifiable(f"non-local $ref {ref!r}")
+    if set(node) - {"$ref", "description", "title"}:
+        raise _NotStrictifiable("$ref with sibling keywords")
+    return node
+
+
+def _strict_object(node: dict[str, Any]) -> dict[str, Any]:
+    props = node.get("properties") or {}
+    extra = node.get("additionalProperties", False)
+    if not isinstance(props, dict) or extra not in (False, None):
+        raise _NotStrictifiable("a free-form object (additionalProperties)")
+    required = node.get("required") or []
+    if not isinstance(required, list):
+        raise _NotStrictifiable("required is not a list")
+    strict_props = {}
+    for name, sub in props.items():
+        strict_sub = _strict_node(sub)
+        strict_props[name] = strict_sub if name in required else _nullable(strict_sub)
+    node.setdefault("type", "object")  # a list such as ["object", "null"] stays as it is
+    node.update(properties=strict_props, required=list(props), additionalProperties=False)
+    return node
+
+
+def _strict_leaf(node: dict[str, Any]) -> dict[str, Any]:
+    kind = node.get("type")
+    if kind == "array" or (isinstance(kind, list) and "array" in kind):
+        items = node.get("items")
+        if not isinstance(items, dict):
+            raise _NotStrictifiable("array without a single items schema")
+        node["items"] = _strict_node(items)
+    return node
+
+
+def _nullable(node: dict[str, Any]) -> dict[str, Any]:
+    """An optional property: also accept null (the runner drops nulls the model sends)."""
+    kind = node.get("type")
+    if isinstance(kind, str) and "enum" not in node and "const" not in node:
+        return {**node, "type": [kind, "null"]} if kind != "null" else node
+    if isinstance(kind, list) and "enum" not in node and "const" not in node:
+        return node if "null" in kind else {**node, "type": [*kind, "null"]}
+    if "anyOf" in node:
+        branches = node["anyOf"]
+        if any(b.get("type") == "null" for b in branches):
+            return node
+        return {**node, "anyOf": [*branches, {"type": "null"}]}
+    return {"anyOf": [node, {"type": "null"}]}
+
+
+# -- tool set for one request ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ToolEntry:
+    """A tool as the model sees it (`wire_name`) and as Open WebUI runs it (`spec.name`)."""
+
+    wire_name: str
+    spec: ToolSpec
+    callable: Callable[..., Any] | None
+    optional_args: frozenset[str] = frozenset()
+    known_args: frozenset[str] | None = None   # None: the spec names no properties
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSet:
+    """The function tools of one request, with the wire-name -> tool map for calls."""
+
+    entries: tuple[ToolEntry, ...] = ()
+    wire: tuple[Mapping[str, Any], ...] = ()   # Responses `tools` entries, in order
+
+    def find(self, wire_name: str) -> ToolEntry | None:
+        return next((e for e in self.entries if e.wire_name == wire_name), None)
+
+    def display_name(self, wire_name: str) -> str:
+        entry = self.find(wire_name)
+        return entry.spec.name if entry else wire_name
+
+    def __bool__(self) -> bool:
+        return bool(self.wire)
+
+
+def tool_set(owui_tools: Mapping[str, Any], body_tools: Iterable[ToolSpec], *,
+             strict: bool, runnable_only: bool) -> ToolSet:
+    """`__tools__` + `body["tools"]` -> the request's function tools.
+
+    A name in both keeps the `__tools__` entry (it has the callable). With `runnable_only`
+    (the pipe runs tools) specs without a callable are left out: nothing could run them.
+    """
+    found: dict[str, tuple[ToolSpec, Callable[..., Any] | None]] = {}
+    for spec in body_tools:
+        found.setdefault(spec.name, (spec, None))
+    for name, raw in owui_tools.items():
+        if not isinstance(raw, Mapping):
+            continue
+        spec = parse_tool_spec(raw.get("spec")) or ToolSpec(str(name))
+        fn = raw.get("callable")
+        found[spec.name] = (spec, fn if callable(fn) else None)
+    if runnable_only:
+        found = {k: v for k, v in found.items() if v[1] is not None}
+    names = assign_tool_names(found)
+    entries, wire = [], []
+    for name in sorted(found):
+        spec, fn = found[name]
+        params, is_strict = strictify(spec.parameters) if strict else (
+            dict(spec.parameters or {"type": "object", "properties": {}}), False)
+        entries.append(ToolEntry(names[name], spec, fn, *_arg_names(spec.parameters)))
+        wire.append({"type": "function", "name": names[name],
+                     "description": spec.description or spec.name,
+                     "parameters": params, "strict": is_strict})
+    return ToolSet(tuple(entries), tuple(wire))
+
+
+def _arg_names(params: Mapping[str, Any] | None
+               ) -> tuple[frozenset[str], frozenset[str] | None]:
+    """(optional parameter names, all parameter names or None when the spec names none)."""
+    props = (params or {}).get("properties")
+    if not isinstance(props, Mapping) or not props:
+        return frozenset(), None
+    required = (params or {}).get("required") or ()
+    return frozenset(p for p in props if p not in required), frozenset(props)
+
+
+# -- remote MCP servers ------------------------------------------------------------------
+
+_MCP_KEYS = ("server_label", "server_url", "server_description", "require_approval",
+             "allowed_tools", "headers", "authorization")
+_MCP_LABEL = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+
+
+def parse_mcp_servers(raw: str) -> tuple[dict[str, Any], ...]:
+    """REMOTE_MCP_SERVERS_JSON (one object or a list) -> Responses `mcp` tools, every server.
+
+    Raises ConfigError naming the server and the problem; unknown keys are an error too, so a
+    typo never silently drops a setting.
+    """
+    if not raw.strip():
+        return ()
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise _mcp_error(f"is not valid JSON ({exc})") from None
+    servers = data if isinstance(data, list) else [data]
+    tools = tuple(_mcp_tool(i, s) for i, s in enumerate(servers, 1))
+    labels = [t["server_label"] for t in tools]
+    dupes = sorted({x for x in labels if labels.count(x) > 1})
+    if dupes:
+        raise _mcp_error(f"uses the server_label {dupes[0]!r} twice; labels must be unique")
+    return tools
+
+
+def _mcp_tool(position: int, server: Any) -> dict[str, Any]:
+    where = f"server #{position}"
+    if not isinstance(server, Mapping):
+        raise _mcp_error(f"{where} is not an object")
+    unknown = sorted(set(server) - {*_MCP_KEYS, "type"})
+    if unknown:
+        raise _mcp_error(f"{where} has unknown key(s) {unknown}; allowed: {', '.join(_MCP_KEYS)}")
+    label, url = server.get("server_label"), server.get("server_url")
+    if not isinstance(label, str) or not _MCP_LABEL.fullmatch(label):
+        raise _mcp_error(f"{where} needs a server_label of letters, digits, _ or - (≤64)")
+    if not isinstance(url, str) or not re.match(r"^(https?|wss?)://[^/\s:]+", url):
+        raise _mcp_error(f"{where} ({label}) needs a server_url starting with https:// "
+                         "(or http://, ws://, wss://) and a host")
+    headers = server.get("headers")
+    if headers is not None and not (isinstance(headers, Mapping) and all(
+            isinstance(v, str) for v in headers.values())):
+        raise _mcp_error(f"{where} ({label}): headers must map names to strings")
+    return {"type": "mcp", **{k: server[k] for k in _MCP_KEYS if server.get(k) is not None}}
+
+
+def _mcp_error(problem: str) -> ConfigError:
+    return ConfigError(f"The REMOTE_MCP_SERVERS_JSON valve {problem}.",
+                       hint="An admin must fix it in the pipe's valves.")
+
+
+# -- calls, arguments, results -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionCall:
+    """A `function_call` output item the model produced."""
+
+    call_id: str
+    name: str          # the wire name
+    arguments: str
+
+    @classmethod
+    def of(cls, item: Mapping[str, Any]) -> FunctionCall:
+        return cls(str(item.get("call_id") or item.get("id") or ""), str(item.get("name") or ""),
+                   str(item.get("arguments") or ""))
+
+
+@dataclass(frozen=True, slots=True)
+class ToolOutcome:
+    """One call's result: `output` goes to the model, `shown` into the tool card."""
+
+    call: FunctionCall
+    tool_name: str
+    output: str
+    ok: bool
+
+    def item(self) -> dict[str, Any]:
+        """The `function_call_output` input item (only the fields OpenRouter accepts)."""
+        return {"type": "function_call_output", "call_id": self.call.call_id,
+                "output": self.output}
+
+
+def parse_arguments(raw: str, optional: frozenset[str] = frozenset(),
+                    known: frozenset[str] | None = None) -> dict[str, Any]:
+    """The model's argument string -> kwargs. Never guesses: bad JSON raises BadToolArguments.
+
+    Nulls for originally optional parameters (strict mode makes them nullable) are dropped so
+    the tool's own defaults apply; so are names the tool's spec doesn't declare (as Open WebUI
+    itself does), which would only make the call fail.
+    """
+    try:
+        args = json.loads(raw) if raw.strip() else {}
+    except ValueError as exc:
+        raise BadToolArguments(f"The arguments were not valid JSON ({exc}).",
+                               hint="Call the tool again with a JSON object.") from None
+    if not isinstance(args, dict):
+        raise BadToolArguments(f"The arguments must be a JSON object, not {type(args).__name__}.",
+                               hint="Call the tool again with a JSON object.")
+    return {k: v for k, v in args.items()
+            if not (v is None and k in optional) and (known is None or k in known)}
+
+
+def result_text(value: Any) -> str:
+    """What a tool returned -> the text the model reads."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, bytes):
+        text = value.decode("utf-8", "replace")
+    elif isinstance(value, Mapping | list | tuple | int | float | bool):
+        try:
+            text = json.dumps(value, ensure_ascii=False, default=str)
+        except (TypeError, ValueError):
+            text = str(value)
+    elif isinstance(getattr(value, "body", None), bytes):  # a Response object (HTMLResponse…)
+        text = value.body.decode("utf-8", "replace")
+    else:
+        text = str(value)
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def truncate(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"\n…[truncated: {len(text) - limit:,} more characters]"
+
+
+def failure_output(tool: str, exc: ToolError) -> str:
+    """The output the model gets for a failed call: what failed and what it may do."""
+    return f"Error: the tool `{tool}` failed: {describe_error(exc)}"
+
+
+# -- the runner (I/O) --------------------------------------------------------------------
+
+
+class ConcurrencyLimiter:
+    """A counting gate whose limit is read per call (valves may change between requests)."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.peak = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self, limit: int) -> None:
+        while self.active >= max(limit, 1):
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            try:
+                await fut
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():
+                    self._wake_next()  # woken, then cancelled: pass the free slot on
+                raise
+            finally:
+                if fut in self._waiters:
+                    self._waiters.remove(fut)
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+
+    def release(self) -> None:
+        self.active -= 1
+        self._wake_next()
+
+    def _wake_next(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+
+@dataclass(slots=True)
+class _BreakerState:
+    failures: deque[float] = field(default_factory=deque)
+    opened_at: float | None = None
+
+
+class ToolBreakers:
+    """Per (user id, tool name): `threshold` failures within `window` seconds pause the tool
+    for `window` seconds; a success closes it. Other tools and other users are unaffected."""
+
+    MAX_KEYS = 10_000
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._states: dict[tuple[str, str], _BreakerState] = {}
+
+    def check(self, key: tuple[str, str], threshold: int, window: float) -> None:
+        state = self._states.get(key)
+        if state is None or state.opened_at is None:
+            return
+        if self._clock() - state.opened_at >= window:
+            state.opened_at = None  # half-open: the next call decides
+            state.failures.clear()
+            return
+        raise ToolBreakerOpen(
+            f"It failed {threshold} times in a row recently and is paused for "
+            f"{window:.0f} seconds.", hint="Answer without it for now.")
+
+    def record(self, key: tuple[str, str], ok: bool, threshold: int, window: float) -> None:
+        if ok:
+            self._states.pop(key, None)
+            return
+        if len(self._states) >= self.MAX_KEYS and key not in self._states:
+            self._prune(window)
+        state = self._states.setdefault(key, _BreakerState())
+        now = self._clock()
+        state.failures.append(now)
+        while state.failures and now - state.failures[0] > window:
+            state.failures.popleft()
+        if len(state.failures) >= threshold:
+            state.opened_at = now
+
+    def _prune(self, window: float) -> None:
+        now = self._clock()
+        for key, state in list(self._states.items()):
+            if state.opened_at is None and (not state.failures
+                                            or now - state.failures[-1] > window):
+                del self._states[key]
+
+    def snapshot(self) -> dict[str, Any]:
+        """For the health report: every tool with recent failures, and whether it is open."""
+        return {f"{user}/{tool}": {"failures": len(s.failures), "open": s.opened_at is not None}
+                for (user, tool), s in sorted(self._states.items())}
+
+
+ToolObserver = Callable[[str, str], Awaitable[None] | None]
+
+
+class ToolRunner:
+    """Runs one round of function calls. Lives on the shared Pipe (global limit, breakers)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.limiter = ConcurrencyLimiter()
+        self.breakers = ToolBreakers(clock)
+
+    async def run_round(self, calls: Iterable[FunctionCall], tools: ToolSet,
+                        settings: ToolSettings, user_id: str) -> list[ToolOutcome]:
+        """Every call of a round, in parallel (bounded); outcomes in the calls' order."""
+        per_request = asyncio.Semaphore(max(settings.per_request, 1))
+
+        async def one(call: FunctionCall) -> ToolOutcome:
+            async with per_request:
+                return await self.run_call(call, tools, settings, user_id)
+
+        return list(await asyncio.gather(*(one(c) for c in calls)))
+
+    async def run_call(self, call: FunctionCall, tools: ToolSet, settings: ToolSettings,
+                       user_id: str) -> ToolOutcome:
+        """One call -> its outcome. Tool failures become outputs; CancelledError propagates."""
+        entry = tools.find(call.name)
+        if entry is None or entry.callable is None:
+            known = ", ".join(e.wire_name for e in tools.entries) or "none"
+            return ToolOutcome(call, call.name, f"Error: there is no tool named `{call.name}`. "
+                               f"Available tools: {known}.", ok=False)
+        name = entry.spec.name
+        try:
+            args = parse_arguments(call.arguments, entry.optional_args, entry.known_args)
+        except BadToolArguments as exc:
+            return ToolOutcome(call, name, failure_output(name, exc), ok=False)
+        key = (user_id, name)
+        try:
+            self.breakers.check(key, settings.breaker_threshold, settings.breaker_window)
+        except ToolBreakerOpen as exc:
+            return ToolOutcome(call, name, failure_output(name, exc), ok=False)
+        await self.limiter.acquire(settings.global_limit)
+        try:
+            text = await self._invoke(entry.callable, args, settings.timeout)
+        except ToolError as exc:
+            self.breakers.record(key, False, settings.breaker_threshold, settings.breaker_window)
+            LOG.warning("Tool %s failed: %s", name, exc)
+            return ToolOutcome(call, name, failure_output(name, exc), ok=False)
+        finally:
+            self.limiter.release()
+        self.breakers.record(key, True, settings.breaker_threshold, settings.breaker_window)
+        return ToolOutcome(call, name, truncate(text, settings.result_max_chars), ok=True)
+
+    @staticmethod
+    async def _invoke(fn: Callable[..., Any], args: dict[str, Any], seconds: float) -> str:
+        """Call once (never retried: tools may have side effects) under the timeout."""
+        deadline = asyncio.timeout(seconds)
+        try:
+            async with deadline:
+                if _is_async_callable(fn):
+                    value = await fn(**args)
+                else:
+                    value = await asyncio.to_thread(fn, **args)
+                while asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
+                    value = await value
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the tool is third-party code: any failure is reported
+            if isinstance(exc, TimeoutError) and deadline.expired():
+                raise ToolTimeout(f"It did not finish within {seconds:g} seconds.",
+                                  hint="It may still be running; don't assume it had no "
+                                       "effect.") from None
+            raise ToolError(f"{type(exc).__name__}: {_exc_text(exc)}"[:2000]) from exc
+        return result_text(value)
+
+
+# -- tool cards in replayed history ------------------------------------------------------
+
+_TOOL_CARD = re.compile(r'<details type="tool_calls"([^>]*)>\n.*?</details>\n?', re.DOTALL)
+_CARD_ATTR = re.compile(r'(\w+)="(.*?)"')
+
+
+def tool_cards_as_text(text: str) -> str:
+    """Tool cards in an earlier assistant message -> a line the model can read (the card's
+    attributes are html-escaped JSON, as Open WebUI writes them)."""
+    if '<details type="tool_calls"' not in text:
+        return text
+    return _TOOL_CARD.sub(_card_line, text)
+
+
+def _card_line(match: re.Match[str]) -> str:
+    import html
+
+    attrs = {k: html.unescape(v) for k, v in _CARD_ATTR.findall(match.group(1))}
+
+    def decoded(key: str) -> str:
+        try:
+            value = json.loads(attrs.get(key) or '""')
+        except ValueError:
+            return attrs.get(key, "")
+        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+    return (f"[Tool call {attrs.get('name', '?')}({decoded('arguments')}) returned: "
+            f"{decoded('result')}]\n")
+
+
+# -- the loop's pure steps ---------------------------------------------------------------
+
+# Open WebUI's prompt-based function calling (the 0.6-0.8 default) first asks the model, as
+# task "function_calling", which tools to run, then runs them itself. When the pipe runs tools,
+# that would run them twice and cost a request: the pipe answers "none" without calling out.
+PROMPT_TOOL_TASK = "function_calling"
+NO_PROMPT_TOOL_CALLS = '{"tool_calls": []}'
+
+FINAL_ANSWER_INSTRUCTION = (
+    "The tool-call limit for this answer has been reached. Do not call any more tools: "
+    "answer the user now with the results you already have, and say what is still missing.")
+
+
+def with_tools(plan: Transformed, req: ChatRequest, entry: CatalogEntry,
+               owui_tools: Mapping[str, Any], features: Mapping[str, Any],
+               ts: ToolSettings) -> Transformed:
+    """Attach the request's tools: functions, remote MCP servers, web search.
+
+    A model without tool support gets no function/MCP tools and one note; web search then
+    uses the `web` plugin, which needs no tool support. In passthrough mode only the tools
+    Open WebUI put in `body["tools"]` are declared: those are the ones it executes from
+    streamed calls (native function calling); with prompt-based calling it sends none and
+    picks tools itself. Strict schemas only in pipe mode: they make optional parameters
+    nullable, and only the pipe drops the nulls again.
+    """
+    piped = ts.mode == "pipe"
+    tools = tool_set(owui_tools if piped else {}, req.tools, strict=ts.strict and piped,
+                     runnable_only=piped)
+    wire: list[Mapping[str, Any]] = [*tools.wire, *ts.mcp_servers]
+    notes = list(plan.notes)
+    if wire and not entry.supports_tools:
+        notes.append(f"{entry.name} can't use tools, so this answer was made without them.")
+        wire, tools = [], ToolSet()
+    payload = dict(plan.payload)
+    if ts.web_search == "always" or (ts.web_search == "user_toggle"
+                                     and bool(features.get("web_search"))):
+        search = {"max_results": ts.web_search_max_results}
+        if entry.supports_tools:
+            wire.append({"type": "openrouter:web_search", "parameters": search})
+        else:
+            payload["plugins"] = [*payload.get("plugins", ()), {"id": "web", **search}]
+    if wire:
+        payload["tools"] = wire
+    return Transformed(payload, tuple(notes), tools)
+
+
+def output_items(state: StreamState) -> list[dict[str, Any]]:
+    """The round's output items, verbatim, in output order."""
+    return [dict(state.done_items[i]) for i in sorted(state.done_items)]
+
+
+def next_payload(payload: Mapping[str, Any], items: Iterable[Mapping[str, Any]],
+                 outcomes: Iterable[ToolOutcome]) -> dict[str, Any]:
+    """Next request: previous input + this round's output items verbatim + the outputs."""
+    return {**payload, "input": [*payload["input"], *items, *(o.item() for o in outcomes)]}
+
+
+def final_answer_payload(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """At the round limit: tools stay declared (the input references them) but may not be
+    called, and the model is told to answer."""
+    instructions = str(payload.get("instructions") or "")
+    joined = f"{instructions}\n\n{FINAL_ANSWER_INSTRUCTION}" if instructions \
+        else FINAL_ANSWER_INSTRUCTION
+    return {**payload, "tool_choice": "none", "instructions": joined}
+
+
+def _is_async_callable(fn: Any) -> bool:
+    import inspect
+
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        type(fn).__call__ if not inspect.isroutine(fn) else None)
 
 
 # ─────────────────────────────────────────────────────────────────────────────
@@ -1744,6 +2522,88 @@ def interruption_notice(exc: PipeError, reference: str = "") -> str:
     """Appended to a partial answer so the user keeps the text and sees why it stopped."""
     suffix = f" (reference {reference})" if reference else ""
     return f"\n\n---\n⚠️ **The answer was interrupted.** {describe_error(exc)}{suffix}"
+
+
+def _attr(value: str) -> str:
+    """Escape for a double-quoted attribute Open WebUI parses with `(\\w+)="(.*?)"`."""
+    return (value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace('"', "&quot;").replace("'", "&#x27;").replace("\n", "&#10;"))
+
+
+def tool_card(call_id: str, name: str, arguments: str, result: str) -> str:
+    """Open WebUI's own tool-call markup (0.6.28 reads `result` from the attribute only)."""
+    return (f'<details type="tool_calls" done="true" id="{_attr(call_id)}" name="{_attr(name)}" '
+            f'arguments="{_attr(json.dumps(arguments, ensure_ascii=False))}" '
+            f'result="{_attr(json.dumps(result, ensure_ascii=False))}" files="">\n'
+            "<summary>Tool Executed</summary>\n</details>\n")
+
+
+def tool_cards(outcomes: Iterable[ToolOutcome], card_max_chars: int) -> str:
+    """One round's cards as a block that starts and ends on its own lines."""
+    cards = "".join(tool_card(o.call.call_id, o.tool_name, o.call.arguments,
+                              truncate(o.output, card_max_chars)) for o in outcomes)
+    return f"\n\n{cards}\n"
+
+
+def tool_calls_delta(calls: Iterable[FunctionCall], tools: ToolSet) -> dict[str, Any]:
+    """Passthrough: calls in the OpenAI streaming shape, names mapped back to Open WebUI's."""
+    out = []
+    for index, call in enumerate(calls):
+        out.append({"index": index, "id": call.call_id, "type": "function", "function": {
+            "name": tools.display_name(call.name), "arguments": call.arguments}})
+    return {"tool_calls": out}
+
+
+def tool_status(verb: str, names: Iterable[str]) -> str:
+    """`Running search, weather and 2 more` (each name once)."""
+    unique = list(dict.fromkeys(names))
+    shown = ", ".join(unique[:3]) + (f" and {len(unique) - 3} more" if len(unique) > 3 else "")
+    return f"{verb} {shown}"
+
+
+class CitationBook:
+    """Numbers cited URLs once per turn, in order of first appearance, across tool rounds."""
+
+    def __init__(self) -> None:
+        self.numbers: dict[str, int] = {}
+
+    def cite(self, annotations: Iterable[Mapping[str, Any]]
+             ) -> tuple[list[int], list[tuple[int, Mapping[str, Any]]]]:
+        """(numbers in the order cited, newly numbered annotations)."""
+        used: list[int] = []
+        new: list[tuple[int, Mapping[str, Any]]] = []
+        for ann in annotations:
+            url = ann.get("url")
+            if ann.get("type") != "url_citation" or not isinstance(url, str) or not url:
+                continue
+            if url not in self.numbers:
+                self.numbers[url] = len(self.numbers) + 1
+                new.append((self.numbers[url], ann))
+            if self.numbers[url] not in used:
+                used.append(self.numbers[url])
+        return used, new
+
+
+def url_annotations(item: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The url_citation annotations of a message output item, in text order."""
+    found = [a for part in item.get("content") or () if isinstance(part, Mapping)
+             for a in part.get("annotations") or () if isinstance(a, Mapping)]
+    return sorted((a for a in found if a.get("type") == "url_citation"),
+                  key=lambda a: a.get("start_index") or 0)
+
+
+def source_event(number: int, ann: Mapping[str, Any]) -> dict[str, Any]:
+    """One Open WebUI source (citation) for a cited URL."""
+    url = str(ann.get("url"))
+    title = str(ann.get("title") or url)
+    return {"type": "citation", "data": {
+        "source": {"name": f"[{number}] {title}", "url": url, "id": url},
+        "document": [str(ann.get("content") or title)],
+        "metadata": [{"source": url, "name": title, "url": url}]}}
+
+
+def citation_suffix(numbers: Iterable[int]) -> str:
+    return " " + "".join(f"[{n}]" for n in numbers) if numbers else ""
 
 
 class Emitter:
@@ -2178,7 +3038,8 @@ def parse_chat_request(body: Mapping[str, Any], user: Mapping[str, Any] | None,
         task=task or _str_or_none(meta.get("task")),
         chat_id=_str_or_none(meta.get("chat_id")),
         user_id=str((user or {}).get("id") or "anonymous"),
-        user_role=str((user or {}).get("role") or "user"))
+        user_role=str((user or {}).get("role") or "user"),
+        tools=parse_body_tools(body.get("tools")))
 
 
 def _str_or_none(value: Any) -> str | None:
@@ -2228,6 +3089,26 @@ class Turn:
         return f"req-{self.log.request_id}"
 
 
+@dataclass(slots=True)
+class TurnRun:
+    """What the tool loop hands back to `_stream`: the last round's state, summed usage."""
+
+    state: StreamState = field(default_factory=StreamState)
+    usage: Usage = field(default_factory=Usage)
+
+
+def round_items(items: Iterable[Mapping[str, Any]], outcomes: Iterable[ToolOutcome]
+                ) -> list[dict[str, Any]]:
+    """A round's reasoning + function_call items, then its function_call_output items."""
+    return [*(dict(i) for i in items if i.get("type") != "message"),
+            *(o.item() for o in outcomes)]
+
+
+def limit_notice(rounds: int) -> str:
+    return (f"\n\n⚠️ The tool-call limit ({rounds} rounds) was reached, so the model was asked "
+            "to answer with the results it has.\n\n")
+
+
 class Pipe:
     """Open WebUI manifold: OpenRouter's catalog in the selector, chats via the Responses API.
 
@@ -2251,6 +3132,7 @@ class Pipe:
                                         observe=self._telemetry.upstream, clock=clock)
         self._catalog = CatalogRegistry(self._client.fetch_models, clock)
         self._gate = AdmissionGate(clock)
+        self._tools = ToolRunner(clock)
         self._models_cache: tuple[Any, list[dict[str, str]]] | None = None
 
     # -- model list ----------------------------------------------------------------------
@@ -2297,6 +3179,8 @@ class Pipe:
         self._logs.add(log)
         if req.model_id == HEALTH_ENTRY["id"]:
             return self._health(turn)
+        if req.task == PROMPT_TOOL_TASK and settings.tools.mode == "pipe":
+            return NO_PROMPT_TOOL_CALLS  # the pipe runs the tools itself (see §10)
         if req.task or not req.stream:
             return await self._complete(turn)
         return self._stream(turn)
@@ -2325,23 +3209,19 @@ class Pipe:
         token = CURRENT_LOG.set(turn.log)
         timing = StreamTiming(started=self._clock())
         renderer = ChunkRenderer(turn.req.owui_model_id, int(time.time()))
-        state = StreamState()
+        run = TurnRun()
         try:
             self._telemetry.requests += 1
             async with self._gate.admit(turn.req.user_id, turn.settings.admission):  # 1 admit
-                plan = await self._plan(turn)                                # 3 catalog, 6
+                plan = await self._plan(turn)                           # 3 catalog, 6, tools
                 for note in plan.notes:
                     await turn.emitter.notify(note)
-                resp = await self._client.open_response(plan.payload, turn.settings)  # 7 send
-                try:
-                    async for chunks in self._pump(resp, state, renderer, timing):  # 8-9
-                        for chunk in chunks:                                         # 12
-                            yield chunk
-                finally:
-                    await resp.close()
-            for chunk in self._finish(state, renderer, timing):
+                async for chunk in self._rounds(turn, plan, run, renderer, timing):  # 7-12
+                    yield chunk
+            run.state.usage = run.usage
+            for chunk in self._finish(run.state, renderer, timing):
                 yield chunk
-            await self._announce(turn, state, timing)
+            await self._announce(turn, run.state, timing)
         except Exception as exc:  # the boundary: every failure becomes words for the user
             failure = await self._report_failure(turn, exc)
             yield (renderer.text_chunk(interruption_notice(failure, turn.reference))
@@ -2352,11 +3232,99 @@ class Pipe:
     async def _plan(self, turn: Turn) -> Transformed:
         entry = await self._resolve_entry(turn.req, turn.settings)
         plan = build_responses_request(turn.req, entry, turn.settings)
+        if turn.req.stream and not turn.req.task:  # tools only where a turn can loop
+            plan = with_tools(plan, turn.req, entry, turn.context.tools,
+                              turn.context.metadata.get("features") or {}, turn.settings.tools)
+        elif not turn.req.task and (turn.context.tools or turn.req.tools):
+            LOG.info("Tools are used in streamed chats only; this one is sent without them")
         LOG.info("Turn: model=%s stream=%s task=%s messages=%d", entry.id,
                  plan.payload.get("stream"), turn.req.task, len(turn.req.messages))
         if LOG.isEnabledFor(logging.DEBUG) and turn.log.level <= logging.DEBUG:
             LOG.debug("Request body: %s", _dumps(plan.payload).decode()[:20000])
         return plan
+
+    async def _rounds(self, turn: Turn, plan: Transformed, run: TurnRun,
+                      renderer: ChunkRenderer, timing: StreamTiming
+                      ) -> AsyncIterator[dict[str, Any]]:
+        """Steps 7-12 of a streamed turn, repeated while the model calls tools.
+
+        Each round: (a) send the request and stream its text and reasoning as they arrive;
+        (b) keep the round's output items verbatim and number its web citations; (c) no
+        function calls, tools forbidden, or passthrough -> checkpoint the items, and
+        (d) in passthrough mode hand the calls to Open WebUI as `delta.tool_calls`; done;
+        (e) run the calls under a status line; (f) checkpoint the round's items, then show
+        its tool cards; (g) next input = input + this round's items + outputs; after the
+        last allowed round the model must answer without tools, and the user is told.
+        """
+        payload, ts, book, rounds = plan.payload, turn.settings.tools, CitationBook(), 0
+        while True:
+            run.state = state = StreamState()
+            async for chunk in self._send_round(turn, payload, state, renderer, timing):  # a
+                yield chunk
+            if state.usage is not None:
+                run.usage.add(state.usage)
+            items = output_items(state)
+            cited = await self._cite(turn, items, book)                                 # b
+            if cited:
+                yield renderer.text_chunk(cited)
+            calls = [FunctionCall.of(i) for i in items if i.get("type") == "function_call"]
+            passthrough = ts.mode == "open_webui"
+            if not calls or passthrough or payload.get("tool_choice") == "none":        # c
+                async for chunk in self._last_round(turn, items, calls, renderer):
+                    yield chunk
+                if calls and passthrough:                                               # d
+                    yield renderer.chunk(tool_calls_delta(calls, plan.tools), "tool_calls")
+                return
+            names = [plan.tools.display_name(c.name) for c in calls]                   # e
+            await turn.emitter.status(tool_status("Running", names) + "…", done=False)
+            outcomes = await self._tools.run_round(calls, plan.tools, ts, turn.req.user_id)
+            await turn.emitter.status(tool_status("Ran", names), done=True)
+            marker = await self._checkpoint(turn, round_items(items, outcomes))         # f
+            if marker:
+                yield renderer.text_chunk(marker)
+            yield renderer.text_chunk(tool_cards(outcomes, ts.card_max_chars))
+            payload, rounds = next_payload(payload, items, outcomes), rounds + 1        # g
+            if rounds >= ts.max_rounds:
+                payload = final_answer_payload(payload)
+                yield renderer.text_chunk(limit_notice(rounds))
+
+    async def _send_round(self, turn: Turn, payload: Mapping[str, Any], state: StreamState,
+                          renderer: ChunkRenderer, timing: StreamTiming
+                          ) -> AsyncIterator[dict[str, Any]]:
+        resp = await self._client.open_response(payload, turn.settings)              # 7 send
+        try:
+            async for chunks in self._pump(resp, state, renderer, timing):          # 8-9
+                for chunk in chunks:                                                 # 12
+                    yield chunk
+        finally:
+            await resp.close()
+
+    async def _last_round(self, turn: Turn, items: list[dict[str, Any]],
+                          calls: list[FunctionCall], renderer: ChunkRenderer
+                          ) -> AsyncIterator[dict[str, Any]]:
+        marker = await self._checkpoint(turn, [i for i in items if i.get("type") != "message"])
+        if marker:
+            yield renderer.text_chunk(marker)
+        if calls and turn.settings.tools.mode == "pipe":  # asked for tools after the limit
+            LOG.warning("The model called %d tool(s) after the limit; not run", len(calls))
+            yield renderer.text_chunk("\n\n⚠️ The model asked for more tools after the limit; "
+                                      "they were not run.")
+
+    async def _cite(self, turn: Turn, items: list[dict[str, Any]], book: CitationBook) -> str:
+        """Emit one source per newly cited URL; return the numbered links for the text."""
+        suffix = ""
+        for item in items:
+            if item.get("type") != "message":
+                continue
+            numbers, new = book.cite(url_annotations(item))
+            for number, ann in new:
+                await turn.emitter.emit(source_event(number, ann))
+            suffix += citation_suffix(numbers)
+        return suffix
+
+    async def _checkpoint(self, turn: Turn, items: list[dict[str, Any]]) -> str:
+        """Issue #5 persists the round's items here and returns marker lines."""
+        return ""
 
     async def _pump(self, resp: TransportResponse, state: StreamState,
                     renderer: ChunkRenderer, timing: StreamTiming
@@ -2422,7 +3390,8 @@ class Pipe:
         """The admin-only health entry: a report, its JSON, or one turn's log by reference."""
         if turn.req.user_role != "admin":
             return _fail_fast(turn.req, PipeError("The pipe health report is for admins only."))
-        data = health_snapshot(self._telemetry, self._gate, self._catalog, self._clock())
+        data = {**health_snapshot(self._telemetry, self._gate, self._catalog, self._clock()),
+                "breakers": self._tools.breakers.snapshot()}
         text = health_reply(turn.req.messages[-1].text if turn.req.messages else "", data,
                             self._logs)
         if turn.req.task or not turn.req.stream:

@@ -31,6 +31,12 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "Routing": ("STICKY_SESSION_ROUTING",),
     "Display": ("SHOW_FINAL_STATUS",),
     "Logging and health": ("LOG_LEVEL", "REQUEST_LOG_CITATION", "SHOW_HEALTH_MODEL"),
+    "Tools and web search": ("TOOL_EXECUTION_MODE", "MAX_TOOL_ROUNDS", "TOOL_TIMEOUT_SECONDS",
+                             "MAX_PARALLEL_TOOLS_PER_REQUEST", "MAX_PARALLEL_TOOLS_GLOBAL",
+                             "TOOL_BREAKER_THRESHOLD", "TOOL_BREAKER_WINDOW_SECONDS",
+                             "STRICT_TOOL_SCHEMAS", "TOOL_RESULT_MAX_CHARS",
+                             "TOOL_CARD_MAX_CHARS", "WEB_SEARCH", "WEB_SEARCH_MAX_RESULTS",
+                             "REMOTE_MCP_SERVERS_JSON"),
 }
 
 

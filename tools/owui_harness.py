@@ -348,6 +348,15 @@ class OpenWebUIClient:
         if not fn.get("is_active"):
             self.toggle_function(id)
 
+    # -- workspace tools
+    def create_tool(self, id: str, name: str, content: str, description: str = "") -> dict:
+        """Create (or replace) a workspace tool from Python source (`class Tools`)."""
+        body = {"id": id, "name": name, "content": content, "meta": {"description": description}}
+        r = self.request("GET", f"/api/v1/tools/id/{id}", ok=())
+        if r.status_code == 200:
+            return self.request("POST", f"/api/v1/tools/id/{id}/update", json=body).json()
+        return self.request("POST", "/api/v1/tools/create", json=body).json()
+
     # -- valves (a POST replaces the whole stored dict: always send the full set)
     def get_valves(self, id: str) -> dict:
         return self.request("GET", f"/api/v1/functions/id/{id}/valves").json() or {}
