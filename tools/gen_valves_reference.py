@@ -31,6 +31,11 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "Routing": ("STICKY_SESSION_ROUTING",),
     "Display": ("SHOW_FINAL_STATUS",),
     "Logging and health": ("LOG_LEVEL", "REQUEST_LOG_CITATION", "SHOW_HEALTH_MODEL"),
+    "Multimodal intake": ("MAX_IMAGE_MB", "MAX_FILE_MB", "MAX_AUDIO_MB", "MAX_VIDEO_MB",
+                          "MAX_IMAGES_PER_REQUEST", "SEND_FILES_NATIVELY", "SAVE_REMOTE_MEDIA"),
+    "Remote fetching (SSRF policy)": ("REMOTE_FETCH_ALLOW_HTTP", "REMOTE_FETCH_ALLOWED_HOSTS",
+                                      "REMOTE_FETCH_DENIED_HOSTS",
+                                      "REMOTE_FETCH_TIMEOUT_SECONDS", "REMOTE_FETCH_RETRIES"),
 }
 
 
