@@ -1416,6 +1416,7 @@ _METADATA_IPS = frozenset(ipaddress.ip_address(a) for a in (
     "169.254.169.254", "169.254.170.2", "169.254.169.253", "fd00:ec2::254",
     "100.100.100.200", "168.63.129.16", "192.0.0.192"))
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
+_IETF_ASSIGNMENTS = ipaddress.ip_network("192.0.0.0/24")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
 _TEREDO = ipaddress.ip_network("2001::/32")
@@ -1423,7 +1424,7 @@ _SIXTOFOUR = ipaddress.ip_network("2002::/16")
 _IPV4_COMPAT = ipaddress.ip_network("::/96")
 _FLAG_CLASSES = (("unspecified", "is_unspecified"), ("loopback", "is_loopback"),
                  ("link-local", "is_link_local"), ("multicast", "is_multicast"))
-_LATE_CLASSES = (("private", "is_private"), ("reserved", "is_reserved"),
+_LATE_CLASSES = (("reserved", "is_reserved"), ("private", "is_private"),
                  ("site-local", "is_site_local"))
 
 
@@ -1471,6 +1472,8 @@ def _range_class(ip: IPAddress) -> str | None:
             return name
     if ip in _CGNAT:
         return "carrier-grade NAT (100.64.0.0/10)"
+    if ip in _IETF_ASSIGNMENTS:
+        return "reserved (IETF protocol assignments)"
     for name, flag in _LATE_CLASSES:
         if getattr(ip, flag, False):
             return name
