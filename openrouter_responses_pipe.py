@@ -1151,7 +1151,8 @@ def host_list(csv: str) -> tuple[str, ...]:
 
 
 def megabytes(size: int) -> str:
-    return f"{size / MB:.1f} MB"
+    """A size for people: `340 KB`, `2.5 MB`."""
+    return f"{size / MB:.1f} MB" if size >= MB else f"{max(size / 1024, 0.1):.1f} KB"
 
 
 # -- content parts ----------------------------------------------------------------------
@@ -1400,7 +1401,7 @@ def kind_of_mime(mime: str) -> str:
 def check_size(kind: str, size: int, cap: int) -> None:
     if size > cap:
         raise PayloadTooLargeError(
-            f"{_PART_LABELS[kind].capitalize()} of {megabytes(size)} is over the "
+            f"The {_PART_LABELS[kind].split(' ', 1)[1]} is {megabytes(size)}, over the "
             f"{megabytes(cap)} limit.",
             hint="Send a smaller one, or ask an admin to raise the limit.")
 

@@ -96,7 +96,8 @@ def test_numeric_host_forms_parse_like_inet_aton(host, ip):
     assert parse_host_ip(host) == ipaddress.ip_address(ip)
 
 
-@pytest.mark.parametrize("host", ["example.com", "localhost", "1.example", "0x7g.1", "a.1", "1.2.3.4.5"])
+@pytest.mark.parametrize("host", ["example.com", "localhost", "1.example", "0x7g.1", "a.1",
+                                  "1.2.3.4.5"])
 def test_dns_names_are_not_mistaken_for_addresses(host):
     assert parse_host_ip(host) is None
 
@@ -248,7 +249,8 @@ def test_data_url_parser_never_raises_anything_but_intake_error(text):
     (b"GIF89a\x01\x00", "image/gif"), (b"RIFF\x00\x00\x00\x00WEBPVP8 ", "image/webp"),
     (PDF, "application/pdf"), (WAV, "audio/wav"), (MP3, "audio/mpeg"),
     (b"\xff\xfb\x90\x64" + b"\x00" * 8, "audio/mpeg"), (b"OggS\x00\x02", "audio/ogg"),
-    (b"\x00\x00\x00\x18ftypmp42\x00", "video/mp4"), (b"\x00\x00\x00\x14ftypqt  ", "video/quicktime"),
+    (b"\x00\x00\x00\x18ftypmp42\x00", "video/mp4"),
+    (b"\x00\x00\x00\x14ftypqt  ", "video/quicktime"),
     (b"\x1aE\xdf\xa3\x9fB\x86", "video/webm"), (b"hello world", None), (b"", None),
 ])
 def test_magic_bytes(head, mime):
