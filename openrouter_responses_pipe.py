@@ -1552,7 +1552,11 @@ def check_url(url: str, limits: IntakeLimits) -> FetchTarget:
     """Apply the URL policy (scheme, credentials, host lists, IP literals) before any DNS."""
     if any(ch in url for ch in "\\\t\r\n ") or len(url) > 8192:
         raise UnsafeURLError("The link is malformed, so it wasn't fetched.")
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = (parts.hostname or "").rstrip(".")
+    except ValueError:  # e.g. an unbalanced "[" in the host
+        raise UnsafeURLError("The link is malformed, so it wasn't fetched.") from None
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         raise UnsafeURLError(f"Only https links are fetched, not '{scheme or '(none)'}:' ones.")
@@ -1561,9 +1565,9 @@ def check_url(url: str, limits: IntakeLimits) -> FetchTarget:
                              hint="An admin can allow http with REMOTE_FETCH_ALLOW_HTTP.")
     if parts.username is not None or parts.password is not None:
         raise UnsafeURLError("Links with a user name or password are never fetched.")
-    host = (parts.hostname or "").rstrip(".")
     if not host:
         raise UnsafeURLError("The link has no host name.")
+    host = _ascii_host(host)
     try:
         port = parts.port or (443 if scheme == "https" else 80)
     except ValueError:
@@ -1579,6 +1583,16 @@ def check_url(url: str, limits: IntakeLimits) -> FetchTarget:
     rebuilt = urllib.parse.urlunsplit((scheme, f"{netloc}:{port}", parts.path or "/",
                                        parts.query, ""))
     return FetchTarget(rebuilt, scheme, host, port, literal)
+
+
+def _ascii_host(host: str) -> str:
+    """The IDNA (punycode) form the resolver and the TLS check will see."""
+    if host.isascii():
+        return host
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise UnsafeURLError("The link's host name is malformed.") from None
 
 
 def _check_host_lists(host: str, limits: IntakeLimits) -> None:
@@ -3409,6 +3423,8 @@ class Pipe:
             self._telemetry.requests += 1
             async with self._gate.admit(turn.req.user_id, turn.settings.admission):  # 1 admit
                 plan = await self._plan(turn)                                # 3 catalog, 6
+                for note in plan.notes:
+                    await turn.emitter.notify(note)
                 resp = await self._client.open_response(plan.payload, turn.settings)  # 7 send
                 try:
                     data = _loads(await resp.read())

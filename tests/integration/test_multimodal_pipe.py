@@ -391,3 +391,11 @@ async def test_emulator_refuses_media_a_model_cannot_take(emulator):
         assert resp.status == 404
         assert (await resp.json())["error"]["message"] == (
             "No endpoints found that support image input")
+
+
+async def test_non_streamed_chats_get_the_same_notes(pipe, emulator, events):
+    body = chat(TEXT, image(durl("image/png", PNG))) | {"stream": False}
+    answer = await pipe.pipe(body=body, __user__=USER, __event_emitter__=events)
+    assert "What is this?" in answer
+    assert notes(events) == [
+        "OpenAI: GPT-3.5 Turbo can't read images, so an image was left out of the request."]

@@ -182,6 +182,13 @@ def test_host_allow_and_deny_lists_include_subdomains():
         check_url("https://notexample.com/a", lim)
 
 
+def test_international_host_names_are_checked_in_their_punycode_form():
+    assert check_url("https://bücher.example/a", limits()).host == "xn--bcher-kva.example"
+    lim = limits(REMOTE_FETCH_DENIED_HOSTS="xn--bcher-kva.example")
+    with pytest.raises(UnsafeURLError, match="never fetched"):
+        check_url("https://BÜCHER.example/a", lim)
+
+
 def test_every_resolved_record_must_be_public():
     assert vet_addresses("ok.test", ["93.184.216.34", "2606:4700::1"]) == [
         "93.184.216.34", "2606:4700::1"]
@@ -300,3 +307,80 @@ def test_every_attachment_shape_open_webui_and_clients_send_is_typed():
     assert parts[6] == VideoPart("https://youtu.be/x")
     assert parts[7] == VideoPart("data:video/mp4;base64,AAAA")
     assert parts[8].kind == "hologram"
+
+
+# ------------------------------------------------------------------ URL policy, fuzzed
+
+
+@given(st.text(max_size=80), st.sampled_from(["https://", "http://", "ftp://", "", "//"]))
+def test_check_url_either_refuses_clearly_or_names_a_public_or_dns_host(rest, scheme):
+    try:
+        target = check_url(scheme + rest, limits())
+    except UnsafeURLError as exc:
+        assert str(exc)
+        return
+    assert target.scheme == "https"
+    assert target.literal is None or classify_ip(target.literal) is None
+    assert target.url.startswith("https://")
+
+
+# ------------------------------------------------------------------ __files__ and image caps
+
+
+def _entry(*inputs):
+    from openrouter_responses_pipe import CatalogEntry, Pricing
+
+    return CatalogEntry(id="m/x", name="M", canonical_slug="m/x", description="",
+                        context_length=1, max_output_tokens=1,
+                        input_modalities=frozenset(("text", *inputs)),
+                        output_modalities=frozenset({"text"}),
+                        supported_parameters=frozenset(), pricing=Pricing(), reasoning=None)
+
+
+def _job(entry, **valves):
+    from openrouter_responses_pipe import Emitter, IntakeJob
+
+    return IntakeJob(entry, limits(**valves), "u1", "user", Emitter(None))
+
+
+def test_files_entries_become_parts_by_content_type():
+    from openrouter_responses_pipe import file_part
+
+    def item(ctype, kind="file", name="x"):
+        return {"type": kind, "id": "f1", "name": name, "content_type": ctype}
+
+    assert file_part(item("application/pdf", name="a.pdf")) == FilePart(
+        "/api/v1/files/f1/content", "a.pdf")
+    assert file_part(item("audio/mpeg")) == AudioPart("/api/v1/files/f1/content")
+    assert file_part(item("video/mp4")) == VideoPart("/api/v1/files/f1/content")
+    assert file_part(item("image/png")) is None  # images come as image_url parts
+    assert file_part(item("application/pdf", kind="collection")) is None  # knowledge base
+    assert file_part({"type": "file", "name": "no id"}) is None
+    nested = {"type": "file", "file": {"id": "f2", "filename": "r.pdf",
+                                       "meta": {"content_type": "application/pdf"}}}
+    assert file_part(nested) == FilePart("/api/v1/files/f2/content", "r.pdf")
+
+
+def test_files_attach_to_the_last_user_message_only_when_allowed():
+    from openrouter_responses_pipe import ChatMessage, TextPart, attach_files
+
+    msgs = (ChatMessage("user", (TextPart("a"),)), ChatMessage("assistant", (TextPart("b"),)),
+            ChatMessage("user", (TextPart("c"),)))
+    files = [{"type": "file", "id": "f1", "name": "a.pdf", "content_type": "application/pdf"}]
+    assert attach_files(msgs, files, _job(_entry("file"))) == msgs  # valve off: RAG only
+    on = attach_files(msgs, files, _job(_entry("file"), SEND_FILES_NATIVELY=True))
+    assert on[2].parts == (TextPart("c"), FilePart("/api/v1/files/f1/content", "a.pdf"))
+    assert on[:2] == msgs[:2]
+    user = UserValves(SEND_FILES_NATIVELY="on")
+    assert attach_files(msgs, files, _job(_entry("image"), user=user)) == msgs  # can't read
+
+
+def test_image_cap_keeps_the_newest():
+    from openrouter_responses_pipe import ChatMessage, RefusedPart, cap_images
+
+    msgs = [ChatMessage("user", (ImagePart("a"), ImagePart("b"))),
+            ChatMessage("user", (ImagePart("c"),))]
+    out = cap_images(msgs, 2, _entry("image"))
+    assert out[1].parts == (ImagePart("c"),)
+    assert out[0].parts[1] == ImagePart("b") and isinstance(out[0].parts[0], RefusedPart)
+    assert cap_images(msgs, 0, _entry()) == msgs  # no vision: the transformer notes them
