@@ -1667,7 +1667,6 @@ class _PinnedResolver:
 class Fetched:
     data: bytes
     mime: str
-    url: str
     filename: str
 
 
@@ -1693,8 +1692,8 @@ class Fetcher:
     async def fetch(self, url: str, limits: IntakeLimits, cap: int) -> Fetched:
         """Download `url` (at most `cap` bytes). Raises UnsafeURLError, PayloadTooLargeError
         or IntakeError (with the number of tries) — never a library exception."""
+        host = check_url(url, limits).host
         deadline = self._clock() + limits.fetch_budget
-        host = urllib.parse.urlsplit(url).hostname or url[:60]
         tries = 0
         while True:
             tries += 1
@@ -1762,7 +1761,7 @@ class Fetcher:
                     f"{megabytes(cap)} limit.", hint="Link a smaller file.")
             data = await _read_capped(resp.content, cap)
             mime = normalise_mime(resp.headers.get("Content-Type", ""))
-            return Fetched(data, mime, str(resp.url), _url_filename(target.url))
+            return Fetched(data, mime, _url_filename(target.url))
 
     @staticmethod
     def _request_url(target: FetchTarget) -> Any:
@@ -1884,7 +1883,11 @@ class OwuiFileStore:
             value = getattr(getattr(state, "config", None), "FILE_MAX_SIZE", None)
         else:
             value = await config.get("rag.file.max_size")
-        return float(value) if isinstance(value, int | float) and value > 0 else None
+        try:
+            limit = float(value) if value not in (None, "") else 0.0
+        except (TypeError, ValueError):
+            return None
+        return limit if limit > 0 else None
 
 
 def _read_local(path: str, cap: int, kind: str) -> bytes:
@@ -2051,12 +2054,12 @@ class Intake:
 
     async def _remote(self, url: str, kind: str, job: IntakeJob) -> Media:
         """Download (or reuse the copy saved on an earlier turn), save, inline."""
+        host = check_url(url, job.limits).host  # refused links are refused, saved or not
         file_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{job.user_id}\n{url}"))
         if job.limits.save_remote:
             saved = await self._saved_copy(file_id, job, kind)
             if saved is not None:
                 return await self._inline(saved.data, kind, saved.mime, saved.name, job)
-        host = urllib.parse.urlsplit(url).hostname or "the link"
         await job.emitter.status(f"Downloading {_PART_LABELS[kind]} from {host}…", done=False)
         try:
             got = await self._fetcher.fetch(url, job.limits, job.limits.cap(kind))

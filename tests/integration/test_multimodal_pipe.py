@@ -289,6 +289,7 @@ async def test_remote_file_link_becomes_an_inline_pdf(mpipe, emulator):
     ("http://169.254.169.254/latest/meta-data/", "is a cloud metadata address"),
     ("http://[::ffff:127.0.0.1]:8080/x.png", "loopback (IPv4-mapped)"),
     ("file:///etc/passwd", "Only https links are fetched, not 'file:'"),
+    ("https://[::1/x.png", "The link is malformed"),
     ("http://cdn.example.com/missing.png", "answered HTTP 404, so the download was not retried"),
 ])
 async def test_unsafe_or_failed_links_are_refused_specifically(mpipe, emulator, events, url,
