@@ -293,3 +293,11 @@ async def test_https_checks_the_certificate_for_the_host_name_not_the_address(tl
     finally:
         del DNS["other.test"]
     assert ipaddress.ip_address(PUBLIC).is_global
+
+
+async def test_a_retry_after_beyond_the_budget_is_not_waited_for(server):
+    sleeps: list[float] = []
+    with pytest.raises(IntakeError, match=r"failed after 1 try \(HTTP 429\)"):
+        await make_fetcher(server, sleeps).fetch("http://media.test/busy-then-ok",
+                                                 limits(REMOTE_FETCH_TIMEOUT_SECONDS=2), 10**6)
+    assert sleeps == [] and server.hits["/busy-then-ok"] == 1

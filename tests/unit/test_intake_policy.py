@@ -384,3 +384,31 @@ def test_image_cap_keeps_the_newest():
     assert out[1].parts == (ImagePart("c"),)
     assert out[0].parts[1] == ImagePart("b") and isinstance(out[0].parts[0], RefusedPart)
     assert cap_images(msgs, 0, _entry()) == msgs  # no vision: the transformer notes them
+
+
+def test_each_kind_maps_to_its_responses_part_or_a_note():
+    from openrouter_responses_pipe import RefusedPart, TextPart, UnsupportedPart, input_parts
+
+    parts = [TextPart("hi"), ImagePart("data:image/png;base64,AA==", "low"),
+             FilePart("data:application/pdf;base64,JVBE", "a.pdf"),
+             FilePart("https://x.test/b.pdf"), AudioPart("UklG", "wav"),
+             VideoPart("https://youtu.be/x"), RefusedPart("image", "An image was left out: x"),
+             UnsupportedPart("hologram")]
+    out, notes = input_parts(parts, _entry("image", "file", "audio", "video"))
+    assert out == [
+        {"type": "input_text", "text": "hi"},
+        {"type": "input_image", "image_url": "data:image/png;base64,AA==", "detail": "low"},
+        {"type": "input_file", "filename": "a.pdf",
+         "file_data": "data:application/pdf;base64,JVBE"},
+        {"type": "input_file", "filename": "attachment", "file_url": "https://x.test/b.pdf"},
+        {"type": "input_audio", "input_audio": {"data": "UklG", "format": "wav"}},
+        {"type": "input_video", "video_url": "https://youtu.be/x"}]
+    assert notes == ["An image was left out: x", "An attachment of type 'hologram' can't be "
+                     "sent to the model and was left out."]
+    out, notes = input_parts(parts[1:6], _entry())
+    assert out == [] and notes == [
+        "M can't read images, so an image was left out of the request.",
+        "M can't read files, so a file was left out of the request.",
+        "M can't read files, so a file was left out of the request.",
+        "M can't read audio, so an audio clip was left out of the request.",
+        "M can't read video, so a video was left out of the request."]
