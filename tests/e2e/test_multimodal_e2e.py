@@ -102,3 +102,21 @@ def test_a_model_without_vision_gets_the_text_and_the_user_a_note(owui):
              if (e.get("data") or {}).get("type") == "notification"]
     assert notes == ["OpenAI: GPT-3.5 Turbo can't read images, so an image was left out of "
                      "the request."]
+
+
+def test_a_link_to_an_internal_address_is_never_fetched(owui):
+    client = owui.client
+    prompt = "What does this picture show"
+    since = len(owui.emulator.requests)
+    link = "https://169.254.169.254/latest/meta-data/iam.png"
+    chat = client.chat_ui(owui.model("openai/gpt-4o"), prompt,
+                          files=[{"type": "image", "url": link, "name": "iam.png"}])
+    posts = turn_posts(owui.emulator, since, prompt)
+    assert len(posts) == 1
+    assert [p for p in user_parts(posts[0]) if p["type"] == "input_image"] == []
+    answer = stored_message(chat)
+    assert "You said:" in answer["content"] and not answer.get("error")
+    notes = [e["data"]["data"]["content"] for e in chat["_events"]
+             if (e.get("data") or {}).get("type") == "notification"]
+    assert notes == ["An image was left out: 169.254.169.254 is a cloud metadata address, "
+                     "which is never fetched."]
