@@ -120,3 +120,27 @@ def test_a_link_to_an_internal_address_is_never_fetched(owui):
              if (e.get("data") or {}).get("type") == "notification"]
     assert notes == ["An image was left out: 169.254.169.254 is a cloud metadata address, "
                      "which is never fetched."]
+
+
+MP3 = b"ID3\x04\x00\x00\x00\x00\x00\x00" + b"\xff\xfb\x90\x64" + bytes(413) * 4
+MP4 = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom" + bytes(256)
+
+
+def test_uploaded_audio_and_video_reach_a_model_that_takes_them(owui):
+    client = owui.client
+    audio = client.upload_file("memo.mp3", MP3, "audio/mpeg")
+    video = client.upload_file("clip.mp4", MP4, "video/mp4")
+    prompt = "Transcribe the memo and describe the clip"
+    since = len(owui.emulator.requests)
+    with valves(owui, SEND_FILES_NATIVELY=True):
+        chat = client.chat_ui(owui.model("google/gemini-2.5-flash"), prompt,
+                              files=[client.chat_file(audio), client.chat_file(video)])
+    posts = turn_posts(owui.emulator, since, prompt)
+    assert len(posts) == 1
+    parts = user_parts(posts[0])
+    assert [p for p in parts if p["type"] == "input_audio"] == [
+        {"type": "input_audio",
+         "input_audio": {"data": base64.b64encode(MP3).decode(), "format": "mp3"}}]
+    assert [p for p in parts if p["type"] == "input_video"] == [
+        {"type": "input_video", "video_url": data_url("video/mp4", MP4)}]
+    assert not stored_message(chat).get("error")
