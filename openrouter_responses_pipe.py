@@ -1381,6 +1381,8 @@ def settle_mime(kind: str, declared: str, sniffed: str | None) -> str:
     mime = sniffed if sniffed and sniffed != "application/zip" else normalise_mime(declared)
     if mime in _GENERIC_MIMES and kind == "file":
         mime = normalise_mime(declared) or "application/octet-stream"
+    if kind == "image" and sniffed is None:
+        raise IntakeError("The image's content is not a PNG, JPEG, WebP or GIF picture.")
     if kind == "image" and mime not in IMAGE_MIMES:
         raise IntakeError(f"Images of type {mime or 'unknown'} can't be sent; "
                           "models take PNG, JPEG, WebP or GIF.")
@@ -2012,8 +2014,8 @@ class Intake:
         if not _is_reference(source):  # raw base64, as input_audio carries it
             fmt = part.format.lower() if part.format else "mp3"
             source = f"data:audio/{'mpeg' if fmt == 'mp3' else fmt};base64,{source}"
-        media = await self.media(source, "audio", job)
-        return AudioPart(parse_data_url(media.url).as_base64(), AUDIO_FORMATS[media.mime])
+        media = await self.media(source, "audio", job)  # always a base64 data URL
+        return AudioPart(media.url.partition(",")[2], AUDIO_FORMATS[media.mime])
 
     async def _video(self, part: Any, job: IntakeJob) -> ContentPart:
         if part.url.startswith(("https://", "http://")):

@@ -276,6 +276,8 @@ def test_magic_bytes_beat_the_label_and_kinds_are_enforced():
     assert settle_mime("audio", "audio/x-wav", None) == "audio/x-wav"
     with pytest.raises(IntakeError, match="PNG, JPEG, WebP or GIF"):
         settle_mime("image", "image/png", "application/pdf")  # a PDF posing as an image
+    with pytest.raises(IntakeError, match="content is not a PNG, JPEG, WebP or GIF picture"):
+        settle_mime("image", "image/png", None)  # bytes of no known picture format
     with pytest.raises(IntakeError, match="WAV or MP3"):
         settle_mime("audio", "audio/ogg", "audio/ogg")
     with pytest.raises(IntakeError, match="video"):
