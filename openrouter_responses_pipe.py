@@ -1528,11 +1528,20 @@ _OWUI_FILE_URL = re.compile(r"/api/v1/files/(?P<id>[A-Za-z0-9][A-Za-z0-9_-]{0,12
                             r"(?:/content(?:/[^?#]*)?)?/?(?:[?#].*)?")
 
 
-def owui_file_id(url: str) -> str | None:
+def owui_file_id(url: str, own_origin: str = "") -> str | None:
     """The file id of an Open WebUI-hosted file URL (`/api/v1/files/<id>/content`), else None.
-    Only relative URLs count: an absolute one is a remote URL like any other."""
+    Relative URLs count, and absolute ones on this Open WebUI's own origin (`scheme://host`);
+    any other absolute URL is a remote URL like any other."""
+    if own_origin and url.lower().startswith(own_origin.lower() + "/"):
+        url = url[len(own_origin):]
     match = _OWUI_FILE_URL.fullmatch(url)
     return match.group("id") if match else None
+
+
+def request_origin(request: Any) -> str:
+    """`scheme://host[:port]` of Open WebUI's own request (`__request__.base_url`), or ""."""
+    parts = urllib.parse.urlsplit(str(getattr(request, "base_url", "") or ""))
+    return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -1938,6 +1947,7 @@ class IntakeJob:
     user_id: str
     user_role: str
     emitter: Emitter
+    origin: str = ""  # this Open WebUI's own scheme://host, for absolute file links
 
 
 @dataclass(frozen=True, slots=True)
@@ -2033,7 +2043,7 @@ class Intake:
             if parsed.is_base64 and mime == parsed.mime:
                 return Media(source, mime)
             return Media(f"data:{mime};base64,{parsed.as_base64()}", mime)
-        file_id = owui_file_id(source)
+        file_id = owui_file_id(source, job.origin)
         if file_id is not None:
             stored = await self._store.read(file_id, job.user_id, job.user_role, cap, kind)
             return await self._inline(stored.data, kind, stored.mime, stored.name, job)
@@ -3486,7 +3496,7 @@ class Pipe:
         if turn.req.task:
             return turn.req
         job = IntakeJob(entry, turn.settings.intake, turn.req.user_id, turn.req.user_role,
-                        turn.emitter)
+                        turn.emitter, request_origin(turn.context.request))
         return await self._intake.prepare(turn.req, job, turn.context.files,
                                           turn.context.request)
 

@@ -311,6 +311,16 @@ async def test_open_webui_file_url_is_read_through_storage_and_inlined(pipe, emu
                                                                                 PNG)
 
 
+async def test_an_absolute_link_to_this_open_webui_is_read_from_storage_too(pipe, emulator,
+                                                                           owui):
+    file_id = store_file(owui, "u1", "cat.png", PNG, "image/png")
+    url = f"http://localhost:8080/api/v1/files/{file_id}/content"  # make_request's base_url
+    await stream(pipe, chat(GPT4O, image(url)), __user__=USER,
+                 __request__=owui.make_request())
+    assert of_type(sent_parts(emulator), "input_image")[0]["image_url"] == durl("image/png",
+                                                                                PNG)
+
+
 async def test_someone_elses_file_is_refused(pipe, emulator, owui, events):
     file_id = store_file(owui, "u2", "secret.png", PNG, "image/png")
     await stream(pipe, chat(GPT4O, image(f"/api/v1/files/{file_id}/content")), __user__=USER,

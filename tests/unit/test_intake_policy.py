@@ -204,6 +204,20 @@ def test_owui_file_urls_are_recognised_only_when_relative():
     assert owui_file_id("/api/v1/files/abc/content?attachment=true") == "abc"
     assert owui_file_id("https://evil.test/api/v1/files/abc/content") is None
     assert owui_file_id("/api/v1/files/../../etc/passwd") is None
+    own = "http://chat.example.org:8080"
+    assert owui_file_id("http://chat.example.org:8080/api/v1/files/abc/content", own) == "abc"
+    assert owui_file_id("http://evil.test/api/v1/files/abc/content", own) is None
+    assert owui_file_id("http://chat.example.org:8080.evil.test/api/v1/files/abc", own) is None
+
+
+def test_own_origin_comes_from_open_webuis_request():
+    from types import SimpleNamespace
+
+    from openrouter_responses_pipe import request_origin
+
+    assert request_origin(SimpleNamespace(base_url="http://localhost:8080/")) == (
+        "http://localhost:8080")
+    assert request_origin(None) == "" and request_origin(SimpleNamespace(base_url="")) == ""
 
 
 # ------------------------------------------------------------------ data URLs and sizes
