@@ -1144,10 +1144,17 @@ def intake_limits(valves: Valves, user: UserValves) -> IntakeLimits:
 
 
 def host_list(csv: str) -> tuple[str, ...]:
-    """`"*.Example.com, foo.org."` -> ("example.com", "foo.org")."""
+    """`"*.Example.com, foo.org., bücher.de"` -> ("example.com", "foo.org", "xn--bcher-kva.de")."""
     hosts = (h.strip().lower().rstrip(".").removeprefix("*.").lstrip(".")
              for h in csv.split(","))
-    return tuple(h for h in hosts if h)
+    return tuple(_listed_host(h) for h in hosts if h)
+
+
+def _listed_host(host: str) -> str:
+    try:
+        return _ascii_host(host)
+    except UnsafeURLError:
+        return host  # a malformed entry simply never matches
 
 
 def megabytes(size: int) -> str:
