@@ -2134,8 +2134,17 @@ def attach_files(messages: tuple[ChatMessage, ...], files: Iterable[Mapping[str,
     if last is None or not extra:
         return messages
     msg = messages[last]
+    present = {part_source(p) for p in msg.parts}
+    extra = [p for p in extra if part_source(p) not in present]  # never the same file twice
     return (*messages[:last], dataclasses.replace(msg, parts=(*msg.parts, *extra)),
             *messages[last + 1:])
+
+
+def part_source(part: ContentPart) -> str | None:
+    """Where an attachment part comes from (URL, data URL or base64), None for text."""
+    if isinstance(part, AudioPart):
+        return part.data
+    return part.url if isinstance(part, ImagePart | FilePart | VideoPart) else None
 
 
 def file_part(item: Mapping[str, Any]) -> ContentPart | None:

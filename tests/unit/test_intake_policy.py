@@ -389,6 +389,7 @@ def test_files_attach_to_the_last_user_message_only_when_allowed():
     assert on[:2] == msgs[:2]
     user = UserValves(SEND_FILES_NATIVELY="on")
     assert attach_files(msgs, files, _job(_entry("image"), user=user)) == msgs  # can't read
+    assert attach_files(on, files, _job(_entry("file"), user=user)) == on  # never twice
 
 
 def test_image_cap_keeps_the_newest():
