@@ -1741,6 +1741,9 @@ class Fetcher:
                 raise IntakeError(f"The download took longer than {limits.fetch_budget:.0f} "
                                   "seconds and was stopped.") from None
             raise _Retryable("timed out") from None
+        except aiohttp.ClientSSLError as exc:  # a bad certificate won't get better on retry
+            raise IntakeError(f"The secure connection failed ({_exc_text(exc)}).",
+                              hint="The site's certificate isn't valid for its name.") from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise _Retryable(f"network error: {_exc_text(exc)}") from exc
 
