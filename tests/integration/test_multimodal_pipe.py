@@ -330,6 +330,14 @@ async def test_someone_elses_file_is_refused(pipe, emulator, owui, events):
                              "file 'secret.png'."]
 
 
+async def test_an_admin_may_read_any_users_file(pipe, emulator, owui):
+    file_id = store_file(owui, "u2", "shared.png", PNG, "image/png")
+    await stream(pipe, chat(GPT4O, image(f"/api/v1/files/{file_id}/content")),
+                 __user__={"id": "u1", "role": "admin", "valves": None})
+    assert of_type(sent_parts(emulator), "input_image")[0]["image_url"] == durl("image/png",
+                                                                                PNG)
+
+
 async def test_a_deleted_file_is_reported(pipe, emulator, owui, events):
     await stream(pipe, chat(GPT4O, image("/api/v1/files/gone-123/content")), __user__=USER,
                  __event_emitter__=events)
