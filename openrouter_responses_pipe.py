@@ -16,7 +16,7 @@ description: OpenRouter's catalog in Open WebUI via the Responses API: streaming
 #   §4  Wire types        frozen dataclasses for what crosses a boundary
 #   §5  Catalog           /models JSON -> CatalogEntry; selection; refresher with TTL and backoff
 #   §6  Transformer       Open WebUI chat body -> Responses request (pure)
-#   §7  Intake            message content parts -> Responses input parts (pure)
+#   §7  Intake            attachments -> inline parts: size caps, SSRF-safe fetch, files
 #   §8  Client            transport (injectable), retry policy, upstream error mapping
 #   §9  Stream decoding   SSEDecoder.feed(bytes) -> events; reducer = table of handlers
 #   §10 Tool executor     tool schemas, strict mode, runner with timeouts and breakers
@@ -34,15 +34,23 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextvars
+import dataclasses
 import hashlib
 import hmac
+import importlib
+import inspect
+import io
+import ipaddress
 import json
 import logging
+import mimetypes
 import os
 import random
 import re
+import socket
 import time
 import typing
+import urllib.parse
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -388,6 +396,48 @@ class Valves(BaseModel):
                     '"headers", "server_description", "authorization"}.')
 
     # ── Multimodal intake (issue #4) ──────────────────────────────────────────
+    MAX_IMAGE_MB: float = Field(
+        default=20.0, gt=0, le=500,
+        description="Largest image sent to a model (data URL, upload or download). Open "
+                    "WebUI's own upload limit applies too when it is lower.")
+    MAX_FILE_MB: float = Field(
+        default=50.0, gt=0, le=500,
+        description="Largest document (PDF and other files) sent to a model inline.")
+    MAX_AUDIO_MB: float = Field(
+        default=25.0, gt=0, le=500, description="Largest audio clip sent to a model inline.")
+    MAX_VIDEO_MB: float = Field(
+        default=50.0, gt=0, le=500, description="Largest video sent to a model inline.")
+    MAX_IMAGES_PER_REQUEST: int = Field(
+        default=20, ge=0, le=500,
+        description="Images sent per request (the newest are kept; the user is told "
+                    "about the rest).")
+    SEND_FILES_NATIVELY: bool = Field(
+        default=False,
+        description="Send documents attached to a chat to models that read files "
+                    "natively (e.g. PDFs), instead of leaving them to Open WebUI's "
+                    "retrieval (RAG) alone.")
+    SAVE_REMOTE_MEDIA: bool = Field(
+        default=True,
+        description="Save downloaded remote images/files into Open WebUI's file store, "
+                    "owned by the user, so the chat still works when the link dies.")
+    REMOTE_FETCH_ALLOW_HTTP: bool = Field(
+        default=False,
+        description="Also download plain-http URLs (https only by default). Private and "
+                    "internal addresses stay refused either way.")
+    REMOTE_FETCH_ALLOWED_HOSTS: str = Field(
+        default="",
+        description="Comma list of hosts remote media may come from (`example.com` also "
+                    "allows its subdomains). Empty = any public host.")
+    REMOTE_FETCH_DENIED_HOSTS: str = Field(
+        default="",
+        description="Comma list of hosts never fetched (subdomains included).")
+    REMOTE_FETCH_TIMEOUT_SECONDS: float = Field(
+        default=30.0, ge=1, le=600,
+        description="Total time budget for one download, retries and redirects included.")
+    REMOTE_FETCH_RETRIES: int = Field(
+        default=2, ge=0, le=5,
+        description="Retries of a download after a network error, 429 or 5xx (never after "
+                    "other 4xx).")
 
     # ── Artifact store and Redis (issue #5) ───────────────────────────────────
 
@@ -406,6 +456,10 @@ class UserValves(BaseModel):
     # ── Tools (issue #3) ──
 
     # ── Multimodal intake (issue #4) ──
+    SEND_FILES_NATIVELY: Literal["inherit", "on", "off"] = Field(
+        default="inherit",
+        description="Send your attached documents (PDFs…) to file-capable models "
+                    "natively (`inherit` = admin default).")
 
     # ── Artifact store (issue #5) ──
 
@@ -472,7 +526,7 @@ class RequestSettings:
     tools: ToolSettings = field(default_factory=lambda: ToolSettings())
 
     # ── Multimodal intake (issue #4) ──
-
+    intake: IntakeLimits = field(default_factory=lambda: intake_limits(Valves(), UserValves()))
     # ── Artifact store (issue #5) ──
 
     @classmethod
@@ -508,7 +562,7 @@ class RequestSettings:
             tools=tool_settings(valves),
 
             # ── Multimodal intake (issue #4) ──
-
+            intake=intake_limits(valves, user),
             # ── Artifact store (issue #5) ──
         )
 
@@ -610,7 +664,37 @@ class UnsupportedPart:
     kind: str
 
 
-ContentPart = TextPart | ImagePart | UnsupportedPart
+@dataclass(frozen=True, slots=True)
+class FilePart:
+    """A document: `url` is a data URL after intake (before: remote / Open WebUI URL or id)."""
+
+    url: str
+    filename: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AudioPart:
+    """An audio clip: `data` is raw base64 (or a data/remote URL before intake)."""
+
+    data: str
+    format: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class VideoPart:
+    url: str
+
+
+@dataclass(frozen=True, slots=True)
+class RefusedPart:
+    """An attachment the intake refused; `reason` is the one-line note the user reads."""
+
+    kind: str
+    reason: str
+
+
+ContentPart = (TextPart | ImagePart | FilePart | AudioPart | VideoPart | RefusedPart
+               | UnsupportedPart)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1049,14 +1133,101 @@ def _apply_sampling(payload: dict[str, Any], req: ChatRequest, entry: CatalogEnt
 
 
 # ─────────────────────────────────────────────────────────────────────────────
-# §7 Intake (pure part)
+# §7 Intake
 #
-# Content parts Open WebUI sends -> Responses input parts, gated by the model's input
-# modalities. A part the model can't take is left out with a note the user sees.
+# Attachments -> parts a model can take, safely. The pure policy comes first (parsing
+# content parts, data URLs, size estimates from base64 length, MIME sniffing, the SSRF
+# address and URL policy, the Responses part mapping); then the I/O shell: an async
+# resolver, a fetcher that connects only to the addresses it checked, the Open WebUI file
+# store adapter, and `Intake.prepare`, which Pipe._plan awaits before the pure transformer.
+#
+#   source of a part               model takes the kind?  result
+#   data URL / raw base64          yes                    size from length, sniff, keep inline
+#   /api/v1/files/<id>[/content]   yes                    access check, read via Storage, inline
+#   https:// image or file         yes                    SSRF-safe download, save, inline
+#   https:// video                 yes                    sent as a URL (the provider fetches it)
+#   any                            no                     kept; the transformer adds a note
+#
+# Every refusal becomes a RefusedPart whose reason the user reads; the rest of the message
+# still goes to the model.
 # ─────────────────────────────────────────────────────────────────────────────
 
+MB = 1024 * 1024
 _PART_LABELS = {"image": "an image", "file": "a file", "audio": "an audio clip",
                 "video": "a video"}
+_KIND_PLURALS = {"image": "images", "file": "files", "audio": "audio", "video": "video"}
+IMAGE_MIMES = frozenset({"image/png", "image/jpeg", "image/webp", "image/gif"})
+AUDIO_FORMATS = {"audio/wav": "wav", "audio/x-wav": "wav", "audio/wave": "wav",
+                 "audio/vnd.wave": "wav", "audio/mpeg": "mp3", "audio/mp3": "mp3"}
+_MIME_ALIASES = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg",
+                 "audio/x-mp3": "audio/mpeg", "audio/mpeg3": "audio/mpeg"}
+
+
+@dataclass(frozen=True, slots=True)
+class IntakeLimits:
+    """The intake's share of RequestSettings: per-kind byte caps and the fetch policy."""
+
+    max_image: int
+    max_file: int
+    max_audio: int
+    max_video: int
+    max_images: int
+    send_files: bool
+    save_remote: bool
+    allow_http: bool
+    allowed_hosts: tuple[str, ...]
+    denied_hosts: tuple[str, ...]
+    fetch_budget: float
+    fetch_retries: int
+
+    def cap(self, kind: str) -> int:
+        return {"image": self.max_image, "file": self.max_file, "audio": self.max_audio,
+                "video": self.max_video}[kind]
+
+    def capped(self, limit_mb: float | None) -> IntakeLimits:
+        """These limits, each cap lowered to Open WebUI's own upload limit when one is set."""
+        if not limit_mb or limit_mb <= 0:
+            return self
+        top = int(limit_mb * MB)
+        return dataclasses.replace(
+            self, max_image=min(self.max_image, top), max_file=min(self.max_file, top),
+            max_audio=min(self.max_audio, top), max_video=min(self.max_video, top))
+
+
+def intake_limits(valves: Valves, user: UserValves) -> IntakeLimits:
+    return IntakeLimits(
+        max_image=int(valves.MAX_IMAGE_MB * MB), max_file=int(valves.MAX_FILE_MB * MB),
+        max_audio=int(valves.MAX_AUDIO_MB * MB), max_video=int(valves.MAX_VIDEO_MB * MB),
+        max_images=valves.MAX_IMAGES_PER_REQUEST,
+        send_files=_pick(user.SEND_FILES_NATIVELY,
+                         "on" if valves.SEND_FILES_NATIVELY else "off") == "on",
+        save_remote=valves.SAVE_REMOTE_MEDIA, allow_http=valves.REMOTE_FETCH_ALLOW_HTTP,
+        allowed_hosts=host_list(valves.REMOTE_FETCH_ALLOWED_HOSTS),
+        denied_hosts=host_list(valves.REMOTE_FETCH_DENIED_HOSTS),
+        fetch_budget=valves.REMOTE_FETCH_TIMEOUT_SECONDS,
+        fetch_retries=valves.REMOTE_FETCH_RETRIES)
+
+
+def host_list(csv: str) -> tuple[str, ...]:
+    """`"*.Example.com, foo.org., bücher.de"` -> ("example.com", "foo.org", "xn--bcher-kva.de")."""
+    hosts = (h.strip().lower().rstrip(".").removeprefix("*.").lstrip(".")
+             for h in csv.split(","))
+    return tuple(_listed_host(h) for h in hosts if h)
+
+
+def _listed_host(host: str) -> str:
+    try:
+        return _ascii_host(host)
+    except UnsafeURLError:
+        return host  # a malformed entry simply never matches
+
+
+def megabytes(size: int) -> str:
+    """A size for people: `340 KB`, `2.5 MB`."""
+    return f"{size / MB:.1f} MB" if size >= MB else f"{max(size / 1024, 0.1):.1f} KB"
+
+
+# -- content parts ----------------------------------------------------------------------
 
 
 def parse_content(content: Any) -> tuple[ContentPart, ...]:
@@ -1076,16 +1247,91 @@ def _parse_part(raw: Any) -> ContentPart:
         return TextPart(raw)
     if not isinstance(raw, Mapping):
         return UnsupportedPart(type(raw).__name__)
-    kind = raw.get("type")
-    if kind in ("text", "input_text"):
-        return TextPart(str(raw.get("text") or ""))
-    if kind in ("image_url", "input_image"):
-        image = raw.get("image_url")
-        url = image.get("url") if isinstance(image, Mapping) else image
-        detail = image.get("detail") if isinstance(image, Mapping) else raw.get("detail")
-        if isinstance(url, str) and url:
-            return ImagePart(url, detail if detail in ("auto", "low", "high") else None)
-    return UnsupportedPart(str(kind or "unknown"))
+    kind = str(raw.get("type") or "unknown")
+    parser = _PART_PARSERS.get(kind)
+    part = parser(raw) if parser else None
+    return part if part is not None else UnsupportedPart(kind)
+
+
+def _nested(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    inner = raw.get(key)
+    return inner if isinstance(inner, Mapping) else raw
+
+
+def _text_part(raw: Mapping[str, Any]) -> ContentPart:
+    return TextPart(str(raw.get("text") or ""))
+
+
+def _image_part(raw: Mapping[str, Any]) -> ContentPart | None:
+    image = raw.get("image_url")
+    url = image.get("url") if isinstance(image, Mapping) else image
+    detail = image.get("detail") if isinstance(image, Mapping) else raw.get("detail")
+    if isinstance(url, str) and url:
+        return ImagePart(url, detail if detail in ("auto", "low", "high", "original") else None)
+    return None
+
+
+def _file_part(raw: Mapping[str, Any]) -> ContentPart | None:
+    spec = _nested(raw, "file")
+    file_id = spec.get("file_id") or spec.get("id")
+    url = spec.get("file_data") or spec.get("file_url") or spec.get("url") or (
+        f"/api/v1/files/{file_id}/content" if file_id else None)
+    name = spec.get("filename") or spec.get("name") or ""
+    return FilePart(str(url), str(name)) if url else None
+
+
+def _audio_part(raw: Mapping[str, Any]) -> ContentPart | None:
+    spec = _nested(raw, "input_audio")
+    data = spec.get("data")
+    return AudioPart(data, str(spec.get("format") or "")) if isinstance(data, str) and data \
+        else None
+
+
+def _video_part(raw: Mapping[str, Any]) -> ContentPart | None:
+    video = raw.get("video_url")
+    url = video.get("url") if isinstance(video, Mapping) else video
+    return VideoPart(url) if isinstance(url, str) and url else None
+
+
+_PART_PARSERS: dict[str, Callable[[Mapping[str, Any]], ContentPart | None]] = {
+    "text": _text_part, "input_text": _text_part,
+    "image_url": _image_part, "input_image": _image_part,
+    "file": _file_part, "input_file": _file_part,
+    "input_audio": _audio_part, "audio": _audio_part,
+    "video_url": _video_part, "input_video": _video_part, "video": _video_part,
+}
+
+
+def part_kind(part: ContentPart) -> str | None:
+    """The input modality a part needs (`image`, `file`, `audio`, `video`), None for text."""
+    return _KIND_OF.get(type(part))
+
+
+_KIND_OF: dict[type, str] = {ImagePart: "image", FilePart: "file", AudioPart: "audio",
+                             VideoPart: "video"}
+
+
+def _input_image(part: Any) -> dict[str, Any]:
+    return {"type": "input_image", "image_url": part.url, "detail": part.detail or "auto"}
+
+
+def _input_file(part: Any) -> dict[str, Any]:
+    name = part.filename or "attachment"
+    if part.url.startswith("data:"):
+        return {"type": "input_file", "filename": name, "file_data": part.url}
+    return {"type": "input_file", "filename": name, "file_url": part.url}
+
+
+def _input_audio(part: Any) -> dict[str, Any]:
+    return {"type": "input_audio", "input_audio": {"data": part.data, "format": part.format}}
+
+
+def _input_video(part: Any) -> dict[str, Any]:
+    return {"type": "input_video", "video_url": part.url}
+
+
+_RESPONSES_PARTS: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "image": _input_image, "file": _input_file, "audio": _input_audio, "video": _input_video}
 
 
 def input_parts(parts: Iterable[ContentPart], entry: CatalogEntry
@@ -1094,19 +1340,920 @@ def input_parts(parts: Iterable[ContentPart], entry: CatalogEntry
     out: list[dict[str, Any]] = []
     notes: list[str] = []
     for part in parts:
+        kind = part_kind(part)
         if isinstance(part, TextPart):
             out.append({"type": "input_text", "text": part.text})
-        elif isinstance(part, ImagePart) and entry.accepts("image"):
-            image: dict[str, Any] = {"type": "input_image", "image_url": part.url,
-                                     "detail": part.detail or "auto"}
-            out.append(image)
-        elif isinstance(part, ImagePart):
-            notes.append(f"{entry.name} can't read images, so {_PART_LABELS['image']} "
-                         "was left out of the request.")
+        elif isinstance(part, RefusedPart):
+            notes.append(part.reason)
+        elif kind is not None and entry.accepts(kind):
+            out.append(_RESPONSES_PARTS[kind](part))
+        elif kind is not None:
+            notes.append(f"{entry.name} can't read {_KIND_PLURALS[kind]}, so "
+                         f"{_PART_LABELS[kind]} was left out of the request.")
         else:
-            notes.append(f"An attachment of type '{part.kind}' can't be sent to the model "
-                         "yet and was left out.")
+            notes.append(f"An attachment of type '{getattr(part, 'kind', '?')}' can't be "
+                         "sent to the model and was left out.")
     return out, notes
+
+
+# -- data URLs, sizes, MIME types ----------------------------------------------------------
+
+_DATA_URL = re.compile(r"data:(?P<mime>[^;,]*)(?P<params>(?:;[^;,]*)*),", re.IGNORECASE)
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+
+
+@dataclass(frozen=True, slots=True)
+class DataURL:
+    """A parsed `data:` URL; the payload stays encoded until someone needs the bytes."""
+
+    mime: str
+    is_base64: bool
+    payload: str
+
+    @property
+    def size(self) -> int:
+        """Decoded size, computed from the encoded length without decoding."""
+        if self.is_base64:
+            return estimate_base64_size(self.payload)
+        return len(urllib.parse.unquote_to_bytes(self.payload))
+
+    def head(self, n: int = 48) -> bytes:
+        """The first bytes, for sniffing (decodes at most `n` characters)."""
+        if not self.is_base64:
+            return urllib.parse.unquote_to_bytes(self.payload[:n])
+        chunk = self.payload[: n - n % 4]
+        return base64.b64decode(chunk + "=" * (-len(chunk) % 4), validate=False)
+
+    def as_base64(self) -> str:
+        if self.is_base64:
+            return self.payload
+        return base64.b64encode(urllib.parse.unquote_to_bytes(self.payload)).decode()
+
+
+def estimate_base64_size(payload: str) -> int:
+    """Bytes a base64 string decodes to, from its length (padding counted, never decoded)."""
+    length = len(payload)
+    padding = 2 if payload.endswith("==") else 1 if payload.endswith("=") else 0
+    return max(length * 3 // 4 - padding, 0)
+
+
+def parse_data_url(url: str) -> DataURL:
+    """`data:<mime>[;params][;base64],<payload>` -> DataURL; IntakeError when malformed."""
+    match = _DATA_URL.match(url)
+    if match is None:
+        raise IntakeError("The attachment is not a valid data URL.")
+    params = [p.strip().lower() for p in match.group("params").split(";") if p.strip()]
+    mime = normalise_mime(match.group("mime") or "text/plain")
+    payload = url[match.end():]
+    is_b64 = "base64" in params
+    if is_b64:
+        payload = re.sub(r"\s+", "", payload)
+        if not _BASE64.fullmatch(payload) or len(payload) % 4 == 1:
+            raise IntakeError("The attachment's data URL is not valid base64.")
+    return DataURL(mime, is_b64, payload)
+
+
+def normalise_mime(mime: str) -> str:
+    mime = mime.split(";", 1)[0].strip().lower()
+    return _MIME_ALIASES.get(mime, mime)
+
+
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF87a", "image/gif"), (b"GIF89a", "image/gif"), (b"%PDF-", "application/pdf"),
+    (b"ID3", "audio/mpeg"), (b"OggS", "audio/ogg"), (b"fLaC", "audio/flac"),
+    (b"\x1aE\xdf\xa3", "video/webm"), (b"PK\x03\x04", "application/zip"),
+    (b"BM", "image/bmp"), (b"II*\x00", "image/tiff"), (b"MM\x00*", "image/tiff"),
+)
+_RIFF = {b"WEBP": "image/webp", b"WAVE": "audio/wav", b"AVI ": "video/x-msvideo"}
+_FTYP = {b"qt  ": "video/quicktime", b"M4A ": "audio/mp4", b"heic": "image/heic",
+         b"avif": "image/avif"}
+
+
+def sniff_mime(head: bytes) -> str | None:
+    """MIME type from magic bytes, or None when the bytes are not recognised."""
+    if head[:4] == b"RIFF" and len(head) >= 12:
+        return _RIFF.get(head[8:12])
+    if head[4:8] == b"ftyp":
+        return _FTYP.get(head[8:12], "video/mp4")
+    for magic, mime in _MAGIC:
+        if head.startswith(magic):
+            return mime
+    if len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0:
+        return "audio/mpeg"  # an MPEG audio frame without an ID3 tag
+    return None
+
+
+_GENERIC_MIMES = frozenset({"", "application/octet-stream", "binary/octet-stream",
+                            "text/plain", "application/zip"})
+
+
+def settle_mime(kind: str, declared: str, sniffed: str | None) -> str:
+    """The type to send: magic bytes beat the label; refuses what `kind` can't carry."""
+    mime = sniffed if sniffed and sniffed != "application/zip" else normalise_mime(declared)
+    if mime in _GENERIC_MIMES and kind == "file":
+        mime = normalise_mime(declared) or "application/octet-stream"
+    if kind == "image" and sniffed is None:
+        raise IntakeError("The image's content is not a PNG, JPEG, WebP or GIF picture.")
+    if kind == "image" and mime not in IMAGE_MIMES:
+        raise IntakeError(f"Images of type {mime or 'unknown'} can't be sent; "
+                          "models take PNG, JPEG, WebP or GIF.")
+    if kind == "audio" and mime not in AUDIO_FORMATS:
+        raise IntakeError(f"Audio of type {mime or 'unknown'} can't be sent; "
+                          "OpenRouter takes WAV or MP3 clips.")
+    if kind == "video" and not mime.startswith("video/"):
+        raise IntakeError(f"A video of type {mime or 'unknown'} can't be sent.")
+    return mime
+
+
+def kind_of_mime(mime: str) -> str:
+    """Which part an attachment of this type becomes: image, audio, video or file."""
+    major = normalise_mime(mime).split("/", 1)[0]
+    return major if major in ("image", "audio", "video") else "file"
+
+
+def check_size(kind: str, size: int, cap: int) -> None:
+    if size > cap:
+        raise PayloadTooLargeError(
+            f"The {_PART_LABELS[kind].split(' ', 1)[1]} is {megabytes(size)}, over the "
+            f"{megabytes(cap)} limit.",
+            hint="Send a smaller one, or ask an admin to raise the limit.")
+
+
+def data_url(mime: str, data: bytes) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+# -- SSRF policy: addresses --------------------------------------------------------------
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_METADATA_IPS = frozenset(ipaddress.ip_address(a) for a in (
+    "169.254.169.254", "169.254.170.2", "169.254.169.253", "fd00:ec2::254",
+    "100.100.100.200", "168.63.129.16", "192.0.0.192"))
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")
+_IETF_ASSIGNMENTS = ipaddress.ip_network("192.0.0.0/24")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+_TEREDO = ipaddress.ip_network("2001::/32")
+_SIXTOFOUR = ipaddress.ip_network("2002::/16")
+_IPV4_COMPAT = ipaddress.ip_network("::/96")
+_FLAG_CLASSES = (("unspecified", "is_unspecified"), ("loopback", "is_loopback"),
+                 ("link-local", "is_link_local"), ("multicast", "is_multicast"))
+_LATE_CLASSES = (("reserved", "is_reserved"), ("private", "is_private"),
+                 ("site-local", "is_site_local"))
+
+
+def classify_ip(address: str | IPAddress) -> str | None:
+    """Why the server must not connect to `address` ("loopback", "private", …), or None.
+
+    IPv6 forms that carry an IPv4 address (mapped, compatible, NAT64, 6to4) are judged by
+    that address; Teredo tunnels are refused outright. Anything not globally routable is
+    refused, so an unlisted special range fails closed.
+    """
+    try:
+        ip = (address if isinstance(address, ipaddress.IPv4Address | ipaddress.IPv6Address)
+              else ipaddress.ip_address(str(address).strip("[]")))
+    except ValueError:
+        return "invalid"
+    if ip in _METADATA_IPS:
+        return "cloud metadata"
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(ip)
+        if embedded is not None:
+            inner = classify_ip(embedded[1])
+            return f"{inner} ({embedded[0]})" if inner else None
+        if ip in _TEREDO:
+            return "Teredo tunnel"
+        if ip in _NAT64_LOCAL:
+            return "reserved (local NAT64)"
+    return _range_class(ip)
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> tuple[str, ipaddress.IPv4Address] | None:
+    if ip.ipv4_mapped is not None:
+        return "IPv4-mapped", ip.ipv4_mapped
+    if ip in _NAT64:
+        return "NAT64", ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip.sixtofour is not None and ip in _SIXTOFOUR:
+        return "6to4", ip.sixtofour
+    if ip in _IPV4_COMPAT and int(ip) > 1:
+        return "IPv4-compatible", ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def _range_class(ip: IPAddress) -> str | None:
+    for name, flag in _FLAG_CLASSES:
+        if getattr(ip, flag, False):
+            return name
+    if ip in _CGNAT:
+        return "carrier-grade NAT (100.64.0.0/10)"
+    if ip in _IETF_ASSIGNMENTS:
+        return "reserved (IETF protocol assignments)"
+    for name, flag in _LATE_CLASSES:
+        if getattr(ip, flag, False):
+            return name
+    return None if ip.is_global else "not globally routable"
+
+
+_NUMERIC_HOST = re.compile(r"(?:0x[0-9a-f]*|[0-9]+)(?:\.(?:0x[0-9a-f]*|[0-9]+)){0,3}\.?",
+                           re.IGNORECASE)
+
+
+def parse_host_ip(host: str) -> IPAddress | None:
+    """An IP literal in any form inet_aton accepts (`2130706433`, `0x7f.1`, `0177.0.0.1`,
+    `[::1]`, `fe80::1%eth0`), or None for a DNS name. UnsafeURLError for a malformed one."""
+    bare = host.strip("[]")
+    try:
+        return ipaddress.ip_address(bare)
+    except ValueError:
+        pass
+    if not _NUMERIC_HOST.fullmatch(bare):
+        return None
+    try:
+        nums = [_inet_number(p) for p in bare.rstrip(".").split(".")]
+        return ipaddress.IPv4Address(_inet_combine(nums))
+    except ValueError:
+        raise UnsafeURLError(f"'{host}' is a malformed numeric address.") from None
+
+
+def _inet_number(part: str) -> int:
+    if part[:2].lower() == "0x":
+        return int(part[2:] or "0", 16)
+    if len(part) > 1 and part.startswith("0"):
+        return int(part, 8)
+    return int(part)
+
+
+def _inet_combine(nums: list[int]) -> int:
+    head, last = nums[:-1], nums[-1]
+    if any(n > 255 for n in head) or last >= 1 << (8 * (4 - len(head))):
+        raise ValueError("component out of range")
+    value = 0
+    for n in head:
+        value = value << 8 | n
+    return value << (8 * (4 - len(head))) | last
+
+
+# -- SSRF policy: URLs -----------------------------------------------------------------
+
+_OWUI_FILE_URL = re.compile(r"/api/v1/files/(?P<id>[A-Za-z0-9][A-Za-z0-9_-]{0,127})"
+                            r"(?:/content(?:/[^?#]*)?)?/?(?:[?#].*)?")
+
+
+def owui_file_id(url: str, own_origin: str = "") -> str | None:
+    """The file id of an Open WebUI-hosted file URL (`/api/v1/files/<id>/content`), else None.
+    Relative URLs count, and absolute ones on this Open WebUI's own origin (`scheme://host`);
+    any other absolute URL is a remote URL like any other."""
+    if own_origin and url.lower().startswith(own_origin.lower() + "/"):
+        url = url[len(own_origin):]
+    match = _OWUI_FILE_URL.fullmatch(url)
+    return match.group("id") if match else None
+
+
+def request_origin(request: Any) -> str:
+    """`scheme://host[:port]` of Open WebUI's own request (`__request__.base_url`), or ""."""
+    parts = urllib.parse.urlsplit(str(getattr(request, "base_url", "") or ""))
+    return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else ""
+
+
+@dataclass(frozen=True, slots=True)
+class FetchTarget:
+    """A URL that passed the URL policy; `url` is rebuilt from the checked parts."""
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+    literal: IPAddress | None
+
+
+def host_matches(host: str, patterns: Iterable[str]) -> bool:
+    return any(host == p or host.endswith("." + p) for p in patterns)
+
+
+def check_url(url: str, limits: IntakeLimits) -> FetchTarget:
+    """Apply the URL policy (scheme, credentials, host lists, IP literals) before any DNS."""
+    if any(ch in url for ch in "\\\t\r\n ") or len(url) > 8192:
+        raise UnsafeURLError("The link is malformed, so it wasn't fetched.")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = (parts.hostname or "").rstrip(".")
+    except ValueError:  # e.g. an unbalanced "[" in the host
+        raise UnsafeURLError("The link is malformed, so it wasn't fetched.") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise UnsafeURLError(f"Only https links are fetched, not '{scheme or '(none)'}:' ones.")
+    if scheme == "http" and not limits.allow_http:
+        raise UnsafeURLError("Only https links are fetched; this one is plain http.",
+                             hint="An admin can allow http with REMOTE_FETCH_ALLOW_HTTP.")
+    if parts.username is not None or parts.password is not None:
+        raise UnsafeURLError("Links with a user name or password are never fetched.")
+    if not host:
+        raise UnsafeURLError("The link has no host name.")
+    host = _ascii_host(host)
+    try:
+        port = parts.port or (443 if scheme == "https" else 80)
+    except ValueError:
+        raise UnsafeURLError("The link has an invalid port.") from None
+    _check_host_lists(host, limits)
+    literal = parse_host_ip(host)
+    if literal is not None:
+        reason = classify_ip(literal)
+        if reason:
+            raise UnsafeURLError(f"{host} is a {reason} address, which is never fetched.")
+    netloc = f"[{literal}]" if isinstance(literal, ipaddress.IPv6Address) else str(
+        literal or host)
+    rebuilt = urllib.parse.urlunsplit((scheme, f"{netloc}:{port}", parts.path or "/",
+                                       parts.query, ""))
+    return FetchTarget(rebuilt, scheme, host, port, literal)
+
+
+def _ascii_host(host: str) -> str:
+    """The IDNA (punycode) form the resolver and the TLS check will see."""
+    if host.isascii():
+        return host
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise UnsafeURLError("The link's host name is malformed.") from None
+
+
+def _check_host_lists(host: str, limits: IntakeLimits) -> None:
+    if host_matches(host, limits.denied_hosts):
+        raise UnsafeURLError(f"{host} is on the admin's list of hosts never fetched.")
+    if limits.allowed_hosts and not host_matches(host, limits.allowed_hosts):
+        raise UnsafeURLError(f"{host} is not on the admin's list of hosts media may come from.")
+
+
+def vet_addresses(host: str, addresses: Iterable[str]) -> list[str]:
+    """Every resolved address must be public; one bad record refuses the host."""
+    found = list(dict.fromkeys(addresses))
+    if not found:
+        raise IntakeError(f"{host} has no address.")
+    for address in found:
+        reason = classify_ip(address.split("%", 1)[0])
+        if reason:
+            raise UnsafeURLError(f"{host} resolves to {address}, a {reason} address, "
+                                 "which is never fetched.")
+    return found
+
+
+# -- I/O shell: resolver and fetcher -------------------------------------------------------
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+Dial = Callable[[str, int], tuple[str, int]]
+MAX_REDIRECTS = 5
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
+async def system_resolve(host: str, port: int) -> list[str]:
+    """All A/AAAA records of `host`, via the event loop's resolver (never blocks the loop)."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise IntakeError(f"{host} could not be resolved ({_exc_text(exc)}).") from exc
+    return [str(info[4][0]) for info in infos]
+
+
+def direct_dial(address: str, port: int) -> tuple[str, int]:
+    """Production dialing: connect to exactly the vetted address."""
+    return address, port
+
+
+class _PinnedResolver:
+    """aiohttp resolver that answers only for the vetted host, with the vetted addresses.
+
+    aiohttp still uses the URL's host name for TLS SNI and certificate checks, so pinning
+    changes where the socket goes, never whose certificate is accepted.
+    """
+
+    def __init__(self, host: str, addresses: list[str], dial: Dial) -> None:
+        self._host, self._addresses, self._dial = host, addresses, dial
+
+    async def resolve(self, host: str, port: int = 0, family: int = 0) -> list[dict[str, Any]]:
+        if host.rstrip(".").lower() != self._host.lower():
+            raise OSError(f"refusing to resolve unexpected host {host!r}")
+        out = []
+        for address in self._addresses:
+            ip, dial_port = self._dial(address, port)
+            fam = socket.AF_INET6 if ":" in ip else socket.AF_INET
+            out.append({"hostname": host, "host": ip, "port": dial_port, "family": fam,
+                        "proto": 0, "flags": socket.AI_NUMERICHOST | socket.AI_NUMERICSERV})
+        return out
+
+    async def close(self) -> None:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    data: bytes
+    mime: str
+    filename: str
+
+
+class _Retryable(Exception):
+    """One download attempt failed in a way worth another try (network, 429, 5xx)."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason, self.retry_after = reason, retry_after
+
+
+class Fetcher:
+    """SSRF-safe downloads: policy-checked URL, vetted DNS answers, pinned connections,
+    every redirect re-checked, Content-Length then a running byte cap, retries only for
+    network errors / 429 / 5xx within one total time budget."""
+
+    def __init__(self, resolver: Resolver = system_resolve, dial: Dial = direct_dial, *,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 clock: Callable[[], float] = time.monotonic, ssl: Any = None) -> None:
+        self._resolve, self._dial, self._sleep, self._clock = resolver, dial, sleep, clock
+        self._ssl = ssl
+
+    async def fetch(self, url: str, limits: IntakeLimits, cap: int) -> Fetched:
+        """Download `url` (at most `cap` bytes). Raises UnsafeURLError, PayloadTooLargeError
+        or IntakeError (with the number of tries) — never a library exception."""
+        host = check_url(url, limits).host
+        deadline = self._clock() + limits.fetch_budget
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                return await self._attempt(url, limits, cap, deadline)
+            except _Retryable as exc:
+                wait = exc.retry_after if exc.retry_after is not None else 0.5 * 2 ** tries
+                if tries > limits.fetch_retries or self._clock() + wait >= deadline:
+                    raise IntakeError(f"Downloading from {host} failed after {tries} "
+                                      f"{'try' if tries == 1 else 'tries'} ({exc.reason}).",
+                                      hint="Check the link, or attach the file instead.") \
+                        from None
+                LOG.info("Download from %s failed (%s); retry in %.1fs", host, exc.reason, wait)
+                await self._sleep(wait)
+
+    async def _attempt(self, url: str, limits: IntakeLimits, cap: int, deadline: float
+                       ) -> Fetched:
+        import aiohttp
+
+        remaining = deadline - self._clock()
+        budget = asyncio.timeout(max(remaining, 0.001))
+        try:
+            async with budget:
+                return await self._follow(url, limits, cap)
+        except TimeoutError:
+            if budget.expired():
+                raise IntakeError(f"The download took longer than {limits.fetch_budget:.0f} "
+                                  "seconds and was stopped.") from None
+            raise _Retryable("timed out") from None
+        except aiohttp.ClientSSLError as exc:  # a bad certificate won't get better on retry
+            raise IntakeError(f"The secure connection failed ({_exc_text(exc)}).",
+                              hint="The site's certificate isn't valid for its name.") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _Retryable(f"network error: {_exc_text(exc)}") from exc
+
+    async def _follow(self, url: str, limits: IntakeLimits, cap: int) -> Fetched:
+        target = check_url(url, limits)
+        for _ in range(MAX_REDIRECTS + 1):
+            addresses = [str(target.literal)] if target.literal else vet_addresses(
+                target.host, await self._resolve(target.host, target.port))
+            result = await self._get(target, addresses, cap)
+            if isinstance(result, Fetched):
+                return result
+            target = check_url(urllib.parse.urljoin(target.url, result), limits)
+        raise IntakeError(f"The link redirected more than {MAX_REDIRECTS} times.")
+
+    async def _get(self, target: FetchTarget, addresses: list[str], cap: int
+                   ) -> Fetched | str:
+        """One request to the vetted addresses: the body, or the next redirect's Location."""
+        import aiohttp
+
+        connector = aiohttp.TCPConnector(
+            resolver=_PinnedResolver(target.host, addresses, self._dial),  # type: ignore[arg-type]
+            use_dns_cache=False, force_close=True, ssl=self._ssl)
+        headers = {"Accept": "*/*", "User-Agent": "openrouter-responses-pipe (Open WebUI)"}
+        async with aiohttp.ClientSession(connector=connector, trust_env=False) as session, \
+                session.get(self._request_url(target), headers=headers,
+                            allow_redirects=False) as resp:
+            if resp.status in _REDIRECTS:
+                location = resp.headers.get("Location")
+                if not location:
+                    raise IntakeError(f"{target.host} redirected without a Location.")
+                return location
+            _check_status(target.host, resp.status, resp.headers)
+            if resp.content_length is not None and resp.content_length > cap:
+                raise PayloadTooLargeError(
+                    f"The download is {megabytes(resp.content_length)}, over the "
+                    f"{megabytes(cap)} limit.", hint="Link a smaller file.")
+            data = await _read_capped(resp.content, cap)
+            mime = normalise_mime(resp.headers.get("Content-Type", ""))
+            return Fetched(data, mime, _url_filename(target.url))
+
+    @staticmethod
+    def _request_url(target: FetchTarget) -> Any:
+        import yarl
+
+        return yarl.URL(target.url, encoded=True)
+
+
+def _check_status(host: str, status: int, headers: Mapping[str, str]) -> None:
+    if status == 429 or status >= 500:
+        raise _Retryable(f"HTTP {status}", parse_retry_after(headers.get("Retry-After")))
+    if status >= 400:
+        raise IntakeError(f"{host} answered HTTP {status}, so the download was not retried.",
+                          hint="Check that the link works in a browser.")
+
+
+async def _read_capped(content: Any, cap: int) -> bytes:
+    buf = bytearray()
+    async for chunk in content.iter_chunked(64 * 1024):
+        buf += chunk
+        if len(buf) > cap:
+            raise PayloadTooLargeError(
+                f"The download passed the {megabytes(cap)} limit and was stopped.",
+                hint="Link a smaller file.")
+    return bytes(buf)
+
+
+def _url_filename(url: str) -> str:
+    name = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1])
+    return name[:200] or "download"
+
+
+# -- I/O shell: Open WebUI's file store ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFile:
+    id: str
+    name: str
+    mime: str
+    data: bytes
+
+
+async def _owui_call(fn: Callable[..., Any], *args: Any) -> Any:
+    """Call an Open WebUI API that is sync (≤0.8: off the loop) or async (≥0.9)."""
+    if inspect.iscoroutinefunction(fn):
+        return await fn(*args)
+    result = await asyncio.to_thread(fn, *args)
+    return await result if inspect.isawaitable(result) else result
+
+
+def _owui_module(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise IntakeError("Open WebUI's file store isn't available to the pipe.") from exc
+
+
+class OwuiFileStore:
+    """Reads and writes Open WebUI's own files (Files table + Storage provider), so local
+    disk, S3, GCS and Azure all work: Storage.get_file returns a local copy's path."""
+
+    async def find(self, file_id: str) -> Any:
+        files = _owui_module("open_webui.models.files")
+        return await _owui_call(files.Files.get_file_by_id, file_id)
+
+    async def read(self, file_id: str, user_id: str, user_role: str, cap: int,
+                   kind: str) -> StoredFile:
+        record = await self.find(file_id)
+        if record is None:
+            raise IntakeError(f"The attached file {file_id} no longer exists in Open WebUI.")
+        meta = record.meta or {}
+        name = str(meta.get("name") or record.filename or file_id)
+        if not await self._may_read(record, user_id, user_role):
+            raise IntakeError(f"You don't have access to the attached file '{name}'.")
+        if not record.path:
+            raise IntakeError(f"The original of '{name}' is no longer stored.")
+        storage = _owui_module("open_webui.storage.provider").Storage
+        try:
+            local = await asyncio.to_thread(storage.get_file, record.path)
+            data = await asyncio.to_thread(_read_local, str(local), cap, kind)
+        except IntakeError:
+            raise
+        except Exception as exc:  # any storage backend (disk, S3, GCS, Azure) failing
+            raise IntakeError(f"The stored copy of '{name}' can't be read "
+                              f"({_exc_text(exc)}).") from exc
+        mime = normalise_mime(str(meta.get("content_type") or "")) or _guess_mime(name)
+        return StoredFile(record.id, name, mime, data)
+
+    async def _may_read(self, record: Any, user_id: str, user_role: str) -> bool:
+        if record.user_id == user_id or user_role == "admin":
+            return True
+        return await _shared_with(record.id, user_id)
+
+    async def save(self, file_id: str, user_id: str, name: str, mime: str, data: bytes,
+                   source: str) -> None:
+        """Store `data` as a file owned by the user (the way Open WebUI's upload does)."""
+        files = _owui_module("open_webui.models.files")
+        storage = _owui_module("open_webui.storage.provider").Storage
+        tags = {"OpenWebUI-User-Id": user_id, "OpenWebUI-File-Id": file_id}
+        try:
+            _, path = await asyncio.to_thread(storage.upload_file, io.BytesIO(data),
+                                              f"{file_id}_{name}", tags)
+        except Exception as exc:  # any storage backend failing; the chat goes on without it
+            raise IntakeError(f"Open WebUI's storage refused the file ({_exc_text(exc)}).") \
+                from exc
+        form = files.FileForm(id=file_id, hash=hashlib.sha256(data).hexdigest(), filename=name,
+                              path=path, data={}, meta={"name": name, "content_type": mime,
+                                                        "size": len(data), "source_url": source})
+        if await _owui_call(files.Files.insert_new_file, user_id, form) is None:
+            raise IntakeError("Open WebUI refused to record the saved file.")
+
+    async def upload_limit_mb(self, request: Any) -> float | None:
+        """Open WebUI's own upload limit in MB (≥0.10: Config; before: app.state.config)."""
+        try:
+            config = importlib.import_module("open_webui.models.config").Config
+        except ImportError:
+            state = getattr(getattr(request, "app", None), "state", None)
+            value = getattr(getattr(state, "config", None), "FILE_MAX_SIZE", None)
+        else:
+            value = await config.get("rag.file.max_size")
+        try:
+            limit = float(value) if value not in (None, "") else 0.0
+        except (TypeError, ValueError):
+            return None
+        return limit if limit > 0 else None
+
+
+def _read_local(path: str, cap: int, kind: str) -> bytes:
+    size = os.path.getsize(path)
+    check_size(kind, size, cap)
+    with open(path, "rb") as fh:
+        return fh.read(cap + 1)
+
+
+def _guess_mime(name: str) -> str:
+    return normalise_mime(mimetypes.guess_type(name)[0] or "application/octet-stream")
+
+
+async def _shared_with(file_id: str, user_id: str) -> bool:
+    """Open WebUI's own sharing rule (knowledge bases, channels…) where the version has one."""
+    check = None
+    for module in ("open_webui.utils.access_control.files", "open_webui.routers.files"):
+        try:
+            check = getattr(importlib.import_module(module), "has_access_to_file", None)
+        except ImportError:
+            continue
+        if check is not None:
+            break
+    if check is None:
+        return False
+    users = _owui_module("open_webui.models.users").Users
+    user = await _owui_call(users.get_user_by_id, user_id)
+    if user is None:
+        return False
+    try:
+        return bool(await _owui_call(check, file_id, "read", user))
+    except Exception:  # Open WebUI's access helper failing means "no access", never a crash
+        LOG.warning("Open WebUI's file access check failed for %s", file_id, exc_info=True)
+        return False
+
+
+# -- I/O shell: the intake step ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class IntakeJob:
+    """What one request's intake needs: the model, limits, who asks, where status goes."""
+
+    entry: CatalogEntry
+    limits: IntakeLimits
+    user_id: str
+    user_role: str
+    emitter: Emitter
+    origin: str = ""  # this Open WebUI's own scheme://host, for absolute file links
+
+
+@dataclass(frozen=True, slots=True)
+class Media:
+    """A resolved attachment: `url` is a data URL (or a remote URL for video)."""
+
+    url: str
+    mime: str
+    name: str = ""
+
+
+LARGE_ENCODE = 4 * MB
+_SKIPPED_FILE_TYPES = frozenset({"collection", "web_search", "chat", "note", "folder",
+                                 "filesystem", "doc", "image"})
+
+
+class Intake:
+    """Resolves every attachment of a request into inline parts, or a RefusedPart."""
+
+    def __init__(self, fetcher: Fetcher | None = None, store: OwuiFileStore | None = None
+                 ) -> None:
+        self._fetcher = fetcher or Fetcher()
+        self._store = store or OwuiFileStore()
+
+    async def prepare(self, req: ChatRequest, job: IntakeJob,
+                      files: Iterable[Mapping[str, Any]] = (), request: Any = None
+                      ) -> ChatRequest:
+        """`req` with attachments inlined (and `__files__` added when the valve says so)."""
+        messages = attach_files(req.messages, files, job)
+        if not any(part_kind(p) for m in messages if m.role == "user" for p in m.parts):
+            return req
+        job = dataclasses.replace(job, limits=job.limits.capped(
+            await self._upload_limit(request)))
+        capped = cap_images(messages, job.limits.max_images, job.entry)
+        resolved = [await self._message(m, job) if m.role == "user" else m for m in capped]
+        return dataclasses.replace(req, messages=tuple(resolved))
+
+    async def _upload_limit(self, request: Any) -> float | None:
+        try:
+            return await self._store.upload_limit_mb(request)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # Open WebUI's config store failing must not block a chat
+            LOG.debug("Could not read Open WebUI's upload limit", exc_info=True)
+            return None
+
+    async def _message(self, msg: ChatMessage, job: IntakeJob) -> ChatMessage:
+        if not any(part_kind(p) for p in msg.parts):
+            return msg
+        parts = [await self._part(p, job) for p in msg.parts]
+        return dataclasses.replace(msg, parts=tuple(parts))
+
+    async def _part(self, part: ContentPart, job: IntakeJob) -> ContentPart:
+        kind = part_kind(part)
+        if kind is None or not job.entry.accepts(kind):
+            return part  # text, or a kind the transformer will leave out with a note
+        try:
+            return await _RESOLVERS[kind](self, part, job)
+        except IntakeError as exc:
+            LOG.info("Attachment refused (%s): %s", type(exc).__name__, exc)
+            return RefusedPart(kind, f"{_PART_LABELS[kind].capitalize()} was left out: "
+                                     f"{describe_error(exc)}")
+
+    async def _image(self, part: Any, job: IntakeJob) -> ContentPart:
+        media = await self.media(part.url, "image", job)
+        return ImagePart(media.url, part.detail)
+
+    async def _file(self, part: Any, job: IntakeJob) -> ContentPart:
+        media = await self.media(part.url, "file", job)
+        return FilePart(media.url, part.filename or media.name or _default_name(media.mime))
+
+    async def _audio(self, part: Any, job: IntakeJob) -> ContentPart:
+        source = part.data
+        if not _is_reference(source):  # raw base64, as input_audio carries it
+            fmt = part.format.lower() if part.format else "mp3"
+            source = f"data:audio/{'mpeg' if fmt == 'mp3' else fmt};base64,{source}"
+        media = await self.media(source, "audio", job)  # always a base64 data URL
+        return AudioPart(media.url.partition(",")[2], AUDIO_FORMATS[media.mime])
+
+    async def _video(self, part: Any, job: IntakeJob) -> ContentPart:
+        if part.url.startswith(("https://", "http://")):
+            check_url(part.url, job.limits)  # the provider fetches it; same policy applies
+            return part
+        return VideoPart((await self.media(part.url, "video", job)).url)
+
+    async def media(self, source: str, kind: str, job: IntakeJob) -> Media:
+        """Any source (data URL, Open WebUI file, remote URL) -> an inline, checked Media."""
+        cap = job.limits.cap(kind)
+        if source.startswith("data:"):
+            parsed = parse_data_url(source)
+            check_size(kind, parsed.size, cap)
+            mime = settle_mime(kind, parsed.mime, sniff_mime(parsed.head()))
+            if parsed.is_base64 and mime == parsed.mime:
+                return Media(source, mime)
+            return Media(f"data:{mime};base64,{parsed.as_base64()}", mime)
+        file_id = owui_file_id(source, job.origin)
+        if file_id is not None:
+            stored = await self._store.read(file_id, job.user_id, job.user_role, cap, kind)
+            return await self._inline(stored.data, kind, stored.mime, stored.name, job)
+        if source.startswith(("https://", "http://")) or "://" in source:
+            return await self._remote(source, kind, job)
+        raise IntakeError("The attachment's link is neither a URL nor an Open WebUI file.")
+
+    async def _inline(self, data: bytes, kind: str, declared: str, name: str,
+                      job: IntakeJob) -> Media:
+        check_size(kind, len(data), job.limits.cap(kind))
+        mime = settle_mime(kind, declared, sniff_mime(data[:48]))
+        if len(data) >= LARGE_ENCODE:
+            await job.emitter.status(f"Encoding {name or _PART_LABELS[kind]} "
+                                     f"({megabytes(len(data))})…", done=False)
+        encoded = data_url(mime, data)
+        if len(data) >= LARGE_ENCODE:
+            await job.emitter.status(f"Encoded {name or _PART_LABELS[kind]}", done=True,
+                                     hidden=True)
+        return Media(encoded, mime, name)
+
+    async def _remote(self, url: str, kind: str, job: IntakeJob) -> Media:
+        """Download (or reuse the copy saved on an earlier turn), save, inline."""
+        host = check_url(url, job.limits).host  # refused links are refused, saved or not
+        file_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{job.user_id}\n{url}"))
+        if job.limits.save_remote:
+            saved = await self._saved_copy(file_id, job, kind)
+            if saved is not None:
+                return await self._inline(saved.data, kind, saved.mime, saved.name, job)
+        await job.emitter.status(f"Downloading {_PART_LABELS[kind]} from {host}…", done=False)
+        try:
+            got = await self._fetcher.fetch(url, job.limits, job.limits.cap(kind))
+        finally:
+            await job.emitter.status(f"Fetched {_PART_LABELS[kind]} from {host}", done=True,
+                                     hidden=True)
+        media = await self._inline(got.data, kind, got.mime, got.filename, job)
+        if job.limits.save_remote:
+            await self._save(file_id, job, media.mime, got, url)
+        return media
+
+    async def _saved_copy(self, file_id: str, job: IntakeJob, kind: str) -> StoredFile | None:
+        try:
+            if await self._store.find(file_id) is None:
+                return None
+            return await self._store.read(file_id, job.user_id, job.user_role,
+                                          job.limits.cap(kind), kind)
+        except IntakeError as exc:
+            LOG.debug("No saved copy %s: %s", file_id, exc)
+            return None
+
+    async def _save(self, file_id: str, job: IntakeJob, mime: str, got: Fetched,
+                    url: str) -> None:
+        try:
+            await self._store.save(file_id, job.user_id, got.filename, mime, got.data, url)
+        except IntakeError as exc:
+            LOG.warning("Downloaded media not saved to Open WebUI: %s", exc)
+
+
+_RESOLVERS: dict[str, Callable[[Intake, Any, IntakeJob], Awaitable[ContentPart]]] = {
+    "image": Intake._image, "file": Intake._file, "audio": Intake._audio,
+    "video": Intake._video}
+
+
+def _is_reference(source: str) -> bool:
+    return source.startswith(("data:", "/", "http://", "https://"))
+
+
+def _default_name(mime: str) -> str:
+    return "document" + (mimetypes.guess_extension(mime) or "")
+
+
+def attach_files(messages: tuple[ChatMessage, ...], files: Iterable[Mapping[str, Any]],
+                 job: IntakeJob) -> tuple[ChatMessage, ...]:
+    """`__files__` -> parts on the last user message, when SEND_FILES_NATIVELY is on and the
+    model reads that kind; otherwise Open WebUI's retrieval handles them (never both)."""
+    if not job.limits.send_files:
+        return messages
+    last = next((i for i in range(len(messages) - 1, -1, -1)
+                 if messages[i].role == "user"), None)
+    extra = [p for p in (file_part(f) for f in files)
+             if p is not None and job.entry.accepts(part_kind(p) or "")]
+    if last is None or not extra:
+        return messages
+    msg = messages[last]
+    present = {part_source(p) for p in msg.parts}
+    extra = [p for p in extra if part_source(p) not in present]  # never the same file twice
+    return (*messages[:last], dataclasses.replace(msg, parts=(*msg.parts, *extra)),
+            *messages[last + 1:])
+
+
+def part_source(part: ContentPart) -> str | None:
+    """Where an attachment part comes from (URL, data URL or base64), None for text."""
+    if isinstance(part, AudioPart):
+        return part.data
+    return part.url if isinstance(part, ImagePart | FilePart | VideoPart) else None
+
+
+def file_part(item: Mapping[str, Any]) -> ContentPart | None:
+    """One `__files__` entry -> a part (by content type), or None for non-files/images."""
+    if str(item.get("type") or "file") in _SKIPPED_FILE_TYPES:
+        return None
+    found = item.get("file")
+    inner: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
+    meta: Mapping[str, Any] = inner["meta"] if isinstance(inner.get("meta"), Mapping) else {}
+    file_id = item.get("id") or inner.get("id")
+    if not file_id:
+        return None
+    name = str(item.get("name") or meta.get("name") or inner.get("filename") or "")
+    mime = str(item.get("content_type") or meta.get("content_type") or _guess_mime(name))
+    url, kind = f"/api/v1/files/{file_id}/content", kind_of_mime(mime)
+    if kind == "image":
+        return None  # images arrive as image_url parts of the message itself
+    if kind == "audio":
+        return AudioPart(url)
+    return VideoPart(url) if kind == "video" else FilePart(url, name)
+
+
+def cap_images(messages: Iterable[ChatMessage], limit: int, entry: CatalogEntry
+               ) -> list[ChatMessage]:
+    """Keep the newest `limit` images the model would get; refuse older ones by name."""
+    if not entry.accepts("image"):
+        return list(messages)
+    seen = 0
+    out: list[ChatMessage] = []
+    for msg in reversed(list(messages)):
+        parts: list[ContentPart] = []
+        for part in reversed(msg.parts):
+            if isinstance(part, ImagePart):
+                seen += 1
+                if seen > limit:
+                    part = RefusedPart("image", (
+                        f"An older image was left out: only the newest {limit} images are "
+                        "sent per request (MAX_IMAGES_PER_REQUEST)."))
+            parts.append(part)
+        out.append(dataclasses.replace(msg, parts=tuple(reversed(parts))))
+    return list(reversed(out))
 
 
 # ─────────────────────────────────────────────────────────────────────────────
@@ -3122,7 +4269,8 @@ class Pipe:
 
     def __init__(self, *, transport: Transport | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 intake: Intake | None = None) -> None:
         self.type = "manifold"
         self.valves = self.Valves()
         self._clock = clock
@@ -3134,6 +4282,7 @@ class Pipe:
         self._gate = AdmissionGate(clock)
         self._tools = ToolRunner(clock)
         self._models_cache: tuple[Any, list[dict[str, str]]] | None = None
+        self._intake = intake or Intake()
 
     # -- model list ----------------------------------------------------------------------
 
@@ -3192,6 +4341,8 @@ class Pipe:
             self._telemetry.requests += 1
             async with self._gate.admit(turn.req.user_id, turn.settings.admission):  # 1 admit
                 plan = await self._plan(turn)                                # 3 catalog, 6
+                for note in plan.notes:
+                    await turn.emitter.notify(note)
                 resp = await self._client.open_response(plan.payload, turn.settings)  # 7 send
                 try:
                     data = _loads(await resp.read())
@@ -3231,11 +4382,12 @@ class Pipe:
 
     async def _plan(self, turn: Turn) -> Transformed:
         entry = await self._resolve_entry(turn.req, turn.settings)
-        plan = build_responses_request(turn.req, entry, turn.settings)
-        if turn.req.stream and not turn.req.task:  # tools only where a turn can loop
-            plan = with_tools(plan, turn.req, entry, turn.context.tools,
+        req = await self._take_in(turn, entry)                               # 5 intake
+        plan = build_responses_request(req, entry, turn.settings)             # 6 transform
+        if req.stream and not req.task:  # tools only where a turn can loop
+            plan = with_tools(plan, req, entry, turn.context.tools,
                               turn.context.metadata.get("features") or {}, turn.settings.tools)
-        elif not turn.req.task and (turn.context.tools or turn.req.tools):
+        elif not req.task and (turn.context.tools or req.tools):
             LOG.info("Tools are used in streamed chats only; this one is sent without them")
         LOG.info("Turn: model=%s stream=%s task=%s messages=%d", entry.id,
                  plan.payload.get("stream"), turn.req.task, len(turn.req.messages))
@@ -3325,6 +4477,14 @@ class Pipe:
     async def _checkpoint(self, turn: Turn, items: list[dict[str, Any]]) -> str:
         """Issue #5 persists the round's items here and returns marker lines."""
         return ""
+    async def _take_in(self, turn: Turn, entry: CatalogEntry) -> ChatRequest:
+        """Attachments -> inline parts (size caps, SSRF-safe downloads, Open WebUI files)."""
+        if turn.req.task:
+            return turn.req
+        job = IntakeJob(entry, turn.settings.intake, turn.req.user_id, turn.req.user_role,
+                        turn.emitter, request_origin(turn.context.request))
+        return await self._intake.prepare(turn.req, job, turn.context.files,
+                                          turn.context.request)
 
     async def _pump(self, resp: TransportResponse, state: StreamState,
                     renderer: ChunkRenderer, timing: StreamTiming

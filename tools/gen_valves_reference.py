@@ -37,6 +37,11 @@ GROUPS: dict[str, tuple[str, ...]] = {
                              "STRICT_TOOL_SCHEMAS", "TOOL_RESULT_MAX_CHARS",
                              "TOOL_CARD_MAX_CHARS", "WEB_SEARCH", "WEB_SEARCH_MAX_RESULTS",
                              "REMOTE_MCP_SERVERS_JSON"),
+    "Multimodal intake": ("MAX_IMAGE_MB", "MAX_FILE_MB", "MAX_AUDIO_MB", "MAX_VIDEO_MB",
+                          "MAX_IMAGES_PER_REQUEST", "SEND_FILES_NATIVELY", "SAVE_REMOTE_MEDIA"),
+    "Remote fetching (SSRF policy)": ("REMOTE_FETCH_ALLOW_HTTP", "REMOTE_FETCH_ALLOWED_HOSTS",
+                                      "REMOTE_FETCH_DENIED_HOSTS",
+                                      "REMOTE_FETCH_TIMEOUT_SECONDS", "REMOTE_FETCH_RETRIES"),
 }
 
 

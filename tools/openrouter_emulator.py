@@ -896,6 +896,25 @@ def validation_error(body: Any, catalog: dict[str, dict]) -> HttpError | None:
     if mandatory and _reasoning_off(body.get("reasoning") or {}):
         return HttpError(400, _err(
             400, "Reasoning is mandatory for this endpoint and cannot be disabled."))
+    return modality_error(body, entry)
+
+
+#: Content part type -> the input modality a model must list to get it. `input_file` is not
+#: here: OpenRouter parses PDFs for any model (file-parser plugin), so it never refuses them.
+PART_MODALITIES = {"input_image": "image", "input_audio": "audio", "input_video": "video"}
+
+
+def modality_error(body: dict, entry: dict) -> HttpError | None:
+    """Like the real router: no endpoint of a text-only model takes image/audio/video input."""
+    accepted = set((entry.get("architecture") or {}).get("input_modalities") or ())
+    items = body["input"] if isinstance(body["input"], list) else []
+    for item in (i for i in items if isinstance(i, dict)):
+        parts = item.get("content") if isinstance(item.get("content"), list) else []
+        for part in (p for p in parts if isinstance(p, dict)):
+            needed = PART_MODALITIES.get(part.get("type", ""))
+            if needed and needed not in accepted:
+                return HttpError(404, _err(404, f"No endpoints found that support {needed} "
+                                                "input"))
     return None
 
 
