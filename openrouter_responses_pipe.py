@@ -16,7 +16,7 @@ description: OpenRouter's catalog in Open WebUI via the Responses API: streaming
 #   §4  Wire types        frozen dataclasses for what crosses a boundary
 #   §5  Catalog           /models JSON -> CatalogEntry; selection; refresher with TTL and backoff
 #   §6  Transformer       Open WebUI chat body -> Responses request (pure)
-#   §7  Intake            message content parts -> Responses input parts (pure)
+#   §7  Intake            attachments -> inline parts: size caps, SSRF-safe fetch, files
 #   §8  Client            transport (injectable), retry policy, upstream error mapping
 #   §9  Stream decoding   SSEDecoder.feed(bytes) -> events; reducer = table of handlers
 #   §10 Tool executor     tool schemas, strict mode, runner with timeouts and breakers
@@ -38,14 +38,21 @@ import contextvars
 import dataclasses
 import hashlib
 import hmac
+import importlib
+import inspect
+import io
+import ipaddress
 import json
 import logging
+import mimetypes
 import os
 import random
 import re
+import socket
 import sys
 import time
 import typing
+import urllib.parse
 import uuid
 import zlib
 from collections import deque
@@ -95,7 +102,10 @@ _SAMPLING_PARAMS = ("temperature", "top_p", "top_k", "stop", "frequency_penalty"
 #   ├── IntakeError             an attachment was refused
 #   │   ├── UnsafeURLError
 #   │   └── PayloadTooLargeError
-#   ├── ToolError
+#   ├── ToolError               reported to the model as the call's output, never fatal
+#   │   ├── BadToolArguments
+#   │   ├── ToolTimeout
+#   │   └── ToolBreakerOpen
 #   └── ArtifactStoreError
 #
 # `describe_error` (§12) is the one place that turns these into what the user reads.
@@ -175,7 +185,23 @@ class PayloadTooLargeError(IntakeError):
 
 
 class ToolError(PipeError):
-    """A tool call failed (timeout, unknown tool, breaker open, bad arguments)."""
+    """A tool call failed (timeout, unknown tool, breaker open, bad arguments).
+
+    Tool errors never end a chat: the text goes to the model as the call's output and into
+    the tool card, so the model can recover.
+    """
+
+
+class BadToolArguments(ToolError):
+    """The model's arguments were not a JSON object; it is told so and may call again."""
+
+
+class ToolTimeout(ToolError):
+    """A tool ran longer than TOOL_TIMEOUT_SECONDS."""
+
+
+class ToolBreakerOpen(ToolError):
+    """A tool failed repeatedly for this user and is paused."""
 
 
 class ArtifactStoreError(PipeError):
@@ -330,8 +356,92 @@ class Valves(BaseModel):
                     "one provider (better prompt-cache hits). The chat id itself is not sent.")
 
     # ── Tools (issue #3) ──────────────────────────────────────────────────────
+    TOOL_EXECUTION_MODE: Literal["pipe", "open_webui"] = Field(
+        default="pipe",
+        description="Who runs Open WebUI's tools: `pipe` (shown as tool cards, results sent "
+                    "back to the model in the same turn) or `open_webui` (the pipe streams "
+                    "tool calls and Open WebUI executes them).")
+    MAX_TOOL_ROUNDS: int = Field(
+        default=8, ge=1, le=50,
+        description="Tool rounds per answer (pipe mode). At the limit the model is asked for "
+                    "a final answer without tools and the user is told.")
+    TOOL_TIMEOUT_SECONDS: float = Field(
+        default=60.0, ge=1, le=3600, description="Longest a single tool call may run.")
+    MAX_PARALLEL_TOOLS_PER_REQUEST: int = Field(
+        default=4, ge=1, le=64, description="Tool calls of one answer running at once.")
+    MAX_PARALLEL_TOOLS_GLOBAL: int = Field(
+        default=32, ge=1, le=1024, description="Tool calls running at once, all users.")
+    TOOL_BREAKER_THRESHOLD: int = Field(
+        default=5, ge=1, le=100,
+        description="Failures of one tool for one user (within the window) that pause it.")
+    TOOL_BREAKER_WINDOW_SECONDS: float = Field(
+        default=60.0, ge=1, le=86400,
+        description="Window for TOOL_BREAKER_THRESHOLD, and how long a paused tool stays off.")
+    STRICT_TOOL_SCHEMAS: bool = Field(
+        default=True,
+        description="Send tool schemas in strict mode (exact arguments). A schema strict mode "
+                    "can't express is sent non-strict.")
+    TOOL_RESULT_MAX_CHARS: int = Field(
+        default=50_000, ge=100, le=2_000_000,
+        description="Longest tool result sent to the model (longer ones are cut, with a note).")
+    TOOL_CARD_MAX_CHARS: int = Field(
+        default=2_000, ge=50, le=200_000,
+        description="Longest tool result shown in the chat's tool card.")
+    WEB_SEARCH: Literal["off", "user_toggle", "always"] = Field(
+        default="user_toggle",
+        description="OpenRouter web search (paid per result): only when the user turns on "
+                    "Web Search in the chat, always, or never.")
+    WEB_SEARCH_MAX_RESULTS: int = Field(
+        default=5, ge=1, le=25, description="Web search results per search.")
+    REMOTE_MCP_SERVERS_JSON: str = Field(
+        default="",
+        description='Remote MCP servers the provider calls, as JSON: one object or a list of '
+                    '{"server_label", "server_url", "require_approval", "allowed_tools", '
+                    '"headers", "server_description", "authorization"}.')
 
     # ── Multimodal intake (issue #4) ──────────────────────────────────────────
+    MAX_IMAGE_MB: float = Field(
+        default=20.0, gt=0, le=500,
+        description="Largest image sent to a model (data URL, upload or download). Open "
+                    "WebUI's own upload limit applies too when it is lower.")
+    MAX_FILE_MB: float = Field(
+        default=50.0, gt=0, le=500,
+        description="Largest document (PDF and other files) sent to a model inline.")
+    MAX_AUDIO_MB: float = Field(
+        default=25.0, gt=0, le=500, description="Largest audio clip sent to a model inline.")
+    MAX_VIDEO_MB: float = Field(
+        default=50.0, gt=0, le=500, description="Largest video sent to a model inline.")
+    MAX_IMAGES_PER_REQUEST: int = Field(
+        default=20, ge=0, le=500,
+        description="Images sent per request (the newest are kept; the user is told "
+                    "about the rest).")
+    SEND_FILES_NATIVELY: bool = Field(
+        default=False,
+        description="Send documents attached to a chat to models that read files "
+                    "natively (e.g. PDFs), instead of leaving them to Open WebUI's "
+                    "retrieval (RAG) alone.")
+    SAVE_REMOTE_MEDIA: bool = Field(
+        default=True,
+        description="Save downloaded remote images/files into Open WebUI's file store, "
+                    "owned by the user, so the chat still works when the link dies.")
+    REMOTE_FETCH_ALLOW_HTTP: bool = Field(
+        default=False,
+        description="Also download plain-http URLs (https only by default). Private and "
+                    "internal addresses stay refused either way.")
+    REMOTE_FETCH_ALLOWED_HOSTS: str = Field(
+        default="",
+        description="Comma list of hosts remote media may come from (`example.com` also "
+                    "allows its subdomains). Empty = any public host.")
+    REMOTE_FETCH_DENIED_HOSTS: str = Field(
+        default="",
+        description="Comma list of hosts never fetched (subdomains included).")
+    REMOTE_FETCH_TIMEOUT_SECONDS: float = Field(
+        default=30.0, ge=1, le=600,
+        description="Total time budget for one download, retries and redirects included.")
+    REMOTE_FETCH_RETRIES: int = Field(
+        default=2, ge=0, le=5,
+        description="Retries of a download after a network error, 429 or 5xx (never after "
+                    "other 4xx).")
 
     # ── Artifact store and Redis (issue #5) ───────────────────────────────────
     ARTIFACT_ENCRYPTION_KEY: EncryptedStr = Field(
@@ -381,6 +491,10 @@ class UserValves(BaseModel):
     # ── Tools (issue #3) ──
 
     # ── Multimodal intake (issue #4) ──
+    SEND_FILES_NATIVELY: Literal["inherit", "on", "off"] = Field(
+        default="inherit",
+        description="Send your attached documents (PDFs…) to file-capable models "
+                    "natively (`inherit` = admin default).")
 
     # ── Artifact store (issue #5) ──
     REASONING_RETENTION: Literal["inherit", "conversation", "next_reply", "disabled"] = Field(
@@ -461,9 +575,10 @@ class RequestSettings:
     log_citation: str
     catalog_ttl: float
     # ── Tools (issue #3) ──
+    tools: ToolSettings = field(default_factory=lambda: ToolSettings())
 
     # ── Multimodal intake (issue #4) ──
-
+    intake: IntakeLimits = field(default_factory=lambda: intake_limits(Valves(), UserValves()))
     # ── Artifact store (issue #5) ──
     artifact_keys: tuple[str, ...] | None = ()  # None: configured but unreadable
     encrypt_all: bool = False
@@ -505,9 +620,10 @@ class RequestSettings:
             log_citation=valves.REQUEST_LOG_CITATION,
             catalog_ttl=valves.MODEL_CATALOG_REFRESH_SECONDS,
             # ── Tools (issue #3) ──
+            tools=tool_settings(valves),
 
             # ── Multimodal intake (issue #4) ──
-
+            intake=intake_limits(valves, user),
             # ── Artifact store (issue #5) ──
             artifact_keys=_artifact_keys(valves.ARTIFACT_ENCRYPTION_KEY),
             encrypt_all=valves.ENCRYPT_ALL,
@@ -618,7 +734,37 @@ class UnsupportedPart:
     kind: str
 
 
-ContentPart = TextPart | ImagePart | UnsupportedPart
+@dataclass(frozen=True, slots=True)
+class FilePart:
+    """A document: `url` is a data URL after intake (before: remote / Open WebUI URL or id)."""
+
+    url: str
+    filename: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AudioPart:
+    """An audio clip: `data` is raw base64 (or a data/remote URL before intake)."""
+
+    data: str
+    format: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class VideoPart:
+    url: str
+
+
+@dataclass(frozen=True, slots=True)
+class RefusedPart:
+    """An attachment the intake refused; `reason` is the one-line note the user reads."""
+
+    kind: str
+    reason: str
+
+
+ContentPart = (TextPart | ImagePart | FilePart | AudioPart | VideoPart | RefusedPart
+               | UnsupportedPart)
 
 
 @dataclass(frozen=True, slots=True)
@@ -656,6 +802,7 @@ class ChatRequest:
     chat_id: str | None = None
     user_id: str = "anonymous"
     user_role: str = "user"
+    tools: tuple[ToolSpec, ...] = ()           # body["tools"] (issue #3)
 
 
 @dataclass(slots=True)
@@ -903,6 +1050,7 @@ class Transformed:
 
     payload: dict[str, Any]
     notes: tuple[str, ...] = ()
+    tools: ToolSet = field(default_factory=lambda: ToolSet())  # function tools (issue #3)
     replayed_reasoning: tuple[str, ...] = ()  # stored reasoning ids sent back (issue #5)
 
 
@@ -992,7 +1140,7 @@ def history_items(messages: Iterable[ChatMessage], entry: CatalogEntry
 
 def assistant_items(msg: ChatMessage) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    text = strip_reasoning_blocks(msg.text).strip()
+    text = strip_reasoning_blocks(msg.text).strip()  # tool cards: see replay_items (§11)
     if text:
         out.append({"type": "message", "role": "assistant", "content": text})
     out.extend({"type": "function_call", "call_id": call.id, "name": call.name,
@@ -1062,14 +1210,101 @@ def _apply_sampling(payload: dict[str, Any], req: ChatRequest, entry: CatalogEnt
 
 
 # ─────────────────────────────────────────────────────────────────────────────
-# §7 Intake (pure part)
+# §7 Intake
 #
-# Content parts Open WebUI sends -> Responses input parts, gated by the model's input
-# modalities. A part the model can't take is left out with a note the user sees.
+# Attachments -> parts a model can take, safely. The pure policy comes first (parsing
+# content parts, data URLs, size estimates from base64 length, MIME sniffing, the SSRF
+# address and URL policy, the Responses part mapping); then the I/O shell: an async
+# resolver, a fetcher that connects only to the addresses it checked, the Open WebUI file
+# store adapter, and `Intake.prepare`, which Pipe._plan awaits before the pure transformer.
+#
+#   source of a part               model takes the kind?  result
+#   data URL / raw base64          yes                    size from length, sniff, keep inline
+#   /api/v1/files/<id>[/content]   yes                    access check, read via Storage, inline
+#   https:// image or file         yes                    SSRF-safe download, save, inline
+#   https:// video                 yes                    sent as a URL (the provider fetches it)
+#   any                            no                     kept; the transformer adds a note
+#
+# Every refusal becomes a RefusedPart whose reason the user reads; the rest of the message
+# still goes to the model.
 # ─────────────────────────────────────────────────────────────────────────────
 
+MB = 1024 * 1024
 _PART_LABELS = {"image": "an image", "file": "a file", "audio": "an audio clip",
                 "video": "a video"}
+_KIND_PLURALS = {"image": "images", "file": "files", "audio": "audio", "video": "video"}
+IMAGE_MIMES = frozenset({"image/png", "image/jpeg", "image/webp", "image/gif"})
+AUDIO_FORMATS = {"audio/wav": "wav", "audio/x-wav": "wav", "audio/wave": "wav",
+                 "audio/vnd.wave": "wav", "audio/mpeg": "mp3", "audio/mp3": "mp3"}
+_MIME_ALIASES = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg",
+                 "audio/x-mp3": "audio/mpeg", "audio/mpeg3": "audio/mpeg"}
+
+
+@dataclass(frozen=True, slots=True)
+class IntakeLimits:
+    """The intake's share of RequestSettings: per-kind byte caps and the fetch policy."""
+
+    max_image: int
+    max_file: int
+    max_audio: int
+    max_video: int
+    max_images: int
+    send_files: bool
+    save_remote: bool
+    allow_http: bool
+    allowed_hosts: tuple[str, ...]
+    denied_hosts: tuple[str, ...]
+    fetch_budget: float
+    fetch_retries: int
+
+    def cap(self, kind: str) -> int:
+        return {"image": self.max_image, "file": self.max_file, "audio": self.max_audio,
+                "video": self.max_video}[kind]
+
+    def capped(self, limit_mb: float | None) -> IntakeLimits:
+        """These limits, each cap lowered to Open WebUI's own upload limit when one is set."""
+        if not limit_mb or limit_mb <= 0:
+            return self
+        top = int(limit_mb * MB)
+        return dataclasses.replace(
+            self, max_image=min(self.max_image, top), max_file=min(self.max_file, top),
+            max_audio=min(self.max_audio, top), max_video=min(self.max_video, top))
+
+
+def intake_limits(valves: Valves, user: UserValves) -> IntakeLimits:
+    return IntakeLimits(
+        max_image=int(valves.MAX_IMAGE_MB * MB), max_file=int(valves.MAX_FILE_MB * MB),
+        max_audio=int(valves.MAX_AUDIO_MB * MB), max_video=int(valves.MAX_VIDEO_MB * MB),
+        max_images=valves.MAX_IMAGES_PER_REQUEST,
+        send_files=_pick(user.SEND_FILES_NATIVELY,
+                         "on" if valves.SEND_FILES_NATIVELY else "off") == "on",
+        save_remote=valves.SAVE_REMOTE_MEDIA, allow_http=valves.REMOTE_FETCH_ALLOW_HTTP,
+        allowed_hosts=host_list(valves.REMOTE_FETCH_ALLOWED_HOSTS),
+        denied_hosts=host_list(valves.REMOTE_FETCH_DENIED_HOSTS),
+        fetch_budget=valves.REMOTE_FETCH_TIMEOUT_SECONDS,
+        fetch_retries=valves.REMOTE_FETCH_RETRIES)
+
+
+def host_list(csv: str) -> tuple[str, ...]:
+    """`"*.Example.com, foo.org., bücher.de"` -> ("example.com", "foo.org", "xn--bcher-kva.de")."""
+    hosts = (h.strip().lower().rstrip(".").removeprefix("*.").lstrip(".")
+             for h in csv.split(","))
+    return tuple(_listed_host(h) for h in hosts if h)
+
+
+def _listed_host(host: str) -> str:
+    try:
+        return _ascii_host(host)
+    except UnsafeURLError:
+        return host  # a malformed entry simply never matches
+
+
+def megabytes(size: int) -> str:
+    """A size for people: `340 KB`, `2.5 MB`."""
+    return f"{size / MB:.1f} MB" if size >= MB else f"{max(size / 1024, 0.1):.1f} KB"
+
+
+# -- content parts ----------------------------------------------------------------------
 
 
 def parse_content(content: Any) -> tuple[ContentPart, ...]:
@@ -1089,16 +1324,91 @@ def _parse_part(raw: Any) -> ContentPart:
         return TextPart(raw)
     if not isinstance(raw, Mapping):
         return UnsupportedPart(type(raw).__name__)
-    kind = raw.get("type")
-    if kind in ("text", "input_text"):
-        return TextPart(str(raw.get("text") or ""))
-    if kind in ("image_url", "input_image"):
-        image = raw.get("image_url")
-        url = image.get("url") if isinstance(image, Mapping) else image
-        detail = image.get("detail") if isinstance(image, Mapping) else raw.get("detail")
-        if isinstance(url, str) and url:
-            return ImagePart(url, detail if detail in ("auto", "low", "high") else None)
-    return UnsupportedPart(str(kind or "unknown"))
+    kind = str(raw.get("type") or "unknown")
+    parser = _PART_PARSERS.get(kind)
+    part = parser(raw) if parser else None
+    return part if part is not None else UnsupportedPart(kind)
+
+
+def _nested(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    inner = raw.get(key)
+    return inner if isinstance(inner, Mapping) else raw
+
+
+def _text_part(raw: Mapping[str, Any]) -> ContentPart:
+    return TextPart(str(raw.get("text") or ""))
+
+
+def _image_part(raw: Mapping[str, Any]) -> ContentPart | None:
+    image = raw.get("image_url")
+    url = image.get("url") if isinstance(image, Mapping) else image
+    detail = image.get("detail") if isinstance(image, Mapping) else raw.get("detail")
+    if isinstance(url, str) and url:
+        return ImagePart(url, detail if detail in ("auto", "low", "high", "original") else None)
+    return None
+
+
+def _file_part(raw: Mapping[str, Any]) -> ContentPart | None:
+    spec = _nested(raw, "file")
+    file_id = spec.get("file_id") or spec.get("id")
+    url = spec.get("file_data") or spec.get("file_url") or spec.get("url") or (
+        f"/api/v1/files/{file_id}/content" if file_id else None)
+    name = spec.get("filename") or spec.get("name") or ""
+    return FilePart(str(url), str(name)) if url else None
+
+
+def _audio_part(raw: Mapping[str, Any]) -> ContentPart | None:
+    spec = _nested(raw, "input_audio")
+    data = spec.get("data")
+    return AudioPart(data, str(spec.get("format") or "")) if isinstance(data, str) and data \
+        else None
+
+
+def _video_part(raw: Mapping[str, Any]) -> ContentPart | None:
+    video = raw.get("video_url")
+    url = video.get("url") if isinstance(video, Mapping) else video
+    return VideoPart(url) if isinstance(url, str) and url else None
+
+
+_PART_PARSERS: dict[str, Callable[[Mapping[str, Any]], ContentPart | None]] = {
+    "text": _text_part, "input_text": _text_part,
+    "image_url": _image_part, "input_image": _image_part,
+    "file": _file_part, "input_file": _file_part,
+    "input_audio": _audio_part, "audio": _audio_part,
+    "video_url": _video_part, "input_video": _video_part, "video": _video_part,
+}
+
+
+def part_kind(part: ContentPart) -> str | None:
+    """The input modality a part needs (`image`, `file`, `audio`, `video`), None for text."""
+    return _KIND_OF.get(type(part))
+
+
+_KIND_OF: dict[type, str] = {ImagePart: "image", FilePart: "file", AudioPart: "audio",
+                             VideoPart: "video"}
+
+
+def _input_image(part: Any) -> dict[str, Any]:
+    return {"type": "input_image", "image_url": part.url, "detail": part.detail or "auto"}
+
+
+def _input_file(part: Any) -> dict[str, Any]:
+    name = part.filename or "attachment"
+    if part.url.startswith("data:"):
+        return {"type": "input_file", "filename": name, "file_data": part.url}
+    return {"type": "input_file", "filename": name, "file_url": part.url}
+
+
+def _input_audio(part: Any) -> dict[str, Any]:
+    return {"type": "input_audio", "input_audio": {"data": part.data, "format": part.format}}
+
+
+def _input_video(part: Any) -> dict[str, Any]:
+    return {"type": "input_video", "video_url": part.url}
+
+
+_RESPONSES_PARTS: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "image": _input_image, "file": _input_file, "audio": _input_audio, "video": _input_video}
 
 
 def input_parts(parts: Iterable[ContentPart], entry: CatalogEntry
@@ -1107,19 +1417,920 @@ def input_parts(parts: Iterable[ContentPart], entry: CatalogEntry
     out: list[dict[str, Any]] = []
     notes: list[str] = []
     for part in parts:
+        kind = part_kind(part)
         if isinstance(part, TextPart):
             out.append({"type": "input_text", "text": part.text})
-        elif isinstance(part, ImagePart) and entry.accepts("image"):
-            image: dict[str, Any] = {"type": "input_image", "image_url": part.url,
-                                     "detail": part.detail or "auto"}
-            out.append(image)
-        elif isinstance(part, ImagePart):
-            notes.append(f"{entry.name} can't read images, so {_PART_LABELS['image']} "
-                         "was left out of the request.")
+        elif isinstance(part, RefusedPart):
+            notes.append(part.reason)
+        elif kind is not None and entry.accepts(kind):
+            out.append(_RESPONSES_PARTS[kind](part))
+        elif kind is not None:
+            notes.append(f"{entry.name} can't read {_KIND_PLURALS[kind]}, so "
+                         f"{_PART_LABELS[kind]} was left out of the request.")
         else:
-            notes.append(f"An attachment of type '{part.kind}' can't be sent to the model "
-                         "yet and was left out.")
+            notes.append(f"An attachment of type '{getattr(part, 'kind', '?')}' can't be "
+                         "sent to the model and was left out.")
     return out, notes
+
+
+# -- data URLs, sizes, MIME types ----------------------------------------------------------
+
+_DATA_URL = re.compile(r"data:(?P<mime>[^;,]*)(?P<params>(?:;[^;,]*)*),", re.IGNORECASE)
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+
+
+@dataclass(frozen=True, slots=True)
+class DataURL:
+    """A parsed `data:` URL; the payload stays encoded until someone needs the bytes."""
+
+    mime: str
+    is_base64: bool
+    payload: str
+
+    @property
+    def size(self) -> int:
+        """Decoded size, computed from the encoded length without decoding."""
+        if self.is_base64:
+            return estimate_base64_size(self.payload)
+        return len(urllib.parse.unquote_to_bytes(self.payload))
+
+    def head(self, n: int = 48) -> bytes:
+        """The first bytes, for sniffing (decodes at most `n` characters)."""
+        if not self.is_base64:
+            return urllib.parse.unquote_to_bytes(self.payload[:n])
+        chunk = self.payload[: n - n % 4]
+        return base64.b64decode(chunk + "=" * (-len(chunk) % 4), validate=False)
+
+    def as_base64(self) -> str:
+        if self.is_base64:
+            return self.payload
+        return base64.b64encode(urllib.parse.unquote_to_bytes(self.payload)).decode()
+
+
+def estimate_base64_size(payload: str) -> int:
+    """Bytes a base64 string decodes to, from its length (padding counted, never decoded)."""
+    length = len(payload)
+    padding = 2 if payload.endswith("==") else 1 if payload.endswith("=") else 0
+    return max(length * 3 // 4 - padding, 0)
+
+
+def parse_data_url(url: str) -> DataURL:
+    """`data:<mime>[;params][;base64],<payload>` -> DataURL; IntakeError when malformed."""
+    match = _DATA_URL.match(url)
+    if match is None:
+        raise IntakeError("The attachment is not a valid data URL.")
+    params = [p.strip().lower() for p in match.group("params").split(";") if p.strip()]
+    mime = normalise_mime(match.group("mime") or "text/plain")
+    payload = url[match.end():]
+    is_b64 = "base64" in params
+    if is_b64:
+        payload = re.sub(r"\s+", "", payload)
+        if not _BASE64.fullmatch(payload) or len(payload) % 4 == 1:
+            raise IntakeError("The attachment's data URL is not valid base64.")
+    return DataURL(mime, is_b64, payload)
+
+
+def normalise_mime(mime: str) -> str:
+    mime = mime.split(";", 1)[0].strip().lower()
+    return _MIME_ALIASES.get(mime, mime)
+
+
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF87a", "image/gif"), (b"GIF89a", "image/gif"), (b"%PDF-", "application/pdf"),
+    (b"ID3", "audio/mpeg"), (b"OggS", "audio/ogg"), (b"fLaC", "audio/flac"),
+    (b"\x1aE\xdf\xa3", "video/webm"), (b"PK\x03\x04", "application/zip"),
+    (b"BM", "image/bmp"), (b"II*\x00", "image/tiff"), (b"MM\x00*", "image/tiff"),
+)
+_RIFF = {b"WEBP": "image/webp", b"WAVE": "audio/wav", b"AVI ": "video/x-msvideo"}
+_FTYP = {b"qt  ": "video/quicktime", b"M4A ": "audio/mp4", b"heic": "image/heic",
+         b"avif": "image/avif"}
+
+
+def sniff_mime(head: bytes) -> str | None:
+    """MIME type from magic bytes, or None when the bytes are not recognised."""
+    if head[:4] == b"RIFF" and len(head) >= 12:
+        return _RIFF.get(head[8:12])
+    if head[4:8] == b"ftyp":
+        return _FTYP.get(head[8:12], "video/mp4")
+    for magic, mime in _MAGIC:
+        if head.startswith(magic):
+            return mime
+    if len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0:
+        return "audio/mpeg"  # an MPEG audio frame without an ID3 tag
+    return None
+
+
+_GENERIC_MIMES = frozenset({"", "application/octet-stream", "binary/octet-stream",
+                            "text/plain", "application/zip"})
+
+
+def settle_mime(kind: str, declared: str, sniffed: str | None) -> str:
+    """The type to send: magic bytes beat the label; refuses what `kind` can't carry."""
+    mime = sniffed if sniffed and sniffed != "application/zip" else normalise_mime(declared)
+    if mime in _GENERIC_MIMES and kind == "file":
+        mime = normalise_mime(declared) or "application/octet-stream"
+    if kind == "image" and sniffed is None:
+        raise IntakeError("The image's content is not a PNG, JPEG, WebP or GIF picture.")
+    if kind == "image" and mime not in IMAGE_MIMES:
+        raise IntakeError(f"Images of type {mime or 'unknown'} can't be sent; "
+                          "models take PNG, JPEG, WebP or GIF.")
+    if kind == "audio" and mime not in AUDIO_FORMATS:
+        raise IntakeError(f"Audio of type {mime or 'unknown'} can't be sent; "
+                          "OpenRouter takes WAV or MP3 clips.")
+    if kind == "video" and not mime.startswith("video/"):
+        raise IntakeError(f"A video of type {mime or 'unknown'} can't be sent.")
+    return mime
+
+
+def kind_of_mime(mime: str) -> str:
+    """Which part an attachment of this type becomes: image, audio, video or file."""
+    major = normalise_mime(mime).split("/", 1)[0]
+    return major if major in ("image", "audio", "video") else "file"
+
+
+def check_size(kind: str, size: int, cap: int) -> None:
+    if size > cap:
+        raise PayloadTooLargeError(
+            f"The {_PART_LABELS[kind].split(' ', 1)[1]} is {megabytes(size)}, over the "
+            f"{megabytes(cap)} limit.",
+            hint="Send a smaller one, or ask an admin to raise the limit.")
+
+
+def data_url(mime: str, data: bytes) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+# -- SSRF policy: addresses --------------------------------------------------------------
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_METADATA_IPS = frozenset(ipaddress.ip_address(a) for a in (
+    "169.254.169.254", "169.254.170.2", "169.254.169.253", "fd00:ec2::254",
+    "100.100.100.200", "168.63.129.16", "192.0.0.192"))
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")
+_IETF_ASSIGNMENTS = ipaddress.ip_network("192.0.0.0/24")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+_TEREDO = ipaddress.ip_network("2001::/32")
+_SIXTOFOUR = ipaddress.ip_network("2002::/16")
+_IPV4_COMPAT = ipaddress.ip_network("::/96")
+_FLAG_CLASSES = (("unspecified", "is_unspecified"), ("loopback", "is_loopback"),
+                 ("link-local", "is_link_local"), ("multicast", "is_multicast"))
+_LATE_CLASSES = (("reserved", "is_reserved"), ("private", "is_private"),
+                 ("site-local", "is_site_local"))
+
+
+def classify_ip(address: str | IPAddress) -> str | None:
+    """Why the server must not connect to `address` ("loopback", "private", …), or None.
+
+    IPv6 forms that carry an IPv4 address (mapped, compatible, NAT64, 6to4) are judged by
+    that address; Teredo tunnels are refused outright. Anything not globally routable is
+    refused, so an unlisted special range fails closed.
+    """
+    try:
+        ip = (address if isinstance(address, ipaddress.IPv4Address | ipaddress.IPv6Address)
+              else ipaddress.ip_address(str(address).strip("[]")))
+    except ValueError:
+        return "invalid"
+    if ip in _METADATA_IPS:
+        return "cloud metadata"
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(ip)
+        if embedded is not None:
+            inner = classify_ip(embedded[1])
+            return f"{inner} ({embedded[0]})" if inner else None
+        if ip in _TEREDO:
+            return "Teredo tunnel"
+        if ip in _NAT64_LOCAL:
+            return "reserved (local NAT64)"
+    return _range_class(ip)
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> tuple[str, ipaddress.IPv4Address] | None:
+    if ip.ipv4_mapped is not None:
+        return "IPv4-mapped", ip.ipv4_mapped
+    if ip in _NAT64:
+        return "NAT64", ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip.sixtofour is not None and ip in _SIXTOFOUR:
+        return "6to4", ip.sixtofour
+    if ip in _IPV4_COMPAT and int(ip) > 1:
+        return "IPv4-compatible", ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def _range_class(ip: IPAddress) -> str | None:
+    for name, flag in _FLAG_CLASSES:
+        if getattr(ip, flag, False):
+            return name
+    if ip in _CGNAT:
+        return "carrier-grade NAT (100.64.0.0/10)"
+    if ip in _IETF_ASSIGNMENTS:
+        return "reserved (IETF protocol assignments)"
+    for name, flag in _LATE_CLASSES:
+        if getattr(ip, flag, False):
+            return name
+    return None if ip.is_global else "not globally routable"
+
+
+_NUMERIC_HOST = re.compile(r"(?:0x[0-9a-f]*|[0-9]+)(?:\.(?:0x[0-9a-f]*|[0-9]+)){0,3}\.?",
+                           re.IGNORECASE)
+
+
+def parse_host_ip(host: str) -> IPAddress | None:
+    """An IP literal in any form inet_aton accepts (`2130706433`, `0x7f.1`, `0177.0.0.1`,
+    `[::1]`, `fe80::1%eth0`), or None for a DNS name. UnsafeURLError for a malformed one."""
+    bare = host.strip("[]")
+    try:
+        return ipaddress.ip_address(bare)
+    except ValueError:
+        pass
+    if not _NUMERIC_HOST.fullmatch(bare):
+        return None
+    try:
+        nums = [_inet_number(p) for p in bare.rstrip(".").split(".")]
+        return ipaddress.IPv4Address(_inet_combine(nums))
+    except ValueError:
+        raise UnsafeURLError(f"'{host}' is a malformed numeric address.") from None
+
+
+def _inet_number(part: str) -> int:
+    if part[:2].lower() == "0x":
+        return int(part[2:] or "0", 16)
+    if len(part) > 1 and part.startswith("0"):
+        return int(part, 8)
+    return int(part)
+
+
+def _inet_combine(nums: list[int]) -> int:
+    head, last = nums[:-1], nums[-1]
+    if any(n > 255 for n in head) or last >= 1 << (8 * (4 - len(head))):
+        raise ValueError("component out of range")
+    value = 0
+    for n in head:
+        value = value << 8 | n
+    return value << (8 * (4 - len(head))) | last
+
+
+# -- SSRF policy: URLs -----------------------------------------------------------------
+
+_OWUI_FILE_URL = re.compile(r"/api/v1/files/(?P<id>[A-Za-z0-9][A-Za-z0-9_-]{0,127})"
+                            r"(?:/content(?:/[^?#]*)?)?/?(?:[?#].*)?")
+
+
+def owui_file_id(url: str, own_origin: str = "") -> str | None:
+    """The file id of an Open WebUI-hosted file URL (`/api/v1/files/<id>/content`), else None.
+    Relative URLs count, and absolute ones on this Open WebUI's own origin (`scheme://host`);
+    any other absolute URL is a remote URL like any other."""
+    if own_origin and url.lower().startswith(own_origin.lower() + "/"):
+        url = url[len(own_origin):]
+    match = _OWUI_FILE_URL.fullmatch(url)
+    return match.group("id") if match else None
+
+
+def request_origin(request: Any) -> str:
+    """`scheme://host[:port]` of Open WebUI's own request (`__request__.base_url`), or ""."""
+    parts = urllib.parse.urlsplit(str(getattr(request, "base_url", "") or ""))
+    return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else ""
+
+
+@dataclass(frozen=True, slots=True)
+class FetchTarget:
+    """A URL that passed the URL policy; `url` is rebuilt from the checked parts."""
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+    literal: IPAddress | None
+
+
+def host_matches(host: str, patterns: Iterable[str]) -> bool:
+    return any(host == p or host.endswith("." + p) for p in patterns)
+
+
+def check_url(url: str, limits: IntakeLimits) -> FetchTarget:
+    """Apply the URL policy (scheme, credentials, host lists, IP literals) before any DNS."""
+    if any(ch in url for ch in "\\\t\r\n ") or len(url) > 8192:
+        raise UnsafeURLError("The link is malformed, so it wasn't fetched.")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = (parts.hostname or "").rstrip(".")
+    except ValueError:  # e.g. an unbalanced "[" in the host
+        raise UnsafeURLError("The link is malformed, so it wasn't fetched.") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise UnsafeURLError(f"Only https links are fetched, not '{scheme or '(none)'}:' ones.")
+    if scheme == "http" and not limits.allow_http:
+        raise UnsafeURLError("Only https links are fetched; this one is plain http.",
+                             hint="An admin can allow http with REMOTE_FETCH_ALLOW_HTTP.")
+    if parts.username is not None or parts.password is not None:
+        raise UnsafeURLError("Links with a user name or password are never fetched.")
+    if not host:
+        raise UnsafeURLError("The link has no host name.")
+    host = _ascii_host(host)
+    try:
+        port = parts.port or (443 if scheme == "https" else 80)
+    except ValueError:
+        raise UnsafeURLError("The link has an invalid port.") from None
+    _check_host_lists(host, limits)
+    literal = parse_host_ip(host)
+    if literal is not None:
+        reason = classify_ip(literal)
+        if reason:
+            raise UnsafeURLError(f"{host} is a {reason} address, which is never fetched.")
+    netloc = f"[{literal}]" if isinstance(literal, ipaddress.IPv6Address) else str(
+        literal or host)
+    rebuilt = urllib.parse.urlunsplit((scheme, f"{netloc}:{port}", parts.path or "/",
+                                       parts.query, ""))
+    return FetchTarget(rebuilt, scheme, host, port, literal)
+
+
+def _ascii_host(host: str) -> str:
+    """The IDNA (punycode) form the resolver and the TLS check will see."""
+    if host.isascii():
+        return host
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise UnsafeURLError("The link's host name is malformed.") from None
+
+
+def _check_host_lists(host: str, limits: IntakeLimits) -> None:
+    if host_matches(host, limits.denied_hosts):
+        raise UnsafeURLError(f"{host} is on the admin's list of hosts never fetched.")
+    if limits.allowed_hosts and not host_matches(host, limits.allowed_hosts):
+        raise UnsafeURLError(f"{host} is not on the admin's list of hosts media may come from.")
+
+
+def vet_addresses(host: str, addresses: Iterable[str]) -> list[str]:
+    """Every resolved address must be public; one bad record refuses the host."""
+    found = list(dict.fromkeys(addresses))
+    if not found:
+        raise IntakeError(f"{host} has no address.")
+    for address in found:
+        reason = classify_ip(address.split("%", 1)[0])
+        if reason:
+            raise UnsafeURLError(f"{host} resolves to {address}, a {reason} address, "
+                                 "which is never fetched.")
+    return found
+
+
+# -- I/O shell: resolver and fetcher -------------------------------------------------------
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+Dial = Callable[[str, int], tuple[str, int]]
+MAX_REDIRECTS = 5
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
+async def system_resolve(host: str, port: int) -> list[str]:
+    """All A/AAAA records of `host`, via the event loop's resolver (never blocks the loop)."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise IntakeError(f"{host} could not be resolved ({_exc_text(exc)}).") from exc
+    return [str(info[4][0]) for info in infos]
+
+
+def direct_dial(address: str, port: int) -> tuple[str, int]:
+    """Production dialing: connect to exactly the vetted address."""
+    return address, port
+
+
+class _PinnedResolver:
+    """aiohttp resolver that answers only for the vetted host, with the vetted addresses.
+
+    aiohttp still uses the URL's host name for TLS SNI and certificate checks, so pinning
+    changes where the socket goes, never whose certificate is accepted.
+    """
+
+    def __init__(self, host: str, addresses: list[str], dial: Dial) -> None:
+        self._host, self._addresses, self._dial = host, addresses, dial
+
+    async def resolve(self, host: str, port: int = 0, family: int = 0) -> list[dict[str, Any]]:
+        if host.rstrip(".").lower() != self._host.lower():
+            raise OSError(f"refusing to resolve unexpected host {host!r}")
+        out = []
+        for address in self._addresses:
+            ip, dial_port = self._dial(address, port)
+            fam = socket.AF_INET6 if ":" in ip else socket.AF_INET
+            out.append({"hostname": host, "host": ip, "port": dial_port, "family": fam,
+                        "proto": 0, "flags": socket.AI_NUMERICHOST | socket.AI_NUMERICSERV})
+        return out
+
+    async def close(self) -> None:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    data: bytes
+    mime: str
+    filename: str
+
+
+class _Retryable(Exception):
+    """One download attempt failed in a way worth another try (network, 429, 5xx)."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason, self.retry_after = reason, retry_after
+
+
+class Fetcher:
+    """SSRF-safe downloads: policy-checked URL, vetted DNS answers, pinned connections,
+    every redirect re-checked, Content-Length then a running byte cap, retries only for
+    network errors / 429 / 5xx within one total time budget."""
+
+    def __init__(self, resolver: Resolver = system_resolve, dial: Dial = direct_dial, *,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 clock: Callable[[], float] = time.monotonic, ssl: Any = None) -> None:
+        self._resolve, self._dial, self._sleep, self._clock = resolver, dial, sleep, clock
+        self._ssl = ssl
+
+    async def fetch(self, url: str, limits: IntakeLimits, cap: int) -> Fetched:
+        """Download `url` (at most `cap` bytes). Raises UnsafeURLError, PayloadTooLargeError
+        or IntakeError (with the number of tries) — never a library exception."""
+        host = check_url(url, limits).host
+        deadline = self._clock() + limits.fetch_budget
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                return await self._attempt(url, limits, cap, deadline)
+            except _Retryable as exc:
+                wait = exc.retry_after if exc.retry_after is not None else 0.5 * 2 ** tries
+                if tries > limits.fetch_retries or self._clock() + wait >= deadline:
+                    raise IntakeError(f"Downloading from {host} failed after {tries} "
+                                      f"{'try' if tries == 1 else 'tries'} ({exc.reason}).",
+                                      hint="Check the link, or attach the file instead.") \
+                        from None
+                LOG.info("Download from %s failed (%s); retry in %.1fs", host, exc.reason, wait)
+                await self._sleep(wait)
+
+    async def _attempt(self, url: str, limits: IntakeLimits, cap: int, deadline: float
+                       ) -> Fetched:
+        import aiohttp
+
+        remaining = deadline - self._clock()
+        budget = asyncio.timeout(max(remaining, 0.001))
+        try:
+            async with budget:
+                return await self._follow(url, limits, cap)
+        except TimeoutError:
+            if budget.expired():
+                raise IntakeError(f"The download took longer than {limits.fetch_budget:.0f} "
+                                  "seconds and was stopped.") from None
+            raise _Retryable("timed out") from None
+        except aiohttp.ClientSSLError as exc:  # a bad certificate won't get better on retry
+            raise IntakeError(f"The secure connection failed ({_exc_text(exc)}).",
+                              hint="The site's certificate isn't valid for its name.") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _Retryable(f"network error: {_exc_text(exc)}") from exc
+
+    async def _follow(self, url: str, limits: IntakeLimits, cap: int) -> Fetched:
+        target = check_url(url, limits)
+        for _ in range(MAX_REDIRECTS + 1):
+            addresses = [str(target.literal)] if target.literal else vet_addresses(
+                target.host, await self._resolve(target.host, target.port))
+            result = await self._get(target, addresses, cap)
+            if isinstance(result, Fetched):
+                return result
+            target = check_url(urllib.parse.urljoin(target.url, result), limits)
+        raise IntakeError(f"The link redirected more than {MAX_REDIRECTS} times.")
+
+    async def _get(self, target: FetchTarget, addresses: list[str], cap: int
+                   ) -> Fetched | str:
+        """One request to the vetted addresses: the body, or the next redirect's Location."""
+        import aiohttp
+
+        connector = aiohttp.TCPConnector(
+            resolver=_PinnedResolver(target.host, addresses, self._dial),  # type: ignore[arg-type]
+            use_dns_cache=False, force_close=True, ssl=self._ssl)
+        headers = {"Accept": "*/*", "User-Agent": "openrouter-responses-pipe (Open WebUI)"}
+        async with aiohttp.ClientSession(connector=connector, trust_env=False) as session, \
+                session.get(self._request_url(target), headers=headers,
+                            allow_redirects=False) as resp:
+            if resp.status in _REDIRECTS:
+                location = resp.headers.get("Location")
+                if not location:
+                    raise IntakeError(f"{target.host} redirected without a Location.")
+                return location
+            _check_status(target.host, resp.status, resp.headers)
+            if resp.content_length is not None and resp.content_length > cap:
+                raise PayloadTooLargeError(
+                    f"The download is {megabytes(resp.content_length)}, over the "
+                    f"{megabytes(cap)} limit.", hint="Link a smaller file.")
+            data = await _read_capped(resp.content, cap)
+            mime = normalise_mime(resp.headers.get("Content-Type", ""))
+            return Fetched(data, mime, _url_filename(target.url))
+
+    @staticmethod
+    def _request_url(target: FetchTarget) -> Any:
+        import yarl
+
+        return yarl.URL(target.url, encoded=True)
+
+
+def _check_status(host: str, status: int, headers: Mapping[str, str]) -> None:
+    if status == 429 or status >= 500:
+        raise _Retryable(f"HTTP {status}", parse_retry_after(headers.get("Retry-After")))
+    if status >= 400:
+        raise IntakeError(f"{host} answered HTTP {status}, so the download was not retried.",
+                          hint="Check that the link works in a browser.")
+
+
+async def _read_capped(content: Any, cap: int) -> bytes:
+    buf = bytearray()
+    async for chunk in content.iter_chunked(64 * 1024):
+        buf += chunk
+        if len(buf) > cap:
+            raise PayloadTooLargeError(
+                f"The download passed the {megabytes(cap)} limit and was stopped.",
+                hint="Link a smaller file.")
+    return bytes(buf)
+
+
+def _url_filename(url: str) -> str:
+    name = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1])
+    return name[:200] or "download"
+
+
+# -- I/O shell: Open WebUI's file store ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFile:
+    id: str
+    name: str
+    mime: str
+    data: bytes
+
+
+async def _owui_call(fn: Callable[..., Any], *args: Any) -> Any:
+    """Call an Open WebUI API that is sync (≤0.8: off the loop) or async (≥0.9)."""
+    if inspect.iscoroutinefunction(fn):
+        return await fn(*args)
+    result = await asyncio.to_thread(fn, *args)
+    return await result if inspect.isawaitable(result) else result
+
+
+def _owui_module(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise IntakeError("Open WebUI's file store isn't available to the pipe.") from exc
+
+
+class OwuiFileStore:
+    """Reads and writes Open WebUI's own files (Files table + Storage provider), so local
+    disk, S3, GCS and Azure all work: Storage.get_file returns a local copy's path."""
+
+    async def find(self, file_id: str) -> Any:
+        files = _owui_module("open_webui.models.files")
+        return await _owui_call(files.Files.get_file_by_id, file_id)
+
+    async def read(self, file_id: str, user_id: str, user_role: str, cap: int,
+                   kind: str) -> StoredFile:
+        record = await self.find(file_id)
+        if record is None:
+            raise IntakeError(f"The attached file {file_id} no longer exists in Open WebUI.")
+        meta = record.meta or {}
+        name = str(meta.get("name") or record.filename or file_id)
+        if not await self._may_read(record, user_id, user_role):
+            raise IntakeError(f"You don't have access to the attached file '{name}'.")
+        if not record.path:
+            raise IntakeError(f"The original of '{name}' is no longer stored.")
+        storage = _owui_module("open_webui.storage.provider").Storage
+        try:
+            local = await asyncio.to_thread(storage.get_file, record.path)
+            data = await asyncio.to_thread(_read_local, str(local), cap, kind)
+        except IntakeError:
+            raise
+        except Exception as exc:  # any storage backend (disk, S3, GCS, Azure) failing
+            raise IntakeError(f"The stored copy of '{name}' can't be read "
+                              f"({_exc_text(exc)}).") from exc
+        mime = normalise_mime(str(meta.get("content_type") or "")) or _guess_mime(name)
+        return StoredFile(record.id, name, mime, data)
+
+    async def _may_read(self, record: Any, user_id: str, user_role: str) -> bool:
+        if record.user_id == user_id or user_role == "admin":
+            return True
+        return await _shared_with(record.id, user_id)
+
+    async def save(self, file_id: str, user_id: str, name: str, mime: str, data: bytes,
+                   source: str) -> None:
+        """Store `data` as a file owned by the user (the way Open WebUI's upload does)."""
+        files = _owui_module("open_webui.models.files")
+        storage = _owui_module("open_webui.storage.provider").Storage
+        tags = {"OpenWebUI-User-Id": user_id, "OpenWebUI-File-Id": file_id}
+        try:
+            _, path = await asyncio.to_thread(storage.upload_file, io.BytesIO(data),
+                                              f"{file_id}_{name}", tags)
+        except Exception as exc:  # any storage backend failing; the chat goes on without it
+            raise IntakeError(f"Open WebUI's storage refused the file ({_exc_text(exc)}).") \
+                from exc
+        form = files.FileForm(id=file_id, hash=hashlib.sha256(data).hexdigest(), filename=name,
+                              path=path, data={}, meta={"name": name, "content_type": mime,
+                                                        "size": len(data), "source_url": source})
+        if await _owui_call(files.Files.insert_new_file, user_id, form) is None:
+            raise IntakeError("Open WebUI refused to record the saved file.")
+
+    async def upload_limit_mb(self, request: Any) -> float | None:
+        """Open WebUI's own upload limit in MB (≥0.10: Config; before: app.state.config)."""
+        try:
+            config = importlib.import_module("open_webui.models.config").Config
+        except ImportError:
+            state = getattr(getattr(request, "app", None), "state", None)
+            value = getattr(getattr(state, "config", None), "FILE_MAX_SIZE", None)
+        else:
+            value = await config.get("rag.file.max_size")
+        try:
+            limit = float(value) if value not in (None, "") else 0.0
+        except (TypeError, ValueError):
+            return None
+        return limit if limit > 0 else None
+
+
+def _read_local(path: str, cap: int, kind: str) -> bytes:
+    size = os.path.getsize(path)
+    check_size(kind, size, cap)
+    with open(path, "rb") as fh:
+        return fh.read(cap + 1)
+
+
+def _guess_mime(name: str) -> str:
+    return normalise_mime(mimetypes.guess_type(name)[0] or "application/octet-stream")
+
+
+async def _shared_with(file_id: str, user_id: str) -> bool:
+    """Open WebUI's own sharing rule (knowledge bases, channels…) where the version has one."""
+    check = None
+    for module in ("open_webui.utils.access_control.files", "open_webui.routers.files"):
+        try:
+            check = getattr(importlib.import_module(module), "has_access_to_file", None)
+        except ImportError:
+            continue
+        if check is not None:
+            break
+    if check is None:
+        return False
+    users = _owui_module("open_webui.models.users").Users
+    user = await _owui_call(users.get_user_by_id, user_id)
+    if user is None:
+        return False
+    try:
+        return bool(await _owui_call(check, file_id, "read", user))
+    except Exception:  # Open WebUI's access helper failing means "no access", never a crash
+        LOG.warning("Open WebUI's file access check failed for %s", file_id, exc_info=True)
+        return False
+
+
+# -- I/O shell: the intake step ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class IntakeJob:
+    """What one request's intake needs: the model, limits, who asks, where status goes."""
+
+    entry: CatalogEntry
+    limits: IntakeLimits
+    user_id: str
+    user_role: str
+    emitter: Emitter
+    origin: str = ""  # this Open WebUI's own scheme://host, for absolute file links
+
+
+@dataclass(frozen=True, slots=True)
+class Media:
+    """A resolved attachment: `url` is a data URL (or a remote URL for video)."""
+
+    url: str
+    mime: str
+    name: str = ""
+
+
+LARGE_ENCODE = 4 * MB
+_SKIPPED_FILE_TYPES = frozenset({"collection", "web_search", "chat", "note", "folder",
+                                 "filesystem", "doc", "image"})
+
+
+class Intake:
+    """Resolves every attachment of a request into inline parts, or a RefusedPart."""
+
+    def __init__(self, fetcher: Fetcher | None = None, store: OwuiFileStore | None = None
+                 ) -> None:
+        self._fetcher = fetcher or Fetcher()
+        self._store = store or OwuiFileStore()
+
+    async def prepare(self, req: ChatRequest, job: IntakeJob,
+                      files: Iterable[Mapping[str, Any]] = (), request: Any = None
+                      ) -> ChatRequest:
+        """`req` with attachments inlined (and `__files__` added when the valve says so)."""
+        messages = attach_files(req.messages, files, job)
+        if not any(part_kind(p) for m in messages if m.role == "user" for p in m.parts):
+            return req
+        job = dataclasses.replace(job, limits=job.limits.capped(
+            await self._upload_limit(request)))
+        capped = cap_images(messages, job.limits.max_images, job.entry)
+        resolved = [await self._message(m, job) if m.role == "user" else m for m in capped]
+        return dataclasses.replace(req, messages=tuple(resolved))
+
+    async def _upload_limit(self, request: Any) -> float | None:
+        try:
+            return await self._store.upload_limit_mb(request)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # Open WebUI's config store failing must not block a chat
+            LOG.debug("Could not read Open WebUI's upload limit", exc_info=True)
+            return None
+
+    async def _message(self, msg: ChatMessage, job: IntakeJob) -> ChatMessage:
+        if not any(part_kind(p) for p in msg.parts):
+            return msg
+        parts = [await self._part(p, job) for p in msg.parts]
+        return dataclasses.replace(msg, parts=tuple(parts))
+
+    async def _part(self, part: ContentPart, job: IntakeJob) -> ContentPart:
+        kind = part_kind(part)
+        if kind is None or not job.entry.accepts(kind):
+            return part  # text, or a kind the transformer will leave out with a note
+        try:
+            return await _RESOLVERS[kind](self, part, job)
+        except IntakeError as exc:
+            LOG.info("Attachment refused (%s): %s", type(exc).__name__, exc)
+            return RefusedPart(kind, f"{_PART_LABELS[kind].capitalize()} was left out: "
+                                     f"{describe_error(exc)}")
+
+    async def _image(self, part: Any, job: IntakeJob) -> ContentPart:
+        media = await self.media(part.url, "image", job)
+        return ImagePart(media.url, part.detail)
+
+    async def _file(self, part: Any, job: IntakeJob) -> ContentPart:
+        media = await self.media(part.url, "file", job)
+        return FilePart(media.url, part.filename or media.name or _default_name(media.mime))
+
+    async def _audio(self, part: Any, job: IntakeJob) -> ContentPart:
+        source = part.data
+        if not _is_reference(source):  # raw base64, as input_audio carries it
+            fmt = part.format.lower() if part.format else "mp3"
+            source = f"data:audio/{'mpeg' if fmt == 'mp3' else fmt};base64,{source}"
+        media = await self.media(source, "audio", job)  # always a base64 data URL
+        return AudioPart(media.url.partition(",")[2], AUDIO_FORMATS[media.mime])
+
+    async def _video(self, part: Any, job: IntakeJob) -> ContentPart:
+        if part.url.startswith(("https://", "http://")):
+            check_url(part.url, job.limits)  # the provider fetches it; same policy applies
+            return part
+        return VideoPart((await self.media(part.url, "video", job)).url)
+
+    async def media(self, source: str, kind: str, job: IntakeJob) -> Media:
+        """Any source (data URL, Open WebUI file, remote URL) -> an inline, checked Media."""
+        cap = job.limits.cap(kind)
+        if source.startswith("data:"):
+            parsed = parse_data_url(source)
+            check_size(kind, parsed.size, cap)
+            mime = settle_mime(kind, parsed.mime, sniff_mime(parsed.head()))
+            if parsed.is_base64 and mime == parsed.mime:
+                return Media(source, mime)
+            return Media(f"data:{mime};base64,{parsed.as_base64()}", mime)
+        file_id = owui_file_id(source, job.origin)
+        if file_id is not None:
+            stored = await self._store.read(file_id, job.user_id, job.user_role, cap, kind)
+            return await self._inline(stored.data, kind, stored.mime, stored.name, job)
+        if source.startswith(("https://", "http://")) or "://" in source:
+            return await self._remote(source, kind, job)
+        raise IntakeError("The attachment's link is neither a URL nor an Open WebUI file.")
+
+    async def _inline(self, data: bytes, kind: str, declared: str, name: str,
+                      job: IntakeJob) -> Media:
+        check_size(kind, len(data), job.limits.cap(kind))
+        mime = settle_mime(kind, declared, sniff_mime(data[:48]))
+        if len(data) >= LARGE_ENCODE:
+            await job.emitter.status(f"Encoding {name or _PART_LABELS[kind]} "
+                                     f"({megabytes(len(data))})…", done=False)
+        encoded = data_url(mime, data)
+        if len(data) >= LARGE_ENCODE:
+            await job.emitter.status(f"Encoded {name or _PART_LABELS[kind]}", done=True,
+                                     hidden=True)
+        return Media(encoded, mime, name)
+
+    async def _remote(self, url: str, kind: str, job: IntakeJob) -> Media:
+        """Download (or reuse the copy saved on an earlier turn), save, inline."""
+        host = check_url(url, job.limits).host  # refused links are refused, saved or not
+        file_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{job.user_id}\n{url}"))
+        if job.limits.save_remote:
+            saved = await self._saved_copy(file_id, job, kind)
+            if saved is not None:
+                return await self._inline(saved.data, kind, saved.mime, saved.name, job)
+        await job.emitter.status(f"Downloading {_PART_LABELS[kind]} from {host}…", done=False)
+        try:
+            got = await self._fetcher.fetch(url, job.limits, job.limits.cap(kind))
+        finally:
+            await job.emitter.status(f"Fetched {_PART_LABELS[kind]} from {host}", done=True,
+                                     hidden=True)
+        media = await self._inline(got.data, kind, got.mime, got.filename, job)
+        if job.limits.save_remote:
+            await self._save(file_id, job, media.mime, got, url)
+        return media
+
+    async def _saved_copy(self, file_id: str, job: IntakeJob, kind: str) -> StoredFile | None:
+        try:
+            if await self._store.find(file_id) is None:
+                return None
+            return await self._store.read(file_id, job.user_id, job.user_role,
+                                          job.limits.cap(kind), kind)
+        except IntakeError as exc:
+            LOG.debug("No saved copy %s: %s", file_id, exc)
+            return None
+
+    async def _save(self, file_id: str, job: IntakeJob, mime: str, got: Fetched,
+                    url: str) -> None:
+        try:
+            await self._store.save(file_id, job.user_id, got.filename, mime, got.data, url)
+        except IntakeError as exc:
+            LOG.warning("Downloaded media not saved to Open WebUI: %s", exc)
+
+
+_RESOLVERS: dict[str, Callable[[Intake, Any, IntakeJob], Awaitable[ContentPart]]] = {
+    "image": Intake._image, "file": Intake._file, "audio": Intake._audio,
+    "video": Intake._video}
+
+
+def _is_reference(source: str) -> bool:
+    return source.startswith(("data:", "/", "http://", "https://"))
+
+
+def _default_name(mime: str) -> str:
+    return "document" + (mimetypes.guess_extension(mime) or "")
+
+
+def attach_files(messages: tuple[ChatMessage, ...], files: Iterable[Mapping[str, Any]],
+                 job: IntakeJob) -> tuple[ChatMessage, ...]:
+    """`__files__` -> parts on the last user message, when SEND_FILES_NATIVELY is on and the
+    model reads that kind; otherwise Open WebUI's retrieval handles them (never both)."""
+    if not job.limits.send_files:
+        return messages
+    last = next((i for i in range(len(messages) - 1, -1, -1)
+                 if messages[i].role == "user"), None)
+    extra = [p for p in (file_part(f) for f in files)
+             if p is not None and job.entry.accepts(part_kind(p) or "")]
+    if last is None or not extra:
+        return messages
+    msg = messages[last]
+    present = {part_source(p) for p in msg.parts}
+    extra = [p for p in extra if part_source(p) not in present]  # never the same file twice
+    return (*messages[:last], dataclasses.replace(msg, parts=(*msg.parts, *extra)),
+            *messages[last + 1:])
+
+
+def part_source(part: ContentPart) -> str | None:
+    """Where an attachment part comes from (URL, data URL or base64), None for text."""
+    if isinstance(part, AudioPart):
+        return part.data
+    return part.url if isinstance(part, ImagePart | FilePart | VideoPart) else None
+
+
+def file_part(item: Mapping[str, Any]) -> ContentPart | None:
+    """One `__files__` entry -> a part (by content type), or None for non-files/images."""
+    if str(item.get("type") or "file") in _SKIPPED_FILE_TYPES:
+        return None
+    found = item.get("file")
+    inner: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
+    meta: Mapping[str, Any] = inner["meta"] if isinstance(inner.get("meta"), Mapping) else {}
+    file_id = item.get("id") or inner.get("id")
+    if not file_id:
+        return None
+    name = str(item.get("name") or meta.get("name") or inner.get("filename") or "")
+    mime = str(item.get("content_type") or meta.get("content_type") or _guess_mime(name))
+    url, kind = f"/api/v1/files/{file_id}/content", kind_of_mime(mime)
+    if kind == "image":
+        return None  # images arrive as image_url parts of the message itself
+    if kind == "audio":
+        return AudioPart(url)
+    return VideoPart(url) if kind == "video" else FilePart(url, name)
+
+
+def cap_images(messages: Iterable[ChatMessage], limit: int, entry: CatalogEntry
+               ) -> list[ChatMessage]:
+    """Keep the newest `limit` images the model would get; refuse older ones by name."""
+    if not entry.accepts("image"):
+        return list(messages)
+    seen = 0
+    out: list[ChatMessage] = []
+    for msg in reversed(list(messages)):
+        parts: list[ContentPart] = []
+        for part in reversed(msg.parts):
+            if isinstance(part, ImagePart):
+                seen += 1
+                if seen > limit:
+                    part = RefusedPart("image", (
+                        f"An older image was left out: only the newest {limit} images are "
+                        "sent per request (MAX_IMAGES_PER_REQUEST)."))
+            parts.append(part)
+        out.append(dataclasses.replace(msg, parts=tuple(reversed(parts))))
+    return list(reversed(out))
 
 
 # ─────────────────────────────────────────────────────────────────────────────
@@ -1622,9 +2833,722 @@ def finish_stream(state: StreamState) -> None:
 # ─────────────────────────────────────────────────────────────────────────────
 # §10 Tool executor
 #
-# (Issue #3 fills this section: Open WebUI tools -> Responses function tools, strict schemas,
-# the runner with per-call timeouts, bounded parallelism and per-tool breakers.)
+# Pure part: Open WebUI tools (`__tools__` and the built-in specs 0.11+ puts in `body["tools"]`)
+# -> Responses `function` tools with provider-safe names (exact reverse map), strict schemas
+# (cached by canonical JSON), remote MCP servers from a JSON valve, argument parsing, result
+# shaping. I/O part: `ToolRunner` runs one round's calls in parallel, bounded per request and
+# globally, each with a timeout; sync callables run in a thread; nothing is retried; a breaker
+# per (user, tool name) keeps one flaky tool from costing the others.
 # ─────────────────────────────────────────────────────────────────────────────
+
+TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # use with fullmatch ($ allows a "\n")
+_TOOL_NAME_BAD = re.compile(r"[^a-zA-Z0-9_-]+")
+_STRICT_UNSUPPORTED = frozenset({
+    "allOf", "not", "if", "then", "else", "patternProperties", "dependentRequired",
+    "dependentSchemas", "unevaluatedProperties", "unevaluatedItems", "propertyNames",
+    "prefixItems", "contains", "additionalItems", "$dynamicRef", "dependencies"})
+_STRICT_DROPPED = frozenset({"default", "examples", "$schema", "$id", "$comment"})
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """One function tool as Open WebUI describes it (OpenAI function spec), parsed once."""
+
+    name: str
+    description: str = ""
+    parameters: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSettings:
+    """The tool valves of one request, resolved by `RequestSettings.merge`."""
+
+    mode: str = "pipe"                      # pipe | open_webui
+    max_rounds: int = 8
+    timeout: float = 60.0
+    per_request: int = 4
+    global_limit: int = 32
+    breaker_threshold: int = 5
+    breaker_window: float = 60.0
+    strict: bool = True
+    result_max_chars: int = 50_000
+    card_max_chars: int = 2_000
+    web_search: str = "user_toggle"         # off | user_toggle | always
+    web_search_max_results: int = 5
+    mcp_servers: tuple[Mapping[str, Any], ...] = ()
+
+
+def tool_settings(valves: Valves) -> ToolSettings:
+    """The tool valves -> ToolSettings; a bad REMOTE_MCP_SERVERS_JSON raises ConfigError."""
+    return ToolSettings(
+        mode=valves.TOOL_EXECUTION_MODE, max_rounds=valves.MAX_TOOL_ROUNDS,
+        timeout=valves.TOOL_TIMEOUT_SECONDS, per_request=valves.MAX_PARALLEL_TOOLS_PER_REQUEST,
+        global_limit=valves.MAX_PARALLEL_TOOLS_GLOBAL,
+        breaker_threshold=valves.TOOL_BREAKER_THRESHOLD,
+        breaker_window=valves.TOOL_BREAKER_WINDOW_SECONDS, strict=valves.STRICT_TOOL_SCHEMAS,
+        result_max_chars=valves.TOOL_RESULT_MAX_CHARS, card_max_chars=valves.TOOL_CARD_MAX_CHARS,
+        web_search=valves.WEB_SEARCH, web_search_max_results=valves.WEB_SEARCH_MAX_RESULTS,
+        mcp_servers=parse_mcp_servers(valves.REMOTE_MCP_SERVERS_JSON))
+
+
+def parse_tool_spec(raw: Any) -> ToolSpec | None:
+    """`{"type":"function","function":{…}}` or a bare `{name, description, parameters}`."""
+    if not isinstance(raw, Mapping):
+        return None
+    inner = raw.get("function")
+    spec: Mapping[str, Any] = inner if isinstance(inner, Mapping) else raw
+    name = spec.get("name")
+    if not isinstance(name, str) or not name:
+        return None
+    params = spec.get("parameters")
+    return ToolSpec(name, str(spec.get("description") or ""),
+                    params if isinstance(params, Mapping) else None)
+
+
+def parse_body_tools(raw: Any) -> tuple[ToolSpec, ...]:
+    """`body["tools"]` (chat-completions style) -> specs; entries of other shapes are skipped."""
+    if not isinstance(raw, list):
+        return ()
+    return tuple(spec for spec in map(parse_tool_spec, raw) if spec is not None)
+
+
+def _safe_base(name: str) -> str:
+    return (_TOOL_NAME_BAD.sub("_", name).strip("_") or "tool")[:64]
+
+
+def assign_tool_names(names: Iterable[str]) -> dict[str, str]:
+    """Original names -> provider-safe unique names, independent of input order.
+
+    Valid names keep their spelling; the others are sanitised (`[^a-zA-Z0-9_-]` -> `_`, at
+    most 64 chars), and a clash gets the smallest free suffix `_2`, `_3`, … (sorted order).
+    """
+    unique = sorted(set(names))
+    taken: set[str] = {n for n in unique if TOOL_NAME.fullmatch(n)}
+    mapping = {n: n for n in taken}
+    for name in (n for n in unique if n not in mapping):
+        base, k, candidate = _safe_base(name), 1, _safe_base(name)
+        while candidate in taken:
+            k += 1
+            suffix = f"_{k}"
+            candidate = base[:64 - len(suffix)] + suffix
+        taken.add(candidate)
+        mapping[name] = candidate
+    return mapping
+
+
+# -- strict schemas ----------------------------------------------------------------------
+
+
+class _NotStrictifiable(Exception):
+    """Internal: the schema uses something OpenAI's strict mode can't express."""
+
+
+def strictify(schema: Mapping[str, Any] | None) -> tuple[dict[str, Any], bool]:
+    """(schema, strict): a strict-mode version of a tool's parameters, or the original.
+
+    Every object gets `additionalProperties: false` and all its properties required; a
+    property that was optional becomes nullable. `$defs`/`definitions` are strictified, local
+    `$ref`s kept, `oneOf` becomes `anyOf`, `default`/`examples` are dropped. A schema strict
+    mode can't express (free-form objects, `allOf`, tuple arrays, remote refs…) comes back
+    unchanged with `strict=False`. Results are cached by canonical JSON.
+    """
+    if schema is None:
+        schema = {"type": "object", "properties": {}}
+    try:
+        key = json.dumps(schema, sort_keys=True, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return dict(schema), False
+    text, strict = _strictify_cached(key)
+    return json.loads(text), strict
+
+
+_STRICT_CACHE: dict[str, tuple[str, bool]] = {}
+
+
+def _strictify_cached(key: str) -> tuple[str, bool]:
+    hit = _STRICT_CACHE.get(key)
+    if hit is None:
+        if len(_STRICT_CACHE) >= 512:
+            _STRICT_CACHE.clear()
+        hit = _STRICT_CACHE[key] = _strictify_json(key)
+    return hit
+
+
+def _strictify_json(key: str) -> tuple[str, bool]:
+    original = json.loads(key)
+    try:
+        if not isinstance(original, dict) or not _is_object(original):
+            raise _NotStrictifiable("root is not an object")
+        result = _strict_node(original, root=True)
+    except _NotStrictifiable as exc:
+        LOG.debug("Tool schema sent non-strict: %s", exc)
+        return key, False
+    return json.dumps(result, ensure_ascii=False), True
+
+
+def _is_object(node: Mapping[str, Any]) -> bool:
+    kind = node.get("type")
+    return kind == "object" or (isinstance(kind, list) and "object" in kind) or (
+        kind is None and "properties" in node)
+
+
+def _strict_node(node: Any, root: bool = False) -> dict[str, Any]:
+    if not isinstance(node, dict):
+        raise _NotStrictifiable(f"schema node {node!r}")
+    bad = _STRICT_UNSUPPORTED & node.keys()
+    if bad:
+        raise _NotStrictifiable(f"unsupported keyword(s) {sorted(bad)}")
+    out = {k: v for k, v in node.items() if k not in _STRICT_DROPPED}
+    for defs in ("$defs", "definitions"):
+        if defs in out:
+            if not root or not isinstance(out[defs], dict):
+                raise _NotStrictifiable(f"nested {defs}")
+            out[defs] = {k: _strict_node(v) for k, v in out[defs].items()}
+    if "$ref" in out:
+        return _strict_ref(out)
+    if "oneOf" in out:
+        out["anyOf"] = out.pop("oneOf")
+    if "anyOf" in out:
+        if not isinstance(out["anyOf"], list) or not out["anyOf"] or root:
+            raise _NotStrictifiable("anyOf at the root or empty")
+        out["anyOf"] = [_strict_node(branch) for branch in out["anyOf"]]
+        return out
+    if _is_object(out):
+        return _strict_object(out)
+    if "enum" in out or "const" in out or isinstance(out.get("type"), str | list):
+        return _strict_leaf(out)
+    raise _NotStrictifiable("a node without a type")
+
+
+def _strict_ref(node: dict[str, Any]) -> dict[str, Any]:
+    ref = node["$ref"]
+    if not isinstance(ref, str) or not ref.startswith(("#/$defs/", "#/definitions/", "#")):
+        raise _NotStrictifiable(f"non-local $ref {ref!r}")
+    if set(node) - {"$ref", "description", "title"}:
+        raise _NotStrictifiable("$ref with sibling keywords")
+    return node
+
+
+def _strict_object(node: dict[str, Any]) -> dict[str, Any]:
+    props = node.get("properties") or {}
+    extra = node.get("additionalProperties", False)
+    if not isinstance(props, dict) or extra not in (False, None):
+        raise _NotStrictifiable("a free-form object (additionalProperties)")
+    required = node.get("required") or []
+    if not isinstance(required, list):
+        raise _NotStrictifiable("required is not a list")
+    strict_props = {}
+    for name, sub in props.items():
+        strict_sub = _strict_node(sub)
+        strict_props[name] = strict_sub if name in required else _nullable(strict_sub)
+    node.setdefault("type", "object")  # a list such as ["object", "null"] stays as it is
+    node.update(properties=strict_props, required=list(props), additionalProperties=False)
+    return node
+
+
+def _strict_leaf(node: dict[str, Any]) -> dict[str, Any]:
+    kind = node.get("type")
+    if kind == "array" or (isinstance(kind, list) and "array" in kind):
+        items = node.get("items")
+        if not isinstance(items, dict):
+            raise _NotStrictifiable("array without a single items schema")
+        node["items"] = _strict_node(items)
+    return node
+
+
+def _nullable(node: dict[str, Any]) -> dict[str, Any]:
+    """An optional property: also accept null (the runner drops nulls the model sends)."""
+    kind = node.get("type")
+    if isinstance(kind, str) and "enum" not in node and "const" not in node:
+        return {**node, "type": [kind, "null"]} if kind != "null" else node
+    if isinstance(kind, list) and "enum" not in node and "const" not in node:
+        return node if "null" in kind else {**node, "type": [*kind, "null"]}
+    if "anyOf" in node:
+        branches = node["anyOf"]
+        if any(b.get("type") == "null" for b in branches):
+            return node
+        return {**node, "anyOf": [*branches, {"type": "null"}]}
+    return {"anyOf": [node, {"type": "null"}]}
+
+
+# -- tool set for one request ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ToolEntry:
+    """A tool as the model sees it (`wire_name`) and as Open WebUI runs it (`spec.name`)."""
+
+    wire_name: str
+    spec: ToolSpec
+    callable: Callable[..., Any] | None
+    optional_args: frozenset[str] = frozenset()
+    known_args: frozenset[str] | None = None   # None: the spec names no properties
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSet:
+    """The function tools of one request, with the wire-name -> tool map for calls."""
+
+    entries: tuple[ToolEntry, ...] = ()
+    wire: tuple[Mapping[str, Any], ...] = ()   # Responses `tools` entries, in order
+
+    def find(self, wire_name: str) -> ToolEntry | None:
+        return next((e for e in self.entries if e.wire_name == wire_name), None)
+
+    def display_name(self, wire_name: str) -> str:
+        entry = self.find(wire_name)
+        return entry.spec.name if entry else wire_name
+
+    def __bool__(self) -> bool:
+        return bool(self.wire)
+
+
+def tool_set(owui_tools: Mapping[str, Any], body_tools: Iterable[ToolSpec], *,
+             strict: bool, runnable_only: bool) -> ToolSet:
+    """`__tools__` + `body["tools"]` -> the request's function tools.
+
+    A name in both keeps the `__tools__` entry (it has the callable). With `runnable_only`
+    (the pipe runs tools) specs without a callable are left out: nothing could run them.
+    """
+    found: dict[str, tuple[ToolSpec, Callable[..., Any] | None]] = {}
+    for spec in body_tools:
+        found.setdefault(spec.name, (spec, None))
+    for name, raw in owui_tools.items():
+        if not isinstance(raw, Mapping):
+            continue
+        spec = parse_tool_spec(raw.get("spec")) or ToolSpec(str(name))
+        fn = raw.get("callable")
+        found[spec.name] = (spec, fn if callable(fn) else None)
+    if runnable_only:
+        found = {k: v for k, v in found.items() if v[1] is not None}
+    names = assign_tool_names(found)
+    entries, wire = [], []
+    for name in sorted(found):
+        spec, fn = found[name]
+        params, is_strict = strictify(spec.parameters) if strict else (
+            dict(spec.parameters or {"type": "object", "properties": {}}), False)
+        entries.append(ToolEntry(names[name], spec, fn, *_arg_names(spec.parameters)))
+        wire.append({"type": "function", "name": names[name],
+                     "description": spec.description or spec.name,
+                     "parameters": params, "strict": is_strict})
+    return ToolSet(tuple(entries), tuple(wire))
+
+
+def _arg_names(params: Mapping[str, Any] | None
+               ) -> tuple[frozenset[str], frozenset[str] | None]:
+    """(optional parameter names, all parameter names or None when the spec names none)."""
+    props = (params or {}).get("properties")
+    if not isinstance(props, Mapping) or not props:
+        return frozenset(), None
+    required = (params or {}).get("required") or ()
+    return frozenset(p for p in props if p not in required), frozenset(props)
+
+
+# -- remote MCP servers ------------------------------------------------------------------
+
+_MCP_KEYS = ("server_label", "server_url", "server_description", "require_approval",
+             "allowed_tools", "headers", "authorization")
+_MCP_LABEL = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+
+
+def parse_mcp_servers(raw: str) -> tuple[dict[str, Any], ...]:
+    """REMOTE_MCP_SERVERS_JSON (one object or a list) -> Responses `mcp` tools, every server.
+
+    Raises ConfigError naming the server and the problem; unknown keys are an error too, so a
+    typo never silently drops a setting.
+    """
+    if not raw.strip():
+        return ()
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise _mcp_error(f"is not valid JSON ({exc})") from None
+    servers = data if isinstance(data, list) else [data]
+    tools = tuple(_mcp_tool(i, s) for i, s in enumerate(servers, 1))
+    labels = [t["server_label"] for t in tools]
+    dupes = sorted({x for x in labels if labels.count(x) > 1})
+    if dupes:
+        raise _mcp_error(f"uses the server_label {dupes[0]!r} twice; labels must be unique")
+    return tools
+
+
+def _mcp_tool(position: int, server: Any) -> dict[str, Any]:
+    where = f"server #{position}"
+    if not isinstance(server, Mapping):
+        raise _mcp_error(f"{where} is not an object")
+    unknown = sorted(set(server) - {*_MCP_KEYS, "type"})
+    if unknown:
+        raise _mcp_error(f"{where} has unknown key(s) {unknown}; allowed: {', '.join(_MCP_KEYS)}")
+    label, url = server.get("server_label"), server.get("server_url")
+    if not isinstance(label, str) or not _MCP_LABEL.fullmatch(label):
+        raise _mcp_error(f"{where} needs a server_label of letters, digits, _ or - (≤64)")
+    if not isinstance(url, str) or not re.match(r"^(https?|wss?)://[^/\s:]+", url):
+        raise _mcp_error(f"{where} ({label}) needs a server_url starting with https:// "
+                         "(or http://, ws://, wss://) and a host")
+    headers = server.get("headers")
+    if headers is not None and not (isinstance(headers, Mapping) and all(
+            isinstance(v, str) for v in headers.values())):
+        raise _mcp_error(f"{where} ({label}): headers must map names to strings")
+    return {"type": "mcp", **{k: server[k] for k in _MCP_KEYS if server.get(k) is not None}}
+
+
+def _mcp_error(problem: str) -> ConfigError:
+    return ConfigError(f"The REMOTE_MCP_SERVERS_JSON valve {problem}.",
+                       hint="An admin must fix it in the pipe's valves.")
+
+
+# -- calls, arguments, results -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionCall:
+    """A `function_call` output item the model produced."""
+
+    call_id: str
+    name: str          # the wire name
+    arguments: str
+
+    @classmethod
+    def of(cls, item: Mapping[str, Any]) -> FunctionCall:
+        return cls(str(item.get("call_id") or item.get("id") or ""), str(item.get("name") or ""),
+                   str(item.get("arguments") or ""))
+
+
+@dataclass(frozen=True, slots=True)
+class ToolOutcome:
+    """One call's result: `output` goes to the model, `shown` into the tool card."""
+
+    call: FunctionCall
+    tool_name: str
+    output: str
+    ok: bool
+
+    def item(self) -> dict[str, Any]:
+        """The `function_call_output` input item (only the fields OpenRouter accepts)."""
+        return {"type": "function_call_output", "call_id": self.call.call_id,
+                "output": self.output}
+
+
+def parse_arguments(raw: str, optional: frozenset[str] = frozenset(),
+                    known: frozenset[str] | None = None) -> dict[str, Any]:
+    """The model's argument string -> kwargs. Never guesses: bad JSON raises BadToolArguments.
+
+    Nulls for originally optional parameters (strict mode makes them nullable) are dropped so
+    the tool's own defaults apply; so are names the tool's spec doesn't declare (as Open WebUI
+    itself does), which would only make the call fail.
+    """
+    try:
+        args = json.loads(raw) if raw.strip() else {}
+    except ValueError as exc:
+        raise BadToolArguments(f"The arguments were not valid JSON ({exc}).",
+                               hint="Call the tool again with a JSON object.") from None
+    if not isinstance(args, dict):
+        raise BadToolArguments(f"The arguments must be a JSON object, not {type(args).__name__}.",
+                               hint="Call the tool again with a JSON object.")
+    return {k: v for k, v in args.items()
+            if not (v is None and k in optional) and (known is None or k in known)}
+
+
+def result_text(value: Any) -> str:
+    """What a tool returned -> the text the model reads."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, bytes):
+        text = value.decode("utf-8", "replace")
+    elif isinstance(value, Mapping | list | tuple | int | float | bool):
+        try:
+            text = json.dumps(value, ensure_ascii=False, default=str)
+        except (TypeError, ValueError):
+            text = str(value)
+    elif isinstance(getattr(value, "body", None), bytes):  # a Response object (HTMLResponse…)
+        text = value.body.decode("utf-8", "replace")
+    else:
+        text = str(value)
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def truncate(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"\n…[truncated: {len(text) - limit:,} more characters]"
+
+
+def failure_output(tool: str, exc: ToolError) -> str:
+    """The output the model gets for a failed call: what failed and what it may do."""
+    return f"Error: the tool `{tool}` failed: {describe_error(exc)}"
+
+
+# -- the runner (I/O) --------------------------------------------------------------------
+
+
+class ConcurrencyLimiter:
+    """A counting gate whose limit is read per call (valves may change between requests)."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.peak = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self, limit: int) -> None:
+        while self.active >= max(limit, 1):
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            try:
+                await fut
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():
+                    self._wake_next()  # woken, then cancelled: pass the free slot on
+                raise
+            finally:
+                if fut in self._waiters:
+                    self._waiters.remove(fut)
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+
+    def release(self) -> None:
+        self.active -= 1
+        self._wake_next()
+
+    def _wake_next(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+
+@dataclass(slots=True)
+class _BreakerState:
+    failures: deque[float] = field(default_factory=deque)
+    opened_at: float | None = None
+
+
+class ToolBreakers:
+    """Per (user id, tool name): `threshold` failures within `window` seconds pause the tool
+    for `window` seconds; a success closes it. Other tools and other users are unaffected."""
+
+    MAX_KEYS = 10_000
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._states: dict[tuple[str, str], _BreakerState] = {}
+
+    def check(self, key: tuple[str, str], threshold: int, window: float) -> None:
+        state = self._states.get(key)
+        if state is None or state.opened_at is None:
+            return
+        if self._clock() - state.opened_at >= window:
+            state.opened_at = None  # half-open: the next call decides
+            state.failures.clear()
+            return
+        raise ToolBreakerOpen(
+            f"It failed {threshold} times in a row recently and is paused for "
+            f"{window:.0f} seconds.", hint="Answer without it for now.")
+
+    def record(self, key: tuple[str, str], ok: bool, threshold: int, window: float) -> None:
+        if ok:
+            self._states.pop(key, None)
+            return
+        if len(self._states) >= self.MAX_KEYS and key not in self._states:
+            self._prune(window)
+        state = self._states.setdefault(key, _BreakerState())
+        now = self._clock()
+        state.failures.append(now)
+        while state.failures and now - state.failures[0] > window:
+            state.failures.popleft()
+        if len(state.failures) >= threshold:
+            state.opened_at = now
+
+    def _prune(self, window: float) -> None:
+        now = self._clock()
+        for key, state in list(self._states.items()):
+            if state.opened_at is None and (not state.failures
+                                            or now - state.failures[-1] > window):
+                del self._states[key]
+
+    def snapshot(self) -> dict[str, Any]:
+        """For the health report: every tool with recent failures, and whether it is open."""
+        return {f"{user}/{tool}": {"failures": len(s.failures), "open": s.opened_at is not None}
+                for (user, tool), s in sorted(self._states.items())}
+
+
+ToolObserver = Callable[[str, str], Awaitable[None] | None]
+
+
+class ToolRunner:
+    """Runs one round of function calls. Lives on the shared Pipe (global limit, breakers)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.limiter = ConcurrencyLimiter()
+        self.breakers = ToolBreakers(clock)
+
+    async def run_round(self, calls: Iterable[FunctionCall], tools: ToolSet,
+                        settings: ToolSettings, user_id: str) -> list[ToolOutcome]:
+        """Every call of a round, in parallel (bounded); outcomes in the calls' order."""
+        per_request = asyncio.Semaphore(max(settings.per_request, 1))
+
+        async def one(call: FunctionCall) -> ToolOutcome:
+            async with per_request:
+                return await self.run_call(call, tools, settings, user_id)
+
+        return list(await asyncio.gather(*(one(c) for c in calls)))
+
+    async def run_call(self, call: FunctionCall, tools: ToolSet, settings: ToolSettings,
+                       user_id: str) -> ToolOutcome:
+        """One call -> its outcome. Tool failures become outputs; CancelledError propagates."""
+        entry = tools.find(call.name)
+        if entry is None or entry.callable is None:
+            known = ", ".join(e.wire_name for e in tools.entries) or "none"
+            return ToolOutcome(call, call.name, f"Error: there is no tool named `{call.name}`. "
+                               f"Available tools: {known}.", ok=False)
+        name = entry.spec.name
+        try:
+            args = parse_arguments(call.arguments, entry.optional_args, entry.known_args)
+        except BadToolArguments as exc:
+            return ToolOutcome(call, name, failure_output(name, exc), ok=False)
+        key = (user_id, name)
+        try:
+            self.breakers.check(key, settings.breaker_threshold, settings.breaker_window)
+        except ToolBreakerOpen as exc:
+            return ToolOutcome(call, name, failure_output(name, exc), ok=False)
+        await self.limiter.acquire(settings.global_limit)
+        try:
+            text = await self._invoke(entry.callable, args, settings.timeout)
+        except ToolError as exc:
+            self.breakers.record(key, False, settings.breaker_threshold, settings.breaker_window)
+            LOG.warning("Tool %s failed: %s", name, exc)
+            return ToolOutcome(call, name, failure_output(name, exc), ok=False)
+        finally:
+            self.limiter.release()
+        self.breakers.record(key, True, settings.breaker_threshold, settings.breaker_window)
+        return ToolOutcome(call, name, truncate(text, settings.result_max_chars), ok=True)
+
+    @staticmethod
+    async def _invoke(fn: Callable[..., Any], args: dict[str, Any], seconds: float) -> str:
+        """Call once (never retried: tools may have side effects) under the timeout."""
+        deadline = asyncio.timeout(seconds)
+        try:
+            async with deadline:
+                if _is_async_callable(fn):
+                    value = await fn(**args)
+                else:
+                    value = await asyncio.to_thread(fn, **args)
+                while asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
+                    value = await value
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the tool is third-party code: any failure is reported
+            if isinstance(exc, TimeoutError) and deadline.expired():
+                raise ToolTimeout(f"It did not finish within {seconds:g} seconds.",
+                                  hint="It may still be running; don't assume it had no "
+                                       "effect.") from None
+            raise ToolError(f"{type(exc).__name__}: {_exc_text(exc)}"[:2000]) from exc
+        return result_text(value)
+
+
+# -- tool cards in replayed history ------------------------------------------------------
+
+_TOOL_CARD = re.compile(r'<details type="tool_calls"([^>]*)>\n.*?</details>\n?', re.DOTALL)
+_CARD_ATTR = re.compile(r'(\w+)="(.*?)"')
+
+
+def tool_cards_as_text(text: str) -> str:
+    """Tool cards in an earlier assistant message -> a line the model can read (the card's
+    attributes are html-escaped JSON, as Open WebUI writes them)."""
+    if '<details type="tool_calls"' not in text:
+        return text
+    return _TOOL_CARD.sub(_card_line, text)
+
+
+def _card_line(match: re.Match[str]) -> str:
+    import html
+
+    attrs = {k: html.unescape(v) for k, v in _CARD_ATTR.findall(match.group(1))}
+
+    def decoded(key: str) -> str:
+        try:
+            value = json.loads(attrs.get(key) or '""')
+        except ValueError:
+            return attrs.get(key, "")
+        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+    return (f"[Tool call {attrs.get('name', '?')}({decoded('arguments')}) returned: "
+            f"{decoded('result')}]\n")
+
+
+# -- the loop's pure steps ---------------------------------------------------------------
+
+# Open WebUI's prompt-based function calling (the 0.6-0.8 default) first asks the model, as
+# task "function_calling", which tools to run, then runs them itself. When the pipe runs tools,
+# that would run them twice and cost a request: the pipe answers "none" without calling out.
+PROMPT_TOOL_TASK = "function_calling"
+NO_PROMPT_TOOL_CALLS = '{"tool_calls": []}'
+
+FINAL_ANSWER_INSTRUCTION = (
+    "The tool-call limit for this answer has been reached. Do not call any more tools: "
+    "answer the user now with the results you already have, and say what is still missing.")
+
+
+def with_tools(plan: Transformed, req: ChatRequest, entry: CatalogEntry,
+               owui_tools: Mapping[str, Any], features: Mapping[str, Any],
+               ts: ToolSettings) -> Transformed:
+    """Attach the request's tools: functions, remote MCP servers, web search.
+
+    A model without tool support gets no function/MCP tools and one note; web search then
+    uses the `web` plugin, which needs no tool support. In passthrough mode only the tools
+    Open WebUI put in `body["tools"]` are declared: those are the ones it executes from
+    streamed calls (native function calling); with prompt-based calling it sends none and
+    picks tools itself. Strict schemas only in pipe mode: they make optional parameters
+    nullable, and only the pipe drops the nulls again.
+    """
+    piped = ts.mode == "pipe"
+    tools = tool_set(owui_tools if piped else {}, req.tools, strict=ts.strict and piped,
+                     runnable_only=piped)
+    wire: list[Mapping[str, Any]] = [*tools.wire, *ts.mcp_servers]
+    notes = list(plan.notes)
+    if wire and not entry.supports_tools:
+        notes.append(f"{entry.name} can't use tools, so this answer was made without them.")
+        wire, tools = [], ToolSet()
+    payload = dict(plan.payload)
+    if ts.web_search == "always" or (ts.web_search == "user_toggle"
+                                     and bool(features.get("web_search"))):
+        search = {"max_results": ts.web_search_max_results}
+        if entry.supports_tools:
+            wire.append({"type": "openrouter:web_search", "parameters": search})
+        else:
+            payload["plugins"] = [*payload.get("plugins", ()), {"id": "web", **search}]
+    if wire:
+        payload["tools"] = wire
+    return Transformed(payload, tuple(notes), tools)
+
+
+def output_items(state: StreamState) -> list[dict[str, Any]]:
+    """The round's output items, verbatim, in output order."""
+    return [dict(state.done_items[i]) for i in sorted(state.done_items)]
+
+
+def next_payload(payload: Mapping[str, Any], items: Iterable[Mapping[str, Any]],
+                 outcomes: Iterable[ToolOutcome]) -> dict[str, Any]:
+    """Next request: previous input + this round's output items verbatim + the outputs."""
+    return {**payload, "input": [*payload["input"], *items, *(o.item() for o in outcomes)]}
+
+
+def final_answer_payload(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """At the round limit: tools stay declared (the input references them) but may not be
+    called, and the model is told to answer."""
+    instructions = str(payload.get("instructions") or "")
+    joined = f"{instructions}\n\n{FINAL_ANSWER_INSTRUCTION}" if instructions \
+        else FINAL_ANSWER_INSTRUCTION
+    return {**payload, "tool_choice": "none", "instructions": joined}
+
+
+def _is_async_callable(fn: Any) -> bool:
+    import inspect
+
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        type(fn).__call__ if not inspect.isroutine(fn) else None)
 
 
 # ─────────────────────────────────────────────────────────────────────────────
@@ -1919,7 +3843,8 @@ def _expand(text: str, artifacts: Mapping[str, Mapping[str, Any]], policy: Repla
         if policy.reasoning == "disabled" or (policy.reasoning == "next_reply" and age > 0):
             reasoning = []
         others = [_prune(it, policy, age) for it in found if it.get("type") != REASONING_ITEM]
-        clean = strip_tool_cards(segment, calls)
+        # cards of calls replayed as items go; the others stay as a line the model reads
+        clean = tool_cards_as_text(strip_tool_cards(segment, calls))
         out.extend(reasoning)
         if clean.strip():
             out.append({"type": "message", "role": "assistant", "content": clean.strip()})
@@ -2674,6 +4599,88 @@ def interruption_notice(exc: PipeError, reference: str = "") -> str:
     return f"\n\n---\n⚠️ **The answer was interrupted.** {describe_error(exc)}{suffix}"
 
 
+def _attr(value: str) -> str:
+    """Escape for a double-quoted attribute Open WebUI parses with `(\\w+)="(.*?)"`."""
+    return (value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace('"', "&quot;").replace("'", "&#x27;").replace("\n", "&#10;"))
+
+
+def tool_card(call_id: str, name: str, arguments: str, result: str) -> str:
+    """Open WebUI's own tool-call markup (0.6.28 reads `result` from the attribute only)."""
+    return (f'<details type="tool_calls" done="true" id="{_attr(call_id)}" name="{_attr(name)}" '
+            f'arguments="{_attr(json.dumps(arguments, ensure_ascii=False))}" '
+            f'result="{_attr(json.dumps(result, ensure_ascii=False))}" files="">\n'
+            "<summary>Tool Executed</summary>\n</details>\n")
+
+
+def tool_cards(outcomes: Iterable[ToolOutcome], card_max_chars: int) -> str:
+    """One round's cards as a block that starts and ends on its own lines."""
+    cards = "".join(tool_card(o.call.call_id, o.tool_name, o.call.arguments,
+                              truncate(o.output, card_max_chars)) for o in outcomes)
+    return f"\n\n{cards}\n"
+
+
+def tool_calls_delta(calls: Iterable[FunctionCall], tools: ToolSet) -> dict[str, Any]:
+    """Passthrough: calls in the OpenAI streaming shape, names mapped back to Open WebUI's."""
+    out = []
+    for index, call in enumerate(calls):
+        out.append({"index": index, "id": call.call_id, "type": "function", "function": {
+            "name": tools.display_name(call.name), "arguments": call.arguments}})
+    return {"tool_calls": out}
+
+
+def tool_status(verb: str, names: Iterable[str]) -> str:
+    """`Running search, weather and 2 more` (each name once)."""
+    unique = list(dict.fromkeys(names))
+    shown = ", ".join(unique[:3]) + (f" and {len(unique) - 3} more" if len(unique) > 3 else "")
+    return f"{verb} {shown}"
+
+
+class CitationBook:
+    """Numbers cited URLs once per turn, in order of first appearance, across tool rounds."""
+
+    def __init__(self) -> None:
+        self.numbers: dict[str, int] = {}
+
+    def cite(self, annotations: Iterable[Mapping[str, Any]]
+             ) -> tuple[list[int], list[tuple[int, Mapping[str, Any]]]]:
+        """(numbers in the order cited, newly numbered annotations)."""
+        used: list[int] = []
+        new: list[tuple[int, Mapping[str, Any]]] = []
+        for ann in annotations:
+            url = ann.get("url")
+            if ann.get("type") != "url_citation" or not isinstance(url, str) or not url:
+                continue
+            if url not in self.numbers:
+                self.numbers[url] = len(self.numbers) + 1
+                new.append((self.numbers[url], ann))
+            if self.numbers[url] not in used:
+                used.append(self.numbers[url])
+        return used, new
+
+
+def url_annotations(item: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The url_citation annotations of a message output item, in text order."""
+    found = [a for part in item.get("content") or () if isinstance(part, Mapping)
+             for a in part.get("annotations") or () if isinstance(a, Mapping)]
+    return sorted((a for a in found if a.get("type") == "url_citation"),
+                  key=lambda a: a.get("start_index") or 0)
+
+
+def source_event(number: int, ann: Mapping[str, Any]) -> dict[str, Any]:
+    """One Open WebUI source (citation) for a cited URL."""
+    url = str(ann.get("url"))
+    title = str(ann.get("title") or url)
+    return {"type": "citation", "data": {
+        "source": {"name": f"[{number}] {title}", "url": url, "id": url},
+        "document": [str(ann.get("content") or title)],
+        "metadata": [{"source": url, "name": title, "url": url}]}}
+
+
+def citation_suffix(numbers: Iterable[int]) -> str:
+    return " " + "".join(f"[{n}]" for n in numbers) if numbers else ""
+
+
 class Emitter:
     """Wraps Open WebUI's event emitter: never raises into a chat, never blocks the stream."""
 
@@ -3114,7 +5121,8 @@ def parse_chat_request(body: Mapping[str, Any], user: Mapping[str, Any] | None,
         task=task or _str_or_none(meta.get("task")),
         chat_id=_str_or_none(meta.get("chat_id")),
         user_id=str((user or {}).get("id") or "anonymous"),
-        user_role=str((user or {}).get("role") or "user"))
+        user_role=str((user or {}).get("role") or "user"),
+        tools=parse_body_tools(body.get("tools")))
 
 
 def _str_or_none(value: Any) -> str | None:
@@ -3164,6 +5172,26 @@ class Turn:
         return f"req-{self.log.request_id}"
 
 
+@dataclass(slots=True)
+class TurnRun:
+    """What the tool loop hands back to `_stream`: the last round's state, summed usage."""
+
+    state: StreamState = field(default_factory=StreamState)
+    usage: Usage = field(default_factory=Usage)
+
+
+def round_items(items: Iterable[Mapping[str, Any]], outcomes: Iterable[ToolOutcome]
+                ) -> list[dict[str, Any]]:
+    """A round's reasoning + function_call items, then its function_call_output items."""
+    return [*(dict(i) for i in items if i.get("type") != "message"),
+            *(o.item() for o in outcomes)]
+
+
+def limit_notice(rounds: int) -> str:
+    return (f"\n\n⚠️ The tool-call limit ({rounds} rounds) was reached, so the model was asked "
+            "to answer with the results it has.\n\n")
+
+
 class Pipe:
     """Open WebUI manifold: OpenRouter's catalog in the selector, chats via the Responses API.
 
@@ -3178,6 +5206,7 @@ class Pipe:
     def __init__(self, *, transport: Transport | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 intake: Intake | None = None,
                  artifact_db: DBRunner | None = None,
                  redis_factory: Callable[[str], Any] | None = None,
                  env: Mapping[str, Any] | None = None,
@@ -3191,7 +5220,9 @@ class Pipe:
                                         observe=self._telemetry.upstream, clock=clock)
         self._catalog = CatalogRegistry(self._client.fetch_models, clock)
         self._gate = AdmissionGate(clock)
+        self._tools = ToolRunner(clock)
         self._models_cache: tuple[Any, list[dict[str, str]]] | None = None
+        self._intake = intake or Intake()
         self._artifact_db = artifact_db
         self._redis_factory = redis_factory or _redis_from_url
         self._env = env
@@ -3242,6 +5273,8 @@ class Pipe:
         self._logs.add(log)
         if req.model_id == HEALTH_ENTRY["id"]:
             return await self._health(turn)
+        if req.task == PROMPT_TOOL_TASK and settings.tools.mode == "pipe":
+            return NO_PROMPT_TOOL_CALLS  # the pipe runs the tools itself (see §10)
         if req.task or not req.stream:
             return await self._complete(turn)
         return self._stream(turn)
@@ -3253,6 +5286,8 @@ class Pipe:
             self._telemetry.requests += 1
             async with self._gate.admit(turn.req.user_id, turn.settings.admission):  # 1 admit
                 plan = await self._plan(turn)                                # 3 catalog, 6
+                for note in plan.notes:
+                    await turn.emitter.notify(note)
                 resp = await self._client.open_response(plan.payload, turn.settings)  # 7 send
                 try:
                     data = _loads(await resp.read())
@@ -3272,27 +5307,20 @@ class Pipe:
         token = CURRENT_LOG.set(turn.log)
         timing = StreamTiming(started=self._clock())
         renderer = ChunkRenderer(turn.req.owui_model_id, int(time.time()))
-        state = StreamState()
+        run = TurnRun()
         try:
             self._telemetry.requests += 1
             async with self._gate.admit(turn.req.user_id, turn.settings.admission):  # 1 admit
-                plan = await self._plan(turn)                                # 3 catalog, 6
+                plan = await self._plan(turn)                           # 3 catalog, 6, tools
                 for note in plan.notes:
                     await turn.emitter.notify(note)
-                resp = await self._client.open_response(plan.payload, turn.settings)  # 7 send
-                try:
-                    async for chunks in self._pump(resp, state, renderer, timing):  # 8-9
-                        for chunk in chunks:                                         # 12
-                            yield chunk
-                finally:
-                    await resp.close()
-                markers = await self._checkpoint(turn, turn_reasoning(state))  # 11 persist
-                if markers:
-                    yield renderer.text_chunk(markers)
-            for chunk in self._finish(state, renderer, timing):
+                async for chunk in self._rounds(turn, plan, run, renderer, timing):  # 7-12
+                    yield chunk
+            run.state.usage = run.usage
+            for chunk in self._finish(run.state, renderer, timing):
                 yield chunk
-            await self._after_turn(turn, plan)
-            await self._announce(turn, state, timing)
+            await self._after_turn(turn, plan)                                  # 11 persist
+            await self._announce(turn, run.state, timing)
         except Exception as exc:  # the boundary: every failure becomes words for the user
             failure = await self._report_failure(turn, exc)
             yield (renderer.text_chunk(interruption_notice(failure, turn.reference))
@@ -3302,8 +5330,14 @@ class Pipe:
 
     async def _plan(self, turn: Turn) -> Transformed:
         entry = await self._resolve_entry(turn.req, turn.settings)
+        req = await self._take_in(turn, entry)                               # 5 intake
         artifacts = await self._load_artifacts(turn)                         # 4 history
-        plan = build_responses_request(turn.req, entry, turn.settings, artifacts)
+        plan = build_responses_request(req, entry, turn.settings, artifacts)  # 6 transform
+        if req.stream and not req.task:  # tools only where a turn can loop
+            plan = with_tools(plan, req, entry, turn.context.tools,
+                              turn.context.metadata.get("features") or {}, turn.settings.tools)
+        elif not req.task and (turn.context.tools or req.tools):
+            LOG.info("Tools are used in streamed chats only; this one is sent without them")
         plan = dataclasses.replace(plan, replayed_reasoning=tuple(
             i for i, item in artifacts.items() if item.get("type") == REASONING_ITEM))
         LOG.info("Turn: model=%s stream=%s task=%s messages=%d", entry.id,
@@ -3311,6 +5345,97 @@ class Pipe:
         if LOG.isEnabledFor(logging.DEBUG) and turn.log.level <= logging.DEBUG:
             LOG.debug("Request body: %s", _dumps(plan.payload).decode()[:20000])
         return plan
+
+    async def _rounds(self, turn: Turn, plan: Transformed, run: TurnRun,
+                      renderer: ChunkRenderer, timing: StreamTiming
+                      ) -> AsyncIterator[dict[str, Any]]:
+        """Steps 7-12 of a streamed turn, repeated while the model calls tools.
+
+        Each round: (a) send the request and stream its text and reasoning as they arrive;
+        (b) keep the round's output items verbatim and number its web citations; (c) no
+        function calls, tools forbidden, or passthrough -> checkpoint the items, and
+        (d) in passthrough mode hand the calls to Open WebUI as `delta.tool_calls`; done;
+        (e) run the calls under a status line; (f) checkpoint the round's items, then show
+        its tool cards; (g) next input = input + this round's items + outputs; after the
+        last allowed round the model must answer without tools, and the user is told.
+        """
+        payload, ts, book, rounds = plan.payload, turn.settings.tools, CitationBook(), 0
+        while True:
+            run.state = state = StreamState()
+            async for chunk in self._send_round(turn, payload, state, renderer, timing):  # a
+                yield chunk
+            if state.usage is not None:
+                run.usage.add(state.usage)
+            items = output_items(state)
+            cited = await self._cite(turn, items, book)                                 # b
+            if cited:
+                yield renderer.text_chunk(cited)
+            calls = [FunctionCall.of(i) for i in items if i.get("type") == "function_call"]
+            passthrough = ts.mode == "open_webui"
+            if not calls or passthrough or payload.get("tool_choice") == "none":        # c
+                async for chunk in self._last_round(turn, items, calls, renderer):
+                    yield chunk
+                if calls and passthrough:                                               # d
+                    await self._checkpoint_passthrough(
+                        turn, [i for i in items if i.get("type") == REASONING_ITEM],
+                        [c.call_id for c in calls])
+                    yield renderer.chunk(tool_calls_delta(calls, plan.tools), "tool_calls")
+                return
+            names = [plan.tools.display_name(c.name) for c in calls]                   # e
+            await turn.emitter.status(tool_status("Running", names) + "…", done=False)
+            outcomes = await self._tools.run_round(calls, plan.tools, ts, turn.req.user_id)
+            await turn.emitter.status(tool_status("Ran", names), done=True)
+            marker = await self._checkpoint(turn, round_items(items, outcomes))         # f
+            if marker:
+                yield renderer.text_chunk(marker)
+            yield renderer.text_chunk(tool_cards(outcomes, ts.card_max_chars))
+            payload, rounds = next_payload(payload, items, outcomes), rounds + 1        # g
+            if rounds >= ts.max_rounds:
+                payload = final_answer_payload(payload)
+                yield renderer.text_chunk(limit_notice(rounds))
+
+    async def _send_round(self, turn: Turn, payload: Mapping[str, Any], state: StreamState,
+                          renderer: ChunkRenderer, timing: StreamTiming
+                          ) -> AsyncIterator[dict[str, Any]]:
+        resp = await self._client.open_response(payload, turn.settings)              # 7 send
+        try:
+            async for chunks in self._pump(resp, state, renderer, timing):          # 8-9
+                for chunk in chunks:                                                 # 12
+                    yield chunk
+        finally:
+            await resp.close()
+
+    async def _last_round(self, turn: Turn, items: list[dict[str, Any]],
+                          calls: list[FunctionCall], renderer: ChunkRenderer
+                          ) -> AsyncIterator[dict[str, Any]]:
+        marker = await self._checkpoint(turn, [i for i in items if i.get("type") != "message"])
+        if marker:
+            yield renderer.text_chunk(marker)
+        if calls and turn.settings.tools.mode == "pipe":  # asked for tools after the limit
+            LOG.warning("The model called %d tool(s) after the limit; not run", len(calls))
+            yield renderer.text_chunk("\n\n⚠️ The model asked for more tools after the limit; "
+                                      "they were not run.")
+
+    async def _cite(self, turn: Turn, items: list[dict[str, Any]], book: CitationBook) -> str:
+        """Emit one source per newly cited URL; return the numbered links for the text."""
+        suffix = ""
+        for item in items:
+            if item.get("type") != "message":
+                continue
+            numbers, new = book.cite(url_annotations(item))
+            for number, ann in new:
+                await turn.emitter.emit(source_event(number, ann))
+            suffix += citation_suffix(numbers)
+        return suffix
+
+    async def _take_in(self, turn: Turn, entry: CatalogEntry) -> ChatRequest:
+        """Attachments -> inline parts (size caps, SSRF-safe downloads, Open WebUI files)."""
+        if turn.req.task:
+            return turn.req
+        job = IntakeJob(entry, turn.settings.intake, turn.req.user_id, turn.req.user_role,
+                        turn.emitter, request_origin(turn.context.request))
+        return await self._intake.prepare(turn.req, job, turn.context.files,
+                                          turn.context.request)
 
     async def _pump(self, resp: TransportResponse, state: StreamState,
                     renderer: ChunkRenderer, timing: StreamTiming
@@ -3376,8 +5501,9 @@ class Pipe:
         """The admin-only health entry: a report, its JSON, or one turn's log by reference."""
         if turn.req.user_role != "admin":
             return _fail_fast(turn.req, PipeError("The pipe health report is for admins only."))
-        data = health_snapshot(self._telemetry, self._gate, self._catalog, self._clock(),
-                               await self._storage_health())
+        data = {**health_snapshot(self._telemetry, self._gate, self._catalog, self._clock(),
+                                  await self._storage_health()),
+                "breakers": self._tools.breakers.snapshot()}
         text = health_reply(turn.req.messages[-1].text if turn.req.messages else "", data,
                             self._logs)
         if turn.req.task or not turn.req.stream:

@@ -440,12 +440,48 @@ def sc_reasoning(emu: Emulator, ctx: Ctx, o: Opts) -> Plan:
     return Plan(items, auto_reasoning=False)
 
 
-@scenario("tool_call", "name", "args", "n")
+def tool_rounds_done(inp: Any) -> int:
+    """Rounds of tool results in the current turn: runs of function_call_output items
+    after the last user message."""
+    if not isinstance(inp, list):
+        return 0
+    runs, prev = 0, False
+    for it in inp[_last_user_index(inp) + 1:]:
+        out = isinstance(it, dict) and it.get("type") == "function_call_output"
+        runs += out and not prev
+        prev = out
+    return runs
+
+
+WEB_TEXT_2 = ("Mais sobre Lisboa [example.org](https://example.org/lisboa) e o rio Tejo "
+              "[rio.example](https://rio.example/tejo).")
+
+
+def cited_message(text: str) -> Item:
+    item = message(text)
+    item.annotations = url_citations(text)
+    return item
+
+
+@scenario("tool_call", "name", "args", "n", "rounds", "chain", "cite")
 def sc_tool_call(emu: Emulator, ctx: Ctx, o: Opts) -> Plan:
+    """Call tools for ``rounds`` rounds (default 1; 0 = every request), then answer with the
+    results. ``name`` may be a comma list (parallel calls of different tools); ``chain=a,b``
+    calls ``a`` in round 1 and ``b`` in round 2; ``cite`` adds cited text to every round.
+    ``tool_choice: none`` always gets a text answer."""
     tools = [t for t in ctx.body.get("tools") or [] if t.get("type") == "function"]
-    name = o.get_str("name", tools[0]["name"] if tools else "get_weather")
+    chain = [c for c in o.get_str("chain", "").split(",") if c]
+    done = tool_rounds_done(ctx.body.get("input"))
+    rounds = len(chain) if chain else o.get_int("rounds", 1)
+    if ctx.body.get("tool_choice") == "none" or (rounds and done >= rounds):
+        if o.flag("cite"):
+            return Plan([cited_message(WEB_TEXT_2)])
+        return Plan([message(default_text(ctx))])
+    names = [chain[done]] if chain else o.get_str(
+        "name", tools[0]["name"] if tools else "get_weather").split(",")
     args = o.get_str("args", '{"city":"São Paulo"}')
-    return Plan([function_call(name, args) for _ in range(o.get_int("n", 1))])
+    calls = [function_call(n, args) for n in names for _ in range(o.get_int("n", 1))]
+    return Plan(([cited_message(WEB_TEXT)] if o.flag("cite") else []) + calls)
 
 
 WEB_TEXT = ("Lisboa é a capital de Portugal 😀 [wikipedia.org](https://en.wikipedia.org/wiki/"
@@ -856,10 +892,61 @@ def validation_error(body: Any, catalog: dict[str, dict]) -> HttpError | None:
         return HttpError(400, _err(
             400, f"{model} is not a valid model ID", error_type="invalid_request",
             http_status=400, availability=_availability("model_not_found", model, False)))
+    if err := tools_error(body, entry):
+        return err
     mandatory = (entry.get("reasoning") or {}).get("mandatory")
     if mandatory and _reasoning_off(body.get("reasoning") or {}):
         return HttpError(400, _err(
             400, "Reasoning is mandatory for this endpoint and cannot be disabled."))
+    return modality_error(body, entry)
+
+
+#: Content part type -> the input modality a model must list to get it. `input_file` is not
+#: here: OpenRouter parses PDFs for any model (file-parser plugin), so it never refuses them.
+PART_MODALITIES = {"input_image": "image", "input_audio": "audio", "input_video": "video"}
+
+
+def modality_error(body: dict, entry: dict) -> HttpError | None:
+    """Like the real router: no endpoint of a text-only model takes image/audio/video input."""
+    accepted = set((entry.get("architecture") or {}).get("input_modalities") or ())
+    items = body["input"] if isinstance(body["input"], list) else []
+    for item in (i for i in items if isinstance(i, dict)):
+        parts = item.get("content") if isinstance(item.get("content"), list) else []
+        for part in (p for p in parts if isinstance(p, dict)):
+            needed = PART_MODALITIES.get(part.get("type", ""))
+            if needed and needed not in accepted:
+                return HttpError(404, _err(404, f"No endpoints found that support {needed} "
+                                                "input"))
+    return None
+
+
+_TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+
+
+def tools_error(body: dict, entry: dict) -> HttpError | None:
+    """What providers reject about tools: bad names, tools for a model without tool use,
+    outputs whose call is missing, output statuses other than OpenAI's item statuses."""
+    tools = body.get("tools") or []
+    for t in tools:
+        if t.get("type") == "function" and not _TOOL_NAME.fullmatch(str(t.get("name", ""))):
+            return HttpError(400, _provider_error(
+                400, f"Invalid 'tools[].name': string does not match pattern "
+                     f"'^[a-zA-Z0-9_-]{{1,64}}$' ({t.get('name')!r})", "OpenAI"))
+    if any(t.get("type") in ("function", "mcp") for t in tools) \
+            and "tools" not in entry["supported_parameters"]:
+        return HttpError(404, _err(404, "No endpoints found that support tool use."))
+    items = body.get("input") if isinstance(body.get("input"), list) else []
+    calls: set[str] = set()
+    for it in (i for i in items if isinstance(i, dict)):
+        if it.get("type") == "function_call":
+            calls.add(it.get("call_id"))
+        elif it.get("type") == "function_call_output":
+            if it.get("call_id") not in calls:
+                return HttpError(400, _err(400, f"No tool call found for function call "
+                                                f"output with call_id {it.get('call_id')}."))
+            if it.get("status") not in (None, "completed", "incomplete", "in_progress"):
+                return HttpError(400, _err(400, f"Invalid input: function_call_output status "
+                                                f"{it.get('status')!r}"))
     return None
 
 

@@ -350,6 +350,15 @@ class OpenWebUIClient:
         if not fn.get("is_active"):
             self.toggle_function(id)
 
+    # -- workspace tools
+    def create_tool(self, id: str, name: str, content: str, description: str = "") -> dict:
+        """Create (or replace) a workspace tool from Python source (`class Tools`)."""
+        body = {"id": id, "name": name, "content": content, "meta": {"description": description}}
+        r = self.request("GET", f"/api/v1/tools/id/{id}", ok=())
+        if r.status_code == 200:
+            return self.request("POST", f"/api/v1/tools/id/{id}/update", json=body).json()
+        return self.request("POST", "/api/v1/tools/create", json=body).json()
+
     # -- valves (a POST replaces the whole stored dict: always send the full set)
     def get_valves(self, id: str) -> dict:
         return self.request("GET", f"/api/v1/functions/id/{id}/valves").json() or {}
@@ -400,15 +409,48 @@ class OpenWebUIClient:
     def get_chat(self, chat_id: str) -> dict:
         return self.request("GET", f"/api/v1/chats/{chat_id}").json()
 
+    # -- files (same endpoints in 0.6.28 and 0.12.4)
+    def upload_file(self, filename: str, data: bytes, content_type: str, *,
+                    process: bool = False) -> dict:
+        """POST /api/v1/files/ (multipart, like the browser); -> the stored FileModel.
+
+        `process=False` skips Open WebUI's own extraction/embedding (the e2e servers run
+        offline with no embedding engine)."""
+        r = self.request("POST", "/api/v1/files/", params={"process": str(process).lower()},
+                         files={"file": (filename, data, content_type)})
+        return r.json()
+
+    def get_file_content(self, file_id: str) -> bytes:
+        return self.request("GET", f"/api/v1/files/{file_id}/content").content
+
+    @staticmethod
+    def chat_file(uploaded: dict) -> dict:
+        """A message/chat `files` item for an uploaded file, shaped like the browser's."""
+        meta = uploaded.get("meta") or {}
+        ctype = meta.get("content_type") or ""
+        kind = "image" if ctype.startswith("image/") else "file"
+        return {"type": kind, "file": uploaded, "id": uploaded["id"],
+                "url": f"/api/v1/files/{uploaded['id']}/content" if kind == "image"
+                else f"/api/v1/files/{uploaded['id']}",
+                "name": meta.get("name") or uploaded.get("filename"), "status": "uploaded",
+                "size": meta.get("size"), "content_type": ctype, "error": "",
+                "collection_name": f"file-{uploaded['id']}", "itemId": str(uuid.uuid4())}
+
     def chat_ui(self, model: str, prompt: str, *, timeout: float = 120,
-                follow: dict | None = None, **extra) -> dict:
+                files: list[dict] | None = None, follow: dict | None = None,
+                **extra) -> dict:
         """Send a chat the way the browser does (socket.io session, server-side storage).
 
         Waits until the assistant message is finished and returns the stored chat
         (`GET /api/v1/chats/{id}`) with `_message_id` (the assistant message id) and
-        `_events` (the socket events received for it) added. `follow` (a chat returned by
-        `chat_ui`) continues that chat after its last assistant message instead.
+        `_events` (the socket events received for it) added. `files` (items from
+        `chat_file`) are attached like the browser does: on the stored user message, as
+        `image_url` parts of its content (images), and in the request's `files` (others).
+        `follow` (a chat returned by `chat_ui`) continues that chat after its last assistant
+        message instead of starting a new one.
         """
+        if files:
+            extra = {**extra, "_files": files}
         result: dict = {}
 
         def runner() -> None:
@@ -432,6 +474,7 @@ class OpenWebUIClient:
         import socketio  # python-socketio[asyncio_client]
 
         legacy = self.is_legacy
+        files = extra.pop("_files", None) or []
         user_id, msg_id = str(uuid.uuid4()), str(uuid.uuid4())
         now = int(time.time())
         events: list[dict] = []
@@ -477,10 +520,16 @@ class OpenWebUIClient:
             user_message = {
                 "id": user_id, "parentId": parent_id, "childrenIds": [msg_id], "role": "user",
                 "content": prompt, "timestamp": now, "models": [model],
+                **({"files": files} if files else {}),
             }
+            images = [{"type": "image_url", "image_url": {"url": f["url"]}}
+                      for f in files if f.get("type") == "image"]
             body: dict = {
                 "model": model,
-                "messages": [{"role": "user", "content": prompt}],
+                "messages": [{"role": "user", "content": [{"type": "text", "text": prompt},
+                                                          *images] if images else prompt}],
+                **({"files": [f for f in files if f.get("type") != "image"]}
+                   if any(f.get("type") != "image" for f in files) else {}),
                 "stream": True,
                 "session_id": session_id,
                 "id": msg_id,

@@ -534,6 +534,7 @@ async def test_tool_result_is_quoted(emu, http):
     b["input"] += [
         {"type": "function_call", "call_id": "call_A", "name": "f", "arguments": "{}"},
         {"type": "function_call_output", "call_id": "call_A", "output": "42 ação"},
+        {"type": "function_call", "call_id": "call_B", "name": "f", "arguments": "{}"},
         {"type": "function_call_output", "call_id": "call_B",
          "output": [{"type": "input_text", "text": "blue"}]}]
     validate_request(b)
