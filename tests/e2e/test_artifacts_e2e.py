@@ -44,7 +44,7 @@ def main_turn_posts(requests: list[dict], question: str) -> list[dict]:
         body = r.get("json") or {}
         if r["method"] != "POST" or not r["path"].endswith("/responses") or not body.get("stream"):
             continue
-        last = body["input"][-1]
+        last = [i for i in body["input"] if i.get("role") == "user"][-1]
         text = last["content"] if isinstance(last["content"], str) else \
             "".join(p.get("text", "") for p in last["content"])
         if question in text:
@@ -183,3 +183,55 @@ def stored_payloads(database: str, expected: int, timeout: float = 30) -> list[b
             time.sleep(0.5)
     finally:
         engine.dispose()
+
+
+# -- with tools (issue #3): reasoning, calls and results come back in order ------------------
+
+TOOL_ID = "e2e_artifact_weather"
+TOOL_SOURCE = '''"""
+title: E2E artifact weather
+description: Weather probe for the artifact e2e test
+"""
+
+
+class Tools:
+    def __init__(self):
+        pass
+
+    async def e2e_artifact_weather(self, city: str) -> str:
+        """
+        Get the current weather for a city.
+        :param city: The city name.
+        """
+        return f"ARTIFACT-SUNNY-IN-{city.upper()}"
+'''
+NO_TASKS = {"title_generation": False, "tags_generation": False, "follow_up_generation": False}
+
+
+def test_second_turn_replays_the_first_turns_tool_round_in_order(owui):
+    owui.client.create_tool(TOOL_ID, "E2E artifact weather", TOOL_SOURCE)
+    valves = owui.client.get_valves("openrouter")
+    owui.client.update_valves("openrouter", {**valves, "ARTIFACT_ENCRYPTION_KEY": KEY})
+    model = owui.model(NANO)
+    extra = {"tool_ids": [TOOL_ID], "params": {"function_calling": "native"},
+             "background_tasks": NO_TASKS}
+    since = len(owui.emulator.responses)
+    n = len(owui.emulator.requests)
+    ask = "Weather in Porto? [emu:tool_call name=e2e_artifact_weather args='{\"city\":\"Porto\"}']"
+    first = owui.client.chat_ui(model, ask, **extra)
+    assert not stored_message(first).get("error"), stored_message(first)
+    round1, round2 = owui.emulator.responses[since:since + 2]
+    result = main_turn_posts(owui.emulator.requests[n:], "Weather in Porto?")[-1]["input"][-1]
+    produced = [*round1["output"], result,
+                *[i for i in round2["output"] if i["type"] == "reasoning"]]
+    assert kinds(produced) == ["reasoning", "function_call", "function_call_output",
+                               "reasoning"]
+    assert result["output"] == "ARTIFACT-SUNNY-IN-PORTO"
+
+    n = len(owui.emulator.requests)
+    owui.client.chat_ui(model, "Thanks!", follow=first, **extra)
+    (sent,) = main_turn_posts(owui.emulator.requests[n:], "Thanks!")
+    assert kinds(sent["input"]) == ["user", "reasoning", "function_call",
+                                    "function_call_output", "reasoning", "assistant", "user"]
+    assert sent["input"][1:5] == produced
+    assert "<details" not in sent["input"][5]["content"]
