@@ -3577,6 +3577,8 @@ _MARKER_LINE = re.compile(r"^\[orp:([0-9a-z]{8,64})\]: #[ \t]*$", re.MULTILINE)
 _MARKER_BLOCK = re.compile(r"(?:^\[orp:[0-9a-z]{8,64}\]: #[ \t]*(?:\n|$))+", re.MULTILINE)
 _TOOL_DETAILS = re.compile(r'<details\s+type="tool_calls"[^>]*?\bid="([^"]*)"[^>]*>.*?'
                            r"</details>\s*", re.DOTALL)
+# Open WebUI 0.6 sends a tool turn's streamed reasoning back as `<think>…</think>` text
+_THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
 PRUNE_MIN_CHARS, PRUNE_HEAD, PRUNE_TAIL = 800, 256, 128
 MISSING_OUTPUT = "(no result was recorded for this tool call)"
 
@@ -3844,7 +3846,7 @@ def _expand(text: str, artifacts: Mapping[str, Mapping[str, Any]], policy: Repla
             reasoning = []
         others = [_prune(it, policy, age) for it in found if it.get("type") != REASONING_ITEM]
         # cards of calls replayed as items go; the others stay as a line the model reads
-        clean = tool_cards_as_text(strip_tool_cards(segment, calls))
+        clean = tool_cards_as_text(strip_tool_cards(_THINK_BLOCK.sub("", segment), calls))
         out.extend(reasoning)
         if clean.strip():
             out.append({"type": "message", "role": "assistant", "content": clean.strip()})

@@ -235,3 +235,28 @@ def test_second_turn_replays_the_first_turns_tool_round_in_order(owui):
                                     "function_call_output", "reasoning", "assistant", "user"]
     assert sent["input"][1:5] == produced
     assert "<details" not in sent["input"][5]["content"]
+
+
+def test_passthrough_reasoning_comes_back_when_open_webui_returns_the_results(owui):
+    """TOOL_EXECUTION_MODE=open_webui: Open WebUI runs the tool and calls the pipe again; the
+    reasoning that preceded the call is sent back right before it."""
+    owui.client.create_tool(TOOL_ID, "E2E artifact weather", TOOL_SOURCE)
+    valves = owui.client.get_valves("openrouter")
+    owui.client.update_valves("openrouter", {**valves, "ARTIFACT_ENCRYPTION_KEY": KEY,
+                                             "TOOL_EXECUTION_MODE": "open_webui"})
+    try:
+        since, n = len(owui.emulator.responses), len(owui.emulator.requests)
+        ask = ("Weather in Faro? "
+               "[emu:tool_call name=e2e_artifact_weather args='{\"city\":\"Faro\"}']")
+        chat = owui.client.chat_ui(owui.model(NANO), ask, tool_ids=[TOOL_ID],
+                                   params={"function_calling": "native"},
+                                   background_tasks=NO_TASKS)
+        assert not stored_message(chat).get("error"), stored_message(chat)
+        reasoning = encrypted_reasoning(owui.emulator.responses[since:since + 1])
+        _, second = main_turn_posts(owui.emulator.requests[n:], "Weather in Faro?")
+        assert kinds(second["input"]) == ["user", "reasoning", "function_call",
+                                          "function_call_output"], second["input"]
+        assert second["input"][1] == reasoning[0]
+        assert second["input"][3]["output"] == "ARTIFACT-SUNNY-IN-FARO"
+    finally:
+        owui.client.update_valves("openrouter", {**valves, "ARTIFACT_ENCRYPTION_KEY": KEY})

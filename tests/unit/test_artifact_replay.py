@@ -215,3 +215,8 @@ def test_markers_quoted_in_a_task_prompt_are_removed():
     text = out["content"][0]["text"]
     assert "[orp:" not in text and "reasoning" not in str(out)
     assert text.startswith("### Chat History:\nASSISTANT: Four.\n") and text.endswith("USER: next")
+
+
+def test_reasoning_open_webui_wrote_back_as_think_text_is_not_sent_as_an_answer():
+    items = [user("q"), assistant("<think>I should call weather.</think>"), C1, O1]
+    assert replay_items(items, {}, ReplayPolicy()) == [user("q"), C1, O1]
