@@ -3605,12 +3605,6 @@ def artifact_scope(req: ChatRequest) -> str:
     return req.chat_id or f"user:{req.user_id}"
 
 
-def turn_reasoning(state: StreamState) -> list[dict[str, Any]]:
-    """The reasoning items of a finished stream, in output order."""
-    return [dict(item) for _, item in sorted(state.done_items.items())
-            if item.get("type") == REASONING_ITEM]
-
-
 def response_reasoning(response: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The reasoning items of a non-streamed response, in output order."""
     return [dict(item) for item in response.get("output") or ()
