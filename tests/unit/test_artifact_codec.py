@@ -157,3 +157,15 @@ def test_distinct_pipes_get_distinct_tables():
     assert artifact_table_name("openrouter") == "orp_artifacts_openrouter"
     assert artifact_table_name("Open-Router") != artifact_table_name("open_router")
     assert artifact_table_name("x" * 100) != artifact_table_name("x" * 99)
+
+
+def test_write_behind_only_for_several_workers_on_redis():
+    from openrouter_responses_pipe import redis_url_for_write_behind as wb
+
+    url = "redis://r:6379/0"
+    assert wb({"REDIS_URL": url, "WEBSOCKET_MANAGER": "redis", "UVICORN_WORKERS": 2}) == url
+    assert wb({"REDIS_URL": url, "WEBSOCKET_MANAGER": "redis", "UVICORN_WORKERS": "4"}) == url
+    assert wb({"REDIS_URL": url, "WEBSOCKET_MANAGER": "redis", "UVICORN_WORKERS": 1}) is None
+    assert wb({"REDIS_URL": url, "WEBSOCKET_MANAGER": "", "UVICORN_WORKERS": 2}) is None
+    assert wb({"REDIS_URL": "", "WEBSOCKET_MANAGER": "redis", "UVICORN_WORKERS": 2}) is None
+    assert wb({"REDIS_URL": url, "WEBSOCKET_MANAGER": "redis", "UVICORN_WORKERS": "x"}) is None
