@@ -5326,8 +5326,8 @@ class Pipe:
 
     async def _plan(self, turn: Turn) -> Transformed:
         entry = await self._resolve_entry(turn.req, turn.settings)
-        req = await self._take_in(turn, entry)                               # 5 intake
         artifacts = await self._load_artifacts(turn)                         # 4 history
+        req = await self._take_in(turn, entry)                               # 5 intake
         plan = build_responses_request(req, entry, turn.settings, artifacts)  # 6 transform
         if req.stream and not req.task:  # tools only where a turn can loop
             plan = with_tools(plan, req, entry, turn.context.tools,
