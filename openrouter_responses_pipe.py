@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import contextvars
 import dataclasses
 import hashlib
@@ -48,10 +49,12 @@ import os
 import random
 import re
 import socket
+import sys
 import time
 import typing
 import urllib.parse
 import uuid
+import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -219,6 +222,7 @@ SummaryMode = Literal["auto", "concise", "detailed", "disabled"]
 TaskEffort = Literal["lowest", "none", "minimal", "low", "medium"]
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+RetentionMode = Literal["conversation", "next_reply", "disabled"]
 _PASSWORD: dict[str, Any] = {"input": {"type": "password"}}
 
 
@@ -440,6 +444,37 @@ class Valves(BaseModel):
                     "other 4xx).")
 
     # ── Artifact store and Redis (issue #5) ───────────────────────────────────
+    ARTIFACT_ENCRYPTION_KEY: EncryptedStr = Field(
+        default=EncryptedStr(""),
+        description="Encrypts stored reasoning (everything with ENCRYPT_ALL). Several keys "
+                    "separated by commas: the first encrypts, all decrypt (key rotation). "
+                    "Empty: nothing is encrypted.",
+        json_schema_extra=_PASSWORD)
+    ENCRYPT_ALL: bool = Field(
+        default=False, description="Encrypt tool calls and results too, not only reasoning.")
+    COMPRESSION_MIN_BYTES: int = Field(
+        default=1024, ge=0, le=10_000_000,
+        description="Stored items at least this large are compressed (LZ4 if installed, "
+                    "else zlib).")
+    REASONING_RETENTION: RetentionMode = Field(
+        default="conversation",
+        description="Send the model's earlier reasoning back: for the whole conversation, "
+                    "for the next reply only, or never (then it is not stored).")
+    TOOL_OUTPUT_RETENTION_TURNS: int = Field(
+        default=10, ge=0, le=1000,
+        description="Long tool results older than this many replies are shortened (with a "
+                    "note the model sees) when the chat is replayed. 0 keeps them whole.")
+    ARTIFACT_CLEANUP_DAYS: int = Field(
+        default=90, ge=0, le=36500,
+        description="Delete stored items not used for this many days (0: never).")
+    ARTIFACT_CLEANUP_INTERVAL_HOURS: float = Field(
+        default=24.0, ge=0.1, le=720, description="How often the cleanup runs (plus jitter).")
+    REDIS_WRITE_BEHIND: bool = Field(
+        default=True,
+        description="With several workers sharing Redis (REDIS_URL, WEBSOCKET_MANAGER=redis, "
+                    "UVICORN_WORKERS>1): queue writes in Redis and flush them in batches.")
+    REDIS_CACHE_TTL_SECONDS: int = Field(
+        default=600, ge=0, le=86400, description="How long Redis caches stored items.")
 
 
 class UserValves(BaseModel):
@@ -462,6 +497,9 @@ class UserValves(BaseModel):
                     "natively (`inherit` = admin default).")
 
     # ── Artifact store (issue #5) ──
+    REASONING_RETENTION: Literal["inherit", "conversation", "next_reply", "disabled"] = Field(
+        default="inherit",
+        description="Send the model's earlier reasoning back (`inherit` = admin default).")
 
     LOG_LEVEL: Literal["inherit", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         default="inherit",
@@ -486,6 +524,20 @@ def _env_log_level() -> LogLevel:
         if level == known:
             return known
     return "INFO"
+
+
+def _artifact_keys(raw: str) -> tuple[str, ...] | None:
+    """ARTIFACT_ENCRYPTION_KEY -> its keys (first encrypts); None when it can't be decrypted."""
+    try:
+        plain = EncryptedStr(raw).reveal()
+    except ConfigError:
+        LOG.error("ARTIFACT_ENCRYPTION_KEY can't be decrypted (WEBUI_SECRET_KEY changed): "
+                  "nothing is stored or replayed until an admin re-enters it")
+        return None
+    keys = tuple(k.strip() for k in plain.split(",") if k.strip())
+    for key in keys:
+        register_secret(key)
+    return keys
 
 
 def _pick(user_value: str, admin_value: Any) -> Any:
@@ -528,6 +580,15 @@ class RequestSettings:
     # ── Multimodal intake (issue #4) ──
     intake: IntakeLimits = field(default_factory=lambda: intake_limits(Valves(), UserValves()))
     # ── Artifact store (issue #5) ──
+    artifact_keys: tuple[str, ...] | None = ()  # None: configured but unreadable
+    encrypt_all: bool = False
+    compression_min_bytes: int = 1024
+    reasoning_retention: str = "conversation"
+    tool_output_retention_turns: int = 10
+    artifact_cleanup_days: int = 90
+    artifact_cleanup_interval_hours: float = 24.0
+    redis_write_behind: bool = True
+    redis_cache_ttl: int = 600
 
     @classmethod
     def merge(cls, valves: Valves, user: UserValves | None, user_role: str = "user"
@@ -564,6 +625,15 @@ class RequestSettings:
             # ── Multimodal intake (issue #4) ──
             intake=intake_limits(valves, user),
             # ── Artifact store (issue #5) ──
+            artifact_keys=_artifact_keys(valves.ARTIFACT_ENCRYPTION_KEY),
+            encrypt_all=valves.ENCRYPT_ALL,
+            compression_min_bytes=valves.COMPRESSION_MIN_BYTES,
+            reasoning_retention=_pick(user.REASONING_RETENTION, valves.REASONING_RETENTION),
+            tool_output_retention_turns=valves.TOOL_OUTPUT_RETENTION_TURNS,
+            artifact_cleanup_days=valves.ARTIFACT_CLEANUP_DAYS,
+            artifact_cleanup_interval_hours=valves.ARTIFACT_CLEANUP_INTERVAL_HOURS,
+            redis_write_behind=valves.REDIS_WRITE_BEHIND,
+            redis_cache_ttl=valves.REDIS_CACHE_TTL_SECONDS,
         )
 
     def require_api_key(self) -> str:
@@ -981,6 +1051,7 @@ class Transformed:
     payload: dict[str, Any]
     notes: tuple[str, ...] = ()
     tools: ToolSet = field(default_factory=lambda: ToolSet())  # function tools (issue #3)
+    replayed_reasoning: tuple[str, ...] = ()  # stored reasoning ids sent back (issue #5)
 
 
 def nearest_effort(wanted: str, spec: ReasoningSpec) -> str:
@@ -1069,7 +1140,7 @@ def history_items(messages: Iterable[ChatMessage], entry: CatalogEntry
 
 def assistant_items(msg: ChatMessage) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    text = tool_cards_as_text(strip_reasoning_blocks(msg.text)).strip()
+    text = strip_reasoning_blocks(msg.text).strip()  # tool cards: see replay_items (§11)
     if text:
         out.append({"type": "message", "role": "assistant", "content": text})
     out.extend({"type": "function_call", "call_id": call.id, "name": call.name,
@@ -1084,10 +1155,16 @@ def _session_id(req: ChatRequest, settings: RequestSettings) -> str | None:
     return hmac.new(key, req.chat_id.encode(), hashlib.sha256).hexdigest()[:32]
 
 
-def build_responses_request(req: ChatRequest, entry: CatalogEntry,
-                            settings: RequestSettings) -> Transformed:
-    """The pure core: a parsed chat request + its catalog entry -> the Responses request."""
+def build_responses_request(req: ChatRequest, entry: CatalogEntry, settings: RequestSettings,
+                            artifacts: Mapping[str, Mapping[str, Any]] | None = None
+                            ) -> Transformed:
+    """The pure core: a parsed chat request + its catalog entry -> the Responses request.
+
+    `artifacts` are the stored items named by markers in earlier replies (loaded by the
+    caller); `replay_items` (§11) puts them back where they happened.
+    """
     instructions, items, notes = history_items(req.messages, entry)
+    items = replay_items(items, artifacts or {}, ReplayPolicy.of(settings, entry.id))
     if not items:
         items.append({"type": "message", "role": "user",
                       "content": [{"type": "input_text", "text": ""}]})
@@ -3477,9 +3554,856 @@ def _is_async_callable(fn: Any) -> bool:
 # ─────────────────────────────────────────────────────────────────────────────
 # §11 Artifact store
 #
-# (Issue #5 fills this section: codec JSON -> LZ4 -> Fernet, markers, the SQLAlchemy store,
-# Redis write-behind.)
+# Reasoning items and tool call/result items are stored so later turns can send them back.
+# Each stored item is referenced from the assistant text by an invisible marker line (a
+# Markdown link-reference definition `[orp:<id>]: #`), written where the item happened.
+#
+#   pure      codec (JSON -> LZ4/zlib -> Fernet, one header byte), markers, replay with
+#             orphan repair and tool-output pruning, table naming
+#   I/O       ArtifactDB (SQLAlchemy Core on Open WebUI's engine; sync <=0.8 in a thread,
+#             async >=0.9), WriteBehind (Redis pending list + cache), ArtifactStore (both)
+#
+# Replay order of one assistant message: for each marker group, its reasoning items, then the
+# text written before the group, then its calls and results; text after the last group ends
+# the message. That is the order a Responses round produces them (reasoning, message, calls).
 # ─────────────────────────────────────────────────────────────────────────────
+
+REASONING_ITEM = "reasoning"
+PASSTHROUGH_ITEM = "reasoning_passthrough"  # reasoning before calls Open WebUI runs
+STORED_TYPES = frozenset({REASONING_ITEM, "function_call", "function_call_output"})
+_SURROGATE_CHARS = re.compile("[\ud800-\udfff]")
+_FLAG_LZ4, _FLAG_ZLIB, _FLAG_FERNET = 0x01, 0x02, 0x04
+_MARKER_LINE = re.compile(r"^\[orp:([0-9a-z]{8,64})\]: #[ \t]*$", re.MULTILINE)
+_MARKER_BLOCK = re.compile(r"(?:^\[orp:[0-9a-z]{8,64}\]: #[ \t]*(?:\n|$))+", re.MULTILINE)
+_TOOL_DETAILS = re.compile(r'<details\s+type="tool_calls"[^>]*?\bid="([^"]*)"[^>]*>.*?'
+                           r"</details>\s*", re.DOTALL)
+# Open WebUI 0.6 sends a tool turn's streamed reasoning back as `<think>…</think>` text
+_THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
+PRUNE_MIN_CHARS, PRUNE_HEAD, PRUNE_TAIL = 800, 256, 128
+MISSING_OUTPUT = "(no result was recorded for this tool call)"
+
+try:  # Open WebUI does not ship lz4; zlib (stdlib) stands in
+    import lz4.frame as _lz4
+except ImportError:  # pragma: no cover - depends on the deployment
+    _lz4 = None
+
+
+def new_artifact_id() -> str:
+    return uuid.uuid4().hex
+
+
+def storable(item: Mapping[str, Any], reasoning_retention: str) -> bool:
+    """Reasoning (unless retention is disabled), function calls and their results."""
+    kind = item.get("type")
+    if kind == REASONING_ITEM:
+        return reasoning_retention != "disabled"
+    return kind in STORED_TYPES
+
+
+def artifact_scope(req: ChatRequest) -> str:
+    """What stored rows are filed under: the chat, else the user (API calls without a chat)."""
+    return req.chat_id or f"user:{req.user_id}"
+
+
+def response_reasoning(response: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The reasoning items of a non-streamed response, in output order."""
+    return [dict(item) for item in response.get("output") or ()
+            if isinstance(item, Mapping) and item.get("type") == REASONING_ITEM]
+
+
+def passthrough_ids(req: ChatRequest) -> list[str]:
+    """Ids under which reasoning before Open WebUI-run tool calls would be stored."""
+    scope = artifact_scope(req)
+    return [passthrough_id(scope, call.id) for m in req.messages if m.role == "assistant"
+            for call in m.tool_calls if call.id]
+
+
+def passthrough_row_item(reasoning: list[dict[str, Any]], call_id: str) -> dict[str, Any]:
+    return {"type": PASSTHROUGH_ITEM, "_call_id": call_id, "items": reasoning}
+
+
+def passthrough_id(scope: str, call_id: str) -> str:
+    """Stable id of the reasoning that preceded a call Open WebUI runs (passthrough mode)."""
+    return "p" + hashlib.sha256(f"{scope}\n{call_id}".encode()).hexdigest()[:31]
+
+
+def marker_block(ids: Iterable[str]) -> str:
+    """Marker lines for `ids`, set off by blank lines so Markdown treats them as definitions."""
+    lines = [f"[orp:{i}]: #" for i in ids]
+    return "\n\n" + "\n".join(lines) + "\n\n" if lines else ""
+
+
+def marker_ids(text: str) -> list[str]:
+    return _MARKER_LINE.findall(text) if "[orp:" in text else []
+
+
+def strip_markers(text: str) -> str:
+    return _MARKER_BLOCK.sub("", text) if "[orp:" in text else text
+
+
+def split_markers(text: str) -> list[tuple[str, tuple[str, ...]]]:
+    """Text -> [(text before a marker group, the group's ids)], the last group possibly empty."""
+    out: list[tuple[str, tuple[str, ...]]] = []
+    pos = 0
+    for block in _MARKER_BLOCK.finditer(text):
+        out.append((text[pos:block.start()], tuple(_MARKER_LINE.findall(block.group()))))
+        pos = block.end()
+    out.append((text[pos:], ()))
+    return out
+
+
+def safe_text(value: str) -> str:
+    """Lone surrogates -> U+FFFD, surrogate pairs joined: the result always encodes as UTF-8."""
+    if value.isascii() or not _SURROGATE_CHARS.search(value):
+        return value
+    return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def safe_json(value: Any) -> Any:
+    """A JSON-ready copy of `value` whose strings (keys too) all encode as UTF-8."""
+    if isinstance(value, str):
+        return safe_text(value)
+    if isinstance(value, Mapping):
+        return {safe_text(str(k)): safe_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [safe_json(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class ArtifactCodec:
+    """item dict <-> stored bytes: `header byte (flags) + body`; header-less JSON is legacy.
+
+    Flags: 1 = LZ4 frame, 2 = zlib, 4 = Fernet token of the (compressed) JSON. Reasoning is
+    encrypted whenever a key is set; other items only with `encrypt_all`.
+    """
+
+    keys: tuple[str, ...] = ()
+    encrypt_all: bool = False
+    compress_min: int = 1024
+
+    @classmethod
+    def of(cls, settings: RequestSettings) -> ArtifactCodec:
+        return cls(settings.artifact_keys or (), settings.encrypt_all,
+                   settings.compression_min_bytes)
+
+    def encrypts(self, item_type: str) -> bool:
+        return bool(self.keys) and (self.encrypt_all or item_type.startswith(REASONING_ITEM))
+
+    def encode(self, item: Mapping[str, Any]) -> bytes:
+        body = _dumps(safe_json(item))
+        flags = 0
+        if self.compress_min and len(body) >= self.compress_min:
+            packed, flag = _compress(body)
+            if len(packed) < len(body):
+                body, flags = packed, flag
+        if self.encrypts(str(item.get("type") or "")):
+            body, flags = _fernet(self.keys).encrypt(body), flags | _FLAG_FERNET
+        return bytes([flags]) + body
+
+    def decode(self, blob: bytes) -> dict[str, Any]:
+        """Stored bytes -> item; ArtifactStoreError for a wrong key, truncation or garbage."""
+        try:
+            return self._decode(bytes(blob))
+        except (ValueError, TypeError, IndexError, RuntimeError, zlib.error) as exc:
+            # corrupt payloads: JSON/UTF-8 errors are ValueErrors, lz4 raises RuntimeError
+            raise ArtifactStoreError(f"unreadable stored item ({type(exc).__name__})") from None
+
+    def _decode(self, blob: bytes) -> dict[str, Any]:
+        if not blob:
+            raise ArtifactStoreError("empty stored item")
+        flags, body = blob[0], blob[1:]
+        if flags > 0x07:  # legacy: plain JSON without a header byte
+            body, flags = blob, 0
+        if flags & _FLAG_FERNET:
+            body = self._decrypt(body)
+        if flags & _FLAG_LZ4:
+            if _lz4 is None:
+                raise ArtifactStoreError("item is LZ4-compressed but lz4 is not installed")
+            body = _lz4.decompress(body)
+        elif flags & _FLAG_ZLIB:
+            body = zlib.decompress(body)
+        item = _loads(body)
+        if not isinstance(item, dict):
+            raise ArtifactStoreError("stored item is not a JSON object")
+        return item
+
+    def _decrypt(self, token: bytes) -> bytes:
+        from cryptography.fernet import InvalidToken
+
+        if not self.keys:
+            raise ArtifactStoreError("item is encrypted but no ARTIFACT_ENCRYPTION_KEY is set")
+        try:
+            return _fernet(self.keys).decrypt(token)
+        except InvalidToken:
+            raise ArtifactStoreError("item was encrypted with another key") from None
+
+
+def _compress(body: bytes) -> tuple[bytes, int]:
+    if _lz4 is not None:
+        return _lz4.compress(body), _FLAG_LZ4
+    return zlib.compress(body, 6), _FLAG_ZLIB
+
+
+_FERNETS: dict[tuple[str, ...], Any] = {}
+
+
+def _fernet(keys: tuple[str, ...]) -> Any:
+    """MultiFernet over `keys` (each hashed to a Fernet key): the first encrypts, all decrypt."""
+    cached = _FERNETS.get(keys)
+    if cached is None:
+        from cryptography.fernet import Fernet, MultiFernet
+
+        cached = MultiFernet([Fernet(base64.urlsafe_b64encode(hashlib.sha256(k.encode())
+                                                              .digest())) for k in keys])
+        _FERNETS[keys] = cached
+    return cached
+
+
+# -- replay (pure) ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayPolicy:
+    """What `replay_items` keeps: reasoning per retention mode, tool outputs pruned by age."""
+
+    reasoning: str = "conversation"  # conversation | next_reply | disabled
+    keep_tool_turns: int = 10        # 0: never prune
+    model_id: str = ""               # the model the history goes to
+
+    @classmethod
+    def of(cls, settings: RequestSettings, model_id: str = "") -> ReplayPolicy:
+        return cls(settings.reasoning_retention, settings.tool_output_retention_turns, model_id)
+
+
+# Reasoning `format` prefixes by model family; another family's reasoning is not sent (its
+# encrypted blob or signature means nothing there). Unknown families and formats pass.
+_REASONING_FAMILIES = {"openai": ("openai-", "azure-openai-", "bedrock-openai-"),
+                       "anthropic": ("anthropic-",), "google": ("google-",),
+                       "x-ai": ("xai-", "bedrock-xai-")}
+
+
+def reasoning_fits(item: Mapping[str, Any], model_id: str) -> bool:
+    fmt = str(item.get("format") or "")
+    target = _REASONING_FAMILIES.get(model_id.split("/", 1)[0])
+    known = any(fmt.startswith(p) for ps in _REASONING_FAMILIES.values() for p in ps)
+    return target is None or not known or fmt.startswith(target)
+
+
+def wanted_marker_ids(messages: Iterable[ChatMessage]) -> list[str]:
+    """Every marker id in the assistant messages of a chat, oldest first."""
+    return [i for m in messages if m.role == "assistant" for i in marker_ids(m.text)]
+
+
+def replay_items(items: list[dict[str, Any]], artifacts: Mapping[str, Mapping[str, Any]],
+                 policy: ReplayPolicy) -> list[dict[str, Any]]:
+    """Expand assistant text items carrying markers into the stored items, in true order.
+
+    `artifacts` maps marker id -> stored item (ids that failed to load are simply absent).
+    The result is orphan-repaired, so OpenRouter accepts it whatever was lost.
+    """
+    assistants = [i for i, it in enumerate(items) if _is_assistant_text(it)]
+    out: list[dict[str, Any]] = []
+    for index, item in enumerate(items):
+        if index not in assistants:
+            out.append(_unmarked_user(item) if item.get("role") == "user" else item)
+            continue
+        age = len(assistants) - 1 - assistants.index(index)  # 0 = the latest reply
+        out.extend(_expand(str(item["content"]), artifacts, policy, age))
+    return repair_orphans(_attach_passthrough(out, artifacts))
+
+
+def _unmarked_user(item: dict[str, Any]) -> dict[str, Any]:
+    """Task prompts (titles, tags) quote the chat, markers included: drop them there."""
+    parts = item.get("content")
+    if not isinstance(parts, list) or "[orp:" not in str(parts):
+        return item
+    return {**item, "content": [{**p, "text": strip_markers(p["text"])}
+                                if isinstance(p.get("text"), str) else p for p in parts]}
+
+
+def _is_assistant_text(item: Mapping[str, Any]) -> bool:
+    return item.get("role") == "assistant" and isinstance(item.get("content"), str)
+
+
+def _expand(text: str, artifacts: Mapping[str, Mapping[str, Any]], policy: ReplayPolicy,
+            age: int) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    segments = split_markers(text)
+    calls = {str(artifacts[i].get("call_id")) for _, ids in segments for i in ids
+             if i in artifacts and artifacts[i].get("type") == "function_call"}
+    for segment, ids in segments:
+        found = [dict(artifacts[i]) for i in ids if i in artifacts]
+        reasoning = [it for it in found if it.get("type") == REASONING_ITEM
+                     and reasoning_fits(it, policy.model_id)]
+        if policy.reasoning == "disabled" or (policy.reasoning == "next_reply" and age > 0):
+            reasoning = []
+        others = [_prune(it, policy, age) for it in found if it.get("type") != REASONING_ITEM]
+        # cards of calls replayed as items go; the others stay as a line the model reads
+        clean = tool_cards_as_text(strip_tool_cards(_THINK_BLOCK.sub("", segment), calls))
+        out.extend(reasoning)
+        if clean.strip():
+            out.append({"type": "message", "role": "assistant", "content": clean.strip()})
+        out.extend(others)
+    return out
+
+
+def strip_tool_cards(text: str, call_ids: set[str]) -> str:
+    """Drop rendered tool cards whose calls are replayed as items (they'd be said twice)."""
+    if not call_ids or "<details" not in text:
+        return text
+    return _TOOL_DETAILS.sub(lambda m: "" if m.group(1) in call_ids else m.group(0), text)
+
+
+def _prune(item: dict[str, Any], policy: ReplayPolicy, age: int) -> dict[str, Any]:
+    """Shorten a long tool result older than `keep_tool_turns` replies, saying so inside it."""
+    output = item.get("output")
+    if (item.get("type") != "function_call_output" or not isinstance(output, str)
+            or not policy.keep_tool_turns or age < policy.keep_tool_turns
+            or len(output) < PRUNE_MIN_CHARS):
+        return item
+    removed = len(output) - PRUNE_HEAD - PRUNE_TAIL
+    note = (f"\n…[tool output pruned: {removed} characters removed because this result is "
+            f"more than {policy.keep_tool_turns} replies old]…\n")
+    return {**item, "output": output[:PRUNE_HEAD] + note + output[-PRUNE_TAIL:]}
+
+
+def _attach_passthrough(items: list[dict[str, Any]], artifacts: Mapping[str, Mapping[str, Any]]
+                        ) -> list[dict[str, Any]]:
+    """Put reasoning stored under a call id (passthrough mode) before that call."""
+    by_call = {str(v.get("_call_id")): v for v in artifacts.values() if v.get("_call_id")}
+    if not by_call:
+        return items
+    out: list[dict[str, Any]] = []
+    for item in items:
+        stored = by_call.pop(str(item.get("call_id")), None)
+        if item.get("type") == "function_call" and stored is not None:
+            out.extend(dict(r) for r in stored.get("items") or ())
+        out.append(item)
+    return out
+
+
+def repair_orphans(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Make a history OpenRouter accepts: every call gets exactly one output right after its
+    round (a short synthetic one when lost), outputs without a call and duplicates (calls,
+    outputs, reasoning ids) are dropped, and reasoning followed by nothing is dropped."""
+    calls = {str(i.get("call_id")) for i in items if i.get("type") == "function_call"}
+    out: list[dict[str, Any]] = []
+    open_calls: list[str] = []
+    seen_calls: set[str] = set()
+    answered: set[str] = set()
+    seen_reasoning: set[str] = set()
+    for item in items:
+        kind, call_id = item.get("type"), str(item.get("call_id"))
+        if kind == REASONING_ITEM and item.get("id"):
+            if item["id"] in seen_reasoning:  # stored twice (marker and passthrough)
+                continue
+            seen_reasoning.add(item["id"])
+        if kind == "function_call_output":
+            if call_id in calls and call_id not in answered and call_id in seen_calls:
+                answered.add(call_id)
+                open_calls = [c for c in open_calls if c != call_id]
+                out.append(item)
+            continue
+        if kind != "function_call":
+            _close_calls(out, open_calls, answered)
+        elif call_id in seen_calls:
+            continue
+        else:
+            seen_calls.add(call_id)
+            open_calls.append(call_id)
+        out.append(item)
+    _close_calls(out, open_calls, answered)
+    return _drop_dangling_reasoning(out)
+
+
+def _close_calls(out: list[dict[str, Any]], open_calls: list[str], answered: set[str]) -> None:
+    for call_id in open_calls:
+        out.append({"type": "function_call_output", "call_id": call_id, "output": MISSING_OUTPUT})
+        answered.add(call_id)
+    open_calls.clear()
+
+
+def _drop_dangling_reasoning(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep reasoning only when an assistant message or call (maybe after more reasoning)
+    follows it: walk backwards, remembering whether what comes next is such an item."""
+    kept: list[dict[str, Any]] = []
+    followed = False
+    for item in reversed(items):
+        kind = item.get("type")
+        if kind == REASONING_ITEM:
+            if not followed:
+                continue
+        else:
+            followed = kind == "function_call" or item.get("role") == "assistant"
+        kept.append(item)
+    return kept[::-1]
+
+
+def artifact_table_name(function_id: str) -> str:
+    """One table per pipe (function id), a valid identifier of at most 48 characters."""
+    base = re.sub(r"[^a-z0-9_]", "_", function_id.lower()).strip("_") or "pipe"
+    name = f"orp_artifacts_{base}"
+    if len(name) > 48 or base != function_id:
+        name = f"{name[:39]}_{hashlib.sha256(function_id.encode()).hexdigest()[:8]}"
+    return name
+
+
+def redis_url_for_write_behind(env: Mapping[str, Any]) -> str | None:
+    """REDIS_URL when Open WebUI runs several workers on Redis, else None (direct writes)."""
+    url = str(env.get("REDIS_URL") or "")
+    manager = str(env.get("WEBSOCKET_MANAGER") or "").lower()
+    try:
+        workers = int(env.get("UVICORN_WORKERS") or 1)
+    except (TypeError, ValueError):
+        workers = 1
+    return url if url and manager == "redis" and workers > 1 else None
+
+
+# -- I/O: database -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ArtifactRow:
+    """One stored item as it travels to the database (payload already encoded)."""
+
+    id: str
+    chat_id: str
+    message_id: str
+    seq: int
+    item_type: str
+    payload: bytes
+    created_at: float
+
+    def pack(self) -> bytes:
+        data = {f: getattr(self, f) for f in self.__slots__ if f != "payload"}
+        data["payload"] = base64.b64encode(self.payload).decode()
+        return _dumps(data)
+
+    @classmethod
+    def unpack(cls, raw: bytes | str) -> ArtifactRow:
+        data = _loads(raw)
+        return cls(str(data["id"]), str(data["chat_id"]), str(data["message_id"]),
+                   int(data["seq"]), str(data["item_type"]), base64.b64decode(data["payload"]),
+                   float(data["created_at"]))
+
+
+class DBRunner(Protocol):
+    """Runs a function of a SQLAlchemy Connection inside one transaction, off the loop."""
+
+    async def run(self, fn: Callable[[Any], Any]) -> Any: ...
+
+
+class SyncEngineRunner:
+    """Open WebUI <= 0.8 (and tests): a sync Engine, each transaction in a worker thread."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    async def run(self, fn: Callable[[Any], Any]) -> Any:
+        def work() -> Any:
+            with self.engine.begin() as conn:
+                return fn(conn)
+
+        return await asyncio.to_thread(work)
+
+
+class AsyncEngineRunner:
+    """Open WebUI >= 0.9: its AsyncEngine; the sync function runs through `run_sync`."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    async def run(self, fn: Callable[[Any], Any]) -> Any:
+        async with self.engine.begin() as conn:
+            return await conn.run_sync(fn)
+
+
+def owui_env() -> dict[str, Any]:
+    """Open WebUI's deployment settings (open_webui.env when loaded, else the environment)."""
+    names = ("REDIS_URL", "WEBSOCKET_MANAGER", "UVICORN_WORKERS")
+    env: dict[str, Any] = {n: os.environ.get(n) for n in names}
+    owui = sys.modules.get("open_webui.env")  # never imported here: it may exit the process
+    if owui is None:
+        return env
+    return {n: getattr(owui, n, env[n]) for n in names}
+
+
+def _redis_from_url(url: str) -> Any:
+    import redis.asyncio as aioredis  # ships with Open WebUI
+
+    return aioredis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+
+
+def owui_db_runner() -> DBRunner | None:
+    """The runner on Open WebUI's own database, or None outside Open WebUI."""
+    try:
+        import open_webui.internal.db as owui_db
+    except ImportError:  # not inside Open WebUI
+        return None
+    if getattr(owui_db, "async_engine", None) is not None:
+        return AsyncEngineRunner(owui_db.async_engine)
+    if getattr(owui_db, "engine", None) is not None:
+        return SyncEngineRunner(owui_db.engine)
+    return None
+
+
+class ArtifactDB:
+    """SQLAlchemy Core access to one pipe's table; every method is one transaction.
+
+    Database failures surface as ArtifactStoreError.
+    """
+
+    def __init__(self, runner: DBRunner, table_name: str) -> None:
+        import sqlalchemy as sa
+
+        self.runner = runner
+        self.metadata = sa.MetaData()
+        self.table = sa.Table(
+            table_name, self.metadata,
+            sa.Column("id", sa.String(64), primary_key=True),
+            sa.Column("chat_id", sa.String(128), nullable=False),
+            sa.Column("message_id", sa.String(128), nullable=False, default=""),
+            sa.Column("seq", sa.Integer, nullable=False, default=0),
+            sa.Column("item_type", sa.String(64), nullable=False),
+            sa.Column("payload", sa.LargeBinary, nullable=False),
+            sa.Column("created_at", sa.Float, nullable=False),
+            sa.Column("last_used_at", sa.Float, nullable=False),
+            sa.Index(f"{table_name}_chat_ix", "chat_id", "message_id"),
+            sa.Index(f"{table_name}_used_ix", "last_used_at"))
+        self._ready = False
+        self._lock = asyncio.Lock()
+
+    async def _run(self, fn: Callable[[Any], Any]) -> Any:
+        import sqlalchemy.exc as sa_exc
+
+        try:
+            return await self.runner.run(fn)
+        except (sa_exc.SQLAlchemyError, OSError) as exc:
+            raise ArtifactStoreError(f"database: {type(exc).__name__}: {exc}"[:300]) from exc
+
+    async def ensure_schema(self) -> None:
+        """Create the table once; safe when several workers race to create it."""
+        if self._ready:
+            return
+        async with self._lock:
+            if not self._ready:
+                await self._create()
+                self._ready = True
+
+    async def _create(self) -> None:
+        import sqlalchemy.exc as sa_exc
+
+        try:
+            await self.runner.run(lambda conn: self.metadata.create_all(conn, checkfirst=True))
+        except sa_exc.DBAPIError as exc:  # another worker created it in between
+            LOG.info("Artifact table creation raced (%s); checking again", type(exc).__name__)
+            await self._run(lambda conn: self.metadata.create_all(conn, checkfirst=True))
+        except (sa_exc.SQLAlchemyError, OSError) as exc:
+            raise ArtifactStoreError(f"database: {type(exc).__name__}: {exc}"[:300]) from exc
+
+    async def insert(self, rows: list[ArtifactRow]) -> None:
+        """Insert rows, skipping ids already present (a retried flush writes nothing twice)."""
+        if not rows:
+            return
+        await self.ensure_schema()
+        t = self.table
+
+        def work(conn: Any) -> None:
+            ids = [r.id for r in rows]
+            present = set(conn.execute(t.select().with_only_columns(t.c.id)
+                                       .where(t.c.id.in_(ids))).scalars())
+            fresh = [{"id": r.id, "chat_id": r.chat_id, "message_id": r.message_id,
+                      "seq": r.seq, "item_type": r.item_type, "payload": r.payload,
+                      "created_at": r.created_at, "last_used_at": r.created_at}
+                     for r in rows if r.id not in present]
+            if fresh:
+                conn.execute(t.insert(), fresh)
+
+        await self._run(work)
+
+    async def fetch(self, chat_id: str, ids: list[str], now: float) -> dict[str, ArtifactRow]:
+        """Rows of this chat among `ids`; marks them used (at most once an hour)."""
+        if not ids:
+            return {}
+        await self.ensure_schema()
+        t = self.table
+
+        def work(conn: Any) -> dict[str, ArtifactRow]:
+            found = conn.execute(t.select().where(t.c.chat_id == chat_id, t.c.id.in_(ids)))
+            rows = {r.id: ArtifactRow(r.id, r.chat_id, r.message_id, r.seq, r.item_type,
+                                      bytes(r.payload), r.created_at) for r in found}
+            if rows:
+                conn.execute(t.update().where(t.c.id.in_(list(rows)),
+                                              t.c.last_used_at < now - 3600)
+                             .values(last_used_at=now))
+            return rows
+
+        result: dict[str, ArtifactRow] = await self._run(work)
+        return result
+
+    async def delete(self, ids: list[str]) -> None:
+        if ids:
+            await self.ensure_schema()
+            await self._run(lambda conn: conn.execute(
+                self.table.delete().where(self.table.c.id.in_(ids))))
+
+    async def cleanup(self, unused_since: float) -> int:
+        """Delete rows not used since `unused_since`; returns how many."""
+        await self.ensure_schema()
+        t = self.table
+        result = await self._run(
+            lambda conn: conn.execute(t.delete().where(t.c.last_used_at < unused_since)).rowcount)
+        return int(result or 0)
+
+
+# -- I/O: Redis write-behind ------------------------------------------------------------------
+
+_RELEASE_LOCK = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
+                 "return redis.call('del', KEYS[1]) else return 0 end")
+# Trim the flushed batch only while still holding the lock: if it expired during a slow write,
+# another worker may have flushed (and trimmed) the same rows already.
+_TRIM_IF_OWNER = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
+                  "redis.call('ltrim', KEYS[2], tonumber(ARGV[2]), -1) return 1 else return 0 end")
+
+
+class WriteBehind:
+    """Rows (already encoded, so encrypted ones stay encrypted) queued in a Redis list and
+    flushed to the database in batches by whichever worker holds the flush lock.
+
+    A flush reads a batch with LRANGE, writes it, and only then trims it off the list, so a
+    failed database write leaves the rows queued. Rows are cached by id for `ttl` seconds.
+    """
+
+    def __init__(self, redis: Any, namespace: str, *, batch: int = 100,
+                 lock_ms: int = 30_000) -> None:
+        self.redis = redis
+        self.pending_key = f"orp:{namespace}:pending"
+        self.lock_key = f"orp:{namespace}:flush-lock"
+        self.cache_prefix = f"orp:{namespace}:item:"
+        self.batch = batch
+        self.lock_ms = lock_ms
+        self.last_error: str | None = None
+
+    async def enqueue(self, rows: list[ArtifactRow], ttl: int) -> None:
+        """Queue `rows` durably (one MULTI/EXEC); raises whatever Redis raises."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(self.pending_key, *[r.pack() for r in rows])
+            if ttl:
+                for row in rows:
+                    pipe.set(self.cache_prefix + row.id, row.pack(), ex=ttl)
+            await pipe.execute()
+
+    async def cached(self, ids: list[str]) -> dict[str, ArtifactRow]:
+        if not ids:
+            return {}
+        raw = await self.redis.mget([self.cache_prefix + i for i in ids])
+        return {r.id: r for r in (ArtifactRow.unpack(v) for v in raw if v)}
+
+    async def cache(self, rows: Iterable[ArtifactRow], ttl: int) -> None:
+        if ttl:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for row in rows:
+                    pipe.set(self.cache_prefix + row.id, row.pack(), ex=ttl)
+                await pipe.execute()
+
+    async def pending(self, ids: set[str] | None = None) -> list[ArtifactRow]:
+        rows = [ArtifactRow.unpack(v) for v in await self.redis.lrange(self.pending_key, 0, -1)]
+        return [r for r in rows if ids is None or r.id in ids]
+
+    async def depth(self) -> int:
+        return int(await self.redis.llen(self.pending_key))
+
+    async def forget(self, ids: list[str]) -> None:
+        if ids:
+            await self.redis.delete(*[self.cache_prefix + i for i in ids])
+
+    async def flush(self, db: ArtifactDB) -> int:
+        """Write up to one batch to the database under the lock; returns rows written."""
+        token = uuid.uuid4().hex
+        if not await self.redis.set(self.lock_key, token, nx=True, px=self.lock_ms):
+            return 0
+        try:
+            raw = await self.redis.lrange(self.pending_key, 0, self.batch - 1)
+            if not raw:
+                return 0
+            try:
+                await db.insert([ArtifactRow.unpack(v) for v in raw])
+            except ArtifactStoreError as exc:  # the DB said no: keep every row queued
+                self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                LOG.warning("Artifact flush failed; %d rows stay queued: %s", len(raw),
+                            self.last_error)
+                return 0
+            if not await self.redis.eval(_TRIM_IF_OWNER, 2, self.lock_key, self.pending_key,
+                                         token, len(raw)):
+                LOG.warning("Artifact flush lock expired during a slow write; not trimming")
+                return 0
+            self.last_error = None
+            return len(raw)
+        finally:
+            await self.redis.eval(_RELEASE_LOCK, 1, self.lock_key, token)
+
+
+# -- the store: database, optionally behind Redis -------------------------------------------
+
+_REDIS_ERRORS: list[tuple[type[BaseException], ...]] = []
+
+
+def redis_errors() -> tuple[type[BaseException], ...]:
+    """What a Redis call raises when Redis is unreachable or misbehaves (redis imported late)."""
+    if not _REDIS_ERRORS:
+        errors: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionError)
+        try:
+            import redis.exceptions as redis_exc
+
+            errors = (*errors, redis_exc.RedisError)
+        except ImportError:  # pragma: no cover - redis ships with Open WebUI
+            pass
+        _REDIS_ERRORS.append(errors)
+    return _REDIS_ERRORS[0]
+
+
+class ArtifactStore:
+    """Saves rows (durably written or durably queued) and loads them back by marker id.
+
+    Never raises to a chat except `ArtifactStoreError` from `save` when nothing could be
+    stored; loading skips what it can't read, with a log line.
+    """
+
+    def __init__(self, db: ArtifactDB, redis: WriteBehind | None = None, *,
+                 clock: Callable[[], float] = time.time, auto_flush: bool = True) -> None:
+        self.db = db
+        self.redis = redis
+        self.clock = clock
+        self.auto_flush = auto_flush  # off in tests that flush step by step
+        self.redis_error: str | None = None
+        self.last_cleanup: float | None = None
+        self.next_cleanup: float | None = None
+        self._flusher: asyncio.Task[int] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+
+    async def save(self, rows: list[ArtifactRow], ttl: int) -> list[str]:
+        """Ids of the rows now durably queued in Redis or written to the database."""
+        if not rows:
+            return []
+        if self.redis is not None:
+            try:
+                await self.redis.enqueue(rows, ttl)
+                self.redis_error = None
+                self.kick()
+                return [r.id for r in rows]
+            except redis_errors() as exc:
+                self.redis_error = f"{type(exc).__name__}: {exc}"[:300]
+                LOG.warning("Redis unavailable (%s); writing artifacts directly", self.redis_error)
+        await self.db.insert(rows)
+        return [r.id for r in rows]
+
+    async def load(self, chat_id: str, ids: list[str], ttl: int) -> dict[str, ArtifactRow]:
+        """Rows for `ids` in this chat: Redis cache, then the database, then the queue."""
+        found: dict[str, ArtifactRow] = {}
+        if self.redis is not None:
+            found.update(await self._redis_try(self.redis.cached(ids)) or {})
+            found = {k: v for k, v in found.items() if v.chat_id == chat_id}
+        missing = [i for i in ids if i not in found]
+        if missing:
+            try:
+                fetched = await self.db.fetch(chat_id, missing, self.clock())
+            except ArtifactStoreError:
+                if self.redis is None:
+                    raise
+                LOG.warning("Database unavailable for an artifact read; using the queue")
+                fetched = {}
+            found.update(fetched)
+            if self.redis is not None and fetched:
+                await self._redis_try(self.redis.cache(fetched.values(), ttl))
+        missing_set = {i for i in ids if i not in found}
+        if missing_set and self.redis is not None:
+            queued = await self._redis_try(self.redis.pending(missing_set)) or []
+            found.update({r.id: r for r in queued if r.chat_id == chat_id})
+        return found
+
+    async def delete(self, ids: list[str]) -> None:
+        await self.db.delete(ids)
+        if self.redis is not None:
+            await self._redis_try(self.redis.forget(ids))
+
+    async def _redis_try(self, op: Awaitable[Any]) -> Any:
+        try:
+            return await op
+        except redis_errors() as exc:
+            self.redis_error = f"{type(exc).__name__}: {exc}"[:300]
+            LOG.warning("Redis unavailable for an artifact read: %s", self.redis_error)
+            return None
+
+    def kick(self) -> None:
+        """Start a background flush of the Redis queue unless one is running."""
+        if not self.auto_flush or self.redis is None:
+            return
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self.drain())
+            self._flusher.add_done_callback(_consume_task_exception)
+
+    async def drain(self, *, max_wait: float = 30.0,
+                    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> int:
+        """Flush until the queue is empty; backs off (up to `max_wait` s) while the DB fails."""
+        if self.redis is None:
+            return 0
+        written, delay = 0, 0.5
+        while True:
+            try:
+                count = await self.redis.flush(self.db)
+                depth = await self.redis.depth()
+            except redis_errors() as exc:
+                self.redis_error = f"{type(exc).__name__}: {exc}"[:300]
+                return written
+            written += count
+            if not depth:
+                return written
+            if not count:  # locked by another worker, or the database failed: wait
+                await sleep(delay)
+                delay = min(delay * 2, max_wait)
+
+    def spawn(self, work: Awaitable[Any]) -> None:
+        """Run housekeeping in the background (a turn never waits for it)."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(_consume_task_exception)
+
+    async def cleanup_logged(self, days: int, interval_hours: float) -> None:
+        try:
+            await self.maybe_cleanup(days, interval_hours)
+        except ArtifactStoreError as exc:
+            LOG.warning("Artifact cleanup failed (retried at the next interval): %s", exc)
+
+    async def maybe_cleanup(self, days: int, interval_hours: float) -> int:
+        """Delete rows unused for `days` when the (jittered) interval has passed."""
+        now = self.clock()
+        if not days or (self.next_cleanup is not None and now < self.next_cleanup):
+            return 0
+        self.next_cleanup = now + interval_hours * 3600 * (1 + random.uniform(0, 0.25))
+        deleted = await self.db.cleanup(now - days * 86400)
+        self.last_cleanup = now
+        if deleted:
+            LOG.info("Artifact cleanup deleted %d items unused for %d days", deleted, days)
+        return deleted
+
+    async def health(self) -> tuple[dict[str, Any], dict[str, Any] | str]:
+        store: dict[str, Any] = {"backend": "database", "table": self.db.table.name,
+                                 "last_cleanup": self.last_cleanup}
+        if self.redis is None:
+            return store, "not used (single worker or REDIS_WRITE_BEHIND off)"
+        depth = await self._redis_try(self.redis.depth())
+        store["backend"] = "database behind Redis write-behind"
+        return store, {"pending_rows": depth, "last_flush_error": self.redis.last_error,
+                       "last_error": self.redis_error}
+
+    async def close(self) -> None:
+        for task in [self._flusher, *self._background]:
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
 
 # ─────────────────────────────────────────────────────────────────────────────
@@ -4112,7 +5036,7 @@ class Telemetry:
 
 
 def health_snapshot(tel: Telemetry, gate: AdmissionGate, catalog: CatalogRegistry,
-                    now: float) -> dict[str, Any]:
+                    now: float, storage: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """The pipe's state as JSON-ready data."""
     snap = catalog.snapshot
 
@@ -4133,9 +5057,17 @@ def health_snapshot(tel: Telemetry, gate: AdmissionGate, catalog: CatalogRegistr
                     "age_s": round(now - snap.fetched_at, 1) if snap else None,
                     "last_error": str(catalog.last_error) if catalog.last_error else None},
         "breakers": {},
-        "artifact_store": "not configured (no artifacts are stored yet)",
-        "redis": "not used",
+        "artifact_store": storage[0] if storage else "not configured",
+        "redis": storage[1] if storage else "not used",
     }
+
+
+def _inline(value: Any) -> str:
+    """`{"a": 1, "b": None}` -> `a 1, b none` for the one-line health summary."""
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k.replace('_', ' ')} {'none' if v is None else v}"
+                         for k, v in value.items())
+    return str(value)
 
 
 def health_markdown(data: Mapping[str, Any]) -> str:
@@ -4154,8 +5086,8 @@ def health_markdown(data: Mapping[str, Any]) -> str:
             f"{k}: {v}" for k, v in sorted(req["failed_by_kind"].items())) or "none"),
         f"- Catalog: {cat['models']} models, age {cat['age_s']}s"
         + (f", last refresh error: {cat['last_error']}" if cat["last_error"] else ""),
-        f"- Breakers: {data['breakers'] or 'none'}; artifact store: {data['artifact_store']}; "
-        f"Redis: {data['redis']}",
+        f"- Breakers: {data['breakers'] or 'none'}; "
+        f"artifact store: {_inline(data['artifact_store'])}; Redis: {_inline(data['redis'])}",
         "", "```json", json.dumps(data, indent=2), "```"]
     return "\n".join(lines)
 
@@ -4270,7 +5202,11 @@ class Pipe:
     def __init__(self, *, transport: Transport | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 intake: Intake | None = None) -> None:
+                 intake: Intake | None = None,
+                 artifact_db: DBRunner | None = None,
+                 redis_factory: Callable[[str], Any] | None = None,
+                 env: Mapping[str, Any] | None = None,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self.type = "manifold"
         self.valves = self.Valves()
         self._clock = clock
@@ -4283,6 +5219,11 @@ class Pipe:
         self._tools = ToolRunner(clock)
         self._models_cache: tuple[Any, list[dict[str, str]]] | None = None
         self._intake = intake or Intake()
+        self._artifact_db = artifact_db
+        self._redis_factory = redis_factory or _redis_from_url
+        self._env = env
+        self._wall_clock = wall_clock
+        self._stores: dict[tuple[str, bool], ArtifactStore] = {}
 
     # -- model list ----------------------------------------------------------------------
 
@@ -4327,7 +5268,7 @@ class Pipe:
         turn = Turn(req, settings, Emitter(__event_emitter__), log, context)
         self._logs.add(log)
         if req.model_id == HEALTH_ENTRY["id"]:
-            return self._health(turn)
+            return await self._health(turn)
         if req.task == PROMPT_TOOL_TASK and settings.tools.mode == "pipe":
             return NO_PROMPT_TOOL_CALLS  # the pipe runs the tools itself (see §10)
         if req.task or not req.stream:
@@ -4348,7 +5289,9 @@ class Pipe:
                     data = _loads(await resp.read())
                 finally:
                     await resp.close()
-            return _final_text(data)
+            text = _final_text(data) + await self._checkpoint(turn, response_reasoning(data))
+            await self._after_turn(turn, plan)                                # 11 persist
+            return text
         except Exception as exc:  # the boundary: Open WebUI shows str() of what we raise
             failure = await self._report_failure(turn, exc)
             raise PipeError(f"{describe_error(failure)}\n(reference {turn.reference})") from exc
@@ -4372,6 +5315,7 @@ class Pipe:
             run.state.usage = run.usage
             for chunk in self._finish(run.state, renderer, timing):
                 yield chunk
+            await self._after_turn(turn, plan)                                  # 11 persist
             await self._announce(turn, run.state, timing)
         except Exception as exc:  # the boundary: every failure becomes words for the user
             failure = await self._report_failure(turn, exc)
@@ -4382,13 +5326,16 @@ class Pipe:
 
     async def _plan(self, turn: Turn) -> Transformed:
         entry = await self._resolve_entry(turn.req, turn.settings)
+        artifacts = await self._load_artifacts(turn)                         # 4 history
         req = await self._take_in(turn, entry)                               # 5 intake
-        plan = build_responses_request(req, entry, turn.settings)             # 6 transform
+        plan = build_responses_request(req, entry, turn.settings, artifacts)  # 6 transform
         if req.stream and not req.task:  # tools only where a turn can loop
             plan = with_tools(plan, req, entry, turn.context.tools,
                               turn.context.metadata.get("features") or {}, turn.settings.tools)
         elif not req.task and (turn.context.tools or req.tools):
             LOG.info("Tools are used in streamed chats only; this one is sent without them")
+        plan = dataclasses.replace(plan, replayed_reasoning=tuple(
+            i for i, item in artifacts.items() if item.get("type") == REASONING_ITEM))
         LOG.info("Turn: model=%s stream=%s task=%s messages=%d", entry.id,
                  plan.payload.get("stream"), turn.req.task, len(turn.req.messages))
         if LOG.isEnabledFor(logging.DEBUG) and turn.log.level <= logging.DEBUG:
@@ -4425,6 +5372,9 @@ class Pipe:
                 async for chunk in self._last_round(turn, items, calls, renderer):
                     yield chunk
                 if calls and passthrough:                                               # d
+                    await self._checkpoint_passthrough(
+                        turn, [i for i in items if i.get("type") == REASONING_ITEM],
+                        [c.call_id for c in calls])
                     yield renderer.chunk(tool_calls_delta(calls, plan.tools), "tool_calls")
                 return
             names = [plan.tools.display_name(c.name) for c in calls]                   # e
@@ -4474,9 +5424,6 @@ class Pipe:
             suffix += citation_suffix(numbers)
         return suffix
 
-    async def _checkpoint(self, turn: Turn, items: list[dict[str, Any]]) -> str:
-        """Issue #5 persists the round's items here and returns marker lines."""
-        return ""
     async def _take_in(self, turn: Turn, entry: CatalogEntry) -> ChatRequest:
         """Attachments -> inline parts (size caps, SSRF-safe downloads, Open WebUI files)."""
         if turn.req.task:
@@ -4546,11 +5493,12 @@ class Pipe:
 
     # -- health ----------------------------------------------------------------------------
 
-    def _health(self, turn: Turn) -> str | AsyncIterator[dict[str, Any]]:
+    async def _health(self, turn: Turn) -> str | AsyncIterator[dict[str, Any]]:
         """The admin-only health entry: a report, its JSON, or one turn's log by reference."""
         if turn.req.user_role != "admin":
             return _fail_fast(turn.req, PipeError("The pipe health report is for admins only."))
-        data = {**health_snapshot(self._telemetry, self._gate, self._catalog, self._clock()),
+        data = {**health_snapshot(self._telemetry, self._gate, self._catalog, self._clock(),
+                                  await self._storage_health()),
                 "breakers": self._tools.breakers.snapshot()}
         text = health_reply(turn.req.messages[-1].text if turn.req.messages else "", data,
                             self._logs)
@@ -4567,6 +5515,122 @@ class Pipe:
     async def close(self) -> None:
         """Release pooled connections (Open WebUI never calls this; tests and tools do)."""
         await self._client.aclose()
+        for store in self._stores.values():
+            await store.close()
+
+    # -- artifacts (issue #5) ---------------------------------------------------------------
+
+    async def _checkpoint(self, turn: Turn, items: list[dict[str, Any]]) -> str:
+        """Persist one round's items (durably written or queued); returns their marker lines.
+
+        Called after each tool round and at the end of a turn. Returns "" when nothing was
+        stored; a storage failure is logged and told to the user, never raised.
+        """
+        settings = turn.settings
+        keep = [dict(it) for it in items if storable(it, settings.reasoning_retention)]
+        if not keep or turn.req.task or settings.artifact_keys is None:
+            return ""
+        store = await self._artifact_store(turn)
+        if store is None:
+            return ""
+        codec, now = ArtifactCodec.of(settings), self._wall_clock()
+        message_id = str(turn.context.metadata.get("message_id") or "")
+        rows = [ArtifactRow(new_artifact_id(), artifact_scope(turn.req), message_id, seq,
+                            str(it.get("type")), codec.encode(it), now)
+                for seq, it in enumerate(keep)]
+        try:
+            ids = await store.save(rows, settings.redis_cache_ttl)
+        except ArtifactStoreError as exc:
+            LOG.warning("Could not store %d items: %s", len(rows), exc)
+            await turn.emitter.notify("This reply's reasoning and tool results could not be "
+                                      "saved; the model won't see them in the next turn.")
+            return ""
+        LOG.info("Stored %d items (worker pid %d)", len(ids), os.getpid())
+        return marker_block(ids)
+
+    async def _checkpoint_passthrough(self, turn: Turn, reasoning: list[dict[str, Any]],
+                                      call_ids: list[str]) -> None:
+        """Passthrough mode: file the reasoning that preceded calls Open WebUI will run under
+        the first call's id, so it is re-attached when Open WebUI calls back with results."""
+        settings = turn.settings
+        if (not reasoning or not call_ids or settings.artifact_keys is None
+                or settings.reasoning_retention == "disabled"):
+            return
+        store = await self._artifact_store(turn)
+        if store is None:
+            return
+        scope, item = artifact_scope(turn.req), passthrough_row_item(reasoning, call_ids[0])
+        row = ArtifactRow(passthrough_id(scope, call_ids[0]), scope,
+                          str(turn.context.metadata.get("message_id") or ""), 0,
+                          PASSTHROUGH_ITEM, ArtifactCodec.of(settings).encode(item),
+                          self._wall_clock())
+        try:
+            await store.save([row], settings.redis_cache_ttl)
+        except ArtifactStoreError as exc:
+            LOG.warning("Could not store reasoning before tool calls: %s", exc)
+
+    async def _load_artifacts(self, turn: Turn) -> dict[str, dict[str, Any]]:
+        """Stored items named by markers (or tool calls) in earlier replies, by marker id."""
+        ids = wanted_marker_ids(turn.req.messages) + passthrough_ids(turn.req)
+        if not ids or turn.req.task or turn.settings.artifact_keys is None:
+            return {}
+        store = await self._artifact_store(turn)
+        if store is None:
+            return {}
+        try:
+            rows = await store.load(artifact_scope(turn.req), ids, turn.settings.redis_cache_ttl)
+        except ArtifactStoreError as exc:
+            LOG.warning("Earlier reasoning/tool results could not be loaded: %s", exc)
+            return {}
+        codec, out = ArtifactCodec.of(turn.settings), {}
+        for item_id, row in rows.items():
+            try:
+                out[item_id] = codec.decode(row.payload)
+            except ArtifactStoreError as exc:  # e.g. a rotated key: skip, keep chatting
+                LOG.warning("Skipping stored item %s: %s", item_id, exc)
+        LOG.info("Replaying %d of %d stored items (worker pid %d)", len(out), len(ids),
+                 os.getpid())
+        return out
+
+    async def _after_turn(self, turn: Turn, plan: Transformed) -> None:
+        """`next_reply` retention: reasoning sent back once is deleted; cleanup when due."""
+        store = self._stores.get(self._store_key(turn))
+        if store is None:
+            return
+        try:
+            if turn.settings.reasoning_retention == "next_reply" and plan.replayed_reasoning:
+                await store.delete(list(plan.replayed_reasoning))
+        except ArtifactStoreError as exc:
+            LOG.warning("Could not delete reasoning sent back once: %s", exc)
+        store.spawn(store.cleanup_logged(turn.settings.artifact_cleanup_days,
+                                         turn.settings.artifact_cleanup_interval_hours))
+        store.kick()  # rows a stopped worker left queued get flushed by this one
+
+    def _store_key(self, turn: Turn) -> tuple[str, bool]:
+        function_id = turn.req.owui_model_id.split(".", 1)[0] or "openrouter"
+        return artifact_table_name(function_id), turn.settings.redis_write_behind
+
+    async def _artifact_store(self, turn: Turn) -> ArtifactStore | None:
+        """This pipe's store (created on first use); None outside Open WebUI's runtime."""
+        key = self._store_key(turn)
+        store = self._stores.get(key)
+        if store is None:
+            runner = self._artifact_db or owui_db_runner()
+            if runner is None:
+                return None
+            url = redis_url_for_write_behind(self._env if self._env is not None
+                                             else owui_env()) if key[1] else None
+            redis = WriteBehind(self._redis_factory(url), key[0]) if url else None
+            store = self._stores[key] = ArtifactStore(ArtifactDB(runner, key[0]), redis,
+                                                      clock=self._wall_clock)
+        return store
+
+    async def _storage_health(self) -> tuple[Any, Any]:
+        if not self._stores:
+            where = "ready" if (self._artifact_db or owui_db_runner()) else "unavailable"
+            return f"{where} (no chat stored anything since start)", "not used"
+        store = next(iter(self._stores.values()))
+        return await store.health()
 
 
 HEALTH_ENTRY = {"id": "_health", "name": "OpenRouter: pipe health (admins)"}

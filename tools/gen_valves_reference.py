@@ -42,6 +42,10 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "Remote fetching (SSRF policy)": ("REMOTE_FETCH_ALLOW_HTTP", "REMOTE_FETCH_ALLOWED_HOSTS",
                                       "REMOTE_FETCH_DENIED_HOSTS",
                                       "REMOTE_FETCH_TIMEOUT_SECONDS", "REMOTE_FETCH_RETRIES"),
+    "Memory across turns (artifact store, Redis)": (
+        "REASONING_RETENTION", "TOOL_OUTPUT_RETENTION_TURNS", "ARTIFACT_ENCRYPTION_KEY",
+        "ENCRYPT_ALL", "COMPRESSION_MIN_BYTES", "ARTIFACT_CLEANUP_DAYS",
+        "ARTIFACT_CLEANUP_INTERVAL_HOURS", "REDIS_WRITE_BEHIND", "REDIS_CACHE_TTL_SECONDS"),
 }
 
 

@@ -662,6 +662,8 @@ def _provenance(ctx: Ctx) -> dict:
         hint = json.dumps({"endpoint_slug": f"{ctx.entry['canonical_slug']}|openai"}).encode()
         suffix = base64.urlsafe_b64encode(hint).decode().rstrip("=")
         blob = "gAAAAAB" + _rand(_ALNUM + "-_", 120) + "=." + suffix
+        if "reasoning.encrypted_content" not in (ctx.body.get("include") or ()):
+            blob = None  # like OpenAI: the blob only when `include` asks for it
         return {"encrypted_content": blob, "format": "openai-responses-v1"}
     if ctx.vendor == "anthropic":
         return {"encrypted_content": None, "format": "anthropic-claude-v1",
@@ -1012,7 +1014,8 @@ class Emulator:
 
     Observability: ``requests`` (every request: path, method, headers, json, scenario, time),
     ``disconnects`` (timestamps of clients that went away mid-response), ``active_streams``,
-    ``generations`` (GET /generation data by id); ``reset()`` clears them and the queue.
+    ``generations`` (GET /generation data by id), ``responses`` (final response objects sent);
+    ``reset()`` clears them and the queue.
     """
 
     def __init__(self, *, extra_models: int = 0, api_keys: set[str] | None = None):
@@ -1024,6 +1027,7 @@ class Emulator:
         self.active_streams = 0
         self.fail_counts: dict[str, int] = {}
         self.generations: dict[str, dict] = {}
+        self.responses: list[dict] = []  # every final response object sent, oldest first
         self.base_url = ""
         self._queue: list[tuple[str, dict]] = []
         self._runner: web.AppRunner | None = None
@@ -1060,7 +1064,7 @@ class Emulator:
 
     def reset(self) -> None:
         for store in (self.requests, self.disconnects, self.fail_counts, self.generations,
-                      self._queue):
+                      self._queue, self.responses):
             store.clear()
 
     def app(self) -> web.Application:
@@ -1126,6 +1130,7 @@ class Emulator:
 
     def _remember(self, ctx: Ctx, final: dict, streamed: bool) -> None:
         """Record what GET /generation?id= returns for this id (§2.5 subset)."""
+        self.responses.append(final)
         usage = final.get("usage") or {}
         cost = usage.get("cost", 0)
         finish = {"completed": "stop", "incomplete": "length"}.get(final["status"], "error")
@@ -1308,6 +1313,7 @@ class EmulatorThread:
     requests = property(lambda self: self._run(lambda: list(self.emulator.requests)))
     disconnects = property(lambda self: self._run(lambda: list(self.emulator.disconnects)))
     active_streams = property(lambda self: self._run(lambda: self.emulator.active_streams))
+    responses = property(lambda self: self._run(lambda: list(self.emulator.responses)))
 
 
 # =========================================================================== CLI

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import fcntl
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -435,7 +437,8 @@ class OpenWebUIClient:
                 "collection_name": f"file-{uploaded['id']}", "itemId": str(uuid.uuid4())}
 
     def chat_ui(self, model: str, prompt: str, *, timeout: float = 120,
-                files: list[dict] | None = None, **extra) -> dict:
+                files: list[dict] | None = None, follow: dict | None = None,
+                **extra) -> dict:
         """Send a chat the way the browser does (socket.io session, server-side storage).
 
         Waits until the assistant message is finished and returns the stored chat
@@ -443,6 +446,8 @@ class OpenWebUIClient:
         `_events` (the socket events received for it) added. `files` (items from
         `chat_file`) are attached like the browser does: on the stored user message, as
         `image_url` parts of its content (images), and in the request's `files` (others).
+        `follow` (a chat returned by `chat_ui`) continues that chat after its last assistant
+        message instead of starting a new one.
         """
         if files:
             extra = {**extra, "_files": files}
@@ -450,7 +455,8 @@ class OpenWebUIClient:
 
         def runner() -> None:
             try:
-                result["chat"] = asyncio.run(self._chat_ui(model, prompt, timeout, extra))
+                result["chat"] = asyncio.run(
+                    self._chat_ui(model, prompt, timeout, extra, follow))
             except BaseException as e:  # re-raised in the caller's thread
                 result["error"] = e
 
@@ -463,7 +469,8 @@ class OpenWebUIClient:
             raise TimeoutError("chat_ui did not finish")
         return result["chat"]
 
-    async def _chat_ui(self, model: str, prompt: str, wait_s: float, extra: dict) -> dict:
+    async def _chat_ui(self, model: str, prompt: str, wait_s: float, extra: dict,
+                       follow: dict | None = None) -> dict:
         import socketio  # python-socketio[asyncio_client]
 
         legacy = self.is_legacy
@@ -509,8 +516,9 @@ class OpenWebUIClient:
             await sio.call("user-join", {"auth": {"token": self.token}}, timeout=30)
             # the namespace sid, not sio.sid (the engine.io id): the server routes events by it
             session_id = sio.get_sid()
+            parent_id = follow["_message_id"] if follow else None
             user_message = {
-                "id": user_id, "parentId": None, "childrenIds": [msg_id], "role": "user",
+                "id": user_id, "parentId": parent_id, "childrenIds": [msg_id], "role": "user",
                 "content": prompt, "timestamp": now, "models": [model],
                 **({"files": files} if files else {}),
             }
@@ -532,7 +540,9 @@ class OpenWebUIClient:
                                      "follow_up_generation": False},
                 **extra,
             }
-            if legacy:
+            if follow is not None:
+                history = _follow_up(self, follow, user_message, body, model, legacy, assistant)
+            elif legacy:
                 # 0.6.28: the server cannot create the chat; the UI creates it first, then
                 # sends chat_id + id + session_id (all three switch the server to async mode).
                 assistant.update({
@@ -608,6 +618,64 @@ class OpenWebUIClient:
             if msg.get("done") or msg.get("error") or time.monotonic() > deadline:
                 return chat
             time.sleep(0.3)
+
+
+_LEGACY_STRIPPED = re.compile(
+    r'<details\s+type="(?:reasoning|code_interpreter)"[^>]*>.*?</details>', re.DOTALL | re.I)
+_LEGACY_TOOL_CARD = re.compile(r'<details\s+type="tool_calls"([^>]*)>[\s\S]*?</details>', re.I)
+
+
+def legacy_history_text(content: str) -> str:
+    """What the 0.6.28 browser sends for an assistant message (its `processDetails`):
+    reasoning/code blocks removed, each tool card replaced by `"<result attribute>"`."""
+    content = _LEGACY_STRIPPED.sub("", content)
+
+    def result(card: re.Match) -> str:
+        attrs = dict(re.findall(r'(\w+)="([^"]*)"', card.group(0)))
+        return f'"{attrs.get("result", "undefined")}"'
+
+    return _LEGACY_TOOL_CARD.sub(result, content)
+
+
+def _follow_up(client: OpenWebUIClient, follow: dict, user_message: dict, body: dict,
+               model: str, legacy: bool, assistant: dict) -> dict:
+    """Continue a stored chat after its last assistant message, as the browser does.
+
+    0.12: the server loads the history from its DB (`chat_id` + `parent_id` + `user_message`).
+    0.6.28: the browser saves the grown history first and sends the messages itself, with
+    reasoning/code blocks stripped from assistant content (`FE06 lib/utils/index.ts`).
+    """
+    chat_id, parent_id = follow["id"], follow["_message_id"]
+    history = copy.deepcopy(follow["chat"]["history"])
+    chain, cur = [], parent_id
+    while cur:
+        chain.insert(0, history["messages"][cur])
+        cur = history["messages"][cur].get("parentId")
+    sent = [{"role": m["role"], "content": m.get("content", "")} for m in chain]
+    if legacy:
+        for m in sent:
+            if m["role"] == "assistant":
+                m["content"] = legacy_history_text(m["content"])
+    body["chat_id"] = chat_id
+    body["messages"] = [*sent, {"role": "user", "content": user_message["content"]}]
+    body["background_tasks"] = {}  # the title was made on the first turn
+    if not legacy:
+        body["parent_id"] = parent_id
+        body["user_message"] = user_message
+        return history
+    msg_id = user_message["childrenIds"][0]
+    assistant.update({
+        "id": msg_id, "parentId": user_message["id"], "childrenIds": [], "role": "assistant",
+        "content": "", "model": model, "modelName": model, "modelIdx": 0,
+        "timestamp": user_message["timestamp"]})
+    history["messages"][parent_id].setdefault("childrenIds", []).append(user_message["id"])
+    history["messages"][user_message["id"]] = user_message
+    history["messages"][msg_id] = assistant
+    history["currentId"] = msg_id
+    msgs = [*chain, user_message, assistant]
+    client.request("POST", f"/api/v1/chats/{chat_id}", json={"chat": {
+        "models": [model], "history": history, "messages": msgs, "params": {}, "files": []}})
+    return history
 
 
 def _apply_legacy_event(message: dict, kind: str | None, data: Any) -> None:

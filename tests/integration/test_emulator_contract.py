@@ -553,6 +553,7 @@ async def test_tool_result_is_quoted(emu, http):
 ])
 async def test_reasoning_shapes(emu, http, model, reasoning, shape):
     kw = {"reasoning": reasoning} if reasoning else {}
+    kw["include"] = ["reasoning.encrypted_content"]
     events = check_stream(await post(http, emu, body(model, **kw)))
     final = events[-1]["response"]
     rs = [i for i in final["output"] if i["type"] == "reasoning"]
@@ -694,3 +695,9 @@ def test_cli_prints_url_and_stops_on_sigterm():
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+async def test_encrypted_reasoning_only_when_include_asks(emu, http):
+    events = check_stream(await post(http, emu, body(NANO)))
+    (item,) = [i for i in events[-1]["response"]["output"] if i["type"] == "reasoning"]
+    assert item["encrypted_content"] is None
