@@ -1708,6 +1708,19 @@ def host_matches(host: str, patterns: Iterable[str]) -> bool:
     return any(host == p or host.endswith("." + p) for p in patterns)
 
 
+# Video pages (not files) that providers fetch themselves; any other video link is downloaded.
+VIDEO_PLATFORM_HOSTS = ("youtube.com", "youtu.be", "youtube-nocookie.com")
+
+
+def is_video_page(url: str) -> bool:
+    """A link to a video platform's page (e.g. YouTube), which only the provider can read."""
+    try:
+        host = (urllib.parse.urlsplit(url).hostname or "").lower()
+    except ValueError:
+        return False
+    return host_matches(host, VIDEO_PLATFORM_HOSTS)
+
+
 def check_url(url: str, limits: IntakeLimits) -> FetchTarget:
     """Apply the URL policy (scheme, credentials, host lists, IP literals) before any DNS."""
     if any(ch in url for ch in "\\\t\r\n ") or len(url) > 8192:
@@ -2180,8 +2193,10 @@ class Intake:
         return AudioPart(media.url.partition(",")[2], AUDIO_FORMATS[media.mime])
 
     async def _video(self, part: Any, job: IntakeJob) -> ContentPart:
-        if part.url.startswith(("https://", "http://")):
-            check_url(part.url, job.limits)  # the provider fetches it; same policy applies
+        """A platform page (YouTube) goes as a link the provider opens; any other video
+        (data URL, Open WebUI file, remote file) is checked, saved if remote, and inlined."""
+        if is_video_page(part.url):
+            check_url(part.url, job.limits)  # the same link policy applies to what we pass on
             return part
         return VideoPart((await self.media(part.url, "video", job)).url)
 

@@ -86,7 +86,8 @@ class Media:
     async def _serve(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         self.hits[name] = self.hits.get(name, 0) + 1
-        body = {"cat.png": (PNG, "image/png"), "report.pdf": (PDF, "application/pdf")}.get(name)
+        body = {"cat.png": (PNG, "image/png"), "report.pdf": (PDF, "application/pdf"),
+                "clip.mp4": (MP4, "video/mp4")}.get(name)
         if body is None:
             return web.Response(status=404)
         return web.Response(body=body[0], content_type=body[1])
@@ -274,6 +275,23 @@ async def test_remote_image_is_downloaded_saved_for_the_user_and_inlined(
     assert of_type(sent_parts(emulator), "input_image")[0]["image_url"] == durl("image/png",
                                                                                 PNG)
     assert media.hits == {"cat.png": 1}
+
+
+async def test_remote_video_file_is_downloaded_saved_and_inlined_but_a_youtube_page_is_not(
+        mpipe, emulator, media, owui):
+    url, page = "http://cdn.example.com/clip.mp4", "https://youtu.be/dQw4w9WgXcQ"
+    await stream(mpipe, chat(GEMINI, {"type": "input_video", "video_url": url},
+                             {"type": "input_video", "video_url": page}), __user__=USER)
+    assert of_type(sent_parts(emulator), "input_video") == [
+        {"type": "input_video", "video_url": durl("video/mp4", MP4)},
+        {"type": "input_video", "video_url": page}]
+    saved = owui.get_file(str(uuid.uuid5(uuid.NAMESPACE_URL, f"u1\n{url}")))
+    assert await asyncio.to_thread(Path(saved.path).read_bytes) == MP4
+    await media.stop()  # the link dies; the saved copy keeps the chat working
+    await stream(mpipe, chat(GEMINI, {"type": "input_video", "video_url": url}), __user__=USER)
+    assert of_type(sent_parts(emulator), "input_video") == [
+        {"type": "input_video", "video_url": durl("video/mp4", MP4)}]
+    assert media.hits == {"clip.mp4": 1}
 
 
 async def test_remote_file_link_becomes_an_inline_pdf(mpipe, emulator):

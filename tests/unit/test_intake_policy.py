@@ -22,6 +22,7 @@ from openrouter_responses_pipe import (
     classify_ip,
     estimate_base64_size,
     intake_limits,
+    is_video_page,
     kind_of_mime,
     owui_file_id,
     parse_content,
@@ -429,3 +430,13 @@ def test_each_kind_maps_to_its_responses_part_or_a_note():
         "M can't read files, so a file was left out of the request.",
         "M can't read audio, so an audio clip was left out of the request.",
         "M can't read video, so a video was left out of the request."]
+
+
+@pytest.mark.parametrize(("url", "page"), [
+    ("https://www.youtube.com/watch?v=x", True), ("https://youtu.be/x", True),
+    ("https://m.youtube.com/shorts/x", True), ("https://youtube.com.evil.example/x.mp4", False),
+    ("https://evil.example/youtube.com/x.mp4", False), ("https://cdn.example.com/a.mp4", False),
+    ("https://[::1/x", False), ("data:video/mp4;base64,AAAA", False),
+])
+def test_only_video_platform_pages_are_left_for_the_provider_to_fetch(url, page):
+    assert is_video_page(url) is page
