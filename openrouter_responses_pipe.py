@@ -4063,17 +4063,26 @@ def owui_db_runner() -> DBRunner | None:
     return None
 
 
+def owui_db_schema() -> str | None:
+    """The schema Open WebUI keeps its tables in (its DATABASE_SCHEMA), None for the default."""
+    owui_db = sys.modules.get("open_webui.internal.db")
+    metadata = getattr(owui_db, "metadata_obj", None) or getattr(
+        getattr(owui_db, "Base", None), "metadata", None)
+    return getattr(metadata, "schema", None) or None
+
+
 class ArtifactDB:
     """SQLAlchemy Core access to one pipe's table; every method is one transaction.
 
+    The table lives in `schema` (Open WebUI's DATABASE_SCHEMA) when one is set.
     Database failures surface as ArtifactStoreError.
     """
 
-    def __init__(self, runner: DBRunner, table_name: str) -> None:
+    def __init__(self, runner: DBRunner, table_name: str, schema: str | None = None) -> None:
         import sqlalchemy as sa
 
         self.runner = runner
-        self.metadata = sa.MetaData()
+        self.metadata = sa.MetaData(schema=schema)
         self.table = sa.Table(
             table_name, self.metadata,
             sa.Column("id", sa.String(64), primary_key=True),
@@ -5633,11 +5642,12 @@ class Pipe:
             runner = self._artifact_db or owui_db_runner()
             if runner is None:
                 return None
+            schema = None if self._artifact_db else owui_db_schema()
             url = redis_url_for_write_behind(self._env if self._env is not None
                                              else owui_env()) if key[1] else None
             redis = WriteBehind(self._redis_factory(url), key[0]) if url else None
-            store = self._stores[key] = ArtifactStore(ArtifactDB(runner, key[0]), redis,
-                                                      clock=self._wall_clock)
+            store = self._stores[key] = ArtifactStore(ArtifactDB(runner, key[0], schema),
+                                                      redis, clock=self._wall_clock)
         return store
 
     async def _storage_health(self) -> tuple[Any, Any]:

@@ -3,6 +3,7 @@ async >= 0.9 engine), found at runtime without injection (issue #5)."""
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,38 @@ async def test_reasoning_round_trips_through_open_webuis_database(flavour, emula
     assert [i.get("type") for i in sent["input"]] == ["message", "reasoning", "message",
                                                       "message"]
     assert sent["input"][1] == produced[0]
+
+
+@pytest.mark.parametrize("flavour_name", ["sync", "async"])
+async def test_the_table_goes_into_open_webuis_database_schema(flavour_name, tmp_path, emulator):
+    import sqlalchemy as sa
+    from artifact_fixtures import PG_URL, pg_available
+
+    if not pg_available():
+        pytest.fail("PostgreSQL on 127.0.0.1:5432 is required for this test")
+    schema = f"orp_schema_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    handle = install(flavour_name, data_dir=tmp_path, database_url=PG_URL,
+                     env={"DATABASE_SCHEMA": schema})
+    try:
+        handle.add_user("u1", role="user")
+        pipe, _ = load_function(SOURCE, "openrouter", flavour_name)
+        out = await call_pipe(pipe, body={"model": MODEL, "stream": True,
+                                          "messages": [{"role": "user", "content": "2+2?"}]},
+                              user={"id": "u1"}, flavour=flavour_name,
+                              stored_valves={"BASE_URL": emulator.base_url,
+                                             "API_KEY": "sk-or-test"},
+                              metadata={"chat_id": "c1", "message_id": "m1", "session_id": "s"})
+        assert out.error is None and len(marker_ids(out.text)) == 1
+        with admin.connect() as conn:
+            tables = conn.execute(sa.text(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = :s"),
+                {"s": schema}).scalars().all()
+        assert any(t.startswith("orp_artifacts_") for t in tables), tables
+    finally:
+        handle.uninstall()
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
