@@ -5295,12 +5295,27 @@ class Pipe:
             return await self._health(turn)
         if req.task == PROMPT_TOOL_TASK and settings.tools.mode == "pipe":
             return NO_PROMPT_TOOL_CALLS  # the pipe runs the tools itself (see §10)
-        if req.task or not req.stream:
+        if req.task:
             return await self._complete(turn)
+        if not req.stream:
+            return await self._collect(turn)
         return self._stream(turn)
 
+    async def _collect(self, turn: Turn) -> str:
+        """`stream: false` chats (e.g. "Stream Chat Response" off): the streamed turn, tools,
+        web search and memory included, returned as one string. A failure before any text
+        is raised (Open WebUI shows it as the error); after text it stays in the answer."""
+        streamed = dataclasses.replace(turn, req=dataclasses.replace(turn.req, stream=True))
+        parts: list[str] = []
+        async for chunk in self._stream(streamed):
+            if "error" in chunk:
+                raise PipeError(str(chunk["error"].get("message") or "The answer failed."))
+            for choice in chunk.get("choices") or ():
+                parts.append((choice.get("delta") or {}).get("content") or "")
+        return "".join(parts)
+
     async def _complete(self, turn: Turn) -> str:
-        """Tasks and `stream: false`: one non-streamed request, the answer as a string."""
+        """Tasks: one non-streamed request, the answer as a string."""
         token = CURRENT_LOG.set(turn.log)
         try:
             self._telemetry.requests += 1
@@ -5353,11 +5368,9 @@ class Pipe:
         artifacts = await self._load_artifacts(turn)                         # 4 history
         req = await self._take_in(turn, entry)                               # 5 intake
         plan = build_responses_request(req, entry, turn.settings, artifacts)  # 6 transform
-        if req.stream and not req.task:  # tools only where a turn can loop
+        if not req.task:  # chats loop over tool rounds; tasks never call tools
             plan = with_tools(plan, req, entry, turn.context.tools,
                               turn.context.metadata.get("features") or {}, turn.settings.tools)
-        elif not req.task and (turn.context.tools or req.tools):
-            LOG.info("Tools are used in streamed chats only; this one is sent without them")
         plan = dataclasses.replace(plan, replayed_reasoning=tuple(
             i for i, item in artifacts.items() if item.get("type") == REASONING_ITEM))
         LOG.info("Turn: model=%s stream=%s task=%s messages=%d", entry.id,

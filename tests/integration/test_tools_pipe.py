@@ -450,3 +450,29 @@ async def test_passthrough_checkpoints_the_rounds_reasoning_and_calls(pipe, emul
     marker_at = next(i for i, d in enumerate(texts) if d.get("content") == "<!-- marker -->\n")
     calls_at = next(i for i, d in enumerate(texts) if d.get("tool_calls"))
     assert marker_at < calls_at
+
+
+async def test_a_non_streamed_chat_runs_tools_too(pipe, emulator):
+    # "Stream Chat Response" off in Open WebUI sends stream: false; tools must not vanish.
+    async def weather(city: str) -> str:
+        return f"Rain in {city}"
+
+    text = await pipe.pipe(body=body(GPT4O, "[emu:tool_call name=weather] weather?",
+                                     stream=False),
+                           __user__={"id": "u1", "role": "user", "valves": None},
+                           __tools__={"weather": owui_tool(weather, "weather")})
+    assert isinstance(text, str)
+    [card] = cards(text)
+    assert card["result"] == "Rain in São Paulo"
+    assert text.endswith(f"Tool result for {card['id']}: Rain in São Paulo")
+    assert len(posts(emulator)) == 2
+
+
+async def test_a_non_streamed_chat_that_fails_before_any_text_raises_the_reason(pipe):
+    import pytest
+
+    from openrouter_responses_pipe import PipeError
+
+    with pytest.raises(PipeError, match=r"402|credits"):
+        await pipe.pipe(body=body(GPT4O, "[emu:http_error status=402] hi", stream=False),
+                        __user__={"id": "u1", "role": "user", "valves": None})
