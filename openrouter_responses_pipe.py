@@ -2364,7 +2364,9 @@ class TransportResponse(Protocol):
 
     def iter_chunks(self) -> AsyncIterator[bytes]: ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None: ...  # stop now (cancel, error): the socket is dropped
+
+    async def release(self) -> None: ...  # the stream ended normally: keep the connection
 
 
 class Transport(Protocol):
@@ -2404,6 +2406,23 @@ class _AiohttpResponse:
 
     async def close(self) -> None:
         self._resp.close()
+
+    async def release(self) -> None:
+        """After the stream's end event: read the few bytes left (`[DONE]`, the chunked
+        terminator) so the connection goes back to the pool instead of being closed."""
+        import aiohttp
+
+        content, budget = self._resp.content, 65536
+        try:
+            async with asyncio.timeout(0.5):
+                while budget > 0 and (chunk := await content.read(budget)):
+                    budget -= len(chunk)
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            pass
+        if content.at_eof():
+            self._resp.release()
+        else:  # a tail that never ends: don't wait for it, don't reuse the socket
+            self._resp.close()
 
 
 def _exc_text(exc: BaseException) -> str:
@@ -2538,7 +2557,7 @@ class OpenRouterClient:
         except ValueError as exc:
             raise UpstreamError("OpenRouter's model list was not valid JSON.") from exc
         finally:
-            await resp.close()
+            await resp.release()  # body read: the connection goes back to the pool
 
     async def open_response(self, payload: Mapping[str, Any], settings: RequestSettings
                             ) -> TransportResponse:
@@ -2578,7 +2597,7 @@ class OpenRouterClient:
         try:
             body = await resp.read()
         finally:
-            await resp.close()
+            await resp.release()
         return parse_upstream_error(resp.status, body, resp.headers)
 
 
@@ -5327,7 +5346,7 @@ class Pipe:
                 try:
                     data = _loads(await resp.read())
                 finally:
-                    await resp.close()
+                    await resp.release()
             text = _final_text(data) + await self._checkpoint(turn, response_reasoning(data))
             await self._after_turn(turn, plan)                                # 11 persist
             return text
@@ -5431,12 +5450,14 @@ class Pipe:
                           renderer: ChunkRenderer, timing: StreamTiming
                           ) -> AsyncIterator[dict[str, Any]]:
         resp = await self._client.open_response(payload, turn.settings)              # 7 send
+        done = False
         try:
             async for chunks in self._pump(resp, state, renderer, timing):          # 8-9
                 for chunk in chunks:                                                 # 12
                     yield chunk
+            done = state.finished
         finally:
-            await resp.close()
+            await (resp.release() if done else resp.close())
 
     async def _last_round(self, turn: Turn, items: list[dict[str, Any]],
                           calls: list[FunctionCall], renderer: ChunkRenderer

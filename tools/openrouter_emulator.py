@@ -22,7 +22,9 @@ Scenario selection for ``POST /responses`` (first match wins):
   3. directive in the LAST user message: ``[emu:name key=val …]`` (stripped from the echo)
   4. ``default``: task-prompt JSON / tool-result quote / "You said: <last user text>"
 Values may be shell-quoted (``text="hello world"``); unknown names or options -> HTTP 400.
-Every scenario also takes the timing options ``delay_ms`` / ``first_byte_delay_ms`` and the
+Every scenario also takes the timing options ``delay_ms`` / ``first_byte_delay_ms`` /
+``tail_delay_ms`` (a pause between the terminal event and ``[DONE]``, as when the tail
+arrives in a later TCP segment) and the
 stream quirks ``comments crlf split late_reasoning_close no_completed no_done unknown_events``
 (flags: ``=1``) and ``leading=N`` (leading ``: `` comment blocks, default 1).
 
@@ -308,6 +310,7 @@ class Plan:
     http_error: HttpError | None = None
     delay_ms: int = 0
     first_byte_delay_ms: int = 0
+    tail_delay_ms: int = 0
     auto_reasoning: bool = True  # reasoning-capable models think first
     annotation_events: bool = False
 
@@ -386,7 +389,8 @@ class Scenario:
     options: frozenset[str]
 
 
-COMMON_OPTIONS = frozenset({*QUIRK_FLAGS, "leading", "delay_ms", "first_byte_delay_ms"})
+COMMON_OPTIONS = frozenset({*QUIRK_FLAGS, "leading", "delay_ms", "first_byte_delay_ms",
+                            "tail_delay_ms"})
 SCENARIOS: dict[str, Scenario] = {}
 
 
@@ -578,6 +582,7 @@ def build_plan(emu: Emulator, ctx: Ctx, name: str, opts: dict) -> tuple[Plan, Qu
     plan = sc.handler(emu, ctx, o)
     plan.delay_ms = o.get_int("delay_ms", plan.delay_ms)
     plan.first_byte_delay_ms = o.get_int("first_byte_delay_ms", 0)
+    plan.tail_delay_ms = o.get_int("tail_delay_ms", 0)
     thinks = ctx.supports_reasoning and not _reasoning_off(ctx.reasoning_cfg)
     if plan.auto_reasoning and plan.items and thinks:
         plan.items.insert(0, reasoning_item(ctx))
@@ -1078,8 +1083,10 @@ class Emulator:
 
     # ------------------------------------------------------------------ simple endpoints
     def _record(self, request: web.Request) -> dict:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
         rec = {"path": request.path, "method": request.method, "headers": dict(request.headers),
-               "json": None, "scenario": None, "time": time.time()}
+               "json": None, "scenario": None, "time": time.time(),
+               "peer": list(peer[:2]) if peer else None}  # same peer = a reused connection
         self.requests.append(rec)
         return rec
 
@@ -1254,6 +1261,9 @@ class Emulator:
                 await writer.flush()
                 await asyncio.sleep(plan.delay_ms / 1000)
             await writer.event(ev)
+        if plan.tail_delay_ms:
+            await writer.flush()
+            await asyncio.sleep(plan.tail_delay_ms / 1000)
         if plan.done and not q.no_done:
             await writer.done()
         await writer.flush()

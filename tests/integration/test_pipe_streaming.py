@@ -221,3 +221,37 @@ async def test_silent_upstream_times_out_with_a_specific_message(pipe, emulator)
 async def test_exhausted_retries_say_how_many_times_it_tried(pipe, emulator, sleeps):
     out = await stream(pipe, body(GPT4O, "[emu:fail_then_ok status=502 times=9 key=z] x"))
     assert "Tried 3 times" in out.error and len(sleeps.calls) == 2
+
+
+@pytest.mark.parametrize("quirk", ["[emu:default tail_delay_ms=30]",
+                                   "[emu:text text=hi tail_delay_ms=30]",
+                                   "[emu:reasoning tail_delay_ms=30]"])
+async def test_finished_streams_give_their_connection_back_for_the_next_turn(pipe, emulator,
+                                                                            quirk):
+    # A new TCP+TLS handshake to openrouter.ai costs tens of ms per request (two per tool
+    # round); a stream that ended normally must leave its connection in the pool.
+    for n in range(3):
+        out = await stream(pipe, body(NANO, f"{quirk} turn {n}"))
+        assert out.error is None
+    text = await pipe.pipe(body=body(GPT4O, "task", stream=False), __task__="title_generation",
+                           __user__={"id": "u"})
+    assert isinstance(text, str)
+    peers = [tuple(r["peer"]) for r in posts(emulator)]
+    assert len(peers) == 4 and len(set(peers)) == 1, peers
+
+
+async def test_a_stopped_stream_does_not_reuse_its_half_read_connection(pipe, emulator):
+    result = await pipe.pipe(body=body(GPT4O, "[emu:hang] wait"), __user__={"id": "u"})
+    consumer = asyncio.create_task(anext(result))
+    for _ in range(200):
+        if emulator.active_streams:
+            break
+        await asyncio.sleep(0.01)
+    consumer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await consumer
+    await result.aclose()
+    out = await stream(pipe, body(GPT4O, "after the stop"))
+    assert out.error is None and "after the stop" in out.text
+    first, second = (tuple(r["peer"]) for r in posts(emulator))
+    assert first != second
