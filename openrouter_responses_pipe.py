@@ -5261,6 +5261,7 @@ class Pipe:
         self._gate = AdmissionGate(clock)
         self._tools = ToolRunner(clock)
         self._models_cache: tuple[Any, list[dict[str, str]]] | None = None
+        self._listing: tuple[tuple[Any, ...], RequestSettings] | None = None
         self._intake = intake or Intake()
         self._artifact_db = artifact_db
         self._redis_factory = redis_factory or _redis_from_url
@@ -5275,7 +5276,7 @@ class Pipe:
         valves = self.valves
         _BASE_LEVEL[0] = logging.getLevelName(valves.LOG_LEVEL)
         try:
-            settings = RequestSettings.merge(valves, None)
+            settings = self._listing_settings(valves)
             snap = await self._catalog.get(settings, settings.catalog_ttl)
         except PipeError as exc:
             return [_status_entry("catalog", f"catalog unavailable: {exc}")]
@@ -5286,6 +5287,14 @@ class Pipe:
                 models.append(HEALTH_ENTRY)
             self._models_cache = (key, models)
         return self._models_cache[1]
+
+    def _listing_settings(self, valves: Valves) -> RequestSettings:
+        """Admin settings for the model list, merged again only when a valve changed (Open
+        WebUI hands `pipes()` a fresh Valves object on every call, with the same values)."""
+        values = tuple(valves.__dict__.values())
+        if self._listing is None or self._listing[0] != values:
+            self._listing = (values, RequestSettings.merge(valves, None))
+        return self._listing[1]
 
     # -- chat ----------------------------------------------------------------------------
 
