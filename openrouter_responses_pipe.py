@@ -5288,12 +5288,12 @@ class Pipe:
             self._models_cache = (key, models)
         return self._models_cache[1]
 
-    def _listing_settings(self, valves: Valves) -> RequestSettings:
+    def _listing_settings(self, valves: BaseModel) -> RequestSettings:
         """Admin settings for the model list, merged again only when a valve changed (Open
         WebUI hands `pipes()` a fresh Valves object on every call, with the same values)."""
         values = tuple(valves.__dict__.values())
         if self._listing is None or self._listing[0] != values:
-            self._listing = (values, RequestSettings.merge(valves, None))
+            self._listing = (values, RequestSettings.merge(typing.cast(Valves, valves), None))
         return self._listing[1]
 
     # -- chat ----------------------------------------------------------------------------
