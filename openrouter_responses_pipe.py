@@ -4749,10 +4749,16 @@ def tool_status(verb: str, names: Iterable[str]) -> str:
 
 
 class CitationBook:
-    """Numbers cited URLs once per turn, in order of first appearance, across tool rounds."""
+    """Numbers cited URLs once per turn, in order of first appearance, across tool rounds.
+
+    The text cites them as plain `[n]`: Open WebUI (0.6.28 and 0.12) renders `[n]` as a
+    clickable chip for the n-th of the message's sources, so the n-th source event must be
+    URL n. Open WebUI 0.6.28 merges sources of equal title, so a repeated title gets its URL.
+    """
 
     def __init__(self) -> None:
         self.numbers: dict[str, int] = {}
+        self._titles: set[str] = set()
 
     def cite(self, annotations: Iterable[Mapping[str, Any]]
              ) -> tuple[list[int], list[tuple[int, Mapping[str, Any]]]]:
@@ -4765,10 +4771,18 @@ class CitationBook:
                 continue
             if url not in self.numbers:
                 self.numbers[url] = len(self.numbers) + 1
-                new.append((self.numbers[url], ann))
+                new.append((self.numbers[url], self._distinct(ann, url)))
             if self.numbers[url] not in used:
                 used.append(self.numbers[url])
         return used, new
+
+    def _distinct(self, ann: Mapping[str, Any], url: str) -> Mapping[str, Any]:
+        title = str(ann.get("title") or url)
+        if title in self._titles:
+            title = f"{title} ({url})"
+            ann = {**ann, "title": title}
+        self._titles.add(title)
+        return ann
 
 
 def url_annotations(item: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -5496,20 +5510,11 @@ class Pipe:
             if cited:
                 yield renderer.text_chunk(cited)
             calls = [FunctionCall.of(i) for i in items if i.get("type") == "function_call"]
-            passthrough = ts.mode == "open_webui"
-            if not calls or passthrough or payload.get("tool_choice") == "none":        # c
-                async for chunk in self._last_round(turn, items, calls, renderer):
+            if not calls or ts.mode == "open_webui" or payload.get("tool_choice") == "none":
+                async for chunk in self._end_rounds(turn, plan, items, calls, renderer):  # c d
                     yield chunk
-                if calls and passthrough:                                               # d
-                    await self._checkpoint_passthrough(
-                        turn, [i for i in items if i.get("type") == REASONING_ITEM],
-                        [c.call_id for c in calls])
-                    yield renderer.chunk(tool_calls_delta(calls, plan.tools), "tool_calls")
                 return
-            names = [plan.tools.display_name(c.name) for c in calls]                   # e
-            await turn.emitter.status(tool_status("Running", names) + "…", done=False)
-            outcomes = await self._tools.run_round(calls, plan.tools, ts, turn.req.user_id)
-            await turn.emitter.status(tool_status("Ran", names), done=True)
+            outcomes = await self._run_calls(turn, plan, calls)                         # e
             marker = await self._checkpoint(turn, round_items(items, outcomes))         # f
             if marker:
                 yield renderer.text_chunk(marker)
@@ -5518,6 +5523,29 @@ class Pipe:
             if rounds >= ts.max_rounds:
                 payload = final_answer_payload(payload)
                 yield renderer.text_chunk(limit_notice(rounds))
+
+    async def _end_rounds(self, turn: Turn, plan: Transformed, items: list[dict[str, Any]],
+                          calls: list[FunctionCall], renderer: ChunkRenderer
+                          ) -> AsyncIterator[dict[str, Any]]:
+        """(c) The last round: checkpoint its items; (d) in passthrough mode hand its calls
+        to Open WebUI as `delta.tool_calls`."""
+        async for chunk in self._last_round(turn, items, calls, renderer):
+            yield chunk
+        if calls and turn.settings.tools.mode == "open_webui":
+            await self._checkpoint_passthrough(
+                turn, [i for i in items if i.get("type") == REASONING_ITEM],
+                [c.call_id for c in calls])
+            yield renderer.chunk(tool_calls_delta(calls, plan.tools), "tool_calls")
+
+    async def _run_calls(self, turn: Turn, plan: Transformed, calls: list[FunctionCall]
+                         ) -> list[ToolOutcome]:
+        """(e) One round's calls, run under a status line."""
+        names = [plan.tools.display_name(c.name) for c in calls]
+        await turn.emitter.status(tool_status("Running", names) + "…", done=False)
+        outcomes = await self._tools.run_round(calls, plan.tools, turn.settings.tools,
+                                               turn.req.user_id)
+        await turn.emitter.status(tool_status("Ran", names), done=True)
+        return outcomes
 
     async def _send_round(self, turn: Turn, payload: Mapping[str, Any], state: StreamState,
                           renderer: ChunkRenderer, timing: StreamTiming

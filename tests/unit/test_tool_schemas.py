@@ -391,3 +391,19 @@ def test_undeclared_argument_names_are_dropped() -> None:
     assert parse_arguments('{"a": 1, "zz": 2}', declared) == {"a": 1}
     assert parse_arguments('{"a": 1, "zz": 2}') == {"a": 1, "zz": 2}
     assert parse_arguments('{"a": 1, "zz": 2}', {"type": "object"}) == {"a": 1, "zz": 2}
+
+
+def test_citations_number_urls_once_and_keep_source_names_distinct() -> None:
+    from openrouter_responses_pipe import CitationBook, citation_suffix, source_event
+
+    def ann(url: str, title: str) -> dict[str, Any]:
+        return {"type": "url_citation", "url": url, "title": title}
+
+    book = CitationBook()
+    used, new = book.cite([ann("https://a.example/1", "News"), ann("https://b.example", "B")])
+    assert used == [1, 2] and citation_suffix(used) == " [1][2]"
+    used, new2 = book.cite([ann("https://b.example", "B"), ann("https://c.example/x", "News")])
+    assert used == [2, 3] and [n for n, _ in new2] == [3]  # a later round keeps number 2
+    # Open WebUI 0.6.28 numbers chips by distinct source name: equal titles must differ
+    names = [source_event(n, a)["data"]["metadata"][0]["name"] for n, a in [*new, *new2]]
+    assert names == ["News", "B", "News (https://c.example/x)"]
