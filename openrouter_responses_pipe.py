@@ -38,6 +38,7 @@ import contextvars
 import dataclasses
 import hashlib
 import hmac
+import html
 import importlib
 import inspect
 import io
@@ -2909,11 +2910,12 @@ class ToolSettings:
     card_max_chars: int = 2_000
     web_search: str = "user_toggle"         # off | user_toggle | always
     web_search_max_results: int = 5
-    mcp_servers: tuple[Mapping[str, Any], ...] = ()
+    mcp_servers_json: str = ""               # parsed per request by `with_tools`
 
 
 def tool_settings(valves: Valves) -> ToolSettings:
-    """The tool valves -> ToolSettings; a bad REMOTE_MCP_SERVERS_JSON raises ConfigError."""
+    """The tool valves -> ToolSettings. Never raises: REMOTE_MCP_SERVERS_JSON stays raw, so
+    a typo in it can't take down the model list or chats (see `request_mcp_tools`)."""
     return ToolSettings(
         mode=valves.TOOL_EXECUTION_MODE, max_rounds=valves.MAX_TOOL_ROUNDS,
         timeout=valves.TOOL_TIMEOUT_SECONDS, per_request=valves.MAX_PARALLEL_TOOLS_PER_REQUEST,
@@ -2922,7 +2924,7 @@ def tool_settings(valves: Valves) -> ToolSettings:
         breaker_window=valves.TOOL_BREAKER_WINDOW_SECONDS, strict=valves.STRICT_TOOL_SCHEMAS,
         result_max_chars=valves.TOOL_RESULT_MAX_CHARS, card_max_chars=valves.TOOL_CARD_MAX_CHARS,
         web_search=valves.WEB_SEARCH, web_search_max_results=valves.WEB_SEARCH_MAX_RESULTS,
-        mcp_servers=parse_mcp_servers(valves.REMOTE_MCP_SERVERS_JSON))
+        mcp_servers_json=valves.REMOTE_MCP_SERVERS_JSON)
 
 
 def parse_tool_spec(raw: Any) -> ToolSpec | None:
@@ -2986,8 +2988,8 @@ def strictify(schema: Mapping[str, Any] | None) -> tuple[dict[str, Any], bool]:
     mode can't express (free-form objects, `allOf`, tuple arrays, remote refs…) comes back
     unchanged with `strict=False`. Results are cached by canonical JSON.
     """
-    if schema is None:
-        schema = {"type": "object", "properties": {}}
+    if schema is None:  # a tool without parameters takes no arguments
+        schema = {"type": "object", "properties": {}, "additionalProperties": False}
     try:
         key = json.dumps(schema, sort_keys=True, ensure_ascii=False)
     except (TypeError, ValueError):
@@ -3064,9 +3066,17 @@ def _strict_ref(node: dict[str, Any]) -> dict[str, Any]:
 
 
 def _strict_object(node: dict[str, Any]) -> dict[str, Any]:
+    """An object: all properties required, optional ones nullable, no extra keys.
+
+    Without declared properties the object is free-form (JSON Schema allows any keys) unless
+    `additionalProperties` is explicitly false, so it can't be made strict. With declared
+    properties an absent `additionalProperties` becomes false, as OpenAI's own SDK strictifier
+    does: the declared keys are what the tool reads.
+    """
     props = node.get("properties") or {}
-    extra = node.get("additionalProperties", False)
-    if not isinstance(props, dict) or extra not in (False, None):
+    extra = node.get("additionalProperties")
+    if not isinstance(props, dict) or extra not in (False, None) or (
+            not props and extra is not False):
         raise _NotStrictifiable("a free-form object (additionalProperties)")
     required = node.get("required") or []
     if not isinstance(required, list):
@@ -3115,8 +3125,6 @@ class ToolEntry:
     wire_name: str
     spec: ToolSpec
     callable: Callable[..., Any] | None
-    optional_args: frozenset[str] = frozenset()
-    known_args: frozenset[str] | None = None   # None: the spec names no properties
 
 
 @dataclass(frozen=True, slots=True)
@@ -3161,21 +3169,11 @@ def tool_set(owui_tools: Mapping[str, Any], body_tools: Iterable[ToolSpec], *,
         spec, fn = found[name]
         params, is_strict = strictify(spec.parameters) if strict else (
             dict(spec.parameters or {"type": "object", "properties": {}}), False)
-        entries.append(ToolEntry(names[name], spec, fn, *_arg_names(spec.parameters)))
+        entries.append(ToolEntry(names[name], spec, fn))
         wire.append({"type": "function", "name": names[name],
                      "description": spec.description or spec.name,
                      "parameters": params, "strict": is_strict})
     return ToolSet(tuple(entries), tuple(wire))
-
-
-def _arg_names(params: Mapping[str, Any] | None
-               ) -> tuple[frozenset[str], frozenset[str] | None]:
-    """(optional parameter names, all parameter names or None when the spec names none)."""
-    props = (params or {}).get("properties")
-    if not isinstance(props, Mapping) or not props:
-        return frozenset(), None
-    required = (params or {}).get("required") or ()
-    return frozenset(p for p in props if p not in required), frozenset(props)
 
 
 # -- remote MCP servers ------------------------------------------------------------------
@@ -3263,13 +3261,13 @@ class ToolOutcome:
                 "output": self.output}
 
 
-def parse_arguments(raw: str, optional: frozenset[str] = frozenset(),
-                    known: frozenset[str] | None = None) -> dict[str, Any]:
+def parse_arguments(raw: str, schema: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The model's argument string -> kwargs. Never guesses: bad JSON raises BadToolArguments.
 
-    Nulls for originally optional parameters (strict mode makes them nullable) are dropped so
-    the tool's own defaults apply; so are names the tool's spec doesn't declare (as Open WebUI
-    itself does), which would only make the call fail.
+    `schema` is the tool's ORIGINAL parameters schema. Nulls for properties it had optional
+    and not nullable (strict mode made them nullable), at any depth, are dropped so the
+    tool's own defaults apply; top-level names it doesn't declare are dropped too (as Open
+    WebUI itself does), since they would only make the call fail.
     """
     try:
         args = json.loads(raw) if raw.strip() else {}
@@ -3279,8 +3277,75 @@ def parse_arguments(raw: str, optional: frozenset[str] = frozenset(),
     if not isinstance(args, dict):
         raise BadToolArguments(f"The arguments must be a JSON object, not {type(args).__name__}.",
                                hint="Call the tool again with a JSON object.")
-    return {k: v for k, v in args.items()
-            if not (v is None and k in optional) and (known is None or k in known)}
+    if not isinstance(schema, Mapping):
+        return args
+    props = schema.get("properties")
+    if isinstance(props, Mapping) and props:
+        args = {k: v for k, v in args.items() if k in props}
+    return drop_optional_nulls(args, schema, schema)
+
+
+def drop_optional_nulls(value: Any, schema: Any, root: Mapping[str, Any], depth: int = 0
+                        ) -> Any:
+    """`value` without the nulls the original `schema` did not allow for optional properties
+    (walked alongside: properties, items, anyOf/oneOf, local `$ref`s into `root`)."""
+    node = _resolve_ref(schema, root)
+    if depth > 32 or not isinstance(node, Mapping):
+        return value
+    if isinstance(value, list):
+        items = node.get("items")
+        return [drop_optional_nulls(v, items, root, depth + 1) for v in value] \
+            if isinstance(items, Mapping) else value
+    if not isinstance(value, dict):
+        return value
+    branch = _object_branch(node, root)
+    props = branch.get("properties") if branch is not None else None
+    if not isinstance(props, Mapping):
+        return value
+    required = branch.get("required") if branch is not None else None
+    required = required if isinstance(required, list) else []
+    return {k: drop_optional_nulls(v, props.get(k), root, depth + 1) for k, v in value.items()
+            if not (v is None and k in props and k not in required
+                    and not _allows_null(props[k], root))}
+
+
+def _resolve_ref(node: Any, root: Mapping[str, Any]) -> Any:
+    """A local `$ref` (`#/$defs/X`, `#/definitions/X`, `#`) -> its target (once)."""
+    ref = node.get("$ref") if isinstance(node, Mapping) else None
+    if not isinstance(ref, str) or not ref.startswith("#"):
+        return node
+    target: Any = root
+    for part in (p for p in ref[1:].split("/") if p):
+        target = target.get(part) if isinstance(target, Mapping) else None
+    return target if isinstance(target, Mapping) else node
+
+
+def _object_branch(node: Mapping[str, Any], root: Mapping[str, Any]
+                   ) -> Mapping[str, Any] | None:
+    """The object schema an object value follows: the node, or its one object branch."""
+    if "properties" in node:
+        return node
+    branches = node.get("anyOf") or node.get("oneOf")
+    if not isinstance(branches, list):
+        return None
+    objects = [b for b in (_resolve_ref(b, root) for b in branches)
+               if isinstance(b, Mapping) and "properties" in b]
+    return objects[0] if len(objects) == 1 else None
+
+
+def _allows_null(node: Any, root: Mapping[str, Any]) -> bool:
+    node = _resolve_ref(node, root)
+    if not isinstance(node, Mapping):
+        return True  # unknown shape: keep the null as the model sent it
+    kind = node.get("type")
+    if kind == "null" or (isinstance(kind, list) and "null" in kind):
+        return True
+    if not ({"type", "enum", "const", "anyOf", "oneOf", "properties", "items"} & node.keys()):
+        return True  # an unconstrained schema ({} or only a description) accepts null
+    if None in (node.get("enum") or ()) or ("const" in node and node["const"] is None):
+        return True
+    branches = [*(node.get("anyOf") or ()), *(node.get("oneOf") or ())]
+    return any(_allows_null(b, root) for b in branches)
 
 
 def result_text(value: Any) -> str:
@@ -3322,7 +3387,6 @@ class ConcurrencyLimiter:
 
     def __init__(self) -> None:
         self.active = 0
-        self.peak = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
 
     async def acquire(self, limit: int) -> None:
@@ -3339,7 +3403,6 @@ class ConcurrencyLimiter:
                 if fut in self._waiters:
                     self._waiters.remove(fut)
         self.active += 1
-        self.peak = max(self.peak, self.active)
 
     def release(self) -> None:
         self.active -= 1
@@ -3357,11 +3420,14 @@ class ConcurrencyLimiter:
 class _BreakerState:
     failures: deque[float] = field(default_factory=deque)
     opened_at: float | None = None
+    half_open: bool = False     # the pause is over; the next outcome decides
 
 
 class ToolBreakers:
-    """Per (user id, tool name): `threshold` failures within `window` seconds pause the tool
-    for `window` seconds; a success closes it. Other tools and other users are unaffected."""
+    """Per (user id, tool name): `threshold` failures within `window` seconds open the
+    breaker, pausing the tool for `window` seconds. Then it is half-open: calls are allowed,
+    one failure opens it again at once, a success closes it. Other tools and other users
+    are unaffected."""
 
     MAX_KEYS = 10_000
 
@@ -3374,8 +3440,7 @@ class ToolBreakers:
         if state is None or state.opened_at is None:
             return
         if self._clock() - state.opened_at >= window:
-            state.opened_at = None  # half-open: the next call decides
-            state.failures.clear()
+            state.opened_at, state.half_open = None, True  # the next outcome decides
             return
         raise ToolBreakerOpen(
             f"It failed {threshold} times in a row recently and is paused for "
@@ -3392,23 +3457,20 @@ class ToolBreakers:
         state.failures.append(now)
         while state.failures and now - state.failures[0] > window:
             state.failures.popleft()
-        if len(state.failures) >= threshold:
-            state.opened_at = now
+        if state.half_open or len(state.failures) >= threshold:
+            state.opened_at, state.half_open = now, False
 
     def _prune(self, window: float) -> None:
         now = self._clock()
         for key, state in list(self._states.items()):
-            if state.opened_at is None and (not state.failures
-                                            or now - state.failures[-1] > window):
+            if state.opened_at is None and not state.half_open and (
+                    not state.failures or now - state.failures[-1] > window):
                 del self._states[key]
 
     def snapshot(self) -> dict[str, Any]:
         """For the health report: every tool with recent failures, and whether it is open."""
         return {f"{user}/{tool}": {"failures": len(s.failures), "open": s.opened_at is not None}
                 for (user, tool), s in sorted(self._states.items())}
-
-
-ToolObserver = Callable[[str, str], Awaitable[None] | None]
 
 
 class ToolRunner:
@@ -3439,7 +3501,7 @@ class ToolRunner:
                                f"Available tools: {known}.", ok=False)
         name = entry.spec.name
         try:
-            args = parse_arguments(call.arguments, entry.optional_args, entry.known_args)
+            args = parse_arguments(call.arguments, entry.spec.parameters)
         except BadToolArguments as exc:
             return ToolOutcome(call, name, failure_output(name, exc), ok=False)
         key = (user_id, name)
@@ -3497,8 +3559,6 @@ def tool_cards_as_text(text: str) -> str:
 
 
 def _card_line(match: re.Match[str]) -> str:
-    import html
-
     attrs = {k: html.unescape(v) for k, v in _CARD_ATTR.findall(match.group(1))}
 
     def decoded(key: str) -> str:
@@ -3525,29 +3585,63 @@ FINAL_ANSWER_INSTRUCTION = (
     "answer the user now with the results you already have, and say what is still missing.")
 
 
+# Open WebUI 0.12's own web tools (added to `__tools__`/`body["tools"]` with the chat's Web
+# Search toggle); left out when the pipe attaches OpenRouter's search, so one engine answers.
+OWUI_WEB_TOOLS = frozenset({"search_web", "fetch_url"})
+
+
+def builtin_tool_names(owui_tools: Mapping[str, Any]) -> frozenset[str]:
+    """Names of Open WebUI's built-in tools (0.12+: `"type": "builtin"`, `builtin:` ids)."""
+    names: set[str] = set()
+    for key, raw in owui_tools.items():
+        if isinstance(raw, Mapping) and (raw.get("type") == "builtin" or str(
+                raw.get("tool_id") or "").startswith("builtin:")):
+            spec = parse_tool_spec(raw.get("spec"))
+            names.update({str(key), spec.name} if spec else {str(key)})
+    return frozenset(names)
+
+
+def request_mcp_tools(ts: ToolSettings, notes: list[str]) -> list[dict[str, Any]]:
+    """REMOTE_MCP_SERVERS_JSON -> `mcp` tools; a bad value leaves MCP off for this request,
+    logged and told in one note (the valve can't be validated on save: Open WebUI loads
+    stored valves with `Valves(**stored)`, so a validator would break the whole pipe)."""
+    try:
+        return list(parse_mcp_servers(ts.mcp_servers_json))
+    except ConfigError as exc:
+        LOG.warning("Remote MCP servers are off: %s", exc)
+        notes.append(f"Remote MCP servers are off for this answer: {describe_error(exc)}")
+        return []
+
+
 def with_tools(plan: Transformed, req: ChatRequest, entry: CatalogEntry,
                owui_tools: Mapping[str, Any], features: Mapping[str, Any],
                ts: ToolSettings) -> Transformed:
     """Attach the request's tools: functions, remote MCP servers, web search.
 
-    A model without tool support gets no function/MCP tools and one note; web search then
-    uses the `web` plugin, which needs no tool support. In passthrough mode only the tools
-    Open WebUI put in `body["tools"]` are declared: those are the ones it executes from
-    streamed calls (native function calling); with prompt-based calling it sends none and
-    picks tools itself. Strict schemas only in pipe mode: they make optional parameters
-    nullable, and only the pipe drops the nulls again.
+    A model without tool support gets no function/MCP tools, and a note only when the user
+    enabled tools (Open WebUI 0.12's built-in tools, present on every turn, and admin MCP
+    servers alone are left out silently); web search then uses the `web` plugin, which needs
+    no tool support. When OpenRouter's web search is attached, Open WebUI's own built-in web
+    tools are left out. In passthrough mode only the tools Open WebUI put in `body["tools"]`
+    are declared: those are the ones it executes from streamed calls (native function
+    calling); with prompt-based calling it sends none and picks tools itself. Strict schemas
+    only in pipe mode: they make optional parameters nullable, and only the pipe drops the
+    nulls again.
     """
-    piped = ts.mode == "pipe"
-    tools = tool_set(owui_tools if piped else {}, req.tools, strict=ts.strict and piped,
-                     runnable_only=piped)
-    wire: list[Mapping[str, Any]] = [*tools.wire, *ts.mcp_servers]
-    notes = list(plan.notes)
+    piped, notes, builtins = ts.mode == "pipe", list(plan.notes), builtin_tool_names(owui_tools)
+    search_on = ts.web_search == "always" or (ts.web_search == "user_toggle"
+                                              and bool(features.get("web_search")))
+    dropped = builtins & OWUI_WEB_TOOLS if search_on else frozenset()
+    tools = tool_set({k: v for k, v in owui_tools.items() if k not in dropped} if piped else {},
+                     [t for t in req.tools if t.name not in dropped],
+                     strict=ts.strict and piped, runnable_only=piped)
+    wire: list[Mapping[str, Any]] = [*tools.wire, *request_mcp_tools(ts, notes)]
     if wire and not entry.supports_tools:
-        notes.append(f"{entry.name} can't use tools, so this answer was made without them.")
+        if any(e.spec.name not in builtins for e in tools.entries):
+            notes.append(f"{entry.name} can't use tools, so this answer was made without them.")
         wire, tools = [], ToolSet()
     payload = dict(plan.payload)
-    if ts.web_search == "always" or (ts.web_search == "user_toggle"
-                                     and bool(features.get("web_search"))):
+    if search_on:
         search = {"max_results": ts.web_search_max_results}
         if entry.supports_tools:
             wire.append({"type": "openrouter:web_search", "parameters": search})
@@ -3579,8 +3673,6 @@ def final_answer_payload(payload: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _is_async_callable(fn: Any) -> bool:
-    import inspect
-
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         type(fn).__call__ if not inspect.isroutine(fn) else None)
 
@@ -4676,10 +4768,16 @@ def tool_status(verb: str, names: Iterable[str]) -> str:
 
 
 class CitationBook:
-    """Numbers cited URLs once per turn, in order of first appearance, across tool rounds."""
+    """Numbers cited URLs once per turn, in order of first appearance, across tool rounds.
+
+    The text cites them as plain `[n]`: Open WebUI (0.6.28 and 0.12) renders `[n]` as a
+    clickable chip for the n-th of the message's sources, so the n-th source event must be
+    URL n. Open WebUI 0.6.28 merges sources of equal title, so a repeated title gets its URL.
+    """
 
     def __init__(self) -> None:
         self.numbers: dict[str, int] = {}
+        self._titles: set[str] = set()
 
     def cite(self, annotations: Iterable[Mapping[str, Any]]
              ) -> tuple[list[int], list[tuple[int, Mapping[str, Any]]]]:
@@ -4692,10 +4790,18 @@ class CitationBook:
                 continue
             if url not in self.numbers:
                 self.numbers[url] = len(self.numbers) + 1
-                new.append((self.numbers[url], ann))
+                new.append((self.numbers[url], self._distinct(ann, url)))
             if self.numbers[url] not in used:
                 used.append(self.numbers[url])
         return used, new
+
+    def _distinct(self, ann: Mapping[str, Any], url: str) -> Mapping[str, Any]:
+        title = str(ann.get("title") or url)
+        if title in self._titles:
+            title = f"{title} ({url})"
+            ann = {**ann, "title": title}
+        self._titles.add(title)
+        return ann
 
 
 def url_annotations(item: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -5432,20 +5538,11 @@ class Pipe:
             if cited:
                 yield renderer.text_chunk(cited)
             calls = [FunctionCall.of(i) for i in items if i.get("type") == "function_call"]
-            passthrough = ts.mode == "open_webui"
-            if not calls or passthrough or payload.get("tool_choice") == "none":        # c
-                async for chunk in self._last_round(turn, items, calls, renderer):
+            if not calls or ts.mode == "open_webui" or payload.get("tool_choice") == "none":
+                async for chunk in self._end_rounds(turn, plan, items, calls, renderer):  # c d
                     yield chunk
-                if calls and passthrough:                                               # d
-                    await self._checkpoint_passthrough(
-                        turn, [i for i in items if i.get("type") == REASONING_ITEM],
-                        [c.call_id for c in calls])
-                    yield renderer.chunk(tool_calls_delta(calls, plan.tools), "tool_calls")
                 return
-            names = [plan.tools.display_name(c.name) for c in calls]                   # e
-            await turn.emitter.status(tool_status("Running", names) + "…", done=False)
-            outcomes = await self._tools.run_round(calls, plan.tools, ts, turn.req.user_id)
-            await turn.emitter.status(tool_status("Ran", names), done=True)
+            outcomes = await self._run_calls(turn, plan, calls)                         # e
             marker = await self._checkpoint(turn, round_items(items, outcomes))         # f
             if marker:
                 yield renderer.text_chunk(marker)
@@ -5454,6 +5551,29 @@ class Pipe:
             if rounds >= ts.max_rounds:
                 payload = final_answer_payload(payload)
                 yield renderer.text_chunk(limit_notice(rounds))
+
+    async def _end_rounds(self, turn: Turn, plan: Transformed, items: list[dict[str, Any]],
+                          calls: list[FunctionCall], renderer: ChunkRenderer
+                          ) -> AsyncIterator[dict[str, Any]]:
+        """(c) The last round: checkpoint its items; (d) in passthrough mode hand its calls
+        to Open WebUI as `delta.tool_calls`."""
+        async for chunk in self._last_round(turn, items, calls, renderer):
+            yield chunk
+        if calls and turn.settings.tools.mode == "open_webui":
+            await self._checkpoint_passthrough(
+                turn, [i for i in items if i.get("type") == REASONING_ITEM],
+                [c.call_id for c in calls])
+            yield renderer.chunk(tool_calls_delta(calls, plan.tools), "tool_calls")
+
+    async def _run_calls(self, turn: Turn, plan: Transformed, calls: list[FunctionCall]
+                         ) -> list[ToolOutcome]:
+        """(e) One round's calls, run under a status line."""
+        names = [plan.tools.display_name(c.name) for c in calls]
+        await turn.emitter.status(tool_status("Running", names) + "…", done=False)
+        outcomes = await self._tools.run_round(calls, plan.tools, turn.settings.tools,
+                                               turn.req.user_id)
+        await turn.emitter.status(tool_status("Ran", names), done=True)
+        return outcomes
 
     async def _send_round(self, turn: Turn, payload: Mapping[str, Any], state: StreamState,
                           renderer: ChunkRenderer, timing: StreamTiming

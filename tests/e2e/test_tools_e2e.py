@@ -149,3 +149,14 @@ def test_web_search_sources_when_the_user_turns_it_on(owui):
     assert msg["content"].rstrip().endswith("[1][2]"), msg["content"]
     urls = [s["source"].get("url") for s in msg.get("sources") or []]
     assert urls == ["https://en.wikipedia.org/wiki/Lisbon", "https://example.org/lisboa"], msg
+
+
+def test_a_bad_mcp_valve_is_saved_but_breaks_neither_models_nor_chats(owui, valves):
+    valves(REMOTE_MCP_SERVERS_JSON='[{"server_label": "x"}]')  # Open WebUI accepts the save
+    assert owui.model(MODEL) in [m["id"] for m in owui.client.list_models()]
+    since = len(owui.emulator.requests)
+    msg = stored_message(owui.client.chat_ui(owui.model(MODEL), "Hello there",
+                                             background_tasks=NO_TITLE))
+    assert not msg.get("error") and "You said" in msg["content"], msg
+    posts = [p["json"] for p in responses_posts(owui.emulator, since) if p["json"].get("stream")]
+    assert posts and not any(t.get("type") == "mcp" for t in posts[-1].get("tools") or ())

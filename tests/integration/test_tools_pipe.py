@@ -234,6 +234,58 @@ async def test_model_without_tool_support_gets_no_tools_and_a_note(pipe, emulato
         "Mistral: Mistral 7B Instruct can't use tools, so this answer was made without them."]
 
 
+def builtin(name: str) -> dict[str, Any]:
+    """An Open WebUI 0.12 built-in tool as it appears in `__tools__`."""
+    async def run(**kwargs: Any) -> str:
+        return f"{name} ran"
+    return {"tool_id": f"builtin:{name}", "type": "builtin", "callable": run,
+            "spec": {"name": name, "description": name, "parameters": {
+                "type": "object", "properties": {"query": {"type": "string"}},
+                "required": ["query"]}}}
+
+
+def as_body_tools(tools: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"type": "function", "function": t["spec"]} for t in tools.values()]
+
+
+async def test_builtin_tools_alone_give_no_note_on_models_without_tools(pipe, emulator,
+                                                                        events):
+    owui = {n: builtin(n) for n in ("get_current_timestamp", "search_chats")}
+    out = await stream(pipe, body(NO_TOOLS, "hello", tools=as_body_tools(owui)),
+                       __tools__=owui, __event_emitter__=events)
+    assert out.error is None and "You said: hello" in out.text
+    assert "tools" not in posts(emulator)[-1]["json"]
+    assert events.of("notification") == []  # the user enabled no tools
+    pipe.valves = pipe.Valves(**{**pipe.valves.model_dump(),
+                                 "TOOL_EXECUTION_MODE": "open_webui"})
+    await stream(pipe, body(NO_TOOLS, "hello", tools=as_body_tools(owui)), __tools__=owui,
+                 __event_emitter__=events)
+    assert events.of("notification") == []
+
+
+async def test_openrouter_search_replaces_open_webuis_own_web_tools(pipe, emulator):
+    async def weather(city: str) -> str:
+        return "x"
+
+    owui = {"weather": owui_tool(weather, "weather"),
+            **{n: builtin(n) for n in ("search_web", "fetch_url", "search_chats")}}
+    meta = {"features": {"web_search": True}}
+    await stream(pipe, body(GPT4O, "news?", tools=as_body_tools(owui)), __tools__=owui,
+                 __metadata__=meta)
+    sent = posts(emulator)[-1]["json"]["tools"]
+    assert [t.get("name") or t["type"] for t in sent] == [
+        "search_chats", "weather", "openrouter:web_search"]
+    await stream(pipe, body(GPT4O, "news?", tools=as_body_tools(owui)), __tools__=owui)
+    assert [t["name"] for t in posts(emulator)[-1]["json"]["tools"]] == [
+        "fetch_url", "search_chats", "search_web", "weather"]  # search off: Open WebUI's
+    pipe.valves = pipe.Valves(**{**pipe.valves.model_dump(),
+                                 "TOOL_EXECUTION_MODE": "open_webui"})
+    await stream(pipe, body(GPT4O, "news?", tools=as_body_tools(owui)), __tools__=owui,
+                 __metadata__=meta)
+    assert [t.get("name") or t["type"] for t in posts(emulator)[-1]["json"]["tools"]] == [
+        "search_chats", "weather", "openrouter:web_search"]
+
+
 async def test_web_search_only_when_the_user_turns_it_on(pipe, emulator, events):
     meta_off = {"features": {"web_search": False}}
     await stream(pipe, body(GPT4O, "hi"), __metadata__=meta_off)
@@ -282,12 +334,20 @@ async def test_mcp_servers_from_the_valve_are_all_sent(pipe, emulator):
     assert posts(emulator)[-1]["json"]["tools"] == [{"type": "mcp", **s} for s in servers]
 
 
-async def test_bad_mcp_json_is_a_clear_error(pipe, emulator):
+async def test_bad_mcp_json_never_breaks_the_model_list_or_chats(pipe, emulator, events):
     pipe.valves = pipe.Valves(**{**pipe.valves.model_dump(),
                                  "REMOTE_MCP_SERVERS_JSON": '[{"server_label": "x"}]'})
-    out = await stream(pipe, body(GPT4O, "hi"))
-    assert "REMOTE_MCP_SERVERS_JSON valve server #1 (x) needs a server_url" in out.error
-    assert posts(emulator) == []
+    models = [m["id"] for m in await pipe.pipes()]
+    assert GPT4O in models and not any(m.startswith("_status") for m in models)
+    out = await stream(pipe, body(GPT4O, "hi"), __event_emitter__=events)
+    assert out.error is None and out.text.startswith("You said: hi")
+    assert "tools" not in posts(emulator)[-1]["json"]  # MCP is off for this request
+    [note] = [n["content"] for n in events.of("notification")]
+    assert note.startswith("Remote MCP servers are off for this answer: The "
+                           "REMOTE_MCP_SERVERS_JSON valve server #1 (x) needs a server_url")
+    title = await pipe.pipe(body=body(GPT4O, "title?", stream=False), __task__="title_generation",
+                            __user__={"id": "u", "role": "user"})
+    assert title == "You said: title?"
 
 
 async def test_breaker_pauses_only_the_failing_tool(pipe, emulator):
@@ -385,6 +445,28 @@ async def test_nulls_for_optional_arguments_are_dropped_in_strict_mode(pipe, emu
     sent = posts(emulator)[0]["json"]["tools"][0]["parameters"]
     assert sent["properties"]["limit"]["type"] == ["integer", "null"]
     assert got == [{"query": "q", "limit": 5}]
+
+
+async def test_nulls_for_optional_nested_arguments_are_dropped(pipe, emulator):
+    got: list[dict[str, Any]] = []
+
+    async def search(query: str, opts: dict[str, Any] | None = None) -> str:
+        got.append({"query": query, "opts": opts})
+        return "found"
+
+    params = {"type": "object", "properties": {
+        "query": {"type": "string"},
+        "opts": {"type": "object", "properties": {"limit": {"type": "integer"},
+                                                  "tag": {"type": ["string", "null"]}}}},
+        "required": ["query"]}
+    args = json.dumps({"query": "q", "opts": {"limit": None, "tag": None}})
+    await stream(pipe, body(GPT4O, f"[emu:tool_call name=search args='{args}'] go"),
+                 __tools__={"search": owui_tool(search, "search", params)})
+    sent = posts(emulator)[0]["json"]["tools"][0]
+    assert sent["strict"] is True
+    assert sent["parameters"]["properties"]["opts"]["properties"]["limit"]["type"] == [
+        "integer", "null"]
+    assert got == [{"query": "q", "opts": {"tag": None}}]  # `tag` was nullable: kept
 
 
 async def test_emulator_tool_rounds_and_citations_are_sdk_valid(emulator):

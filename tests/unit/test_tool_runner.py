@@ -158,6 +158,39 @@ async def test_breaker_is_per_user_and_tool() -> None:
     assert ran.count("flaky") == 5
 
 
+async def test_breaker_half_opens_one_failure_after_the_pause_reopens_it() -> None:
+    clock = Clock()
+    runner = ToolRunner(clock)
+    ran: list[str] = []
+    broken = [True]
+
+    async def flaky(x: int | None = None) -> str:
+        ran.append("flaky")
+        if broken[0]:
+            raise RuntimeError("still broken")
+        return "works again"
+
+    ts = ToolSettings(breaker_threshold=3, breaker_window=60)
+    flaky_only = tools(flaky=flaky)
+
+    async def call() -> str:
+        [out] = await runner.run_round([FunctionCall("a", "flaky", "{}")], flaky_only, ts, "u")
+        return out.output
+
+    for _ in range(3):
+        await call()
+    clock.now += 61  # the pause is over: the next call is allowed ...
+    assert "still broken" in await call() and len(ran) == 4
+    assert "paused for 60 seconds" in await call()  # ... and its failure reopened at once
+    assert len(ran) == 4
+    clock.now += 61
+    broken[0] = False
+    assert await call() == "works again"  # a success after the pause closes it
+    broken[0] = True
+    assert "still broken" in await call() and "still broken" in await call()
+    assert len(ran) == 7 and runner.breakers.snapshot()["u/flaky"]["open"] is False
+
+
 def test_breaker_success_closes_and_old_failures_expire() -> None:
     clock = Clock()
     b = ToolBreakers(clock)

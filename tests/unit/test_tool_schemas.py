@@ -113,10 +113,21 @@ leaf = st.sampled_from([{"type": "string"}, {"type": "integer", "minimum": 0},
                         {"type": "number"}, {"type": "boolean"},
                         {"type": "string", "enum": ["a", "b"]},
                         {"type": "string", "default": "x", "description": "d"}])
-free_form = st.sampled_from([{"type": "object"}, {}, {"type": "object",
-                             "additionalProperties": {"type": "string"}},
-                             {"allOf": [{"type": "string"}]},
-                             {"type": "array", "items": [{"type": "string"}]}])
+FREE_FORM: list[dict[str, Any]] = [
+    {"type": "object"}, {}, {"type": "object", "properties": {}},
+    {"type": "object", "additionalProperties": True},
+    {"type": "object", "additionalProperties": {"type": "string"}},
+    {"allOf": [{"type": "string"}]}, {"type": "array", "items": [{"type": "string"}]}]
+free_form = st.sampled_from(FREE_FORM)
+
+
+def has_free_form(node: Any) -> bool:
+    """Whether a generated schema contains one of the FREE_FORM nodes anywhere."""
+    if isinstance(node, dict):
+        return node in FREE_FORM or any(has_free_form(v) for v in node.values())
+    if isinstance(node, list):
+        return any(has_free_form(v) for v in node)
+    return False
 
 
 def objects(children: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, Any]]:
@@ -157,10 +168,28 @@ def test_strictified_schemas_follow_the_strict_rules(schema: dict[str, Any]) -> 
 @given(objects(st.recursive(leaf | free_form, compound, max_leaves=8)))
 def test_unstrictifiable_schemas_are_sent_unchanged(schema: dict[str, Any]) -> None:
     result, strict = strictify(schema)
+    assert strict is not has_free_form(schema)  # one free-form node anywhere: non-strict
     if strict:
         assert strict_violations(result, result) == []
     else:
         assert result == schema
+
+
+@pytest.mark.parametrize("free", [{"type": "object"}, {"type": "object", "properties": {}},
+                                  {"type": "object", "additionalProperties": True}])
+def test_free_form_objects_are_sent_non_strict_at_the_root_or_nested(free: dict[str, Any]
+                                                                     ) -> None:
+    assert strictify(free) == (free, False)  # the model may pass any keys
+    nested = {"type": "object", "properties": {"data": free, "n": {"type": "integer"}},
+              "required": ["n"]}
+    assert strictify(nested) == (nested, False)
+
+
+def test_closed_objects_stay_strict() -> None:
+    closed = {"type": "object", "properties": {}, "additionalProperties": False}
+    assert strictify(closed) == ({**closed, "required": []}, True)
+    declared, strict = strictify({"type": "object", "properties": {"a": {"type": "string"}}})
+    assert strict and declared["additionalProperties"] is False  # as OpenAI's SDK does
 
 
 def test_strictify_examples() -> None:
@@ -270,8 +299,31 @@ def test_arguments_are_parsed_or_refused_never_guessed(raw: str) -> None:
 
 
 def test_null_optional_arguments_are_dropped() -> None:
-    assert parse_arguments('{"a": null, "b": null, "c": 1}', frozenset({"a"})) == {
-        "b": None, "c": 1}
+    schema = {"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "string"},
+                                               "c": {"type": "integer"}}, "required": ["b"]}
+    assert parse_arguments('{"a": null, "b": null, "c": 1}', schema) == {"b": None, "c": 1}
+
+
+NESTED = {"type": "object", "properties": {
+    "opts": {"type": "object", "properties": {
+        "limit": {"type": "integer"}, "tag": {"type": ["string", "null"]},
+        "must": {"type": "integer"}, "where": {"$ref": "#/$defs/Place"}},
+        "required": ["must"]},
+    "rows": {"type": "array", "items": {"$ref": "#/$defs/Place"}},
+    "pick": {"anyOf": [{"type": "string"}, {"$ref": "#/$defs/Place"}]}},
+    "required": ["opts"],
+    "$defs": {"Place": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def test_nested_null_optional_arguments_are_dropped() -> None:
+    assert parse_arguments('{"opts": {"limit": null}}', NESTED) == {"opts": {}}
+    raw = json.dumps({"opts": {"limit": None, "tag": None, "must": None,
+                               "where": {"city": None}},
+                      "rows": [{"city": None}, {"city": "Rio"}], "pick": {"city": None}})
+    assert parse_arguments(raw, NESTED) == {  # required or nullable nulls stay
+        "opts": {"tag": None, "must": None, "where": {}},
+        "rows": [{}, {"city": "Rio"}], "pick": {}}
+    assert parse_arguments('{"opts": null}', NESTED) == {"opts": None}  # required: kept
 
 
 def test_result_text_and_truncation() -> None:
@@ -335,5 +387,23 @@ def test_tool_cards_in_history_become_readable_lines() -> None:
 
 
 def test_undeclared_argument_names_are_dropped() -> None:
-    assert parse_arguments('{"a": 1, "zz": 2}', known=frozenset({"a"})) == {"a": 1}
+    declared = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    assert parse_arguments('{"a": 1, "zz": 2}', declared) == {"a": 1}
     assert parse_arguments('{"a": 1, "zz": 2}') == {"a": 1, "zz": 2}
+    assert parse_arguments('{"a": 1, "zz": 2}', {"type": "object"}) == {"a": 1, "zz": 2}
+
+
+def test_citations_number_urls_once_and_keep_source_names_distinct() -> None:
+    from openrouter_responses_pipe import CitationBook, citation_suffix, source_event
+
+    def ann(url: str, title: str) -> dict[str, Any]:
+        return {"type": "url_citation", "url": url, "title": title}
+
+    book = CitationBook()
+    used, new = book.cite([ann("https://a.example/1", "News"), ann("https://b.example", "B")])
+    assert used == [1, 2] and citation_suffix(used) == " [1][2]"
+    used, new2 = book.cite([ann("https://b.example", "B"), ann("https://c.example/x", "News")])
+    assert used == [2, 3] and [n for n, _ in new2] == [3]  # a later round keeps number 2
+    # Open WebUI 0.6.28 numbers chips by distinct source name: equal titles must differ
+    names = [source_event(n, a)["data"]["metadata"][0]["name"] for n, a in [*new, *new2]]
+    assert names == ["News", "B", "News (https://c.example/x)"]
