@@ -1437,22 +1437,20 @@ def input_parts(parts: Iterable[ContentPart], entry: CatalogEntry
 
 _DATA_URL = re.compile(r"data:(?P<mime>[^;,]*)(?P<params>(?:;[^;,]*)*),", re.IGNORECASE)
 _BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+_DATA_URL_HEADER = 2048  # the `data:<mime>;params,` part is looked for in this many chars
+_B64_BLANKS = " \t\n\r\f"  # ASCII whitespace, which may wrap a data URL's base64
+_B64_UNBLANK = str.maketrans("", "", _B64_BLANKS)
+_SCAN_WINDOW = 1 << 16
 
 
 @dataclass(frozen=True, slots=True)
 class DataURL:
-    """A parsed `data:` URL; the payload stays encoded until someone needs the bytes."""
+    """A parsed `data:` URL; the payload stays encoded, `size` is its decoded size."""
 
     mime: str
     is_base64: bool
     payload: str
-
-    @property
-    def size(self) -> int:
-        """Decoded size, computed from the encoded length without decoding."""
-        if self.is_base64:
-            return estimate_base64_size(self.payload)
-        return len(urllib.parse.unquote_to_bytes(self.payload))
+    size: int
 
     def head(self, n: int = 48) -> bytes:
         """The first bytes, for sniffing (decodes at most `n` characters)."""
@@ -1474,20 +1472,69 @@ def estimate_base64_size(payload: str) -> int:
     return max(length * 3 // 4 - padding, 0)
 
 
-def parse_data_url(url: str) -> DataURL:
-    """`data:<mime>[;params][;base64],<payload>` -> DataURL; IntakeError when malformed."""
-    match = _DATA_URL.match(url)
+def check_payload_size(text: str, start: int, is_base64: bool, kind: str, cap: int) -> None:
+    """Refuse the data-URL payload `text[start:]` when it decodes to more than `cap` bytes,
+    before anything is copied or decoded. Its raw length bounds the decoded size from above
+    (base64: 3/4 of it; percent-encoding: 1 byte per ASCII char) and, for percent-encoding,
+    from below (3 chars per byte at most); base64 that the raw bound can't clear is counted
+    in place, stopping as soon as the characters seen prove it too large. A payload neither
+    bound decides is left to the exact check after parsing (it is within a few caps)."""
+    length = len(text) - start
+    if is_base64:
+        if length * 3 // 4 <= cap:
+            return
+        enough = -(-(cap + 3) * 4 // 3)  # this many base64 chars decode to > cap bytes
+        if _base64_chars(text, start, enough) >= enough:
+            check_size(kind, length * 3 // 4, cap, bound="about")
+        return
+    if -(-length // 3) > cap:
+        check_size(kind, -(-length // 3), cap, bound="at least")
+
+
+def _base64_chars(text: str, start: int, enough: int) -> int:
+    """Non-blank characters of `text[start:]`, counted in place (no copy); stops once at
+    least `enough` are seen."""
+    seen, pos, end = 0, start, len(text)
+    while pos < end and seen < enough:
+        stop = min(end, pos + max(enough - seen, _SCAN_WINDOW))
+        seen += stop - pos - sum(text.count(c, pos, stop) for c in _B64_BLANKS)
+        pos = stop
+    return seen
+
+
+def parse_data_url(url: str, kind: str = "file", cap: int | None = None) -> DataURL:
+    """`data:<mime>[;params][;base64],<payload>` -> DataURL; IntakeError when malformed.
+    With `cap`, a payload decoding to more than `cap` bytes is refused
+    (PayloadTooLargeError) from its length first, before the payload is copied."""
+    match = _DATA_URL.match(url, 0, _DATA_URL_HEADER)
     if match is None:
         raise IntakeError("The attachment is not a valid data URL.")
     params = [p.strip().lower() for p in match.group("params").split(";") if p.strip()]
     mime = normalise_mime(match.group("mime") or "text/plain")
-    payload = url[match.end():]
     is_b64 = "base64" in params
+    if cap is not None:
+        check_payload_size(url, match.end(), is_b64, kind, cap)
+    payload = url[match.end():]
     if is_b64:
-        payload = re.sub(r"\s+", "", payload)
+        payload = payload.translate(_B64_UNBLANK)
         if not _BASE64.fullmatch(payload) or len(payload) % 4 == 1:
             raise IntakeError("The attachment's data URL is not valid base64.")
-    return DataURL(mime, is_b64, payload)
+        size = estimate_base64_size(payload)
+    else:
+        size = _percent_decoded_size(payload)
+    if cap is not None:
+        check_size(kind, size, cap)
+    return DataURL(mime, is_b64, payload, size)
+
+
+def _percent_decoded_size(payload: str) -> int:
+    if payload.isascii() and "%" not in payload:
+        return len(payload)
+    try:
+        return len(urllib.parse.unquote_to_bytes(payload))
+    except UnicodeEncodeError as exc:
+        raise IntakeError("The attachment's data URL has characters that can't be "
+                          "encoded.") from exc
 
 
 def normalise_mime(mime: str) -> str:
@@ -1549,10 +1596,12 @@ def kind_of_mime(mime: str) -> str:
     return major if major in ("image", "audio", "video") else "file"
 
 
-def check_size(kind: str, size: int, cap: int) -> None:
+def check_size(kind: str, size: int, cap: int, *, bound: str = "") -> None:
+    """PayloadTooLargeError when `size` is over `cap` (`bound`: "about", "at least"…)."""
     if size > cap:
         raise PayloadTooLargeError(
-            f"The {_PART_LABELS[kind].split(' ', 1)[1]} is {megabytes(size)}, over the "
+            f"The {_PART_LABELS[kind].split(' ', 1)[1]} is {bound + ' ' if bound else ''}"
+            f"{megabytes(size)}, over the "
             f"{megabytes(cap)} limit.",
             hint="Send a smaller one, or ask an admin to raise the limit.")
 
@@ -2187,6 +2236,7 @@ class Intake:
     async def _audio(self, part: Any, job: IntakeJob) -> ContentPart:
         source = part.data
         if not _is_reference(source):  # raw base64, as input_audio carries it
+            check_payload_size(source, 0, True, "audio", job.limits.cap("audio"))
             fmt = part.format.lower() if part.format else "mp3"
             source = f"data:audio/{'mpeg' if fmt == 'mp3' else fmt};base64,{source}"
         media = await self.media(source, "audio", job)  # always a base64 data URL
@@ -2204,8 +2254,7 @@ class Intake:
         """Any source (data URL, Open WebUI file, remote URL) -> an inline, checked Media."""
         cap = job.limits.cap(kind)
         if source.startswith("data:"):
-            parsed = parse_data_url(source)
-            check_size(kind, parsed.size, cap)
+            parsed = parse_data_url(source, kind, cap)  # refused from its length first
             mime = settle_mime(kind, parsed.mime, sniff_mime(parsed.head()))
             if parsed.is_base64 and mime == parsed.mime:
                 return Media(source, mime)

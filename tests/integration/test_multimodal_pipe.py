@@ -187,7 +187,7 @@ async def test_oversize_image_is_refused_from_its_length_and_the_text_still_goes
     await stream(pipe, chat(GPT4O, image(durl("image/png", PNG * 2))), __event_emitter__=events)
     assert sent_parts(emulator) == [{"type": "input_text", "text": "What is this?"}]
     assert notes(events) == [
-        "An image was left out: The image is 0.4 KB, over the 0.1 KB limit. "
+        "An image was left out: The image is about 0.4 KB, over the 0.1 KB limit. "
         "Send a smaller one, or ask an admin to raise the limit."]
 
 
