@@ -2038,6 +2038,19 @@ async def _owui_call(fn: Callable[..., Any], *args: Any) -> Any:
     return await result if inspect.isawaitable(result) else result
 
 
+async def _owui_db(doing: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """An Open WebUI database call; its failure (SQLAlchemy, OSError…) becomes an
+    IntakeError naming what failed, so only this attachment is refused, never the turn."""
+    try:
+        return await _owui_call(fn, *args)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # Open WebUI's database (any driver) failing
+        LOG.warning("Open WebUI's database failed to %s", doing, exc_info=True)
+        raise IntakeError(f"Open WebUI's database failed to {doing} "
+                          f"({type(exc).__name__}).") from exc
+
+
 def _owui_module(name: str) -> Any:
     try:
         return importlib.import_module(name)
@@ -2051,7 +2064,8 @@ class OwuiFileStore:
 
     async def find(self, file_id: str) -> Any:
         files = _owui_module("open_webui.models.files")
-        return await _owui_call(files.Files.get_file_by_id, file_id)
+        return await _owui_db(f"look up the attached file {file_id}",
+                              files.Files.get_file_by_id, file_id)
 
     async def read(self, file_id: str, user_id: str, user_role: str, cap: int,
                    kind: str) -> StoredFile:
@@ -2060,7 +2074,7 @@ class OwuiFileStore:
             raise IntakeError(f"The attached file {file_id} no longer exists in Open WebUI.")
         meta = record.meta or {}
         name = str(meta.get("name") or record.filename or file_id)
-        if not await self._may_read(record, user_id, user_role):
+        if not await self._may_read(record, user_id, user_role, name):
             raise IntakeError(f"You don't have access to the attached file '{name}'.")
         if not record.path:
             raise IntakeError(f"The original of '{name}' is no longer stored.")
@@ -2076,10 +2090,10 @@ class OwuiFileStore:
         mime = normalise_mime(str(meta.get("content_type") or "")) or _guess_mime(name)
         return StoredFile(record.id, name, mime, data)
 
-    async def _may_read(self, record: Any, user_id: str, user_role: str) -> bool:
+    async def _may_read(self, record: Any, user_id: str, user_role: str, name: str) -> bool:
         if record.user_id == user_id or user_role == "admin":
             return True
-        return await _shared_with(record.id, user_id)
+        return await _shared_with(record.id, user_id, name)
 
     async def save(self, file_id: str, user_id: str, name: str, mime: str, data: bytes,
                    source: str) -> None:
@@ -2096,7 +2110,8 @@ class OwuiFileStore:
         form = files.FileForm(id=file_id, hash=hashlib.sha256(data).hexdigest(), filename=name,
                               path=path, data={}, meta={"name": name, "content_type": mime,
                                                         "size": len(data), "source_url": source})
-        if await _owui_call(files.Files.insert_new_file, user_id, form) is None:
+        if await _owui_db(f"record the saved file '{name}'", files.Files.insert_new_file,
+                          user_id, form) is None:
             raise IntakeError("Open WebUI refused to record the saved file.")
 
     async def upload_limit_mb(self, request: Any) -> float | None:
@@ -2126,7 +2141,7 @@ def _guess_mime(name: str) -> str:
     return normalise_mime(mimetypes.guess_type(name)[0] or "application/octet-stream")
 
 
-async def _shared_with(file_id: str, user_id: str) -> bool:
+async def _shared_with(file_id: str, user_id: str, name: str) -> bool:
     """Open WebUI's own sharing rule (knowledge bases, channels…) where the version has one."""
     check = None
     for module in ("open_webui.utils.access_control.files", "open_webui.routers.files"):
@@ -2139,7 +2154,7 @@ async def _shared_with(file_id: str, user_id: str) -> bool:
     if check is None:
         return False
     users = _owui_module("open_webui.models.users").Users
-    user = await _owui_call(users.get_user_by_id, user_id)
+    user = await _owui_db(f"check your access to '{name}'", users.get_user_by_id, user_id)
     if user is None:
         return False
     try:
