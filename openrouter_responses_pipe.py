@@ -417,9 +417,10 @@ class Valves(BaseModel):
                     "about the rest).")
     SEND_FILES_NATIVELY: bool = Field(
         default=False,
-        description="Send documents attached to a chat to models that read files "
-                    "natively (e.g. PDFs), instead of leaving them to Open WebUI's "
-                    "retrieval (RAG) alone.")
+        description="Also send documents attached to a chat natively (e.g. PDFs) to "
+                    "models that read files. Open WebUI still adds its retrieval (RAG) "
+                    "excerpts for them unless the model's 'File Context' capability is off "
+                    "(Open WebUI 0.12; 0.6 has no such switch), so the model gets both.")
     SAVE_REMOTE_MEDIA: bool = Field(
         default=True,
         description="Save downloaded remote images/files into Open WebUI's file store, "
@@ -493,8 +494,9 @@ class UserValves(BaseModel):
     # ── Multimodal intake (issue #4) ──
     SEND_FILES_NATIVELY: Literal["inherit", "on", "off"] = Field(
         default="inherit",
-        description="Send your attached documents (PDFs…) to file-capable models "
-                    "natively (`inherit` = admin default).")
+        description="Also send your attached documents (PDFs…) to file-capable models "
+                    "natively (`inherit` = admin default); Open WebUI's excerpts may "
+                    "still be added.")
 
     # ── Artifact store (issue #5) ──
     REASONING_RETENTION: Literal["inherit", "conversation", "next_reply", "disabled"] = Field(
@@ -2348,7 +2350,8 @@ def _default_name(mime: str) -> str:
 def attach_files(messages: tuple[ChatMessage, ...], files: Iterable[Mapping[str, Any]],
                  job: IntakeJob) -> tuple[ChatMessage, ...]:
     """`__files__` -> parts on the last user message, when SEND_FILES_NATIVELY is on and the
-    model reads that kind; otherwise Open WebUI's retrieval handles them (never both)."""
+    model reads that kind. Open WebUI's retrieval runs for them either way (a pipe can't skip
+    it; on 0.12 the model's "File Context" capability can), so the model may get both."""
     if not job.limits.send_files:
         return messages
     last = next((i for i in range(len(messages) - 1, -1, -1)
