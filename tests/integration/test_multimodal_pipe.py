@@ -497,3 +497,15 @@ async def test_a_failing_user_lookup_refuses_only_the_shared_file(pipe, emulator
     assert sent_parts(emulator) == [{"type": "input_text", "text": "What is this?"}]
     assert notes(events) == ["An image was left out: Open WebUI's database failed to check "
                              "your access to 'shared.png' (OperationalError)."]
+
+
+async def test_a_cancelled_lookup_is_not_turned_into_a_refusal(owui):
+    """Cancellation (the user pressed stop) passes through the database guard untouched."""
+    from openrouter_responses_pipe import OwuiFileStore
+
+    async def cancelled(*args, **kwargs):
+        raise asyncio.CancelledError
+
+    owui.modules["open_webui.models.files"].Files.get_file_by_id = cancelled
+    with pytest.raises(asyncio.CancelledError):
+        await OwuiFileStore().find("f-1")
