@@ -418,9 +418,10 @@ class Valves(BaseModel):
                     "about the rest).")
     SEND_FILES_NATIVELY: bool = Field(
         default=False,
-        description="Send documents attached to a chat to models that read files "
-                    "natively (e.g. PDFs), instead of leaving them to Open WebUI's "
-                    "retrieval (RAG) alone.")
+        description="Also send documents attached to a chat natively (e.g. PDFs) to "
+                    "models that read files. Open WebUI still adds its retrieval (RAG) "
+                    "excerpts for them unless the model's 'File Context' capability is off "
+                    "(Open WebUI 0.12; 0.6 has no such switch), so the model gets both.")
     SAVE_REMOTE_MEDIA: bool = Field(
         default=True,
         description="Save downloaded remote images/files into Open WebUI's file store, "
@@ -494,8 +495,9 @@ class UserValves(BaseModel):
     # ── Multimodal intake (issue #4) ──
     SEND_FILES_NATIVELY: Literal["inherit", "on", "off"] = Field(
         default="inherit",
-        description="Send your attached documents (PDFs…) to file-capable models "
-                    "natively (`inherit` = admin default).")
+        description="Also send your attached documents (PDFs…) to file-capable models "
+                    "natively (`inherit` = admin default); Open WebUI's excerpts may "
+                    "still be added.")
 
     # ── Artifact store (issue #5) ──
     REASONING_RETENTION: Literal["inherit", "conversation", "next_reply", "disabled"] = Field(
@@ -1438,22 +1440,20 @@ def input_parts(parts: Iterable[ContentPart], entry: CatalogEntry
 
 _DATA_URL = re.compile(r"data:(?P<mime>[^;,]*)(?P<params>(?:;[^;,]*)*),", re.IGNORECASE)
 _BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+_DATA_URL_HEADER = 2048  # the `data:<mime>;params,` part is looked for in this many chars
+_B64_BLANKS = " \t\n\r\f"  # ASCII whitespace, which may wrap a data URL's base64
+_B64_UNBLANK = str.maketrans("", "", _B64_BLANKS)
+_SCAN_WINDOW = 1 << 16
 
 
 @dataclass(frozen=True, slots=True)
 class DataURL:
-    """A parsed `data:` URL; the payload stays encoded until someone needs the bytes."""
+    """A parsed `data:` URL; the payload stays encoded, `size` is its decoded size."""
 
     mime: str
     is_base64: bool
     payload: str
-
-    @property
-    def size(self) -> int:
-        """Decoded size, computed from the encoded length without decoding."""
-        if self.is_base64:
-            return estimate_base64_size(self.payload)
-        return len(urllib.parse.unquote_to_bytes(self.payload))
+    size: int
 
     def head(self, n: int = 48) -> bytes:
         """The first bytes, for sniffing (decodes at most `n` characters)."""
@@ -1475,20 +1475,69 @@ def estimate_base64_size(payload: str) -> int:
     return max(length * 3 // 4 - padding, 0)
 
 
-def parse_data_url(url: str) -> DataURL:
-    """`data:<mime>[;params][;base64],<payload>` -> DataURL; IntakeError when malformed."""
-    match = _DATA_URL.match(url)
+def check_payload_size(text: str, start: int, is_base64: bool, kind: str, cap: int) -> None:
+    """Refuse the data-URL payload `text[start:]` when it decodes to more than `cap` bytes,
+    before anything is copied or decoded. Its raw length bounds the decoded size from above
+    (base64: 3/4 of it; percent-encoding: 1 byte per ASCII char) and, for percent-encoding,
+    from below (3 chars per byte at most); base64 that the raw bound can't clear is counted
+    in place, stopping as soon as the characters seen prove it too large. A payload neither
+    bound decides is left to the exact check after parsing (it is within a few caps)."""
+    length = len(text) - start
+    if is_base64:
+        if length * 3 // 4 <= cap:
+            return
+        enough = -(-(cap + 3) * 4 // 3)  # this many base64 chars decode to > cap bytes
+        if _base64_chars(text, start, enough) >= enough:
+            check_size(kind, length * 3 // 4, cap, bound="about")
+        return
+    if -(-length // 3) > cap:
+        check_size(kind, -(-length // 3), cap, bound="at least")
+
+
+def _base64_chars(text: str, start: int, enough: int) -> int:
+    """Non-blank characters of `text[start:]`, counted in place (no copy); stops once at
+    least `enough` are seen."""
+    seen, pos, end = 0, start, len(text)
+    while pos < end and seen < enough:
+        stop = min(end, pos + max(enough - seen, _SCAN_WINDOW))
+        seen += stop - pos - sum(text.count(c, pos, stop) for c in _B64_BLANKS)
+        pos = stop
+    return seen
+
+
+def parse_data_url(url: str, kind: str = "file", cap: int | None = None) -> DataURL:
+    """`data:<mime>[;params][;base64],<payload>` -> DataURL; IntakeError when malformed.
+    With `cap`, a payload decoding to more than `cap` bytes is refused
+    (PayloadTooLargeError) from its length first, before the payload is copied."""
+    match = _DATA_URL.match(url, 0, _DATA_URL_HEADER)
     if match is None:
         raise IntakeError("The attachment is not a valid data URL.")
     params = [p.strip().lower() for p in match.group("params").split(";") if p.strip()]
     mime = normalise_mime(match.group("mime") or "text/plain")
-    payload = url[match.end():]
     is_b64 = "base64" in params
+    if cap is not None:
+        check_payload_size(url, match.end(), is_b64, kind, cap)
+    payload = url[match.end():]
     if is_b64:
-        payload = re.sub(r"\s+", "", payload)
+        payload = payload.translate(_B64_UNBLANK)
         if not _BASE64.fullmatch(payload) or len(payload) % 4 == 1:
             raise IntakeError("The attachment's data URL is not valid base64.")
-    return DataURL(mime, is_b64, payload)
+        size = estimate_base64_size(payload)
+    else:
+        size = _percent_decoded_size(payload)
+    if cap is not None:
+        check_size(kind, size, cap)
+    return DataURL(mime, is_b64, payload, size)
+
+
+def _percent_decoded_size(payload: str) -> int:
+    if payload.isascii() and "%" not in payload:
+        return len(payload)
+    try:
+        return len(urllib.parse.unquote_to_bytes(payload))
+    except UnicodeEncodeError as exc:
+        raise IntakeError("The attachment's data URL has characters that can't be "
+                          "encoded.") from exc
 
 
 def normalise_mime(mime: str) -> str:
@@ -1550,10 +1599,12 @@ def kind_of_mime(mime: str) -> str:
     return major if major in ("image", "audio", "video") else "file"
 
 
-def check_size(kind: str, size: int, cap: int) -> None:
+def check_size(kind: str, size: int, cap: int, *, bound: str = "") -> None:
+    """PayloadTooLargeError when `size` is over `cap` (`bound`: "about", "at least"…)."""
     if size > cap:
         raise PayloadTooLargeError(
-            f"The {_PART_LABELS[kind].split(' ', 1)[1]} is {megabytes(size)}, over the "
+            f"The {_PART_LABELS[kind].split(' ', 1)[1]} is {bound + ' ' if bound else ''}"
+            f"{megabytes(size)}, over the "
             f"{megabytes(cap)} limit.",
             hint="Send a smaller one, or ask an admin to raise the limit.")
 
@@ -1990,6 +2041,19 @@ async def _owui_call(fn: Callable[..., Any], *args: Any) -> Any:
     return await result if inspect.isawaitable(result) else result
 
 
+async def _owui_db(doing: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """An Open WebUI database call; its failure (SQLAlchemy, OSError…) becomes an
+    IntakeError naming what failed, so only this attachment is refused, never the turn."""
+    try:
+        return await _owui_call(fn, *args)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # Open WebUI's database (any driver) failing
+        LOG.warning("Open WebUI's database failed to %s", doing, exc_info=True)
+        raise IntakeError(f"Open WebUI's database failed to {doing} "
+                          f"({type(exc).__name__}).") from exc
+
+
 def _owui_module(name: str) -> Any:
     try:
         return importlib.import_module(name)
@@ -2003,7 +2067,8 @@ class OwuiFileStore:
 
     async def find(self, file_id: str) -> Any:
         files = _owui_module("open_webui.models.files")
-        return await _owui_call(files.Files.get_file_by_id, file_id)
+        return await _owui_db(f"look up the attached file {file_id}",
+                              files.Files.get_file_by_id, file_id)
 
     async def read(self, file_id: str, user_id: str, user_role: str, cap: int,
                    kind: str) -> StoredFile:
@@ -2012,7 +2077,7 @@ class OwuiFileStore:
             raise IntakeError(f"The attached file {file_id} no longer exists in Open WebUI.")
         meta = record.meta or {}
         name = str(meta.get("name") or record.filename or file_id)
-        if not await self._may_read(record, user_id, user_role):
+        if not await self._may_read(record, user_id, user_role, name):
             raise IntakeError(f"You don't have access to the attached file '{name}'.")
         if not record.path:
             raise IntakeError(f"The original of '{name}' is no longer stored.")
@@ -2028,10 +2093,10 @@ class OwuiFileStore:
         mime = normalise_mime(str(meta.get("content_type") or "")) or _guess_mime(name)
         return StoredFile(record.id, name, mime, data)
 
-    async def _may_read(self, record: Any, user_id: str, user_role: str) -> bool:
+    async def _may_read(self, record: Any, user_id: str, user_role: str, name: str) -> bool:
         if record.user_id == user_id or user_role == "admin":
             return True
-        return await _shared_with(record.id, user_id)
+        return await _shared_with(record.id, user_id, name)
 
     async def save(self, file_id: str, user_id: str, name: str, mime: str, data: bytes,
                    source: str) -> None:
@@ -2048,7 +2113,8 @@ class OwuiFileStore:
         form = files.FileForm(id=file_id, hash=hashlib.sha256(data).hexdigest(), filename=name,
                               path=path, data={}, meta={"name": name, "content_type": mime,
                                                         "size": len(data), "source_url": source})
-        if await _owui_call(files.Files.insert_new_file, user_id, form) is None:
+        if await _owui_db(f"record the saved file '{name}'", files.Files.insert_new_file,
+                          user_id, form) is None:
             raise IntakeError("Open WebUI refused to record the saved file.")
 
     async def upload_limit_mb(self, request: Any) -> float | None:
@@ -2078,7 +2144,7 @@ def _guess_mime(name: str) -> str:
     return normalise_mime(mimetypes.guess_type(name)[0] or "application/octet-stream")
 
 
-async def _shared_with(file_id: str, user_id: str) -> bool:
+async def _shared_with(file_id: str, user_id: str, name: str) -> bool:
     """Open WebUI's own sharing rule (knowledge bases, channels…) where the version has one."""
     check = None
     for module in ("open_webui.utils.access_control.files", "open_webui.routers.files"):
@@ -2091,7 +2157,7 @@ async def _shared_with(file_id: str, user_id: str) -> bool:
     if check is None:
         return False
     users = _owui_module("open_webui.models.users").Users
-    user = await _owui_call(users.get_user_by_id, user_id)
+    user = await _owui_db(f"check your access to '{name}'", users.get_user_by_id, user_id)
     if user is None:
         return False
     try:
@@ -2188,6 +2254,7 @@ class Intake:
     async def _audio(self, part: Any, job: IntakeJob) -> ContentPart:
         source = part.data
         if not _is_reference(source):  # raw base64, as input_audio carries it
+            check_payload_size(source, 0, True, "audio", job.limits.cap("audio"))
             fmt = part.format.lower() if part.format else "mp3"
             source = f"data:audio/{'mpeg' if fmt == 'mp3' else fmt};base64,{source}"
         media = await self.media(source, "audio", job)  # always a base64 data URL
@@ -2205,8 +2272,7 @@ class Intake:
         """Any source (data URL, Open WebUI file, remote URL) -> an inline, checked Media."""
         cap = job.limits.cap(kind)
         if source.startswith("data:"):
-            parsed = parse_data_url(source)
-            check_size(kind, parsed.size, cap)
+            parsed = parse_data_url(source, kind, cap)  # refused from its length first
             mime = settle_mime(kind, parsed.mime, sniff_mime(parsed.head()))
             if parsed.is_base64 and mime == parsed.mime:
                 return Media(source, mime)
@@ -2285,7 +2351,8 @@ def _default_name(mime: str) -> str:
 def attach_files(messages: tuple[ChatMessage, ...], files: Iterable[Mapping[str, Any]],
                  job: IntakeJob) -> tuple[ChatMessage, ...]:
     """`__files__` -> parts on the last user message, when SEND_FILES_NATIVELY is on and the
-    model reads that kind; otherwise Open WebUI's retrieval handles them (never both)."""
+    model reads that kind. Open WebUI's retrieval runs for them either way (a pipe can't skip
+    it; on 0.12 the model's "File Context" capability can), so the model may get both."""
     if not job.limits.send_files:
         return messages
     last = next((i for i in range(len(messages) - 1, -1, -1)

@@ -144,3 +144,71 @@ def test_uploaded_audio_and_video_reach_a_model_that_takes_them(owui):
     assert [p for p in parts if p["type"] == "input_video"] == [
         {"type": "input_video", "video_url": data_url("video/mp4", MP4)}]
     assert not stored_message(chat).get("error")
+
+
+NOTES = b"%PDF-1.4\n% meeting notes\n%%EOF\n"
+SECRET = "The secret word is PAPAYA."
+
+
+def extracted_file(client, uploaded: dict) -> dict:
+    """A chat `files` item for a document Open WebUI has extracted, in "full context" mode
+    (the chat's "Using Entire Document" toggle): retrieval needs no embedding engine then."""
+    item = client.chat_file(uploaded)
+    item["file"] = {**uploaded, "data": {**(uploaded.get("data") or {}), "content": SECRET}}
+    return {**item, "context": "full"}
+
+
+def excerpts(body: dict) -> list[str]:
+    """Texts of the request (instructions, any message) carrying the document's words."""
+    texts = [body.get("instructions") or ""]
+    for item in body["input"]:
+        content = item.get("content")
+        texts += [content] if isinstance(content, str) else [
+            p.get("text") or "" for p in content or [] if isinstance(p, dict)]
+    return [t for t in texts if "PAPAYA" in t]
+
+
+def set_file_context(owui, model: str, on: bool) -> None:
+    """Admin → Models → the pipe's model → Capabilities → File Context (0.12)."""
+    caps = {"vision": True, "file_upload": True, "file_context": on}
+    form = {"id": model, "base_model_id": None, "name": "GPT-4o (pipe)",
+            "meta": {"capabilities": caps}, "params": {}, "is_active": True}
+    client = owui.client
+    found = client.request("GET", "/api/v1/models/model", params={"id": model}, ok=(200, 401, 404))
+    if found.status_code == 200 and found.json():
+        client.request("POST", "/api/v1/models/model/update", params={"id": model}, json=form)
+    else:
+        client.request("POST", "/api/v1/models/create", json=form)
+    client.list_models(refresh=True)  # as the browser does; Open WebUI caches the model list
+
+
+def test_natively_sent_documents_still_get_open_webuis_excerpts_unless_file_context_is_off(
+        owui):
+    """What MULTIMODAL_IMPLEMENTATION.md says about SEND_FILES_NATIVELY and RAG: the pipe
+    can't stop Open WebUI's retrieval; on 0.12 the model's File Context capability can."""
+    client = owui.client
+    pdf = client.upload_file("notes.pdf", NOTES, "application/pdf")
+    model = owui.model("openai/gpt-4o")
+    prompt = "What is the secret word in my notes"
+
+    def turn() -> dict:
+        since = len(owui.emulator.requests)
+        with valves(owui, SEND_FILES_NATIVELY=True):
+            client.chat_ui(model, prompt, files=[extracted_file(client, pdf)])
+        # (the default RAG template starts with "### Task:", so turn_posts can't be used)
+        posts = [r["json"] for r in owui.emulator.requests[since:]
+                 if r["method"] == "POST" and r["path"].endswith("/responses")
+                 and any(p.get("type") == "input_file" for p in user_parts(r["json"]))]
+        assert len(posts) == 1
+        assert [p["filename"] for p in user_parts(posts[0]) if p["type"] == "input_file"] == [
+            "notes.pdf"]
+        return posts[0]
+
+    assert excerpts(turn())  # the PDF natively *and* Open WebUI's excerpt
+    if owui.legacy:
+        return  # 0.6.28: no File Context capability; retrieval always runs
+    set_file_context(owui, model, on=False)
+    try:
+        assert excerpts(turn()) == []  # the PDF only
+    finally:
+        set_file_context(owui, model, on=True)

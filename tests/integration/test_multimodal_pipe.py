@@ -187,7 +187,7 @@ async def test_oversize_image_is_refused_from_its_length_and_the_text_still_goes
     await stream(pipe, chat(GPT4O, image(durl("image/png", PNG * 2))), __event_emitter__=events)
     assert sent_parts(emulator) == [{"type": "input_text", "text": "What is this?"}]
     assert notes(events) == [
-        "An image was left out: The image is 0.4 KB, over the 0.1 KB limit. "
+        "An image was left out: The image is about 0.4 KB, over the 0.1 KB limit. "
         "Send a smaller one, or ask an admin to raise the limit."]
 
 
@@ -436,3 +436,76 @@ async def test_non_streamed_chats_get_the_same_notes(pipe, emulator, events):
     assert "What is this?" in answer
     assert notes(events) == [
         "OpenAI: GPT-3.5 Turbo can't read images, so an image was left out of the request."]
+
+
+# ------------------------------------------------------------------ Open WebUI's DB failing
+
+
+def break_file_lookups(handle, tmp_path) -> None:
+    """`Files.get_file_by_id` runs on an engine whose database can't be opened: a genuine
+    SQLAlchemy OperationalError, as from a version whose lookup doesn't swallow errors."""
+    from sqlalchemy import create_engine, text
+
+    broken = create_engine(f"sqlite:///{tmp_path}/no-such-dir/webui.db")
+
+    def lookup(*args, **kwargs):
+        with broken.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    async def alookup(*args, **kwargs):
+        return lookup()
+
+    files = handle.modules["open_webui.models.files"].Files
+    files.get_file_by_id = alookup if handle.flavour == "async" else lookup
+
+
+async def test_a_failing_file_lookup_refuses_only_that_attachment(pipe, emulator, owui, events,
+                                                                   tmp_path):
+    break_file_lookups(owui, tmp_path)
+    out = await stream(pipe, chat(GPT4O, image("/api/v1/files/f-1/content")), __user__=USER,
+                       __event_emitter__=events)
+    assert out.error is None and "What is this?" in out.text  # the chat answers
+    assert sent_parts(emulator) == [{"type": "input_text", "text": "What is this?"}]
+    assert notes(events) == ["An image was left out: Open WebUI's database failed to look up "
+                             "the attached file f-1 (OperationalError)."]
+
+
+async def test_a_failing_saved_copy_lookup_just_downloads_again(mpipe, emulator, media, owui,
+                                                                events, tmp_path):
+    break_file_lookups(owui, tmp_path)
+    url = "http://cdn.example.com/cat.png"
+    out = await stream(mpipe, chat(GPT4O, image(url)), __user__=USER, __event_emitter__=events)
+    assert out.error is None and notes(events) == []
+    assert of_type(sent_parts(emulator), "input_image")[0]["image_url"] == durl("image/png",
+                                                                                PNG)
+    assert media.hits == {"cat.png": 1}
+
+
+@pytest.mark.parametrize("owui", ["async"], indirect=True)  # 0.6.28's lookup returns None
+async def test_a_failing_user_lookup_refuses_only_the_shared_file(pipe, emulator, owui, events):
+    """0.12.4's `Users.get_user_by_id` raises when the DB fails (no try); the pipe needs it
+    to ask Open WebUI whether someone else's file is shared with this user."""
+    from sqlalchemy import text
+
+    file_id = store_file(owui, "u2", "shared.png", PNG, "image/png")
+    with owui.db.get_db() as session:
+        session.execute(text('DROP TABLE "user"'))
+        session.commit()
+    out = await stream(pipe, chat(GPT4O, image(f"/api/v1/files/{file_id}/content")),
+                       __user__=USER, __event_emitter__=events)
+    assert out.error is None and "What is this?" in out.text
+    assert sent_parts(emulator) == [{"type": "input_text", "text": "What is this?"}]
+    assert notes(events) == ["An image was left out: Open WebUI's database failed to check "
+                             "your access to 'shared.png' (OperationalError)."]
+
+
+async def test_a_cancelled_lookup_is_not_turned_into_a_refusal(owui):
+    """Cancellation (the user pressed stop) passes through the database guard untouched."""
+    from openrouter_responses_pipe import OwuiFileStore
+
+    async def cancelled(*args, **kwargs):
+        raise asyncio.CancelledError
+
+    owui.modules["open_webui.models.files"].Files.get_file_by_id = cancelled
+    with pytest.raises(asyncio.CancelledError):
+        await OwuiFileStore().find("f-1")

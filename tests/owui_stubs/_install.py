@@ -56,6 +56,7 @@ STUB_MODULES = {
         "open_webui.routers.files",
         "open_webui.utils.misc",
         "open_webui.utils.json_codec",
+        "open_webui.utils.access_control.files",
     ),
 }
 

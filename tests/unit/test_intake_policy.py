@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import tracemalloc
+import urllib.parse
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from openrouter_responses_pipe import (
+    MB,
     AudioPart,
     FilePart,
     ImagePart,
     IntakeError,
+    PayloadTooLargeError,
     UnsafeURLError,
     UserValves,
     Valves,
@@ -440,3 +444,64 @@ def test_each_kind_maps_to_its_responses_part_or_a_note():
 ])
 def test_only_video_platform_pages_are_left_for_the_provider_to_fetch(url, page):
     assert is_video_page(url) is page
+
+
+# ------------------------------------------------------------------ size before parsing
+
+
+def _wrapped(encoded: str, blanks: list[str]) -> str:
+    """`encoded` with whitespace inserted after every 1..n characters (as mail/PEM wrap)."""
+    out, i = [], 0
+    for j, blank in enumerate(blanks):
+        step = j % 7 + 1
+        out.append(encoded[i:i + step] + blank)
+        i += step
+    return "".join(out) + encoded[i:]
+
+
+@given(st.binary(max_size=600), st.integers(min_value=0, max_value=900),
+       st.lists(st.sampled_from([" ", "\n", "\r\n", "\t", "\f", "    "]), max_size=200))
+def test_base64_refusal_from_the_length_matches_the_exact_decoded_size(data, cap, blanks):
+    """Whether the raw length decides (fast path) or the payload is counted, a data URL is
+    refused exactly when its decoded bytes are over the cap."""
+    url = "data:image/png;base64," + _wrapped(base64.b64encode(data).decode(), blanks)
+    if len(data) > cap:
+        with pytest.raises(PayloadTooLargeError, match="over the"):
+            parse_data_url(url, "image", cap)
+    else:
+        assert parse_data_url(url, "image", cap).size == len(data)
+
+
+@given(st.binary(max_size=400), st.integers(min_value=0, max_value=900),
+       st.sampled_from(["", "/", "/:;=?&@ "]))
+def test_percent_encoded_refusal_matches_the_exact_decoded_size(data, cap, safe):
+    url = "data:application/octet-stream," + urllib.parse.quote_from_bytes(data, safe=safe)
+    if len(data) > cap:
+        with pytest.raises(PayloadTooLargeError, match="over the"):
+            parse_data_url(url, "file", cap)
+    else:
+        assert parse_data_url(url, "file", cap).size == len(data)
+
+
+async def test_huge_attachments_are_refused_without_copying_or_decoding_them():
+    """64 MB of base64 (an image data URL, a raw audio clip) and 48 MB of percent-encoding
+    against 1 MB caps: each is refused with the cap named, and the intake's peak allocation
+    stays a tiny fraction of the payload (no copy, no whitespace scan, no decode)."""
+    from openrouter_responses_pipe import Intake
+
+    job = _job(_entry("image", "file", "audio"), MAX_IMAGE_MB=1, MAX_FILE_MB=1,
+               MAX_AUDIO_MB=1)
+    raw = "A" * (64 * MB)
+    cases = [(ImagePart("data:image/png;base64," + raw), "The image is about 48.0 MB"),
+             (FilePart("data:application/pdf," + "%41" * (16 * MB), "a.pdf"),
+              "The file is at least 16.0 MB"),
+             (AudioPart(raw, "mp3"), "The audio clip is about 48.0 MB")]
+    for part, words in cases:
+        tracemalloc.start()
+        try:
+            refused = await Intake()._part(part, job)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 4 * MB, peak
+        assert words in refused.reason and "over the 1.0 MB limit" in refused.reason

@@ -289,6 +289,7 @@ SIGNATURES = {
         ("utils/misc.py", "get_output_text"),
         ("utils/misc.py", "sanitize_text_for_db"),
         ("utils/misc.py", "sanitize_data_for_db"),
+        ("utils/access_control/files.py", "has_access_to_file"),
         ("constants.py", "_error_message"),
         *_COMMON_STORAGE,
     ],
