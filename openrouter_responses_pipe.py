@@ -4466,7 +4466,8 @@ class ArtifactStore:
     def spawn(self, work: Awaitable[Any]) -> None:
         """Run housekeeping in the background (a turn never waits for it)."""
         task = asyncio.ensure_future(work)
-        self._background.add(task)
+        task.set_name(f"orp-artifact-{getattr(work, '__name__', 'housekeeping')}")
+        self._background.add(task)  # a strong reference until done; close() cancels it
         task.add_done_callback(self._background.discard)
         task.add_done_callback(_log_task_failure)
 

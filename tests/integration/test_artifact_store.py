@@ -360,3 +360,19 @@ async def test_a_background_flush_that_crashes_is_logged_not_swallowed(
     assert await store.redis.depth() == 2  # and the rows stay queued
     await store.close()
     await client.aclose()
+
+
+async def test_a_cleanup_that_crashes_unexpectedly_is_logged_not_swallowed(tmp_path, caplog):
+    class Broken:
+        async def run(self, fn):
+            raise RuntimeError("driver bug in cleanup")
+
+    store = ArtifactStore(ArtifactDB(Broken(), artifact_table_name(unique_pipe_id())))
+    with caplog.at_level("ERROR", logger="openrouter_responses_pipe"):
+        store.spawn(store.cleanup_logged(30, 24))
+        (task,) = store._background
+        await asyncio.wait([task])
+        await asyncio.sleep(0)  # done-callbacks run on the next loop iteration
+    assert any("orp-artifact-cleanup_logged failed: RuntimeError: driver bug in cleanup"
+               in r.getMessage() for r in caplog.records)
+    assert not store._background
