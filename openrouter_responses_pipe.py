@@ -3907,9 +3907,12 @@ def sent_reasoning_ids(sent: Iterable[Mapping[str, Any]],
     items = [i for i in sent if i.get("type") == REASONING_ITEM]
     out: list[str] = []
     for item_id, stored in artifacts.items():
-        kind = stored.get("type")
-        parts = ([stored] if kind == REASONING_ITEM else list(stored.get("items") or ())
-                 if kind == PASSTHROUGH_ITEM else [])
+        if stored.get("type") == REASONING_ITEM:
+            parts: list[Any] = [stored]
+        elif stored.get("type") == PASSTHROUGH_ITEM:
+            parts = list(stored.get("items") or ())
+        else:
+            continue
         if any(part in items for part in parts):
             out.append(item_id)
     return tuple(out)
@@ -4278,25 +4281,22 @@ class WriteBehind:
             return 0
         try:
             raw = await self.redis.lrange(self.pending_key, 0, self.batch - 1)
-            rows, bad = _split_readable(raw)
-            if bad and not await self._quarantine(bad, token):
-                return 0
-            raw = [v for v in raw if v not in bad]
-            if not raw:
+            rows, bad = _split_readable(raw)  # bad ones go aside; the good ones then lead
+            if (bad and not await self._quarantine(bad, token)) or not rows:
                 return 0
             try:
                 await db.insert(rows)
             except ArtifactStoreError as exc:  # the DB said no: keep every row queued
                 self.last_error = f"{type(exc).__name__}: {exc}"[:300]
-                LOG.warning("Artifact flush failed; %d rows stay queued: %s", len(raw),
+                LOG.warning("Artifact flush failed; %d rows stay queued: %s", len(rows),
                             self.last_error)
                 return 0
             if not await self.redis.eval(_TRIM_IF_OWNER, 2, self.lock_key, self.pending_key,
-                                         token, len(raw)):
+                                         token, len(rows)):
                 LOG.warning("Artifact flush lock expired during a slow write; not trimming")
                 return 0
             self.last_error = None
-            return len(raw)
+            return len(rows)
         finally:
             await self.redis.eval(_RELEASE_LOCK, 1, self.lock_key, token)
 
@@ -4345,6 +4345,7 @@ def _log_task_failure(task: asyncio.Task[Any]) -> None:
     if exc is not None:
         LOG.error("Background artifact task %s failed: %s: %s", task.get_name(),
                   type(exc).__name__, exc, exc_info=exc)
+
 
 _REDIS_ERRORS: list[tuple[type[BaseException], ...]] = []
 
