@@ -4003,7 +4003,7 @@ def replay_items(items: list[dict[str, Any]], artifacts: Mapping[str, Mapping[st
             continue
         age = len(assistants) - 1 - assistants.index(index)  # 0 = the latest reply
         out.extend(_expand(str(item["content"]), artifacts, policy, age))
-    return repair_orphans(_attach_passthrough(out, artifacts))
+    return repair_orphans(_attach_passthrough(out, artifacts, policy))
 
 
 def _unmarked_user(item: dict[str, Any]) -> dict[str, Any]:
@@ -4061,19 +4061,39 @@ def _prune(item: dict[str, Any], policy: ReplayPolicy, age: int) -> dict[str, An
     return {**item, "output": output[:PRUNE_HEAD] + note + output[-PRUNE_TAIL:]}
 
 
-def _attach_passthrough(items: list[dict[str, Any]], artifacts: Mapping[str, Mapping[str, Any]]
-                        ) -> list[dict[str, Any]]:
-    """Put reasoning stored under a call id (passthrough mode) before that call."""
+def _attach_passthrough(items: list[dict[str, Any]], artifacts: Mapping[str, Mapping[str, Any]],
+                        policy: ReplayPolicy) -> list[dict[str, Any]]:
+    """Put reasoning stored under a call id (passthrough mode) before that call, under the
+    same policy as marker reasoning: none when disabled, only the target model's family."""
     by_call = {str(v.get("_call_id")): v for v in artifacts.values() if v.get("_call_id")}
-    if not by_call:
+    if not by_call or policy.reasoning == "disabled":
         return items
     out: list[dict[str, Any]] = []
     for item in items:
         stored = by_call.pop(str(item.get("call_id")), None)
         if item.get("type") == "function_call" and stored is not None:
-            out.extend(dict(r) for r in stored.get("items") or ())
+            out.extend(dict(r) for r in stored.get("items") or ()
+                       if reasoning_fits(r, policy.model_id))
         out.append(item)
     return out
+
+
+def sent_reasoning_ids(sent: Iterable[Mapping[str, Any]],
+                       artifacts: Mapping[str, Mapping[str, Any]]) -> tuple[str, ...]:
+    """Ids of stored reasoning (marker or passthrough rows) whose items are in `sent` (the
+    request's input): what `next_reply` retention may delete. Filtered-out rows don't count."""
+    items = [i for i in sent if i.get("type") == REASONING_ITEM]
+    out: list[str] = []
+    for item_id, stored in artifacts.items():
+        if stored.get("type") == REASONING_ITEM:
+            parts: list[Any] = [stored]
+        elif stored.get("type") == PASSTHROUGH_ITEM:
+            parts = list(stored.get("items") or ())
+        else:
+            continue
+        if any(part in items for part in parts):
+            out.append(item_id)
+    return tuple(out)
 
 
 def repair_orphans(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -4175,10 +4195,16 @@ class ArtifactRow:
 
     @classmethod
     def unpack(cls, raw: bytes | str) -> ArtifactRow:
-        data = _loads(raw)
-        return cls(str(data["id"]), str(data["chat_id"]), str(data["message_id"]),
-                   int(data["seq"]), str(data["item_type"]), base64.b64decode(data["payload"]),
-                   float(data["created_at"]))
+        """Bytes from Redis -> row; ArtifactStoreError for anything that isn't a packed row."""
+        try:
+            data = _loads(raw)
+            return cls(str(data["id"]), str(data["chat_id"]), str(data["message_id"]),
+                       int(data["seq"]), str(data["item_type"]),
+                       base64.b64decode(data["payload"], validate=True),
+                       float(data["created_at"]))
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            # binascii.Error and JSON/UTF-8 decode errors are ValueErrors
+            raise ArtifactStoreError(f"unreadable queued row ({type(exc).__name__})") from None
 
 
 class DBRunner(Protocol):
@@ -4367,6 +4393,11 @@ _RELEASE_LOCK = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
 # another worker may have flushed (and trimmed) the same rows already.
 _TRIM_IF_OWNER = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
                   "redis.call('ltrim', KEYS[2], tonumber(ARGV[2]), -1) return 1 else return 0 end")
+# Move unreadable entries from the queue (KEYS[2]) to quarantine (KEYS[3]) while holding the
+# lock, so the rows behind them can flush; nothing is deleted without a copy.
+_QUARANTINE_IF_OWNER = ("if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end "
+                        "for i = 2, #ARGV do redis.call('rpush', KEYS[3], ARGV[i]) "
+                        "redis.call('lrem', KEYS[2], 1, ARGV[i]) end return 1")
 
 
 class WriteBehind:
@@ -4383,6 +4414,7 @@ class WriteBehind:
         self.pending_key = f"orp:{namespace}:pending"
         self.lock_key = f"orp:{namespace}:flush-lock"
         self.cache_prefix = f"orp:{namespace}:item:"
+        self.quarantine_key = f"orp:{namespace}:quarantine"
         self.batch = batch
         self.lock_ms = lock_ms
         self.last_error: str | None = None
@@ -4400,7 +4432,7 @@ class WriteBehind:
         if not ids:
             return {}
         raw = await self.redis.mget([self.cache_prefix + i for i in ids])
-        return {r.id: r for r in (ArtifactRow.unpack(v) for v in raw if v)}
+        return {r.id: r for r in readable_rows(v for v in raw if v)}
 
     async def cache(self, rows: Iterable[ArtifactRow], ttl: int) -> None:
         if ttl:
@@ -4410,7 +4442,7 @@ class WriteBehind:
                 await pipe.execute()
 
     async def pending(self, ids: set[str] | None = None) -> list[ArtifactRow]:
-        rows = [ArtifactRow.unpack(v) for v in await self.redis.lrange(self.pending_key, 0, -1)]
+        rows = readable_rows(await self.redis.lrange(self.pending_key, 0, -1))
         return [r for r in rows if ids is None or r.id in ids]
 
     async def depth(self) -> int:
@@ -4427,26 +4459,71 @@ class WriteBehind:
             return 0
         try:
             raw = await self.redis.lrange(self.pending_key, 0, self.batch - 1)
-            if not raw:
+            rows, bad = _split_readable(raw)  # bad ones go aside; the good ones then lead
+            if (bad and not await self._quarantine(bad, token)) or not rows:
                 return 0
             try:
-                await db.insert([ArtifactRow.unpack(v) for v in raw])
+                await db.insert(rows)
             except ArtifactStoreError as exc:  # the DB said no: keep every row queued
                 self.last_error = f"{type(exc).__name__}: {exc}"[:300]
-                LOG.warning("Artifact flush failed; %d rows stay queued: %s", len(raw),
+                LOG.warning("Artifact flush failed; %d rows stay queued: %s", len(rows),
                             self.last_error)
                 return 0
             if not await self.redis.eval(_TRIM_IF_OWNER, 2, self.lock_key, self.pending_key,
-                                         token, len(raw)):
+                                         token, len(rows)):
                 LOG.warning("Artifact flush lock expired during a slow write; not trimming")
                 return 0
             self.last_error = None
-            return len(raw)
+            return len(rows)
         finally:
             await self.redis.eval(_RELEASE_LOCK, 1, self.lock_key, token)
 
+    async def _quarantine(self, bad: list[bytes], token: str) -> bool:
+        """Move unreadable queue entries aside (never dropped); False if the lock was lost."""
+        moved = await self.redis.eval(_QUARANTINE_IF_OWNER, 3, self.lock_key, self.pending_key,
+                                      self.quarantine_key, token, *bad)
+        if moved:
+            for value in bad:
+                LOG.error("Unreadable queued artifact row (%d bytes) moved to %s for "
+                          "inspection", len(value), self.quarantine_key)
+        return bool(moved)
+
+    async def quarantined(self) -> int:
+        return int(await self.redis.llen(self.quarantine_key))
+
+
+def _split_readable(raw: Iterable[bytes]) -> tuple[list[ArtifactRow], list[bytes]]:
+    """Queue entries -> (the rows that unpack, the raw entries that don't)."""
+    rows: list[ArtifactRow] = []
+    bad: list[bytes] = []
+    for value in raw:
+        try:
+            rows.append(ArtifactRow.unpack(value))
+        except ArtifactStoreError:
+            bad.append(value)
+    return rows, bad
+
+
+def readable_rows(raw: Iterable[bytes]) -> list[ArtifactRow]:
+    """The rows among Redis values that unpack; the others are skipped with a log line."""
+    rows, bad = _split_readable(raw)
+    if bad:
+        LOG.warning("Skipped %d unreadable artifact rows in Redis", len(bad))
+    return rows
+
 
 # -- the store: database, optionally behind Redis -------------------------------------------
+
+
+def _log_task_failure(task: asyncio.Task[Any]) -> None:
+    """Done-callback of background storage work: a failure is logged here, never lost."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        LOG.error("Background artifact task %s failed: %s: %s", task.get_name(),
+                  type(exc).__name__, exc, exc_info=exc)
+
 
 _REDIS_ERRORS: list[tuple[type[BaseException], ...]] = []
 
@@ -4542,8 +4619,8 @@ class ArtifactStore:
         if not self.auto_flush or self.redis is None:
             return
         if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self.drain())
-            self._flusher.add_done_callback(_consume_task_exception)
+            self._flusher = asyncio.create_task(self.drain(), name="orp-artifact-flush")
+            self._flusher.add_done_callback(_log_task_failure)
 
     async def drain(self, *, max_wait: float = 30.0,
                     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> int:
@@ -4568,9 +4645,10 @@ class ArtifactStore:
     def spawn(self, work: Awaitable[Any]) -> None:
         """Run housekeeping in the background (a turn never waits for it)."""
         task = asyncio.ensure_future(work)
-        self._background.add(task)
+        task.set_name(f"orp-artifact-{getattr(work, '__name__', 'housekeeping')}")
+        self._background.add(task)  # a strong reference until done; close() cancels it
         task.add_done_callback(self._background.discard)
-        task.add_done_callback(_consume_task_exception)
+        task.add_done_callback(_log_task_failure)
 
     async def cleanup_logged(self, days: int, interval_hours: float) -> None:
         try:
@@ -4596,9 +4674,10 @@ class ArtifactStore:
         if self.redis is None:
             return store, "not used (single worker or REDIS_WRITE_BEHIND off)"
         depth = await self._redis_try(self.redis.depth())
+        quarantined = await self._redis_try(self.redis.quarantined())
         store["backend"] = "database behind Redis write-behind"
         return store, {"pending_rows": depth, "last_flush_error": self.redis.last_error,
-                       "last_error": self.redis_error}
+                       "last_error": self.redis_error, "quarantined_rows": quarantined}
 
     async def close(self) -> None:
         for task in [self._flusher, *self._background]:
@@ -5572,8 +5651,8 @@ class Pipe:
         if not req.task:  # chats loop over tool rounds; tasks never call tools
             plan = with_tools(plan, req, entry, turn.context.tools,
                               turn.context.metadata.get("features") or {}, turn.settings.tools)
-        plan = dataclasses.replace(plan, replayed_reasoning=tuple(
-            i for i, item in artifacts.items() if item.get("type") == REASONING_ITEM))
+        plan = dataclasses.replace(plan, replayed_reasoning=sent_reasoning_ids(
+            plan.payload.get("input") or (), artifacts))
         LOG.info("Turn: model=%s stream=%s task=%s messages=%d", entry.id,
                  plan.payload.get("stream"), turn.req.task, len(turn.req.messages))
         if LOG.isEnabledFor(logging.DEBUG) and turn.log.level <= logging.DEBUG:

@@ -253,3 +253,132 @@ async def test_cleanup_runs_after_turns_and_removes_only_unused_items(emulator, 
     await stream(pipe, chat_body(("q", stale.text), ask="again"), __metadata__=CHAT)
     assert "reasoning" not in [i.get("type") for i in posts(emulator)[-1]["json"]["input"]]
     await pipe.close()
+
+
+# -- review follow-up: passthrough reasoning obeys retention and model family; next_reply
+#    deletes only reasoning that was actually sent -------------------------------------------
+
+PT_REASONING = {"type": "reasoning", "id": "rs_pt", "summary": [],
+                "encrypted_content": "gAAAA-passthrough", "format": "openai-responses-v1"}
+
+
+async def store_passthrough(pipe: Pipe) -> None:
+    """What a passthrough turn stores: the reasoning before `call_w`, which Open WebUI runs."""
+    from openrouter_responses_pipe import (
+        CallContext,
+        Emitter,
+        RequestLog,
+        RequestSettings,
+        Turn,
+        parse_chat_request,
+    )
+
+    req = parse_chat_request(chat_body(ask="weather?"), {"id": "u"}, CHAT, None)
+    turn = Turn(req, RequestSettings.merge(pipe.valves, None), Emitter(None),
+                RequestLog("r", "u", "chat-A", 20), CallContext(CHAT))
+    await pipe._checkpoint_passthrough(turn, [PT_REASONING], ["call_w"])
+
+
+def tool_results_body(model: str = NANO) -> dict:
+    """Open WebUI calling the pipe again with the result of the call it ran."""
+    calls = [{"id": "call_w", "type": "function",
+              "function": {"name": "weather", "arguments": "{}"}}]
+    return {"model": f"openrouter.{model}", "stream": True, "messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": "", "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "call_w", "content": "sunny"}]}
+
+
+def sent_kinds(emulator) -> list[str]:
+    return [i.get("type") for i in posts(emulator)[-1]["json"]["input"]]
+
+
+async def test_passthrough_reasoning_is_not_sent_when_the_user_disabled_retention(
+        emulator, sleeps, db):
+    pipe = make_pipe(emulator, sleeps, db)
+    await store_passthrough(pipe)
+    user = {"id": "u1", "role": "user", "valves": {"REASONING_RETENTION": "disabled"}}
+    out = await stream(pipe, tool_results_body(), __metadata__=CHAT, __user__=user)
+    assert out.error is None and out.text
+    assert sent_kinds(emulator) == ["message", "function_call", "function_call_output"]
+    await stream(pipe, tool_results_body(), __metadata__=CHAT)  # the default: sent
+    assert sent_kinds(emulator) == ["message", "reasoning", "function_call",
+                                    "function_call_output"]
+    await pipe.close()
+
+
+async def test_passthrough_reasoning_of_an_openai_model_is_not_sent_to_anthropic(
+        emulator, sleeps, db):
+    pipe = make_pipe(emulator, sleeps, db)
+    await store_passthrough(pipe)
+    out = await stream(pipe, tool_results_body("anthropic/claude-sonnet-4"), __metadata__=CHAT)
+    assert out.error is None and out.text
+    assert sent_kinds(emulator) == ["message", "function_call", "function_call_output"]
+    await stream(pipe, tool_results_body(), __metadata__=CHAT)  # back on OpenAI: still there
+    assert posts(emulator)[-1]["json"]["input"][1] == PT_REASONING
+    await pipe.close()
+
+
+async def test_next_reply_sends_passthrough_reasoning_once_then_deletes_it(
+        emulator, sleeps, db):
+    pipe = make_pipe(emulator, sleeps, db, REASONING_RETENTION="next_reply")
+    await store_passthrough(pipe)
+    await stream(pipe, tool_results_body(), __metadata__=CHAT)
+    assert posts(emulator)[-1]["json"]["input"][1] == PT_REASONING
+    out = await stream(pipe, tool_results_body(), __metadata__=CHAT)  # e.g. a regeneration
+    assert out.error is None and out.text
+    assert "reasoning" not in sent_kinds(emulator)
+    await pipe.close()
+
+
+async def test_next_reply_keeps_reasoning_another_model_family_did_not_receive(
+        emulator, sleeps, db):
+    pipe = make_pipe(emulator, sleeps, db, REASONING_RETENTION="next_reply")
+    first = await stream(pipe, chat_body(ask="What is 2 + 2?"), __metadata__=CHAT)
+    produced = reasoning_output(emulator)
+    history = ("What is 2 + 2?", first.text)
+    claude = {**chat_body(history, ask="b"), "model": "openrouter.anthropic/claude-sonnet-4"}
+    out = await stream(pipe, claude, __metadata__=CHAT)
+    assert out.error is None and "reasoning" not in sent_kinds(emulator)
+    await stream(pipe, chat_body(history, ask="c"), __metadata__=CHAT)  # back on OpenAI
+    assert posts(emulator)[-1]["json"]["input"][1] == produced
+    await stream(pipe, chat_body(history, ask="d"), __metadata__=CHAT)  # sent once: gone
+    assert "reasoning" not in sent_kinds(emulator)
+    await pipe.close()
+
+
+async def test_a_garbage_entry_in_the_redis_queue_never_breaks_chats_or_blocks_storage(
+        emulator, sleeps, tmp_path, redis_server):  # noqa: F811
+    import asyncio
+
+    import redis as redis_sync
+
+    from openrouter_responses_pipe import artifact_table_name
+
+    env = {"REDIS_URL": redis_server.url, "WEBSOCKET_MANAGER": "redis", "UVICORN_WORKERS": "2"}
+    runner, dispose = sqlite_sync(tmp_path)
+    pipe = Pipe(sleep=sleeps, artifact_db=runner, env=env)
+    pipe.valves = pipe.Valves(BASE_URL=emulator.base_url, API_KEY="sk-or-test",
+                              ARTIFACT_ENCRYPTION_KEY="k", REDIS_CACHE_TTL_SECONDS=0)
+    ns = f"orp:{artifact_table_name('openrouter')}"
+    client = redis_sync.Redis.from_url(redis_server.url)
+    garbage = b'{"id": "half-written row'
+    client.rpush(f"{ns}:pending", garbage)
+    first = await stream(pipe, chat_body(ask="What is 2 + 2?"), __metadata__=CHAT)
+    assert first.error is None and len(marker_ids(first.text)) == 1
+    produced = reasoning_output(emulator)
+    for _ in range(500):  # the background flush writes the good row behind the garbage
+        if stored_payloads(tmp_path):
+            break
+        await asyncio.sleep(0.01)
+    assert len(stored_payloads(tmp_path)) == 1
+    assert client.llen(f"{ns}:pending") == 0
+    assert client.lrange(f"{ns}:quarantine", 0, -1) == [garbage]
+    client.rpush(f"{ns}:pending", garbage)  # even while one is queued, reads skip it
+    second = await stream(pipe, chat_body(("What is 2 + 2?", first.text), ask="next"),
+                          __metadata__=CHAT)
+    assert second.error is None and second.text
+    assert posts(emulator)[-1]["json"]["input"][1] == produced
+    await pipe.close()
+    client.close()
+    dispose()

@@ -302,3 +302,77 @@ async def test_a_flush_whose_lock_expired_does_not_trim_rows_it_did_not_write(
     assert db_ids(tmp_path, name) == {r.id for r in saved}
     await client.aclose()
     dispose()
+
+
+GARBAGE = [b"\xff\xfe not a packed row", b'{"id": "x"}', b'{"id": "y", "chat_id": "c", '
+           b'"message_id": "m", "seq": 0, "item_type": "t", "payload": "%%%", "created_at": 1}']
+
+
+async def test_unreadable_queued_entries_are_quarantined_and_the_rows_behind_them_flush(
+        wb_store, caplog):
+    store, failing, _, tmp = wb_store
+    saved = rows(5)
+    await store.save(saved, ttl=0)
+    client = store.redis.redis
+    await client.lpush(store.redis.pending_key, *reversed(GARBAGE))  # in front of good rows
+    failing.failing = True          # reads go to the queue, past the garbage
+    got = await store.load("chat-1", [r.id for r in saved], ttl=0)
+    assert set(got) == {r.id for r in saved}
+    failing.failing = False
+    with caplog.at_level("ERROR", logger="openrouter_responses_pipe"):
+        assert await store.drain() == 5
+    assert db_ids(tmp, store.db.table.name) == {r.id for r in saved}
+    assert await store.redis.depth() == 0
+    assert await client.lrange(store.redis.quarantine_key, 0, -1) == GARBAGE
+    logged = {r.getMessage() for r in caplog.records}
+    assert {f"Unreadable queued artifact row ({len(g)} bytes) moved to "
+            f"{store.redis.quarantine_key} for inspection" for g in GARBAGE} <= logged
+    _, health = await store.health()
+    assert isinstance(health, dict) and health["quarantined_rows"] == 3
+
+
+def test_unpacking_garbage_is_a_typed_error():
+    for raw in [*GARBAGE, b"[1]", b'"s"', b"", "\udcff"]:
+        with pytest.raises(ArtifactStoreError):
+            ArtifactRow.unpack(raw)
+    row = rows(1)[0]
+    assert ArtifactRow.unpack(row.pack()) == row
+
+
+async def test_a_background_flush_that_crashes_is_logged_not_swallowed(
+        redis_server, tmp_path, caplog):  # noqa: F811
+    class Broken:
+        async def run(self, fn):
+            raise RuntimeError("driver bug")
+
+    client = aioredis.from_url(redis_server.url)
+    name = artifact_table_name(unique_pipe_id())
+    store = ArtifactStore(ArtifactDB(Broken(), name), WriteBehind(client, name))
+    saved = rows(2)
+    with caplog.at_level("ERROR", logger="openrouter_responses_pipe"):
+        assert await store.save(saved, ttl=0) == [r.id for r in saved]  # queued; flush starts
+        flusher = store._flusher
+        assert flusher is not None
+        await asyncio.wait([flusher])
+        await asyncio.sleep(0)  # done-callbacks run on the next loop iteration
+    assert any("orp-artifact-flush failed: RuntimeError: driver bug" in r.getMessage()
+               for r in caplog.records)
+    assert await store.redis.depth() == 2  # and the rows stay queued
+    await store.close()
+    await client.aclose()
+
+
+async def test_a_cleanup_that_crashes_unexpectedly_is_logged_not_swallowed(tmp_path, caplog):
+    class Broken:
+        async def run(self, fn):
+            raise RuntimeError("driver bug in cleanup")
+
+    store = ArtifactStore(ArtifactDB(Broken(), artifact_table_name(unique_pipe_id())))
+    with caplog.at_level("ERROR", logger="openrouter_responses_pipe"):
+        store.spawn(store.cleanup_logged(30, 24))
+        (task,) = store._background
+        await asyncio.wait([task])
+        await asyncio.sleep(0)  # done-callbacks run on the next loop iteration
+    assert any("orp-artifact-cleanup_logged failed: RuntimeError: driver bug in cleanup"
+               in r.getMessage() for r in caplog.records)
+    assert not store._background

@@ -20,6 +20,7 @@ from openrouter_responses_pipe import (
     passthrough_row_item,
     repair_orphans,
     replay_items,
+    sent_reasoning_ids,
     storable,
 )
 
@@ -220,3 +221,24 @@ def test_markers_quoted_in_a_task_prompt_are_removed():
 def test_reasoning_open_webui_wrote_back_as_think_text_is_not_sent_as_an_answer():
     items = [user("q"), assistant("<think>I should call weather.</think>"), C1, O1]
     assert replay_items(items, {}, ReplayPolicy()) == [user("q"), C1, O1]
+
+
+def test_passthrough_reasoning_follows_retention_and_model_family():
+    pid = passthrough_id("chat-1", "call_1")
+    r1 = {**R1, "format": "openai-responses-v1"}
+    arts = {pid: passthrough_row_item([r1], "call_1")}
+    items = [user("q"), C1, O1]
+    assert replay_items(items, arts, ReplayPolicy(reasoning="disabled")) == [user("q"), C1, O1]
+    assert replay_items(items, arts, ReplayPolicy(model_id="anthropic/claude-4")) == [
+        user("q"), C1, O1]
+    assert replay_items(items, arts, ReplayPolicy(model_id="openai/gpt-5")) == [
+        user("q"), r1, C1, O1]
+
+
+def test_only_reasoning_put_into_the_request_counts_as_sent():
+    pid = passthrough_id("chat-1", "call_1")
+    r1 = {**R1, "format": "openai-responses-v1"}
+    arts = {IDS["r1"]: r1, IDS["r2"]: R2, IDS["c1"]: C1, pid: passthrough_row_item([r1], "c")}
+    assert sent_reasoning_ids([user("q"), R2, C1], arts) == (IDS["r2"],)
+    assert set(sent_reasoning_ids([r1, C1], arts)) == {IDS["r1"], pid}
+    assert sent_reasoning_ids([user("q"), C1], arts) == ()
