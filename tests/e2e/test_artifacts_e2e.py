@@ -117,6 +117,10 @@ def two_workers(emulator, fresh_database, tmp_path):
     env = {"DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{fresh_database}",
            "REDIS_URL": redis.url, "WEBSOCKET_MANAGER": "redis",
            "ENABLE_WEBSOCKET_SUPPORT": "true"}
+    # One worker first creates Open WebUI's own tables and default config: two workers
+    # initialising an empty PostgreSQL database at once race on config_pkey (UniqueViolation).
+    with OpenWebUIServer("0.12.4", data_dir=tmp_path / "owui", env=env, workers=1):
+        pass
     server = OpenWebUIServer("0.12.4", data_dir=tmp_path / "owui", env=env, workers=2)
     try:
         server.start()
@@ -141,7 +145,7 @@ def test_a_chat_continues_across_two_workers_on_postgres_and_redis(two_workers, 
     since = len(emulator.responses)
     chat = client.chat_ui(model, "Turn 1 [emu:reasoning style=summary]")
     questions = ["Turn 1"]
-    for turn in range(2, 7):
+    for turn in range(2, 17):  # until both workers served a turn (the kernel picks; bounded)
         # a fresh connection per turn, so the kernel may hand it to either worker
         fresh = OpenWebUIClient(server.base_url, token=client.token)
         n = len(emulator.requests)
