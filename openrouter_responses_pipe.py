@@ -3764,7 +3764,6 @@ def _is_async_callable(fn: Any) -> bool:
 REASONING_ITEM = "reasoning"
 PASSTHROUGH_ITEM = "reasoning_passthrough"  # reasoning before calls Open WebUI runs
 STORED_TYPES = frozenset({REASONING_ITEM, "function_call", "function_call_output"})
-_SURROGATE_CHARS = re.compile("[\ud800-\udfff]")
 _FLAG_LZ4, _FLAG_ZLIB, _FLAG_FERNET = 0x01, 0x02, 0x04
 _MARKER_LINE = re.compile(r"^\[orp:([0-9a-z]{8,64})\]: #[ \t]*$", re.MULTILINE)
 _MARKER_BLOCK = re.compile(r"(?:^\[orp:[0-9a-z]{8,64}\]: #[ \t]*(?:\n|$))+", re.MULTILINE)
@@ -3836,6 +3835,8 @@ def strip_markers(text: str) -> str:
 
 def split_markers(text: str) -> list[tuple[str, tuple[str, ...]]]:
     """Text -> [(text before a marker group, the group's ids)], the last group possibly empty."""
+    if "[orp:" not in text:  # most replies: skip the line-anchored scan of every character
+        return [(text, ())]
     out: list[tuple[str, tuple[str, ...]]] = []
     pos = 0
     for block in _MARKER_BLOCK.finditer(text):
@@ -3847,9 +3848,13 @@ def split_markers(text: str) -> list[tuple[str, tuple[str, ...]]]:
 
 def safe_text(value: str) -> str:
     """Lone surrogates -> U+FFFD, surrogate pairs joined: the result always encodes as UTF-8."""
-    if value.isascii() or not _SURROGATE_CHARS.search(value):
+    if value.isascii():
         return value
-    return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    try:
+        value.encode("utf-8")  # C speed; fails only on surrogates (a regex scan is ~30x slower)
+        return value
+    except UnicodeEncodeError:
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def safe_json(value: Any) -> Any:

@@ -169,3 +169,12 @@ def test_write_behind_only_for_several_workers_on_redis():
     assert wb({"REDIS_URL": url, "WEBSOCKET_MANAGER": "", "UVICORN_WORKERS": 2}) is None
     assert wb({"REDIS_URL": "", "WEBSOCKET_MANAGER": "redis", "UVICORN_WORKERS": 2}) is None
     assert wb({"REDIS_URL": url, "WEBSOCKET_MANAGER": "redis", "UVICORN_WORKERS": "x"}) is None
+
+
+def test_unencodable_text_is_repaired_and_everything_else_kept_as_is():
+    from openrouter_responses_pipe import safe_text
+
+    assert safe_text("plain ascii") == "plain ascii"
+    assert safe_text("naïve — 😀 ok") == "naïve — 😀 ok"
+    assert safe_text("lone \ud800 half") == "lone \ufffd half"
+    assert safe_text("split pair \ud83d\ude00") == "split pair 😀"  # joined, not replaced
