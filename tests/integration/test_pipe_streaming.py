@@ -148,7 +148,8 @@ async def test_flood_output_is_linear_each_character_sent_once(pipe):
     assert out.content_chunks <= 3000
 
 
-async def test_stopping_the_generation_cancels_upstream_promptly(pipe, emulator):
+async def stop_a_hanging_stream(pipe, emulator) -> None:
+    """Start a stream the emulator never finishes, then stop it the way Open WebUI does."""
     result = await pipe.pipe(body=body(GPT4O, "[emu:hang] wait"), __user__={"id": "u"})
     consumer = asyncio.create_task(anext(result))
     for _ in range(200):
@@ -160,6 +161,10 @@ async def test_stopping_the_generation_cancels_upstream_promptly(pipe, emulator)
     with pytest.raises(asyncio.CancelledError):
         await consumer
     await result.aclose()
+
+
+async def test_stopping_the_generation_cancels_upstream_promptly(pipe, emulator):
+    await stop_a_hanging_stream(pipe, emulator)
     for _ in range(200):
         if emulator.disconnects:
             break
@@ -241,16 +246,7 @@ async def test_finished_streams_give_their_connection_back_for_the_next_turn(pip
 
 
 async def test_a_stopped_stream_does_not_reuse_its_half_read_connection(pipe, emulator):
-    result = await pipe.pipe(body=body(GPT4O, "[emu:hang] wait"), __user__={"id": "u"})
-    consumer = asyncio.create_task(anext(result))
-    for _ in range(200):
-        if emulator.active_streams:
-            break
-        await asyncio.sleep(0.01)
-    consumer.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await consumer
-    await result.aclose()
+    await stop_a_hanging_stream(pipe, emulator)
     out = await stream(pipe, body(GPT4O, "after the stop"))
     assert out.error is None and "after the stop" in out.text
     first, second = (tuple(r["peer"]) for r in posts(emulator))
