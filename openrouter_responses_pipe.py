@@ -57,7 +57,7 @@ import urllib.parse
 import uuid
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal, Protocol
@@ -416,6 +416,11 @@ class Valves(BaseModel):
         default=20, ge=0, le=500,
         description="Images sent per request (the newest are kept; the user is told "
                     "about the rest).")
+    MAX_REQUEST_ATTACHMENTS_MB: float = Field(
+        default=100.0, gt=0, le=2000,
+        description="Largest total of the attachments inlined into one request, counted as "
+                    "sent (base64). Every turn re-sends the chat's attachments, so this "
+                    "bounds long chats: the newest are kept, the user is told about the rest.")
     SEND_FILES_NATIVELY: bool = Field(
         default=False,
         description="Also send documents attached to a chat natively (e.g. PDFs) to "
@@ -1259,6 +1264,7 @@ class IntakeLimits:
     denied_hosts: tuple[str, ...]
     fetch_budget: float
     fetch_retries: int
+    max_request: int = 100 * 1024 * 1024  # total inline bytes per request, as sent
 
     def cap(self, kind: str) -> int:
         return {"image": self.max_image, "file": self.max_file, "audio": self.max_audio,
@@ -1285,7 +1291,8 @@ def intake_limits(valves: Valves, user: UserValves) -> IntakeLimits:
         allowed_hosts=host_list(valves.REMOTE_FETCH_ALLOWED_HOSTS),
         denied_hosts=host_list(valves.REMOTE_FETCH_DENIED_HOSTS),
         fetch_budget=valves.REMOTE_FETCH_TIMEOUT_SECONDS,
-        fetch_retries=valves.REMOTE_FETCH_RETRIES)
+        fetch_retries=valves.REMOTE_FETCH_RETRIES,
+        max_request=int(valves.MAX_REQUEST_ATTACHMENTS_MB * MB))
 
 
 def host_list(csv: str) -> tuple[str, ...]:
@@ -1767,7 +1774,7 @@ VIDEO_PLATFORM_HOSTS = ("youtube.com", "youtu.be", "youtube-nocookie.com")
 def is_video_page(url: str) -> bool:
     """A link to a video platform's page (e.g. YouTube), which only the provider can read."""
     try:
-        host = (urllib.parse.urlsplit(url).hostname or "").lower()
+        host = (urllib.parse.urlsplit(url).hostname or "").lower().rstrip(".")
     except ValueError:
         return False
     return host_matches(host, VIDEO_PLATFORM_HOSTS)
@@ -2215,7 +2222,8 @@ class Intake:
             await self._upload_limit(request)))
         capped = cap_images(messages, job.limits.max_images, job.entry)
         resolved = [await self._message(m, job) if m.role == "user" else m for m in capped]
-        return dataclasses.replace(req, messages=tuple(resolved))
+        return dataclasses.replace(
+            req, messages=tuple(cap_request_size(resolved, job.limits.max_request)))
 
     async def _upload_limit(self, request: Any) -> float | None:
         try:
@@ -2395,25 +2403,63 @@ def file_part(item: Mapping[str, Any]) -> ContentPart | None:
     return VideoPart(url) if kind == "video" else FilePart(url, name)
 
 
+def _newest_first(messages: Iterable[ChatMessage],
+                  judge: Callable[[ContentPart], ContentPart]) -> list[ChatMessage]:
+    """Every part through `judge` (the part itself, or a RefusedPart), newest part first."""
+    out: list[ChatMessage] = []
+    for msg in reversed(list(messages)):
+        parts = [judge(part) for part in reversed(msg.parts)]
+        out.append(dataclasses.replace(msg, parts=tuple(reversed(parts))))
+    return list(reversed(out))
+
+
 def cap_images(messages: Iterable[ChatMessage], limit: int, entry: CatalogEntry
                ) -> list[ChatMessage]:
     """Keep the newest `limit` images the model would get; refuse older ones by name."""
     if not entry.accepts("image"):
         return list(messages)
     seen = 0
-    out: list[ChatMessage] = []
-    for msg in reversed(list(messages)):
-        parts: list[ContentPart] = []
-        for part in reversed(msg.parts):
-            if isinstance(part, ImagePart):
-                seen += 1
-                if seen > limit:
-                    part = RefusedPart("image", (
-                        f"An older image was left out: only the newest {limit} images are "
-                        "sent per request (MAX_IMAGES_PER_REQUEST)."))
-            parts.append(part)
-        out.append(dataclasses.replace(msg, parts=tuple(reversed(parts))))
-    return list(reversed(out))
+
+    def judge(part: ContentPart) -> ContentPart:
+        nonlocal seen
+        if not isinstance(part, ImagePart):
+            return part
+        seen += 1
+        return part if seen <= limit else RefusedPart("image", (
+            f"An older image was left out: only the newest {limit} images are sent per "
+            "request (MAX_IMAGES_PER_REQUEST)."))
+
+    return _newest_first(messages, judge)
+
+
+def inline_size(part: ContentPart) -> int:
+    """Bytes an attachment adds to a request as sent (its base64); 0 for links and text."""
+    if isinstance(part, AudioPart):
+        return len(part.data)
+    url = getattr(part, "url", "")
+    return len(url) if isinstance(url, str) and url.startswith("data:") else 0
+
+
+def cap_request_size(messages: Iterable[ChatMessage], cap: int) -> list[ChatMessage]:
+    """Keep the newest inline attachments that fit in `cap` bytes together (as sent); each
+    one that doesn't fit becomes a note. Every turn re-sends a chat's attachments."""
+    used = 0
+
+    def judge(part: ContentPart) -> ContentPart:
+        nonlocal used
+        size = inline_size(part)
+        if not size:
+            return part
+        if used + size > cap:
+            kind = part_kind(part) or "file"
+            return RefusedPart(kind, (
+                f"{_PART_LABELS[kind].capitalize()} ({megabytes(size)} as sent) was left "
+                f"out: one request carries at most {megabytes(cap)} of attachments, newest "
+                "first (MAX_REQUEST_ATTACHMENTS_MB)."))
+        used += size
+        return part
+
+    return _newest_first(messages, judge)
 
 
 # ─────────────────────────────────────────────────────────────────────────────
@@ -2480,17 +2526,19 @@ class _AiohttpResponse:
         terminator) so the connection goes back to the pool instead of being closed."""
         import aiohttp
 
-        content, budget = self._resp.content, 65536
+        content, budget, clean = self._resp.content, 65536, False
         try:
             async with asyncio.timeout(0.5):
                 while budget > 0 and (chunk := await content.read(budget)):
                     budget -= len(chunk)
+            clean = content.at_eof()
         except (TimeoutError, aiohttp.ClientError, OSError):
             pass
-        if content.at_eof():
-            self._resp.release()
-        else:  # a tail that never ends: don't wait for it, don't reuse the socket
-            self._resp.close()
+        finally:  # a tail that never ends, an error, a cancel: never reuse that socket
+            if clean:
+                self._resp.release()
+            else:
+                self._resp.close()
 
 
 def _exc_text(exc: BaseException) -> str:
@@ -2620,12 +2668,11 @@ class OpenRouterClient:
 
     async def fetch_models(self, settings: RequestSettings) -> Any:
         resp = await self._send("GET", "/models", None, settings, stream=False)
+        body = await read_body(resp)
         try:
-            return _loads(await resp.read())
+            return _loads(body)
         except ValueError as exc:
             raise UpstreamError("OpenRouter's model list was not valid JSON.") from exc
-        finally:
-            await resp.release()  # body read: the connection goes back to the pool
 
     async def open_response(self, payload: Mapping[str, Any], settings: RequestSettings
                             ) -> TransportResponse:
@@ -2662,11 +2709,18 @@ class OpenRouterClient:
 
     @staticmethod
     async def _error_from(resp: TransportResponse) -> UpstreamStatusError:
-        try:
-            body = await resp.read()
-        finally:
-            await resp.release()
-        return parse_upstream_error(resp.status, body, resp.headers)
+        return parse_upstream_error(resp.status, await read_body(resp), resp.headers)
+
+
+async def read_body(resp: TransportResponse) -> bytes:
+    """The whole body; the connection goes back to the pool, or is dropped if reading failed."""
+    try:
+        body = await resp.read()
+    except BaseException:
+        await resp.close()
+        raise
+    await resp.release()
+    return body
 
 
 def _with_attempts(err: UpstreamError, attempts: int) -> UpstreamError:
@@ -3338,7 +3392,7 @@ def parse_arguments(raw: str, schema: Mapping[str, Any] | None = None) -> dict[s
     """
     try:
         args = json.loads(raw) if raw.strip() else {}
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise BadToolArguments(f"The arguments were not valid JSON ({exc}).",
                                hint="Call the tool again with a JSON object.") from None
     if not isinstance(args, dict):
@@ -3400,19 +3454,22 @@ def _object_branch(node: Mapping[str, Any], root: Mapping[str, Any]
     return objects[0] if len(objects) == 1 else None
 
 
-def _allows_null(node: Any, root: Mapping[str, Any]) -> bool:
+def _allows_null(node: Any, root: Mapping[str, Any], depth: int = 0) -> bool:
+    """Whether a schema accepts null; odd or self-referencing schemas answer True (keep it)."""
     node = _resolve_ref(node, root)
-    if not isinstance(node, Mapping):
-        return True  # unknown shape: keep the null as the model sent it
+    if depth > 32 or not isinstance(node, Mapping):
+        return True  # unknown shape (or a $ref cycle): keep the null as the model sent it
     kind = node.get("type")
     if kind == "null" or (isinstance(kind, list) and "null" in kind):
         return True
     if not ({"type", "enum", "const", "anyOf", "oneOf", "properties", "items"} & node.keys()):
         return True  # an unconstrained schema ({} or only a description) accepts null
-    if None in (node.get("enum") or ()) or ("const" in node and node["const"] is None):
+    enum = node.get("enum")
+    if (isinstance(enum, list) and None in enum) or ("const" in node and node["const"] is None):
         return True
-    branches = [*(node.get("anyOf") or ()), *(node.get("oneOf") or ())]
-    return any(_allows_null(b, root) for b in branches)
+    branches = [b for key in ("anyOf", "oneOf") if isinstance(node.get(key), list)
+                for b in node[key]]
+    return any(_allows_null(b, root, depth + 1) for b in branches)
 
 
 def result_text(value: Any) -> str:
@@ -4977,6 +5034,47 @@ def citation_suffix(numbers: Iterable[int]) -> str:
     return " " + "".join(f"[{n}]" for n in numbers) if numbers else ""
 
 
+def reasoning_block(text: str, seconds: float) -> str:
+    """Open WebUI's own thinking markup (0.6.28's serialisation, kept verbatim by 0.12)."""
+    quoted = "\n".join(f"> {line}" if line else ">" for line in text.strip().splitlines())
+    n = round(seconds)
+    summary = "Thought for less than a second" if n < 1 else f"Thought for {n} seconds"
+    return (f'<details type="reasoning" done="true" duration="{n}">\n'
+            f"<summary>{summary}</summary>\n{quoted}\n</details>\n")
+
+
+class CollectedAnswer:
+    """A streamed turn's chunks -> one string; each stretch of thinking becomes a thinking
+    block placed where it happened (for `stream: false` chats)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._parts: list[str] = []
+        self._thinking: list[str] = []
+        self._since = 0.0
+
+    def add(self, chunk: Mapping[str, Any]) -> None:
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            if delta.get("reasoning_content"):
+                if not self._thinking:
+                    self._since = self._clock()
+                self._thinking.append(delta["reasoning_content"])
+            if delta.get("content"):
+                self._close_thinking()
+                self._parts.append(delta["content"])
+
+    def text(self) -> str:
+        self._close_thinking()
+        return "".join(self._parts)
+
+    def _close_thinking(self) -> None:
+        if self._thinking:
+            seconds = self._clock() - self._since
+            self._parts.append(reasoning_block("".join(self._thinking), seconds))
+            self._thinking = []
+
+
 class Emitter:
     """Wraps Open WebUI's event emitter: never raises into a chat, never blocks the stream."""
 
@@ -5548,7 +5646,7 @@ class Pipe:
     def _listing_settings(self, valves: BaseModel) -> RequestSettings:
         """Admin settings for the model list, merged again only when a valve changed (Open
         WebUI hands `pipes()` a fresh Valves object on every call, with the same values)."""
-        values = tuple(valves.__dict__.values())
+        values = (*valves.__dict__.values(), os.environ.get("WEBUI_SECRET_KEY"))
         if self._listing is None or self._listing[0] != values:
             self._listing = (values, RequestSettings.merge(typing.cast(Valves, valves), None))
         return self._listing[1]
@@ -5587,17 +5685,22 @@ class Pipe:
         return self._stream(turn)
 
     async def _collect(self, turn: Turn) -> str:
-        """`stream: false` chats (e.g. "Stream Chat Response" off): the streamed turn, tools,
-        web search and memory included, returned as one string. A failure before any text
-        is raised (Open WebUI shows it as the error); after text it stays in the answer."""
-        streamed = dataclasses.replace(turn, req=dataclasses.replace(turn.req, stream=True))
-        parts: list[str] = []
-        async for chunk in self._stream(streamed):
-            if "error" in chunk:
-                raise PipeError(str(chunk["error"].get("message") or "The answer failed."))
-            for choice in chunk.get("choices") or ():
-                parts.append((choice.get("delta") or {}).get("content") or "")
-        return "".join(parts)
+        """`stream: false` chats (e.g. "Stream Chat Response" off): the streamed turn, web
+        search and memory included, returned as one string with its thinking blocks. Tools
+        run in the pipe whatever TOOL_EXECUTION_MODE says: Open WebUI runs tool calls only
+        from streamed answers. A failure before any text is raised (Open WebUI shows it as
+        the error); after text it stays in the answer."""
+        tools = dataclasses.replace(turn.settings.tools, mode="pipe")
+        streamed = dataclasses.replace(
+            turn, req=dataclasses.replace(turn.req, stream=True),
+            settings=dataclasses.replace(turn.settings, tools=tools))
+        answer = CollectedAnswer(self._clock)
+        async with contextlib.aclosing(self._stream(streamed)) as chunks:
+            async for chunk in chunks:
+                if "error" in chunk:
+                    raise PipeError(str(chunk["error"].get("message") or "The answer failed."))
+                answer.add(chunk)
+        return answer.text()
 
     async def _complete(self, turn: Turn) -> str:
         """Tasks: one non-streamed request, the answer as a string."""
@@ -5609,10 +5712,7 @@ class Pipe:
                 for note in plan.notes:
                     await turn.emitter.notify(note)
                 resp = await self._client.open_response(plan.payload, turn.settings)  # 7 send
-                try:
-                    data = _loads(await resp.read())
-                finally:
-                    await resp.release()
+                data = _loads(await read_body(resp))
             text = _final_text(data) + await self._checkpoint(turn, response_reasoning(data))
             await self._after_turn(turn, plan)                                # 11 persist
             return text
@@ -5622,7 +5722,7 @@ class Pipe:
         finally:
             _reset_context(CURRENT_LOG, token)
 
-    async def _stream(self, turn: Turn) -> AsyncIterator[dict[str, Any]]:
+    async def _stream(self, turn: Turn) -> AsyncGenerator[dict[str, Any], None]:
         """Streamed chat turn. Every failure ends as readable text or an error chunk."""
         token = CURRENT_LOG.set(turn.log)
         timing = StreamTiming(started=self._clock())

@@ -367,8 +367,9 @@ async def test_a_garbage_entry_in_the_redis_queue_never_breaks_chats_or_blocks_s
     first = await stream(pipe, chat_body(ask="What is 2 + 2?"), __metadata__=CHAT)
     assert first.error is None and len(marker_ids(first.text)) == 1
     produced = reasoning_output(emulator)
-    for _ in range(500):  # the background flush writes the good row behind the garbage
-        if stored_payloads(tmp_path):
+    for _ in range(500):  # the background flush writes the good row behind the garbage,
+        # then trims the queue: wait for both (the trim follows the database commit)
+        if stored_payloads(tmp_path) and client.llen(f"{ns}:pending") == 0:
             break
         await asyncio.sleep(0.01)
     assert len(stored_payloads(tmp_path)) == 1

@@ -509,3 +509,27 @@ async def test_a_cancelled_lookup_is_not_turned_into_a_refusal(owui):
     owui.modules["open_webui.models.files"].Files.get_file_by_id = cancelled
     with pytest.raises(asyncio.CancelledError):
         await OwuiFileStore().find("f-1")
+
+
+async def test_a_long_chat_keeps_its_newest_attachments_within_the_request_cap(
+        pipe, emulator, events):
+    # Each turn re-sends the chat's attachments; the newest ones win, the user hears why.
+    old_pdf = durl("application/pdf", PDF + bytes(3000))
+    new_image = durl("image/png", PNG)
+    cap_mb = (len(new_image) + 100) / (1024 * 1024)
+    pipe.valves = pipe.valves.model_copy(update={"MAX_REQUEST_ATTACHMENTS_MB": cap_mb})
+    history = [
+        {"role": "user", "content": [{"type": "text", "text": "Read this"},
+                                     {"type": "file", "file": {"file_data": old_pdf,
+                                                               "filename": "old.pdf"}}]},
+        {"role": "assistant", "content": "Done."},
+        {"role": "user", "content": [{"type": "text", "text": "And this?"}, image(new_image)]},
+    ]
+    await stream(pipe, {"model": f"openrouter.{GPT4O}", "stream": True, "messages": history},
+                 __event_emitter__=events)
+    sent = posts(emulator)[-1]["json"]["input"]
+    kinds = [p["type"] for m in sent if m.get("role") == "user" for p in m["content"]]
+    assert kinds == ["input_text", "input_text", "input_image"]
+    assert notes(events) == [
+        "A file (4.0 KB as sent) was left out: one request carries at most 0.4 KB of "
+        "attachments, newest first (MAX_REQUEST_ATTACHMENTS_MB)."]

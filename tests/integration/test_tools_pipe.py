@@ -558,3 +558,44 @@ async def test_a_non_streamed_chat_that_fails_before_any_text_raises_the_reason(
     with pytest.raises(PipeError, match=r"402|credits"):
         await pipe.pipe(body=body(GPT4O, "[emu:http_error status=402] hi", stream=False),
                         __user__={"id": "u1", "role": "user", "valves": None})
+
+
+async def test_a_non_streamed_chat_in_passthrough_mode_still_runs_its_tools(pipe, emulator):
+    # Open WebUI runs tool calls only from streamed answers: the pipe must run them itself.
+    async def weather(city: str) -> str:
+        return f"Fog in {city}"
+
+    pipe.valves = pipe.valves.model_copy(update={"TOOL_EXECUTION_MODE": "open_webui"})
+    text = await pipe.pipe(body=body(GPT4O, "[emu:tool_call name=weather] weather?",
+                                     stream=False),
+                           __user__={"id": "u1", "role": "user", "valves": None},
+                           __tools__={"weather": owui_tool(weather, "weather")})
+    [card] = cards(text)
+    assert card["result"] == "Fog in São Paulo"
+    assert text.endswith("Fog in São Paulo")
+
+
+async def test_a_non_streamed_chat_keeps_its_thinking_as_a_reasoning_block(pipe):
+    text = await pipe.pipe(body=body(NANO, "[emu:reasoning style=summary] hi", stream=False),
+                           __user__={"id": "u1", "role": "user", "valves": None})
+    block, _, answer = text.partition("</details>\n")
+    assert block.startswith('<details type="reasoning" done="true" duration="0">\n'
+                            "<summary>Thought for less than a second</summary>\n> ")
+    assert answer and "<details" not in answer
+
+
+async def test_odd_schemas_and_deep_arguments_never_end_the_turn(pipe, emulator):
+    seen: list[dict[str, Any]] = []
+
+    async def odd(**kwargs: Any) -> str:
+        seen.append(kwargs)
+        return "ok"
+
+    params = {"type": "object", "properties": {
+        "a": {"anyOf": 5}, "b": {"enum": "abc"}, "c": {"$ref": "#/$defs/loop"}},
+        "$defs": {"loop": {"anyOf": [{"$ref": "#/$defs/loop"}]}}}
+    args = json.dumps({"a": None, "b": None, "c": None})
+    out = await stream(pipe, body(GPT4O, f"[emu:tool_call name=odd args='{args}'] go"),
+                       __tools__={"odd": owui_tool(odd, "odd", params)})
+    assert out.error is None and cards(out.text)[0]["result"] == "ok"
+    assert len(seen) == 1 and seen[0]["c"] is None  # a $ref cycle keeps the model's null

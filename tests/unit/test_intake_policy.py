@@ -8,7 +8,7 @@ import tracemalloc
 import urllib.parse
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from openrouter_responses_pipe import (
@@ -439,6 +439,7 @@ def test_each_kind_maps_to_its_responses_part_or_a_note():
 @pytest.mark.parametrize(("url", "page"), [
     ("https://www.youtube.com/watch?v=x", True), ("https://youtu.be/x", True),
     ("https://m.youtube.com/shorts/x", True), ("https://youtube.com.evil.example/x.mp4", False),
+    ("https://www.youtube.com./watch?v=x", True),
     ("https://evil.example/youtube.com/x.mp4", False), ("https://cdn.example.com/a.mp4", False),
     ("https://[::1/x", False), ("data:video/mp4;base64,AAAA", False),
 ])
@@ -505,3 +506,27 @@ async def test_huge_attachments_are_refused_without_copying_or_decoding_them():
             tracemalloc.stop()
         assert peak < 4 * MB, peak
         assert words in refused.reason and "over the 1.0 MB limit" in refused.reason
+
+
+@settings(max_examples=200, deadline=None)
+@given(sizes=st.lists(st.lists(st.integers(1, 50), max_size=4), max_size=6),
+       cap=st.integers(0, 300))
+def test_the_request_cap_keeps_the_newest_attachments_and_reports_every_other(sizes, cap):
+    from openrouter_responses_pipe import ChatMessage, RefusedPart, cap_request_size, inline_size
+
+    messages = [ChatMessage("user", tuple(ImagePart("data:image/png;base64," + "A" * n)
+                                          for n in msg)) for msg in sizes]
+    out = cap_request_size(messages, cap)
+    flat_in = [p for m in messages for p in m.parts]
+    flat_out = [p for m in out for p in m.parts]
+    assert len(flat_out) == len(flat_in)                      # nothing silently dropped
+    kept = [p for p in flat_out if not isinstance(p, RefusedPart)]
+    assert sum(inline_size(p) for p in kept) <= cap
+    # greedy from the newest: a refused part would not have fitted next to the newer ones kept
+    used = 0
+    for before, after in zip(reversed(flat_in), reversed(flat_out), strict=True):
+        if isinstance(after, RefusedPart):
+            assert used + inline_size(before) > cap
+        else:
+            assert after == before
+            used += inline_size(before)

@@ -407,3 +407,11 @@ def test_citations_number_urls_once_and_keep_source_names_distinct() -> None:
     # Open WebUI 0.6.28 numbers chips by distinct source name: equal titles must differ
     names = [source_event(n, a)["data"]["metadata"][0]["name"] for n, a in [*new, *new2]]
     assert names == ["News", "B", "News (https://c.example/x)"]
+
+
+def test_absurdly_deep_arguments_are_reported_to_the_model_not_raised():
+    from openrouter_responses_pipe import BadToolArguments, parse_arguments
+
+    deep = '{"a": ' + "[" * 200_000 + "]" * 200_000 + "}"
+    with pytest.raises(BadToolArguments, match="not valid JSON"):
+        parse_arguments(deep)
