@@ -716,10 +716,6 @@ class CatalogEntry:
     def supports_web_search(self) -> bool:
         return self.pricing.web_search is not None
 
-    @property
-    def image_output(self) -> bool:
-        return "image" in self.output_modalities
-
     def accepts(self, modality: str) -> bool:
         return modality in self.input_modalities
 
@@ -3854,12 +3850,6 @@ def artifact_scope(req: ChatRequest) -> str:
     return req.chat_id or f"user:{req.user_id}"
 
 
-def response_reasoning(response: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The reasoning items of a non-streamed response, in output order."""
-    return [dict(item) for item in response.get("output") or ()
-            if isinstance(item, Mapping) and item.get("type") == REASONING_ITEM]
-
-
 def passthrough_ids(req: ChatRequest) -> list[str]:
     """Ids under which reasoning before Open WebUI-run tool calls would be stored."""
     scope = artifact_scope(req)
@@ -5713,9 +5703,8 @@ class Pipe:
                     await turn.emitter.notify(note)
                 resp = await self._client.open_response(plan.payload, turn.settings)  # 7 send
                 data = _loads(await read_body(resp))
-            text = _final_text(data) + await self._checkpoint(turn, response_reasoning(data))
-            await self._after_turn(turn, plan)                                # 11 persist
-            return text
+            await self._after_turn(turn, plan)                  # 11 cleanup (tasks store nothing)
+            return _final_text(data)
         except Exception as exc:  # the boundary: Open WebUI shows str() of what we raise
             failure = await self._report_failure(turn, exc)
             raise PipeError(f"{describe_error(failure)}\n(reference {turn.reference})") from exc
