@@ -251,3 +251,23 @@ async def test_a_stopped_stream_does_not_reuse_its_half_read_connection(pipe, em
     assert out.error is None and "after the stop" in out.text
     first, second = (tuple(r["peer"]) for r in posts(emulator))
     assert first != second
+
+
+async def test_the_model_list_follows_a_valve_change_at_once(emulator):
+    # Open WebUI hands pipes() a fresh Valves object each call; a changed value must count
+    # (here: the attribution header of the next catalog fetch).
+    now = [1000.0]
+    p = Pipe(clock=lambda: now[0])
+    p.valves = p.Valves(BASE_URL=emulator.base_url, API_KEY="sk-or-test", APP_TITLE="Old")
+    await p.pipes()
+    await p.pipes()
+    p.valves = p.Valves(BASE_URL=emulator.base_url, API_KEY="sk-or-test", APP_TITLE="New")
+    now[0] += 4000  # past MODEL_CATALOG_REFRESH_SECONDS: the catalog is fetched again
+    await p.pipes()
+    for _ in range(100):  # the refresh may run in the background
+        fetches = [r for r in emulator.requests if r["path"].endswith("/models")]
+        if len(fetches) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert [f["headers"].get("X-OpenRouter-Title") for f in fetches] == ["Old", "New"]
+    await p.close()
