@@ -15,16 +15,20 @@ description: OpenRouter's catalog in Open WebUI via the Responses API: streaming
 #   §3  Settings          Valves, UserValves, EncryptedStr, RequestSettings.merge
 #   §4  Wire types        frozen dataclasses for what crosses a boundary
 #   §5  Catalog           /models JSON -> CatalogEntry; selection; refresher with TTL and backoff
-#   §6  Transformer       Open WebUI chat body -> Responses request (pure)
-#   §7  Intake            attachments -> inline parts: size caps, SSRF-safe fetch, files
-#   §8  Client            transport (injectable), retry policy, upstream error mapping
-#   §9  Stream decoding   SSEDecoder.feed(bytes) -> events; reducer = table of handlers
-#   §10 Tool executor     tool schemas, strict mode, runner with timeouts and breakers
-#   §11 Artifact store    codec, markers, SQLAlchemy store, Redis write-behind
-#   §12 Rendering         intents -> Open WebUI chunks; usage; status line; error text
-#   §13 Admission         global + per-user concurrency gate with a bounded wait queue
-#   §14 Telemetry         redacted request-scoped logs, log pump, counters, health snapshot
-#   §15 Pipe              the numbered steps of a request and nothing else
+#   §6  Model records     CatalogEntry -> Open WebUI model record; admin edits win; access sync
+#   §7  Routing policy    valves ⊕ per-model params ⊕ user tightening -> provider, models, cache
+#   §8  Transformer       Open WebUI chat body -> Responses request (pure)
+#   §9  Intake            attachments -> inline parts: size caps, SSRF-safe fetch, files
+#   §10 Client            transport (injectable), retry policy, upstream error mapping
+#   §11 Stream decoding   SSEDecoder.feed(bytes) -> events; reducer = table of handlers
+#   §12 Image output      generated images -> bytes -> Open WebUI file -> message link
+#   §13 Tool executor     tool schemas, strict mode, runner with timeouts and breakers
+#   §14 Artifact store    codec, markers, SQLAlchemy store, Redis write-behind
+#   §15 Rendering         intents -> Open WebUI chunks; usage; status line; error text
+#   §16 Admission         global + per-user concurrency gate with a bounded wait queue
+#   §17 Spend             ledger per user/model/day, budgets, per-user keys, balance
+#   §18 Telemetry         redacted request-scoped logs, log pump, counters, health snapshot
+#   §19 Pipe              the numbered steps of a request and nothing else
 
 # ─────────────────────────────────────────────────────────────────────────────
 # §1 Imports and constants
@@ -109,7 +113,7 @@ _SAMPLING_PARAMS = ("temperature", "top_p", "top_k", "stop", "frequency_penalty"
 #   │   └── ToolBreakerOpen
 #   └── ArtifactStoreError
 #
-# `describe_error` (§12) is the one place that turns these into what the user reads.
+# `describe_error` (§15) is the one place that turns these into what the user reads.
 # ─────────────────────────────────────────────────────────────────────────────
 
 
@@ -483,6 +487,22 @@ class Valves(BaseModel):
     REDIS_CACHE_TTL_SECONDS: int = Field(
         default=600, ge=0, le=86400, description="How long Redis caches stored items.")
 
+    # ── Team access and model records (issue #10) ──
+    # ── end issue #10 ──
+
+    # ── Hardening (issue #11) ──
+    # ── end issue #11 ──
+
+    # ── Routing, fallbacks, caching (issue #12) ──
+    # ── end issue #12 ──
+
+    # ── Spend control (issue #13) ──
+    # ── end issue #13 ──
+
+    # ── Image output (issue #14) ──
+    # ── end issue #14 ──
+
+
 
 class UserValves(BaseModel):
     """Per-user settings; `inherit` uses the admin's value."""
@@ -508,6 +528,21 @@ class UserValves(BaseModel):
     REASONING_RETENTION: Literal["inherit", "conversation", "next_reply", "disabled"] = Field(
         default="inherit",
         description="Send the model's earlier reasoning back (`inherit` = admin default).")
+
+    # ── Team access and model records (issue #10) ──
+    # ── end issue #10 ──
+
+    # ── Hardening (issue #11) ──
+    # ── end issue #11 ──
+
+    # ── Routing, fallbacks, caching (issue #12) ──
+    # ── end issue #12 ──
+
+    # ── Spend control (issue #13) ──
+    # ── end issue #13 ──
+
+    # ── Image output (issue #14) ──
+    # ── end issue #14 ──
 
     LOG_LEVEL: Literal["inherit", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         default="inherit",
@@ -598,6 +633,22 @@ class RequestSettings:
     redis_write_behind: bool = True
     redis_cache_ttl: int = 600
 
+    # ── Team access and model records (issue #10) ──
+    # ── end issue #10 ──
+
+    # ── Hardening (issue #11) ──
+    # ── end issue #11 ──
+
+    # ── Routing, fallbacks, caching (issue #12) ──
+    # ── end issue #12 ──
+
+    # ── Spend control (issue #13) ──
+    # ── end issue #13 ──
+
+    # ── Image output (issue #14) ──
+    # ── end issue #14 ──
+
+
     @classmethod
     def merge(cls, valves: Valves, user: UserValves | None, user_role: str = "user"
               ) -> RequestSettings:
@@ -642,6 +693,22 @@ class RequestSettings:
             artifact_cleanup_interval_hours=valves.ARTIFACT_CLEANUP_INTERVAL_HOURS,
             redis_write_behind=valves.REDIS_WRITE_BEHIND,
             redis_cache_ttl=valves.REDIS_CACHE_TTL_SECONDS,
+
+            # ── Team access and model records (issue #10) ──
+            # ── end issue #10 ──
+
+            # ── Hardening (issue #11) ──
+            # ── end issue #11 ──
+
+            # ── Routing, fallbacks, caching (issue #12) ──
+            # ── end issue #12 ──
+
+            # ── Spend control (issue #13) ──
+            # ── end issue #13 ──
+
+            # ── Image output (issue #14) ──
+            # ── end issue #14 ──
+
         )
 
     def require_api_key(self) -> str:
@@ -1033,7 +1100,25 @@ def _consume_task_exception(task: asyncio.Task[Any]) -> None:
 
 
 # ─────────────────────────────────────────────────────────────────────────────
-# §6 Transformer (pure)
+# §6 Model records
+#
+# Team access (issue #10): see the TOC.
+# ─────────────────────────────────────────────────────────────────────────────
+
+# (issue #10: filled in by its branch)
+
+
+# ─────────────────────────────────────────────────────────────────────────────
+# §7 Routing policy
+#
+# OpenRouter's own controls (issue #12).
+# ─────────────────────────────────────────────────────────────────────────────
+
+# (issue #12: filled in by its branch)
+
+
+# ─────────────────────────────────────────────────────────────────────────────
+# §8 Transformer (pure)
 #
 # Open WebUI body field       → Responses request field
 #   system/developer messages → instructions (joined by blank lines)
@@ -1144,7 +1229,7 @@ def history_items(messages: Iterable[ChatMessage], entry: CatalogEntry
 
 def assistant_items(msg: ChatMessage) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    text = strip_reasoning_blocks(msg.text).strip()  # tool cards: see replay_items (§11)
+    text = strip_reasoning_blocks(msg.text).strip()  # tool cards: see replay_items (§14)
     if text:
         out.append({"type": "message", "role": "assistant", "content": text})
     out.extend({"type": "function_call", "call_id": call.id, "name": call.name,
@@ -1165,7 +1250,7 @@ def build_responses_request(req: ChatRequest, entry: CatalogEntry, settings: Req
     """The pure core: a parsed chat request + its catalog entry -> the Responses request.
 
     `artifacts` are the stored items named by markers in earlier replies (loaded by the
-    caller); `replay_items` (§11) puts them back where they happened.
+    caller); `replay_items` (§14) puts them back where they happened.
     """
     instructions, items, notes = history_items(req.messages, entry)
     items = replay_items(items, artifacts or {}, ReplayPolicy.of(settings, entry.id))
@@ -1214,7 +1299,7 @@ def _apply_sampling(payload: dict[str, Any], req: ChatRequest, entry: CatalogEnt
 
 
 # ─────────────────────────────────────────────────────────────────────────────
-# §7 Intake
+# §9 Intake
 #
 # Attachments -> parts a model can take, safely. The pure policy comes first (parsing
 # content parts, data URLs, size estimates from base64 length, MIME sniffing, the SSRF
@@ -2459,7 +2544,7 @@ def cap_request_size(messages: Iterable[ChatMessage], cap: int) -> list[ChatMess
 
 
 # ─────────────────────────────────────────────────────────────────────────────
-# §8 Client
+# §10 Client
 #
 # `Transport` is the one HTTP seam: the default uses one pooled aiohttp session per event
 # loop; tests inject fakes. Retries happen here and only before any byte reaches the user.
@@ -2725,13 +2810,13 @@ def _with_attempts(err: UpstreamError, attempts: int) -> UpstreamError:
 
 
 # ─────────────────────────────────────────────────────────────────────────────
-# §9 Stream decoding
+# §11 Stream decoding
 #
 # bytes ──SSEDecoder.feed──▶ SSEEvent ──json──▶ event dict ──HANDLERS[type]──▶ intents
 #
 # The decoder is pure and incremental: it buffers partial lines, so UTF-8 split across reads
 # is decoded only once its line is complete. The reducer is a table of small handlers that
-# update a StreamState and append intents; only the orchestrator (§15) performs them.
+# update a StreamState and append intents; only the orchestrator (§19) performs them.
 # ─────────────────────────────────────────────────────────────────────────────
 
 
@@ -2983,7 +3068,16 @@ def finish_stream(state: StreamState) -> None:
 
 
 # ─────────────────────────────────────────────────────────────────────────────
-# §10 Tool executor
+# §12 Image output
+#
+# Images out (issue #14).
+# ─────────────────────────────────────────────────────────────────────────────
+
+# (issue #14: filled in by its branch)
+
+
+# ─────────────────────────────────────────────────────────────────────────────
+# §13 Tool executor
 #
 # Pure part: Open WebUI tools (`__tools__` and the built-in specs 0.11+ puts in `body["tools"]`)
 # -> Responses `function` tools with provider-safe names (exact reverse map), strict schemas
@@ -3798,7 +3892,7 @@ def _is_async_callable(fn: Any) -> bool:
 
 
 # ─────────────────────────────────────────────────────────────────────────────
-# §11 Artifact store
+# §14 Artifact store
 #
 # Reasoning items and tool call/result items are stored so later turns can send them back.
 # Each stored item is referenced from the assistant text by an invisible marker line (a
@@ -4740,7 +4834,7 @@ class ArtifactStore:
 
 
 # ─────────────────────────────────────────────────────────────────────────────
-# §12 Rendering
+# §15 Rendering
 #
 # Intents become OpenAI-style chunk dicts (text in `delta.content`, thinking in
 # `delta.reasoning_content`, which every supported Open WebUI renders as its native
@@ -5096,7 +5190,7 @@ class Emitter:
 
 
 # ─────────────────────────────────────────────────────────────────────────────
-# §13 Admission
+# §16 Admission
 # ─────────────────────────────────────────────────────────────────────────────
 
 
@@ -5201,7 +5295,16 @@ class _Admission:
 
 
 # ─────────────────────────────────────────────────────────────────────────────
-# §14 Telemetry
+# §17 Spend
+#
+# Ledger, budgets, keys (issue #13).
+# ─────────────────────────────────────────────────────────────────────────────
+
+# (issue #13: filled in by its branch)
+
+
+# ─────────────────────────────────────────────────────────────────────────────
+# §18 Telemetry
 # ─────────────────────────────────────────────────────────────────────────────
 
 #
@@ -5481,7 +5584,7 @@ def health_markdown(data: Mapping[str, Any]) -> str:
 
 
 # ─────────────────────────────────────────────────────────────────────────────
-# §15 Pipe
+# §19 Pipe
 # ─────────────────────────────────────────────────────────────────────────────
 
 
@@ -5614,6 +5717,22 @@ class Pipe:
         self._wall_clock = wall_clock
         self._stores: dict[tuple[str, bool], ArtifactStore] = {}
 
+        # ── Team access and model records (issue #10) ──
+        # ── end issue #10 ──
+
+        # ── Hardening (issue #11) ──
+        # ── end issue #11 ──
+
+        # ── Routing, fallbacks, caching (issue #12) ──
+        # ── end issue #12 ──
+
+        # ── Spend control (issue #13) ──
+        # ── end issue #13 ──
+
+        # ── Image output (issue #14) ──
+        # ── end issue #14 ──
+
+
     # -- model list ----------------------------------------------------------------------
 
     async def pipes(self) -> list[dict[str, str]]:
@@ -5667,7 +5786,7 @@ class Pipe:
         if req.model_id == HEALTH_ENTRY["id"]:
             return await self._health(turn)
         if req.task == PROMPT_TOOL_TASK and settings.tools.mode == "pipe":
-            return NO_PROMPT_TOOL_CALLS  # the pipe runs the tools itself (see §10)
+            return NO_PROMPT_TOOL_CALLS  # the pipe runs the tools itself (see §13)
         if req.task:
             return await self._complete(turn)
         if not req.stream:

@@ -288,6 +288,8 @@ class OpenWebUIClient:
         self.token = token
         self.http = httpx.Client(base_url=self.base_url, timeout=timeout)
         self._version: str | None = None
+        self.user_id = ""
+        self.role = ""
 
     def close(self) -> None:
         self.http.close()
@@ -326,6 +328,22 @@ class OpenWebUIClient:
             raise OpenWebUIError(f"{email} is {body.get('role')!r}, not admin (DB had users)")
         self.token = body["token"]
         return self.token
+
+    def add_user(self, name: str, email: str, password: str, role: str = "user"
+                 ) -> OpenWebUIClient:
+        """As admin: create an account (or reuse it) and return a client signed in as it."""
+        r = self.request("POST", "/api/v1/auths/add", ok=(),
+                         json={"name": name, "email": email, "password": password,
+                               "role": role})
+        if r.status_code != 200 and "taken" not in r.text.lower():
+            raise OpenWebUIError(f"adding {email} -> {r.status_code}: {r.text[:300]}")
+        other = OpenWebUIClient(self.base_url)
+        body = other.request("POST", "/api/v1/auths/signin",
+                             json={"email": email, "password": password}).json()
+        other.token = body["token"]
+        other.user_id = body["id"]
+        other.role = body.get("role", "")
+        return other
 
     # -- functions
     def get_function(self, id: str) -> dict | None:

@@ -23,6 +23,7 @@ PIPE = Path(os.environ.get("ORP_E2E_PIPE") or ROOT / "openrouter_responses_pipe.
 FUNCTION_ID = "openrouter"
 API_KEY = "sk-or-emulator"
 ADMIN = ("Admin", "admin@example.com", "e2e-admin-password")
+MEMBER = ("Member", "member@example.com", "e2e-member-password")  # an ordinary (role user) account
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -51,6 +52,7 @@ class Owui:
     server: OpenWebUIServer
     client: OpenWebUIClient
     emulator: EmulatorThread
+    member: OpenWebUIClient  # signed in as an ordinary user (role `user`)
 
     def model(self, openrouter_id: str) -> str:
         """The Open WebUI model id of an OpenRouter model served by the pipe."""
@@ -85,7 +87,9 @@ def owui(request: pytest.FixtureRequest, emulator: EmulatorThread, tmp_path_fact
         client.signup_admin(*ADMIN)
         install_pipe(client, PIPE, {"BASE_URL": emulator.base_url, "API_KEY": API_KEY},
                      function_id=FUNCTION_ID)
-        yield Owui(version, server, client, emulator)
+        member = client.add_user(*MEMBER)
+        assert member.role == "user", member.role
+        yield Owui(version, server, client, emulator, member)
     finally:
         client.close()
         server.stop()
