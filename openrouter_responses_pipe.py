@@ -3475,10 +3475,13 @@ class ToolOutcome:
 def parse_arguments(raw: str, schema: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The model's argument string -> kwargs. Never guesses: bad JSON raises BadToolArguments.
 
-    `schema` is the tool's ORIGINAL parameters schema. Nulls for properties it had optional
-    and not nullable (strict mode made them nullable), at any depth, are dropped so the
-    tool's own defaults apply; top-level names it doesn't declare are dropped too (as Open
-    WebUI itself does), since they would only make the call fail.
+    `schema` is the tool's ORIGINAL parameters schema. Only the top-level names it declares
+    in `properties` reach the tool (as Open WebUI's own middleware does): no schema or no
+    properties means no arguments. A name shaped like a reserved argument (`__user__`,
+    `__event_emitter__`, any `__x__`) never passes, whatever the schema says: Open WebUI
+    binds those to the real user, and a model-sent value would override the binding.
+    Nulls for properties it had optional and not nullable (strict mode made them nullable),
+    at any depth, are dropped so the tool's own defaults apply.
     """
     try:
         args = json.loads(raw) if raw.strip() else {}
@@ -3488,12 +3491,21 @@ def parse_arguments(raw: str, schema: Mapping[str, Any] | None = None) -> dict[s
     if not isinstance(args, dict):
         raise BadToolArguments(f"The arguments must be a JSON object, not {type(args).__name__}.",
                                hint="Call the tool again with a JSON object.")
-    if not isinstance(schema, Mapping):
-        return args
-    props = schema.get("properties")
-    if isinstance(props, Mapping) and props:
-        args = {k: v for k, v in args.items() if k in props}
+    props = schema.get("properties") if isinstance(schema, Mapping) else None
+    if not isinstance(schema, Mapping) or not isinstance(props, Mapping):
+        return {}
+    args = {k: v for k, v in args.items() if k in props and not is_reserved_argument(k)}
     return drop_optional_nulls(args, schema, schema)
+
+
+def is_reserved_argument(name: str) -> bool:
+    """Open WebUI's injected parameters (`__user__`, `__request__`, …): never from a model."""
+    return name.startswith("__") and name.endswith("__")
+
+
+def tool_kwargs(args: Mapping[str, Any]) -> dict[str, Any]:
+    """The last gate before a tool runs: reserved names are dropped whatever produced them."""
+    return {k: v for k, v in args.items() if isinstance(k, str) and not is_reserved_argument(k)}
 
 
 def drop_optional_nulls(value: Any, schema: Any, root: Mapping[str, Any], depth: int = 0
@@ -3725,7 +3737,7 @@ class ToolRunner:
             return ToolOutcome(call, name, failure_output(name, exc), ok=False)
         await self.limiter.acquire(settings.global_limit)
         try:
-            text = await self._invoke(entry.callable, args, settings.timeout)
+            text = await self._invoke(entry.callable, tool_kwargs(args), settings.timeout)
         except ToolError as exc:
             self.breakers.record(key, False, settings.breaker_threshold, settings.breaker_window)
             LOG.warning("Tool %s failed: %s", name, exc)

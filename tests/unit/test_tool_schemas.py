@@ -291,11 +291,14 @@ def test_arguments_are_parsed_or_refused_never_guessed(raw: str) -> None:
         expected = json.loads(raw) if raw.strip() else {}
     except ValueError:
         expected = None
+    schema = {"type": "object", "properties": {k: {} for k in expected}} \
+        if isinstance(expected, dict) else {"type": "object", "properties": {}}
     if isinstance(expected, dict):
-        assert parse_arguments(raw) == expected
+        assert parse_arguments(raw, schema) == {
+            k: v for k, v in expected.items() if not (k.startswith("__") and k.endswith("__"))}
     else:
         with pytest.raises(Exception, match="JSON"):
-            parse_arguments(raw)
+            parse_arguments(raw, schema)
 
 
 def test_null_optional_arguments_are_dropped() -> None:
@@ -389,8 +392,28 @@ def test_tool_cards_in_history_become_readable_lines() -> None:
 def test_undeclared_argument_names_are_dropped() -> None:
     declared = {"type": "object", "properties": {"a": {"type": "integer"}}}
     assert parse_arguments('{"a": 1, "zz": 2}', declared) == {"a": 1}
-    assert parse_arguments('{"a": 1, "zz": 2}') == {"a": 1, "zz": 2}
-    assert parse_arguments('{"a": 1, "zz": 2}', {"type": "object"}) == {"a": 1, "zz": 2}
+    # no schema, or one without properties: the tool gets no arguments at all
+    assert parse_arguments('{"a": 1, "zz": 2}') == {}
+    assert parse_arguments('{"a": 1, "zz": 2}', {"type": "object"}) == {}
+    assert parse_arguments('{"a": 1}', {"type": "object", "properties": {}}) == {}
+
+
+IMPERSONATION = {"__user__": {"id": "u-bob", "role": "admin"}, "__event_emitter__": "x",
+                 "__request__": 1, "__metadata__": {}, "__oauth_token__": "t", "__x__": 0}
+
+
+@pytest.mark.parametrize("schema", [
+    None, {"type": "object"}, {"type": "object", "properties": {}},
+    {"type": "object", "properties": {"q": {"type": "string"}}},
+    # even a schema that (wrongly) declares the reserved names never lets them through
+    {"type": "object", "properties": {k: {} for k in [*IMPERSONATION, "q"]}},
+])
+def test_reserved_arguments_never_reach_a_tool(schema: Any) -> None:
+    raw = json.dumps({**IMPERSONATION, "q": "hi"})
+    args = parse_arguments(raw, schema)
+    assert not any(k.startswith("__") for k in args)
+    declared = isinstance(schema, dict) and "q" in schema.get("properties", {})
+    assert args == ({"q": "hi"} if declared else {})
 
 
 def test_citations_number_urls_once_and_keep_source_names_distinct() -> None:
