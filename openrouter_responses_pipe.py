@@ -1129,8 +1129,40 @@ def _consume_task_exception(task: asyncio.Task[Any]) -> None:
 #   sampling params           → same name, only when supported_parameters lists them
 # ─────────────────────────────────────────────────────────────────────────────
 
-_REASONING_DETAILS = re.compile(
-    r'<details\s+type="reasoning"[^>]*>.*?</details>\s*', re.DOTALL | re.IGNORECASE)
+_REASONING_OPENER = re.compile(r'<details\s+type="reasoning"', re.IGNORECASE)
+_DETAILS_CLOSER = re.compile(r"</details>\s*", re.IGNORECASE)
+
+
+def replace_blocks(text: str, opener: re.Pattern[str], closer: re.Pattern[str],
+                   swap: Callable[[str, str], str],
+                   accept: Callable[[str, str], bool] = lambda tag, nxt: True) -> str:
+    """Each `<opener …tag…>…closer` block of `text` -> `swap(tag, block)`, the block ending
+    at the first closer after the tag (what a lazy `.*?` regex matches). `accept(tag, the
+    character after the '>')` says whether an opener starts a block at all.
+
+    Linear in `len(text)` on any input (the regexes it replaces were quadratic on
+    `"<think>" * N` or opener-only text): every character is scanned a bounded number of
+    times, a missing '>' or closer ends the scan, and the closer found is reused by later
+    openers before it.
+    """
+    out: list[str] = []
+    pos = start = 0
+    found: re.Match[str] | None = None
+    while (m := opener.search(text, start)) is not None:
+        gt = m.end() - 1 if m.group().endswith(">") else text.find(">", m.end())
+        if gt < 0:
+            break
+        tag = text[m.end():gt]
+        if not accept(tag, text[gt + 1:gt + 2]):
+            start = gt + 1  # an opener inside this tag shares its '>' and fails alike
+            continue
+        if found is None or found.start() <= gt:
+            found = closer.search(text, gt + 1)
+        if found is None:
+            break  # no closer after this tag: none after any later one either
+        out += (text[pos:m.start()], swap(tag, text[m.start():found.end()]))
+        pos = start = found.end()
+    return "".join(out) + text[pos:] if out else text
 
 
 @dataclass(frozen=True, slots=True)
@@ -1201,7 +1233,9 @@ def build_text_format(response_format: Mapping[str, Any] | None) -> dict[str, An
 
 def strip_reasoning_blocks(text: str) -> str:
     """Drop rendered thinking blocks from replayed assistant text."""
-    return _REASONING_DETAILS.sub("", text) if "<details" in text else text
+    if "<details" not in text:
+        return text
+    return replace_blocks(text, _REASONING_OPENER, _DETAILS_CLOSER, lambda tag, block: "")
 
 
 def history_items(messages: Iterable[ChatMessage], entry: CatalogEntry
@@ -3772,8 +3806,9 @@ class ToolRunner:
 
 # -- tool cards in replayed history ------------------------------------------------------
 
-_TOOL_CARD = re.compile(r'<details type="tool_calls"([^>]*)>\n.*?</details>\n?', re.DOTALL)
-_CARD_ATTR = re.compile(r'(\w+)="(.*?)"')
+_CARD_OPENER = re.compile(r'<details type="tool_calls"')
+_CARD_CLOSER = re.compile(r"</details>\n?")
+_CARD_ATTR = re.compile(r'(?<!\w)(\w+)="([^"\n]*)"')  # (?<!\w): linear on long words
 
 
 def tool_cards_as_text(text: str) -> str:
@@ -3781,11 +3816,12 @@ def tool_cards_as_text(text: str) -> str:
     attributes are html-escaped JSON, as Open WebUI writes them)."""
     if '<details type="tool_calls"' not in text:
         return text
-    return _TOOL_CARD.sub(_card_line, text)
+    return replace_blocks(text, _CARD_OPENER, _CARD_CLOSER, lambda tag, block: _card_line(tag),
+                          lambda tag, nxt: nxt == "\n")
 
 
-def _card_line(match: re.Match[str]) -> str:
-    attrs = {k: html.unescape(v) for k, v in _CARD_ATTR.findall(match.group(1))}
+def _card_line(tag: str) -> str:
+    attrs = {k: html.unescape(v) for k, v in _CARD_ATTR.findall(tag)}
 
     def decoded(key: str) -> str:
         try:
@@ -3926,10 +3962,11 @@ STORED_TYPES = frozenset({REASONING_ITEM, "function_call", "function_call_output
 _FLAG_LZ4, _FLAG_ZLIB, _FLAG_FERNET = 0x01, 0x02, 0x04
 _MARKER_LINE = re.compile(r"^\[orp:([0-9a-z]{8,64})\]: #[ \t]*$", re.MULTILINE)
 _MARKER_BLOCK = re.compile(r"(?:^\[orp:[0-9a-z]{8,64}\]: #[ \t]*(?:\n|$))+", re.MULTILINE)
-_TOOL_DETAILS = re.compile(r'<details\s+type="tool_calls"[^>]*?\bid="([^"]*)"[^>]*>.*?'
-                           r"</details>\s*", re.DOTALL)
+_TOOL_DETAILS_OPENER = re.compile(r'<details\s+type="tool_calls"')
+_TOOL_DETAILS_CLOSER = re.compile(r"</details>\s*")
+_TAG_ID = re.compile(r'\bid="([^"]*)"')
 # Open WebUI 0.6 sends a tool turn's streamed reasoning back as `<think>…</think>` text
-_THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
+_THINK_OPENER, _THINK_CLOSER = re.compile("<think>"), re.compile(r"</think>\s*")
 PRUNE_MIN_CHARS, PRUNE_HEAD, PRUNE_TAIL = 800, 256, 128
 MISSING_OUTPUT = "(no result was recorded for this tool call)"
 
@@ -4191,7 +4228,7 @@ def _expand(text: str, artifacts: Mapping[str, Mapping[str, Any]], policy: Repla
             reasoning = []
         others = [_prune(it, policy, age) for it in found if it.get("type") != REASONING_ITEM]
         # cards of calls replayed as items go; the others stay as a line the model reads
-        clean = tool_cards_as_text(strip_tool_cards(_THINK_BLOCK.sub("", segment), calls))
+        clean = tool_cards_as_text(strip_tool_cards(strip_think_blocks(segment), calls))
         out.extend(reasoning)
         if clean.strip():
             out.append({"type": "message", "role": "assistant", "content": clean.strip()})
@@ -4203,7 +4240,20 @@ def strip_tool_cards(text: str, call_ids: set[str]) -> str:
     """Drop rendered tool cards whose calls are replayed as items (they'd be said twice)."""
     if not call_ids or "<details" not in text:
         return text
-    return _TOOL_DETAILS.sub(lambda m: "" if m.group(1) in call_ids else m.group(0), text)
+
+    def swap(tag: str, block: str) -> str:
+        found = _TAG_ID.search(tag)
+        return "" if found and found.group(1) in call_ids else block
+
+    return replace_blocks(text, _TOOL_DETAILS_OPENER, _TOOL_DETAILS_CLOSER, swap,
+                          lambda tag, nxt: _TAG_ID.search(tag) is not None)
+
+
+def strip_think_blocks(text: str) -> str:
+    """Drop `<think>…</think>` blocks (Open WebUI 0.6's replayed tool-turn reasoning)."""
+    if "<think>" not in text:
+        return text
+    return replace_blocks(text, _THINK_OPENER, _THINK_CLOSER, lambda tag, block: "")
 
 
 def _prune(item: dict[str, Any], policy: ReplayPolicy, age: int) -> dict[str, Any]:

@@ -28,6 +28,7 @@ for _p in (ROOT / "tools", ROOT / "tests"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
+from captures import CAPTURE_DIR, capture_files  # noqa: E402
 from openrouter_emulator import (  # noqa: E402
     ERROR_BODIES,
     SCENARIOS,
@@ -44,7 +45,7 @@ from sdk_validation import (  # noqa: E402
     validate_stream_event,
 )
 
-CAPTURES = Path("/work/shared/fixtures/openrouter-captures")
+CAPTURES = CAPTURE_DIR
 AUTH = {"Authorization": "Bearer sk-or-v1-test0000000000000000000000000000000000abc"}
 TERMINALS = {"response.completed", "response.incomplete", "response.failed"}
 GPT4O, NANO, CLAUDE, R1 = (
@@ -133,7 +134,7 @@ def final_text(obj: dict) -> str:
 
 def captures() -> list[tuple[str, dict, bytes]]:
     out = []
-    for f in sorted(CAPTURES.glob("*.yaml")):
+    for f in capture_files():
         for i in yaml.safe_load(f.read_text())["interactions"]:
             if i["request"]["method"] == "POST":
                 out.append((f.name, json.loads(i["request"]["body"]),
