@@ -4191,12 +4191,13 @@ def replay_items(items: list[dict[str, Any]], artifacts: Mapping[str, Mapping[st
     The result is orphan-repaired, so OpenRouter accepts it whatever was lost.
     """
     assistants = [i for i, it in enumerate(items) if _is_assistant_text(it)]
+    rank = {index: n for n, index in enumerate(assistants)}  # O(1) per message, not O(n)
     out: list[dict[str, Any]] = []
     for index, item in enumerate(items):
-        if index not in assistants:
+        if index not in rank:
             out.append(_unmarked_user(item) if item.get("role") == "user" else item)
             continue
-        age = len(assistants) - 1 - assistants.index(index)  # 0 = the latest reply
+        age = len(assistants) - 1 - rank[index]  # 0 = the latest reply
         out.extend(_expand(str(item["content"]), artifacts, policy, age))
     return repair_orphans(_attach_passthrough(out, artifacts, policy))
 
@@ -4310,7 +4311,7 @@ def repair_orphans(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     outputs, reasoning ids) are dropped, and reasoning followed by nothing is dropped."""
     calls = {str(i.get("call_id")) for i in items if i.get("type") == "function_call"}
     out: list[dict[str, Any]] = []
-    open_calls: list[str] = []
+    open_calls: dict[str, None] = {}  # ordered, O(1) removal (a reply may hold many calls)
     seen_calls: set[str] = set()
     answered: set[str] = set()
     seen_reasoning: set[str] = set()
@@ -4323,7 +4324,7 @@ def repair_orphans(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if kind == "function_call_output":
             if call_id in calls and call_id not in answered and call_id in seen_calls:
                 answered.add(call_id)
-                open_calls = [c for c in open_calls if c != call_id]
+                open_calls.pop(call_id, None)
                 out.append(item)
             continue
         if kind != "function_call":
@@ -4332,13 +4333,14 @@ def repair_orphans(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         else:
             seen_calls.add(call_id)
-            open_calls.append(call_id)
+            open_calls[call_id] = None
         out.append(item)
     _close_calls(out, open_calls, answered)
     return _drop_dangling_reasoning(out)
 
 
-def _close_calls(out: list[dict[str, Any]], open_calls: list[str], answered: set[str]) -> None:
+def _close_calls(out: list[dict[str, Any]], open_calls: dict[str, None], answered: set[str]
+                 ) -> None:
     for call_id in open_calls:
         out.append({"type": "function_call_output", "call_id": call_id, "output": MISSING_OUTPUT})
         answered.add(call_id)
