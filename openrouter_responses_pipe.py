@@ -2854,60 +2854,87 @@ def _with_attempts(err: UpstreamError, attempts: int) -> UpstreamError:
 # ─────────────────────────────────────────────────────────────────────────────
 
 
+SSE_MAX_LINE_BYTES = 16 * 1024 * 1024  # one line, or one event's data, never exceeds this
+_BOM = b"\xef\xbb\xbf"
+
+
 class SSEDecoder:
-    """Incremental Server-Sent-Events parser (WHATWG rules; no I/O, no JSON)."""
+    """Incremental Server-Sent-Events parser (WHATWG rules; no I/O, no JSON).
 
-    __slots__ = ("_buf", "_data", "_event", "_started")
+    Linear in the input whatever the read size: a partial line is kept as a list of pieces
+    joined once when its end arrives (never re-joined or re-scanned per read). CR, LF and
+    CRLF all end a line, also when a CRLF pair is split between two reads. A line, or an
+    event's data, longer than `max_bytes` raises `UpstreamStreamError` (bounded memory).
+    """
 
-    def __init__(self) -> None:
-        self._buf = b""
+    __slots__ = ("_data", "_data_len", "_event", "_head", "_max", "_pieces", "_pieces_len",
+                 "_skip_lf")
+
+    def __init__(self, max_bytes: int = SSE_MAX_LINE_BYTES) -> None:
+        self._max = max_bytes
+        self._head: bytes | None = b""   # the first bytes until the BOM is ruled out
+        self._pieces: list[bytes] = []  # the current line, not yet ended
+        self._pieces_len = 0
+        self._skip_lf = False           # the last read ended in CR: a leading LF pairs with it
         self._data: list[str] = []
+        self._data_len = 0
         self._event: str | None = None
-        self._started = False
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
-        buf = self._buf + chunk if self._buf else chunk
-        if not self._started:
-            if len(buf) < 3 and b"\xef\xbb\xbf".startswith(buf):
-                self._buf = buf
-                return []
-            self._started = True
-            if buf.startswith(b"\xef\xbb\xbf"):
-                buf = buf[3:]
-        if b"\r" in buf:
-            buf = self._normalise_newlines(buf)
-        end = buf.rfind(b"\n")
-        if end < 0:
-            self._buf = buf
+        if self._head is not None:
+            chunk = self._strip_bom(chunk)
+        if not chunk:
             return []
-        self._buf = buf[end + 1:]
+        if self._skip_lf:
+            self._skip_lf = False
+            chunk = chunk[1:] if chunk[:1] == b"\n" else chunk
+        if b"\r" in chunk:  # chunk-local: a CR at the end pairs with the next read's LF
+            self._skip_lf = chunk.endswith(b"\r")
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        lines = chunk.split(b"\n")
+        tail = lines.pop()
         events: list[SSEEvent] = []
-        for line in buf[:end].split(b"\n"):
-            # Hot path inlined: OpenRouter sends only `data: <json>` lines and blank lines.
-            if line.startswith(b"data: "):
-                self._data.append(line[6:].decode("utf-8", "replace"))
-            elif not line and self._data and self._event is None:
-                data = self._data
-                events.append(SSEEvent(data[0] if len(data) == 1 else "\n".join(data)))
-                self._data = []
-            else:
-                self._line(line, events)
+        if lines and self._pieces:  # the first line began in an earlier read
+            lines[0] = b"".join((*self._pieces, lines[0]))
+            self._pieces, self._pieces_len = [], 0
+        for line in lines:
+            self._line(line, events)
+        if tail:
+            self._keep(tail)
         return events
 
-    @staticmethod
-    def _normalise_newlines(buf: bytes) -> bytes:
-        # A trailing "\r" may be the first half of "\r\n": keep it raw for the next read.
-        tail = b"\r" if buf.endswith(b"\r") else b""
-        body = buf[:-1] if tail else buf
-        body = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        return body + b"\n" + tail if tail else body
+    def _strip_bom(self, chunk: bytes) -> bytes:
+        """The stream's first bytes without a leading UTF-8 BOM (it may arrive split)."""
+        head = (self._head or b"") + chunk
+        if len(head) < 3 and _BOM.startswith(head):
+            self._head = head
+            return b""
+        self._head = None
+        return head[3:] if head.startswith(_BOM) else head
+
+    def _keep(self, piece: bytes) -> None:
+        self._pieces_len += len(piece)
+        if self._pieces_len > self._max:
+            raise self._too_long("line")
+        self._pieces.append(piece)
+
+    def _too_long(self, what: str) -> UpstreamStreamError:
+        return UpstreamStreamError(
+            f"OpenRouter sent a stream {what} over {self._max // (1024 * 1024) or 1} MB; "
+            "the answer was stopped there.", code="sse_too_large",
+            hint="Try again; if it repeats, the provider's stream is broken.")
 
     def _line(self, line: bytes, events: list[SSEEvent]) -> None:
+        if len(line) > self._max:
+            raise self._too_long("line")
+        if line.startswith(b"data: "):  # hot path: OpenRouter sends `data: <json>` lines
+            self._add_data(line[6:])
+            return
         if not line:
             if self._data:
                 data = self._data[0] if len(self._data) == 1 else "\n".join(self._data)
                 events.append(SSEEvent(data, self._event))
-                self._data = []
+                self._data, self._data_len = [], 0
             self._event = None
             return
         if line[0] == 0x3A:  # ":" comment / keep-alive
@@ -2916,13 +2943,20 @@ class SSEDecoder:
         if sep and value[:1] == b" ":
             value = value[1:]
         if name == b"data":
-            self._data.append(value.decode("utf-8", "replace"))
+            self._add_data(value)
         elif name == b"event":
             self._event = value.decode("utf-8", "replace")
 
+    def _add_data(self, value: bytes) -> None:
+        self._data_len += len(value) + 1
+        if self._data_len > self._max:
+            raise self._too_long("event")
+        self._data.append(value.decode("utf-8", "replace"))
+
     def finish(self) -> list[SSEEvent]:
         """End of stream: an event without its closing blank line is discarded (SSE rules)."""
-        self._buf, self._data, self._event = b"", [], None
+        self._pieces, self._pieces_len, self._data, self._data_len = [], 0, [], 0
+        self._event = None
         return []
 
 

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 
 import pytest
 from captures import streams
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from openrouter_responses_pipe import SSEDecoder, SSEEvent
+from openrouter_responses_pipe import (
+    SSE_MAX_LINE_BYTES,
+    SSEDecoder,
+    SSEEvent,
+    UpstreamStreamError,
+)
 
 
 def decode(chunks: list[bytes]) -> list[SSEEvent]:
@@ -121,3 +127,93 @@ def test_fuzz_any_split_any_newline_style(payloads, newline, comments, cuts):
 def test_fuzz_garbage_never_raises_and_is_split_invariant(blob, cuts):
     offsets = sorted({c % (len(blob) + 1) for c in cuts})
     assert decode(split_at(blob, *offsets)) == decode([blob])
+
+
+# -- issue #11: split CR/LF pairs, linear time, bounded memory -----------------------------
+
+
+def test_a_crlf_pair_split_between_reads_is_one_line_end():
+    """`data: line1\\r` then `\\ndata: line2\\r\\n\\r\\n` is ONE event with two data lines."""
+    raw = b"event: response.output_text.delta\r\ndata: line1\r\ndata: line2\r\n\r\n"
+    expected = [SSEEvent("line1\nline2", "response.output_text.delta")]
+    assert decode([raw]) == expected
+    for offset in range(1, len(raw)):
+        assert decode(split_at(raw, offset)) == expected, offset
+    assert decode([b"data: line1\r", b"\ndata: line2\r\n\r\n"]) == [SSEEvent("line1\nline2")]
+    # a CR that ends a read and is NOT followed by LF still ends the line
+    assert decode([b"data: a\r", b"data: b\r", b"\r"]) == [SSEEvent("a\nb")]
+
+
+_field_values = st.text(alphabet=st.characters(blacklist_categories=("Cs",),
+                                               blacklist_characters="\r\n"), max_size=12)
+_lines = st.one_of(
+    _field_values.map(lambda v: "data: " + v), _field_values.map(lambda v: "data:" + v),
+    _field_values.map(lambda v: "event: " + v), _field_values.map(lambda v: ": " + v),
+    _field_values.map(lambda v: "id: " + v), st.just("data"), st.just(""), _field_values)
+
+
+@settings(max_examples=400, deadline=None)
+@given(lines=st.lists(st.tuples(_lines, st.sampled_from([b"\n", b"\r\n", b"\r"])),
+                      max_size=14),
+       cuts=st.lists(st.integers(min_value=0), max_size=10), bom=st.booleans())
+def test_any_split_of_any_crlf_lf_cr_stream_decodes_like_the_whole(lines, cuts, bom):
+    raw = (b"\xef\xbb\xbf" if bom else b"") + b"".join(t.encode() + nl for t, nl in lines)
+    whole = decode([raw])
+    offsets = sorted({c % (len(raw) + 1) for c in cuts})
+    assert decode(split_at(raw, *offsets)) == whole
+    # and the result does not depend on the newline style (unless a CR and the next empty
+    # line's LF happen to form a CRLF pair, which is one line end)
+    pairs = any(a[1] == b"\r" and b == ("", b"\n") for a, b in itertools.pairwise(lines))
+    lf = (b"\xef\xbb\xbf" if bom else b"") + b"".join(t.encode() + b"\n" for t, _ in lines)
+    assert pairs or whole == decode([lf])
+
+
+@pytest.mark.parametrize("capture", streams(), ids=lambda c: c.name)
+def test_captures_with_crlf_split_at_every_byte_give_identical_events(capture):
+    crlf = capture.body.replace(b"\n", b"\r\n")
+    whole = decode([capture.body])
+    assert decode([crlf]) == whole
+    for offset in range(1, len(crlf), 7 if len(crlf) > 20_000 else 1):
+        assert decode(split_at(crlf, offset)) == whole, offset
+
+
+def _cpu(fn) -> float:
+    best = float("inf")
+    for _ in range(3):
+        start = time.process_time()
+        fn()
+        best = min(best, time.process_time() - start)
+    return best
+
+
+@pytest.mark.parametrize("read_size", [4096, 16 * 1024])
+def test_a_long_line_costs_linear_time_whatever_the_read_size(read_size):
+    """An 8 MB line in small reads costs about what it costs in one read (the old decoder
+    re-joined and re-scanned its buffer per read: quadratic, seconds of CPU)."""
+    line = b"data: " + b"x" * 8_000_000 + b"\n\n"
+    pieces = [line[i:i + read_size] for i in range(0, len(line), read_size)]
+
+    def feed(chunks: list[bytes]) -> None:
+        decoder = SSEDecoder()
+        assert [len(e.data) for c in chunks for e in decoder.feed(c)] == [8_000_000]
+
+    ratio = _cpu(lambda: feed(pieces)) / max(_cpu(lambda: feed([line])), 1e-4)
+    assert ratio < 8, f"{read_size}-byte reads took x{ratio:.1f} the time of one read"
+
+
+def test_a_line_over_the_cap_is_a_specific_stream_error_not_unbounded_memory():
+    decoder = SSEDecoder(max_bytes=1000)
+    decoder.feed(b"data: ok\n\n")
+    with pytest.raises(UpstreamStreamError, match="over") as err:
+        for _ in range(100):
+            decoder.feed(b"y" * 100)  # no newline, ever
+    assert err.value.code == "sse_too_large"
+    assert sum(map(len, decoder._pieces)) <= 1000  # nothing past the cap was buffered
+    with pytest.raises(UpstreamStreamError):
+        SSEDecoder(max_bytes=1000).feed(b"data: " + b"z" * 2000 + b"\n")
+    many = SSEDecoder(max_bytes=1000)  # an event built from many small data lines
+    with pytest.raises(UpstreamStreamError, match="event"):
+        for _ in range(200):
+            many.feed(b"data: 0123456789\n")
+    assert SSE_MAX_LINE_BYTES == 16 * 1024 * 1024
+    assert SSEDecoder()._max == SSE_MAX_LINE_BYTES
