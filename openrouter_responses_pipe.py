@@ -111,7 +111,8 @@ _SAMPLING_PARAMS = ("temperature", "top_p", "top_k", "stop", "frequency_penalty"
 #   │   ├── BadToolArguments
 #   │   ├── ToolTimeout
 #   │   └── ToolBreakerOpen
-#   └── ArtifactStoreError
+#   ├── ArtifactStoreError
+#   └── BadRequest              the chat body has a shape the pipe can't read
 #
 # `describe_error` (§15) is the one place that turns these into what the user reads.
 # ─────────────────────────────────────────────────────────────────────────────
@@ -211,6 +212,15 @@ class ToolBreakerOpen(ToolError):
 
 class ArtifactStoreError(PipeError):
     """Database, Redis or crypto trouble in the artifact store; never fatal to a chat."""
+
+
+class BadRequest(PipeError):
+    """The chat body (from an API client or an edited message) has a shape the pipe can't
+    read: the message names the field, e.g. `messages[2].tool_calls[0].function`."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"The request could not be read: {message}",
+                         hint="Fix the request (or the edited message) and send it again.")
 
 
 # ─────────────────────────────────────────────────────────────────────────────
@@ -2794,7 +2804,11 @@ class OpenRouterClient:
         """POST /responses; returns the open 200 response (caller closes it)."""
         settings.require_api_key()
         stream = bool(payload.get("stream"))
-        return await self._send("POST", "/responses", _dumps(payload), settings, stream=stream)
+        try:
+            body = _dumps(payload)
+        except (TypeError, ValueError, RecursionError) as exc:  # orjson: huge ints, surrogates
+            raise BadRequest(f"it holds a value that can't be sent as JSON ({exc}).") from None
+        return await self._send("POST", "/responses", body, settings, stream=stream)
 
     async def _send(self, method: str, path: str, body: bytes | None,
                     settings: RequestSettings, *, stream: bool) -> TransportResponse:
@@ -5686,20 +5700,22 @@ def health_markdown(data: Mapping[str, Any]) -> str:
 # ─────────────────────────────────────────────────────────────────────────────
 
 
-def parse_chat_request(body: Mapping[str, Any], user: Mapping[str, Any] | None,
-                       metadata: Mapping[str, Any] | None, task: str | None) -> ChatRequest:
-    """Open WebUI's `body` + call context -> ChatRequest (the boundary parse)."""
-    meta = metadata or {}
-    messages = tuple(_parse_message(m) for m in body.get("messages") or () if isinstance(m, dict))
-    owui_id = str(body.get("model") or "")
-    max_tokens = body.get("max_output_tokens") or body.get("max_completion_tokens") \
-        or body.get("max_tokens")
+def parse_chat_request(body: Any, user: Mapping[str, Any] | None, metadata: Any,
+                       task: str | None) -> ChatRequest:
+    """Open WebUI's `body` + call context -> ChatRequest (the boundary parse). Any shape it
+    can't read raises `BadRequest` naming the field; it never raises anything else."""
+    if not isinstance(body, Mapping):
+        raise BadRequest(f"the body must be a JSON object, not {_kind(body)}.")
+    meta = metadata if isinstance(metadata, Mapping) else {}
+    raw_messages = body.get("messages") if body.get("messages") is not None else []
+    if not isinstance(raw_messages, list | tuple):
+        raise BadRequest(f"`messages` must be a list, not {_kind(raw_messages)}.")
+    owui_id = _field_str(body.get("model"), "model")
     return ChatRequest(
-        owui_model_id=owui_id, model_id=openrouter_model_id(owui_id), messages=messages,
-        stream=bool(body.get("stream", False)),
-        params={k: body[k] for k in (*_SAMPLING_PARAMS, "seed") if body.get(k) is not None},
-        max_tokens=int(max_tokens) if isinstance(max_tokens, int | float) and max_tokens > 0
-        else None,
+        owui_model_id=owui_id, model_id=openrouter_model_id(owui_id),
+        messages=tuple(_parse_message(m, n) for n, m in enumerate(raw_messages)),
+        stream=bool(body.get("stream", False)), params=_sampling_params(body),
+        max_tokens=_max_tokens(body),
         reasoning_effort=_str_or_none(body.get("reasoning_effort")),
         response_format=body.get("response_format") if isinstance(
             body.get("response_format"), Mapping) else None,
@@ -5710,17 +5726,97 @@ def parse_chat_request(body: Mapping[str, Any], user: Mapping[str, Any] | None,
         tools=parse_body_tools(body.get("tools")))
 
 
+MAX_INT_PARAM = 2**53  # larger whole numbers are not exact in JSON readers (and orjson stops
+                       # at 64 bits): refused rather than sent
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "true/false",
+            type(None): "null"}.get(type(value), f"a {type(value).__name__}")
+
+
+def _field_str(value: Any, where: str) -> str:
+    if value is None or isinstance(value, str):
+        return value or ""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    raise BadRequest(f"`{where}` must be a string, not {_kind(value)}.")
+
+
+def _number(value: Any, where: str, *, whole: bool = False) -> int | float:
+    """A finite JSON number (bools, NaN, Infinity, strings and huge values refused)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BadRequest(f"`{where}` must be a number, not {_kind(value)}.")
+    if not (-MAX_INT_PARAM <= value <= MAX_INT_PARAM):  # False for NaN too
+        raise BadRequest(f"`{where}` must be a finite number below {MAX_INT_PARAM:,}.")
+    if whole and value != int(value):
+        raise BadRequest(f"`{where}` must be a whole number, not {value!r}.")
+    return int(value) if whole else value
+
+
+def _max_tokens(body: Mapping[str, Any]) -> int | None:
+    for key in ("max_output_tokens", "max_completion_tokens", "max_tokens"):
+        value = body.get(key)
+        if value is None or value == 0:
+            continue
+        number = int(_number(value, key))
+        return number if number > 0 else None  # 0 or -1 ("no limit" in some clients)
+    return None
+
+
+def _sampling_params(body: Mapping[str, Any]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for key in (*_SAMPLING_PARAMS, "seed"):
+        value = body.get(key)
+        if value is None:
+            continue
+        if key == "stop":
+            stops = [value] if isinstance(value, str) else value
+            if not isinstance(stops, list) or not all(isinstance(v, str) for v in stops):
+                raise BadRequest("`stop` must be a string or a list of strings.")
+        elif key == "parallel_tool_calls":
+            if not isinstance(value, bool):
+                raise BadRequest(f"`parallel_tool_calls` must be true or false, not "
+                                 f"{_kind(value)}.")
+        else:
+            value = _number(value, key, whole=key in ("seed", "top_k"))
+        params[key] = value
+    return params
+
+
 def _str_or_none(value: Any) -> str | None:
-    return str(value) if value else None
+    return str(value) if value and isinstance(value, str | int | float) else None
 
 
-def _parse_message(raw: Mapping[str, Any]) -> ChatMessage:
-    calls = tuple(
-        ToolCall(str(c.get("id") or ""), str((c.get("function") or {}).get("name") or ""),
-                 str((c.get("function") or {}).get("arguments") or ""))
-        for c in raw.get("tool_calls") or () if isinstance(c, Mapping))
-    return ChatMessage(role=str(raw.get("role") or "user"), parts=parse_content(raw.get("content")),
-                       tool_calls=calls, tool_call_id=_str_or_none(raw.get("tool_call_id")))
+def _parse_message(raw: Any, n: int) -> ChatMessage:
+    where = f"messages[{n}]"
+    if not isinstance(raw, Mapping):
+        raise BadRequest(f"`{where}` must be an object, not {_kind(raw)}.")
+    raw_calls = raw.get("tool_calls")
+    if raw_calls is not None and not isinstance(raw_calls, list):
+        raise BadRequest(f"`{where}.tool_calls` must be a list, not {_kind(raw_calls)}.")
+    calls = tuple(_tool_call(c, f"{where}.tool_calls[{k}]")
+                  for k, c in enumerate(raw_calls or ()))
+    return ChatMessage(role=_field_str(raw.get("role"), f"{where}.role") or "user",
+                       parts=parse_content(raw.get("content")), tool_calls=calls,
+                       tool_call_id=_str_or_none(raw.get("tool_call_id")))
+
+
+def _tool_call(raw: Any, where: str) -> ToolCall:
+    if not isinstance(raw, Mapping):
+        raise BadRequest(f"`{where}` must be an object, not {_kind(raw)}.")
+    fn = raw.get("function") if raw.get("function") is not None else {}
+    if not isinstance(fn, Mapping):
+        raise BadRequest(f"`{where}.function` must be an object with `name` and "
+                         f"`arguments`, not {_kind(fn)}.")
+    args = fn.get("arguments")
+    if args is not None and not isinstance(args, str):  # some clients send the object itself
+        try:
+            args = json.dumps(args, ensure_ascii=False)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise BadRequest(f"`{where}.function.arguments` is not JSON ({exc}).") from None
+    return ToolCall(_field_str(raw.get("id"), f"{where}.id"),
+                    _field_str(fn.get("name"), f"{where}.function.name"), args or "")
 
 
 def extract_output_text(response: Mapping[str, Any]) -> str:
@@ -5867,8 +5963,14 @@ class Pipe:
                    __task__: str | None = None, __tools__: dict[str, Any] | None = None,
                    __files__: list[dict[str, Any]] | None = None, __request__: Any = None
                    ) -> str | AsyncIterator[dict[str, Any]]:
-        """Serve one chat turn: a plain string for tasks and `stream: false`, else chunks."""
-        req = parse_chat_request(body, __user__, __metadata__, __task__)
+        """Serve one chat turn: a plain string for tasks and `stream: false`, else chunks.
+        Failures are words for the user: chunks for streams, a raised PipeError (whose str()
+        Open WebUI shows) for tasks and `stream: false`; never another exception."""
+        try:
+            req = parse_chat_request(body, __user__, __metadata__, __task__)
+        except PipeError as exc:  # 1 the boundary parse: a body the pipe can't read
+            LOG.warning("Refused a request: %s", exc)
+            return _refuse(body, __metadata__, __task__, exc)
         try:                                                               # 2 settings
             settings = RequestSettings.merge(
                 self.valves, _as_user_valves((__user__ or {}).get("valves")), req.user_role)
@@ -5876,7 +5978,7 @@ class Pipe:
             return _fail_fast(req, exc)
         log = RequestLog(uuid.uuid4().hex[:12], req.user_id, req.chat_id or "-",
                          settings.log_level)
-        context = CallContext(__metadata__ or {}, __tools__ or {},
+        context = CallContext(_mapping(__metadata__), _mapping(__tools__),
                               tuple(f for f in __files__ or () if isinstance(f, Mapping)),
                               __request__, __event_call__)
         turn = Turn(req, settings, Emitter(__event_emitter__), log, context)
@@ -5961,7 +6063,8 @@ class Pipe:
         plan = build_responses_request(req, entry, turn.settings, artifacts)  # 6 transform
         if not req.task:  # chats loop over tool rounds; tasks never call tools
             plan = with_tools(plan, req, entry, turn.context.tools,
-                              turn.context.metadata.get("features") or {}, turn.settings.tools)
+                              _mapping(turn.context.metadata.get("features")),
+                              turn.settings.tools)
         plan = dataclasses.replace(plan, replayed_reasoning=sent_reasoning_ids(
             plan.payload.get("input") or (), artifacts))
         LOG.info("Turn: model=%s stream=%s task=%s messages=%d", entry.id,
@@ -6292,6 +6395,20 @@ def health_reply(prompt: str, data: Mapping[str, Any], logs: RecentLogs) -> str:
             return f"No log for {words[1]} (only the last turns are kept in memory)."
         return f"```\n{found.text()}\n```"
     return health_markdown(data)
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    """A dict-shaped part of the call context, or {} when a client sent another shape."""
+    return value if isinstance(value, Mapping) else {}
+
+
+def _refuse(body: Any, metadata: Any, task: str | None, exc: PipeError
+            ) -> AsyncIterator[dict[str, Any]]:
+    """A request that could not be parsed, answered in the shape its caller expects."""
+    raw = _mapping(body)
+    req = ChatRequest(str(raw.get("model") or ""), "", (), stream=bool(raw.get("stream")),
+                      params={}, task=task or _str_or_none(_mapping(metadata).get("task")))
+    return _fail_fast(req, exc)
 
 
 def _fail_fast(req: ChatRequest, exc: PipeError) -> AsyncIterator[dict[str, Any]]:
