@@ -274,7 +274,7 @@ class EncryptedStr(str):
             return cls(value)
         return cls(cls.PREFIX + fernet.encrypt(value.encode()).decode())
 
-    def reveal(self) -> str:
+    def reveal(self, valve: str = "API_KEY") -> str:
         if not self.startswith(self.PREFIX):
             return str(self)
         from cryptography.fernet import InvalidToken
@@ -285,9 +285,10 @@ class EncryptedStr(str):
                 raise InvalidToken
             return fernet.decrypt(self[len(self.PREFIX):].encode()).decode()
         except InvalidToken:
+            what = "OpenRouter API key" if valve == "API_KEY" else valve
             raise ConfigError(
-                "The stored OpenRouter API key can't be decrypted (WEBUI_SECRET_KEY changed).",
-                hint="An admin must re-enter API_KEY in the pipe's valves.") from None
+                f"The stored {what} can't be decrypted (WEBUI_SECRET_KEY changed).",
+                hint=f"An admin must re-enter {valve} in the pipe's valves.") from None
 
 
 class Valves(BaseModel):
@@ -408,11 +409,14 @@ class Valves(BaseModel):
                     "Web Search in the chat, always, or never.")
     WEB_SEARCH_MAX_RESULTS: int = Field(
         default=5, ge=1, le=25, description="Web search results per search.")
-    REMOTE_MCP_SERVERS_JSON: str = Field(
-        default="",
+    REMOTE_MCP_SERVERS_JSON: EncryptedStr = Field(
+        default=EncryptedStr(""),
         description='Remote MCP servers the provider calls, as JSON: one object or a list of '
                     '{"server_label", "server_url", "require_approval", "allowed_tools", '
-                    '"headers", "server_description", "authorization"}.')
+                    '"headers", "server_description", "authorization"}. Stored encrypted '
+                    'with WEBUI_SECRET_KEY (it usually holds credentials); its header and '
+                    'authorization values never appear in logs.',
+        json_schema_extra=_PASSWORD)
 
     # ── Multimodal intake (issue #4) ──────────────────────────────────────────
     MAX_IMAGE_MB: float = Field(
@@ -3217,7 +3221,31 @@ def tool_settings(valves: Valves) -> ToolSettings:
         breaker_window=valves.TOOL_BREAKER_WINDOW_SECONDS, strict=valves.STRICT_TOOL_SCHEMAS,
         result_max_chars=valves.TOOL_RESULT_MAX_CHARS, card_max_chars=valves.TOOL_CARD_MAX_CHARS,
         web_search=valves.WEB_SEARCH, web_search_max_results=valves.WEB_SEARCH_MAX_RESULTS,
-        mcp_servers_json=valves.REMOTE_MCP_SERVERS_JSON)
+        mcp_servers_json=_mcp_servers_plain(valves.REMOTE_MCP_SERVERS_JSON))
+
+
+def _mcp_servers_plain(raw: str) -> str:
+    """REMOTE_MCP_SERVERS_JSON decrypted (plaintext from older versions passes as is), its
+    credentials registered for log redaction; "" (MCP off, logged) when it can't be read."""
+    try:
+        plain = EncryptedStr(raw or "").reveal("REMOTE_MCP_SERVERS_JSON")
+    except ConfigError as exc:
+        LOG.error("Remote MCP servers are off: %s", exc)
+        return ""
+    try:
+        parsed = json.loads(plain) if plain.strip() else None
+    except ValueError:
+        return plain  # reported per request by `request_mcp_tools`
+    for server in parsed if isinstance(parsed, list) else [parsed]:
+        if isinstance(server, Mapping):
+            headers = server.get("headers")
+            values = [*(headers.values() if isinstance(headers, Mapping) else ()),
+                      server.get("authorization")]
+            for value in values:
+                if isinstance(value, str):
+                    register_secret(value)
+                    register_secret(value.removeprefix("Bearer ").strip())
+    return plain
 
 
 def parse_tool_spec(raw: Any) -> ToolSpec | None:
@@ -5433,7 +5461,42 @@ _REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
      r"\1[redacted]"),
     (re.compile(r"gAAAAA[A-Za-z0-9_\-=]{20,}"), "[fernet-token]"),
     (re.compile(r"(data:[\w.+\-/]+;base64,)[A-Za-z0-9+/=]{16,}"), r"\1[payload]"),
+    # `"x-api-key": "…"`, `api_key='…'`, `cookie=…` in JSON, reprs and key=value text; the
+    # lookbehind starts a match only at a word's start (linear on long words)
+    (re.compile(r"""(?i)((?<![\w-])["']?(?:[\w-]*(?:token|secret|key)|authorization|cookie)"""
+                r"""["']?\s*[:=]\s*)("(?:[^"\\\n]|\\.)*"?|'[^'\n]*'?|[^\s"',}]+)"""),
+     r'\1"[redacted]"'),  # an unclosed quote redacts to the line's end (and stays linear)
 )
+_SECRET_KEY = re.compile(r"(?i)(?:.*(?:token|secret|key)|authorization|cookie|"
+                         r"proxy-authorization|set-cookie)")
+_HEADER_MAPS = frozenset({"headers", "http_headers"})
+
+
+def is_secret_key(name: str) -> bool:
+    """A header-like key whose value is a credential: authorization, cookie, x-api-key,
+    api-key and anything ending in `token`, `secret` or `key` (any case, `-` or `_`)."""
+    return _SECRET_KEY.fullmatch(name.strip()[-64:]) is not None
+
+
+def redact_payload(value: Any, depth: int = 0) -> Any:
+    """A copy of a dict/list payload with every credential value replaced, for logging:
+    values of header-like keys, and every value of a `headers` mapping (remote MCP servers'
+    headers may carry a credential under any name). Pure; the input is not changed."""
+    if depth > 64:
+        return "[…]"
+    if isinstance(value, Mapping):
+        return {k: "[redacted]" if isinstance(k, str) and is_secret_key(k)
+                else _redact_headers(v) if k in _HEADER_MAPS
+                else redact_payload(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact_payload(v, depth + 1) for v in value]
+    return value
+
+
+def _redact_headers(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: "[redacted]" for k in value}
+    return "[redacted]" if value else value
 @dataclass(slots=True)
 class _SharedLogState:
     """Logging state shared by every copy of this file in the process.
@@ -5477,16 +5540,29 @@ def redact(text: str) -> str:
 
 @dataclass(slots=True)
 class RequestLog:
-    """One turn's log: its ids, its threshold, and the lines it wrote."""
+    """One turn's log: its ids, its threshold, and the lines it wrote.
+
+    Each line is kept twice: as the admin reads it, and as anyone may read it (None when
+    the whole line is admin-only: DEBUG lines carry request bodies, system prompts and
+    tool arguments; tracebacks may quote anything). `text(admin=False)` is what a
+    non-admin's log citation shows.
+    """
 
     request_id: str
     user_id: str = "-"
     chat_id: str = "-"
     level: int = logging.INFO
-    lines: deque[str] = field(default_factory=lambda: deque(maxlen=1000))
+    lines: deque[tuple[str, str | None]] = field(default_factory=lambda: deque(maxlen=1000))
 
-    def text(self) -> str:
-        return "\n".join(self.lines)
+    def text(self, *, admin: bool = True) -> str:
+        if admin:
+            return "\n".join(full for full, _ in self.lines)
+        shown = [public for _, public in self.lines if public is not None]
+        hidden = len(self.lines) - len(shown)
+        if hidden:
+            shown.append(f"({hidden} admin-only line(s) not shown: request details and "
+                         "tracebacks; an admin can read them by this reference.)")
+        return "\n".join(shown)
 
 
 CURRENT_LOG: contextvars.ContextVar[RequestLog | None] = _SHARED.current
@@ -5509,6 +5585,10 @@ class _RequestContextFilter(logging.Filter):
 
     @staticmethod
     def _prepare(record: logging.LogRecord, ctx: RequestLog | None) -> None:
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact_payload(a) for a in record.args)
+        elif isinstance(record.args, Mapping):
+            record.args = redact_payload(record.args)
         record.msg, record.args = redact(record.getMessage()), None
         if record.exc_info and not record.exc_text:
             record.exc_text = redact(_LINE_FORMAT.formatException(record.exc_info))
@@ -5516,7 +5596,13 @@ class _RequestContextFilter(logging.Filter):
         record.user_id = ctx.user_id if ctx else "-"
         record.chat_id = ctx.chat_id if ctx else "-"
         if ctx is not None:
-            ctx.lines.append(_LINE_FORMAT.format(record))
+            full = _LINE_FORMAT.format(record)
+            private = record.levelno < logging.INFO or getattr(record, "orp_private", False)
+            public = None if private else \
+                f"{_LINE_FORMAT.formatTime(record, _LINE_FORMAT.datefmt)} " \
+                f"{record.levelname:<7} {record.msg}" \
+                f"{' [traceback: admin only]' if record.exc_text else ''}"
+            ctx.lines.append((full, public))
             record.msg = f"[req={ctx.request_id} user={ctx.user_id} chat={ctx.chat_id}] " \
                          f"{record.msg}"
 
@@ -6070,7 +6156,8 @@ class Pipe:
         LOG.info("Turn: model=%s stream=%s task=%s messages=%d", entry.id,
                  plan.payload.get("stream"), turn.req.task, len(turn.req.messages))
         if LOG.isEnabledFor(logging.DEBUG) and turn.log.level <= logging.DEBUG:
-            LOG.debug("Request body: %s", _dumps(plan.payload).decode()[:20000])
+            LOG.debug("Request body: %s",
+                      _dumps(redact_payload(plan.payload)).decode()[:20000])
         return plan
 
     async def _rounds(self, turn: Turn, plan: Transformed, run: TurnRun,
@@ -6210,7 +6297,8 @@ class Pipe:
         if turn.settings.show_final_status:
             await turn.emitter.status(final_status_line(state.usage, timing), done=True)
         if turn.settings.log_citation == "always":
-            await turn.emitter.citation(f"Pipe log {turn.reference}", turn.log.text())
+            await turn.emitter.citation(f"Pipe log {turn.reference}",
+                                        turn.log.text(admin=turn.req.user_role == "admin"))
 
     async def _report_failure(self, turn: Turn, exc: Exception) -> PipeError:
         """Log and count a failure, attach the turn's log; returns the error to show."""
@@ -6224,7 +6312,8 @@ class Pipe:
                                 hint="An admin can read the details in this turn's log.")
         self._telemetry.failed(failure if isinstance(exc, PipeError) else exc)
         if turn.settings.log_citation != "off":
-            await turn.emitter.citation(f"Pipe log {turn.reference}", turn.log.text())
+            await turn.emitter.citation(f"Pipe log {turn.reference}",
+                                        turn.log.text(admin=turn.req.user_role == "admin"))
         return failure
 
     async def _resolve_entry(self, req: ChatRequest, settings: RequestSettings) -> CatalogEntry:

@@ -19,7 +19,7 @@ from captures import catalogs, streams
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from openrouter_responses_pipe import PipeError, Pipe
+from openrouter_responses_pipe import Pipe, PipeError
 
 ANSWER = next(c for c in streams() if c.name.startswith("test_prompt")).body
 COMPLETED = json.dumps([json.loads(line[6:]) for line in ANSWER.decode().splitlines()
@@ -113,7 +113,7 @@ async def test_each_bad_shape_gets_a_specific_message(pipe: Pipe, patch: dict[st
                                                       message: str) -> None:
     body = {"model": f"openrouter.{MODEL}", "stream": True,
             "messages": [{"role": "user", "content": "hi"}], **patch}
-    text, error = await call(pipe, body)
+    _, error = await call(pipe, body)
     assert error is not None and message in error and "could not be read" in error, error
     for kwargs in ({}, {"__task__": "title_generation"}):
         with pytest.raises(PipeError, match=message.replace("[", r"\[").replace("`", ".")):
@@ -164,7 +164,7 @@ def test_any_json_shaped_body_gets_an_answer_or_a_specific_message(pipe: Pipe, b
                                                                    ) -> None:
     async def run() -> None:
         try:
-            text, error = await call(pipe, body, __task__=task, __metadata__=meta)
+            _, error = await call(pipe, body, __task__=task, __metadata__=meta)
         except PipeError as exc:  # the contract for tasks and stream:false
             is_stream = isinstance(body, dict) and bool(body.get("stream")) and not task
             assert not is_stream, f"a stream raised: {exc}"

@@ -185,7 +185,14 @@ async def test_an_unexpected_bug_becomes_a_readable_error_with_its_log(events):
     pipe.valves = pipe.Valves(API_KEY=KEY)
     out = await stream(pipe, body(GPT4O, "hi"), __event_emitter__=events)
     assert "unexpected internal error" in out.error and "reference req-" in out.error
-    (citation,) = log_citations(events)
+    (citation,) = log_citations(events)  # an ordinary user: no traceback, a reference
+    assert "Turn failed with an unexpected RuntimeError" in citation["document"][0]
+    assert "kaboom" not in citation["document"][0]
+    assert "[traceback: admin only]" in citation["document"][0]
+    admin_events = type(events)()
+    await stream(pipe, body(GPT4O, "hi"), __event_emitter__=admin_events,
+                 __user__={"id": "a1", "role": "admin"})
+    (citation,) = log_citations(admin_events)
     assert "RuntimeError: kaboom in transport" in citation["document"][0]  # the traceback
     with pytest.raises(Exception, match="unexpected internal error"):
         await pipe.pipe(body=body(GPT4O, "hi", stream=False), __user__={"id": "u"})

@@ -20,5 +20,5 @@ def test_the_captures_ship_with_the_repository() -> None:
 def test_a_missing_capture_is_an_error_not_a_skip(monkeypatch: pytest.MonkeyPatch,
                                                    tmp_path: Path) -> None:
     monkeypatch.setattr(captures, "CAPTURE_DIR", tmp_path)
-    with pytest.raises(captures.MissingCaptures, match="test_prompt.yaml"):
+    with pytest.raises(captures.MissingCaptures, match=r"test_prompt\.yaml"):
         captures.capture_files()

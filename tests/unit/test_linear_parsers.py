@@ -72,6 +72,9 @@ CASES: dict[str, tuple[Callable[[str], object], Callable[[int], str]]] = {
     "redact-bearers": (redact, lambda n: "Bearer " * n),
     "redact-authorization": (redact, lambda n: "authorization: " * n),
     "redact-data-urls": (redact, lambda n: "data:" + "a" * n * 4),
+    "redact-unclosed-key-quotes": (redact, lambda n: 'api_key: "x ' * n),
+    "redact-long-key-word": (redact, lambda n: "a" * n * 8 + "key"),
+    "redact-key-words": (redact, lambda n: "x-api-key" * n),
     "repair-many-calls": (lambda t: repair_orphans(json.loads(t)), lambda n: json.dumps(
         [{"type": "function_call", "call_id": f"c{i}", "name": "f", "arguments": "{}"}
          for i in range(n // 4)]
