@@ -471,12 +471,11 @@ class Valves(BaseModel):
     # ── Artifact store and Redis (issue #5) ───────────────────────────────────
     ARTIFACT_ENCRYPTION_KEY: EncryptedStr = Field(
         default=EncryptedStr(""),
-        description="Encrypts stored reasoning (everything with ENCRYPT_ALL). Several keys "
-                    "separated by commas: the first encrypts, all decrypt (key rotation). "
-                    "Empty: nothing is encrypted.",
+        description="Key(s) for the stored reasoning, tool calls and tool results (always "
+                    "encrypted). Empty: a key derived from Open WebUI's WEBUI_SECRET_KEY is "
+                    "used. Several keys separated by commas: the first encrypts, all decrypt "
+                    "(key rotation); rows written with the derived key stay readable too.",
         json_schema_extra=_PASSWORD)
-    ENCRYPT_ALL: bool = Field(
-        default=False, description="Encrypt tool calls and results too, not only reasoning.")
     COMPRESSION_MIN_BYTES: int = Field(
         default=1024, ge=0, le=10_000_000,
         description="Stored items at least this large are compressed (LZ4 if installed, "
@@ -583,18 +582,39 @@ def _env_log_level() -> LogLevel:
     return "INFO"
 
 
-def _artifact_keys(raw: str) -> tuple[str, ...] | None:
-    """ARTIFACT_ENCRYPTION_KEY -> its keys (first encrypts); None when it can't be decrypted."""
+def _artifact_keys(raw: str, webui_secret: str = "") -> tuple[str, ...] | None:
+    """ARTIFACT_ENCRYPTION_KEY's keys, then the key derived from WEBUI_SECRET_KEY: the first
+    encrypts, all decrypt. None when the valve can't be decrypted (nothing is stored or
+    replayed then); () only when neither exists (no WEBUI_SECRET_KEY: a dev setup)."""
     try:
-        plain = EncryptedStr(raw).reveal()
+        plain = EncryptedStr(raw).reveal("ARTIFACT_ENCRYPTION_KEY")
     except ConfigError:
         LOG.error("ARTIFACT_ENCRYPTION_KEY can't be decrypted (WEBUI_SECRET_KEY changed): "
                   "nothing is stored or replayed until an admin re-enters it")
         return None
-    keys = tuple(k.strip() for k in plain.split(",") if k.strip())
+    keys = [k.strip() for k in plain.split(",") if k.strip()]
+    if webui_secret:
+        keys.append(derived_artifact_key(webui_secret))
     for key in keys:
         register_secret(key)
-    return keys
+    return tuple(dict.fromkeys(keys))
+
+
+def derived_artifact_key(webui_secret: str) -> str:
+    """The default artifact key: WEBUI_SECRET_KEY through HMAC with a fixed label, so it is
+    not the key that encrypts the valves (EncryptedStr) and reveals nothing about it."""
+    digest = hmac.new(webui_secret.encode(), b"openrouter-responses-pipe/artifacts/v1",
+                      hashlib.sha256).hexdigest()
+    return f"webui-derived:{digest}"
+
+
+def webui_secret_key() -> str:
+    """Open WebUI's WEBUI_SECRET_KEY: the environment, else its loaded settings module."""
+    secret = os.environ.get("WEBUI_SECRET_KEY", "")
+    if not secret:
+        env = sys.modules.get("open_webui.env")
+        secret = str(getattr(env, "WEBUI_SECRET_KEY", "") or "")
+    return secret
 
 
 def _pick(user_value: str, admin_value: Any) -> Any:
@@ -638,7 +658,6 @@ class RequestSettings:
     intake: IntakeLimits = field(default_factory=lambda: intake_limits(Valves(), UserValves()))
     # ── Artifact store (issue #5) ──
     artifact_keys: tuple[str, ...] | None = ()  # None: configured but unreadable
-    encrypt_all: bool = False
     compression_min_bytes: int = 1024
     reasoning_retention: str = "conversation"
     tool_output_retention_turns: int = 10
@@ -698,8 +717,7 @@ class RequestSettings:
             # ── Multimodal intake (issue #4) ──
             intake=intake_limits(valves, user),
             # ── Artifact store (issue #5) ──
-            artifact_keys=_artifact_keys(valves.ARTIFACT_ENCRYPTION_KEY),
-            encrypt_all=valves.ENCRYPT_ALL,
+            artifact_keys=_artifact_keys(valves.ARTIFACT_ENCRYPTION_KEY, webui_secret_key()),
             compression_min_bytes=valves.COMPRESSION_MIN_BYTES,
             reasoning_retention=_pick(user.REASONING_RETENTION, valves.REASONING_RETENTION),
             tool_output_retention_turns=valves.TOOL_OUTPUT_RETENTION_TURNS,
@@ -4138,18 +4156,19 @@ def safe_json(value: Any) -> Any:
 class ArtifactCodec:
     """item dict <-> stored bytes: `header byte (flags) + body`; header-less JSON is legacy.
 
-    Flags: 1 = LZ4 frame, 2 = zlib, 4 = Fernet token of the (compressed) JSON. Reasoning is
-    encrypted whenever a key is set; other items only with `encrypt_all`.
+    Flags: 1 = LZ4 frame, 2 = zlib, 4 = Fernet token of the (compressed) JSON. Every item is
+    encrypted whenever a key exists (the pipe always has one: ARTIFACT_ENCRYPTION_KEY or the
+    key derived from WEBUI_SECRET_KEY); `encrypt_all=False` encrypts reasoning only (kept for
+    benchmarks). Rows without the Fernet flag (older, plaintext) are still read.
     """
 
     keys: tuple[str, ...] = ()
-    encrypt_all: bool = False
+    encrypt_all: bool = True
     compress_min: int = 1024
 
     @classmethod
     def of(cls, settings: RequestSettings) -> ArtifactCodec:
-        return cls(settings.artifact_keys or (), settings.encrypt_all,
-                   settings.compression_min_bytes)
+        return cls(settings.artifact_keys or (), True, settings.compression_min_bytes)
 
     def encrypts(self, item_type: str) -> bool:
         return bool(self.keys) and (self.encrypt_all or item_type.startswith(REASONING_ITEM))

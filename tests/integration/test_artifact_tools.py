@@ -21,7 +21,7 @@ def tool_pipe(emulator, sleeps, tmp_path: Path):
     runner, dispose = sqlite_sync(tmp_path)
     p = Pipe(sleep=sleeps, artifact_db=runner, env={})
     p.valves = p.Valves(BASE_URL=emulator.base_url, API_KEY="sk-or-test",
-                        ARTIFACT_ENCRYPTION_KEY="k", ENCRYPT_ALL=True)
+                        ARTIFACT_ENCRYPTION_KEY="k")
     yield p
     dispose()
 
