@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,7 @@ async def test_a_database_or_redis_dump_never_shows_reasoning_or_tool_output(
     pipe = Pipe(sleep=sleeps, artifact_db=runner, env=env)
     pipe.valves = pipe.Valves(BASE_URL=emulator.base_url, API_KEY="sk-or-test",
                               COMPRESSION_MIN_BYTES=0)  # no compression hides anything
-    args = '{"city":"%s"}' % CITY
+    args = json.dumps({"city": CITY}, separators=(",", ":"))
     ask = {"role": "user", "content": f"[emu:tool_call name=weather args='{args}'] go"}
     body = {"model": f"openrouter.{NANO}", "stream": True, "messages": [ask]}
     first = await stream(pipe, body, __metadata__=CHAT, __tools__=weather_tool())
