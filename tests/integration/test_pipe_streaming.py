@@ -114,8 +114,14 @@ async def test_mid_stream_failure_keeps_partial_text_and_is_not_retried(pipe, em
 
 @pytest.mark.parametrize("form", ["flat", "nested"])
 async def test_error_events_interrupt_with_the_provider_message(pipe, emulator, form):
-    out = await stream(pipe, body(GPT4O, f"[emu:error_event form={form}] go"))
-    assert "interrupted" in out.text
+    out = await stream(pipe, body(
+        GPT4O, f"[emu:error_event form={form} message='Quota of provider Zeta-9 exhausted'] go"))
+    partial, _, notice = out.text.partition("\n\n---\n")
+    assert partial.strip().startswith("Partial answer")  # the text so far stays
+    assert "interrupted" in notice
+    assert "Quota of provider Zeta-9 exhausted" in notice  # the provider's own words
+    assert "closed the stream before the answer was finished" not in notice
+    assert len(posts(emulator)) == 1
 
 
 async def test_eof_without_terminal_event_is_reported_as_cut_off(pipe, emulator):

@@ -16,6 +16,7 @@ from openrouter_responses_pipe import (
     StreamState,
     SurrogateCarry,
     UpstreamStreamError,
+    Usage,
     finish_stream,
     reduce_events,
 )
@@ -63,9 +64,15 @@ def test_byte_splits_do_not_change_what_the_user_sees(capture):
 def test_reasoning_capture_reports_reasoning_tokens_and_item():
     capture = next(c for c in streams() if c.name.startswith("test_reasoning"))
     state, _ = run([capture.body])
-    assert state.usage.reasoning_tokens >= 0
+    # the capture's own usage (gpt-5-nano, effort minimal): 20 in, 19 out, of which 0
+    # reasoning, $0.0000086; a reducer that lost or invented a number fails here
+    assert state.usage == Usage(input_tokens=20, output_tokens=19, reasoning_tokens=0,
+                                cached_tokens=0, cost=0.0000086)
+    (reasoning,) = [i for i in state.done_items.values() if i.get("type") == "reasoning"]
+    assert reasoning["id"] == "rs_067d9e9761f303d7016a72684624808192a8620d7939381d57"
+    assert reasoning["encrypted_content"].startswith("gAAAAABqcmhGUY8i3Ww")
     kinds = [item.get("type") for item in state.done_items.values()]
-    assert "reasoning" in kinds and "message" in kinds
+    assert kinds == ["reasoning", "message"]
 
 
 def ev(payload: dict) -> SSEEvent:
