@@ -33,7 +33,7 @@ Method
       minus raw, i.e. the pipe's added CPU and wall per tool round.
   (f) ArtifactCodec encode+decode of a reasoning item (~4 KB encrypted_content + summary)
       and function_call_output items of 1, 20 and 200 KB (word-like text, some non-ASCII),
-      plain (no key) and encrypted (key, ENCRYPT_ALL) vs ``json.loads(json.dumps(x).encode())``
+      plain (no key) and encrypted (key, every item type) vs ``json.loads(json.dumps(x).encode())``
       (+ ``Fernet.encrypt``/``decrypt`` for encrypted). Median us/item over batches.
   (g) replay: ``parse_chat_request`` + ``build_responses_request(..., artifacts)`` for a
       50-turn chat whose assistant replies carry markers (4 stored items each), tool cards
