@@ -3627,8 +3627,9 @@ def parse_arguments(raw: str, schema: Mapping[str, Any] | None = None) -> dict[s
 
 
 def is_reserved_argument(name: str) -> bool:
-    """Open WebUI's injected parameters (`__user__`, `__request__`, …): never from a model."""
-    return name.startswith("__") and name.endswith("__")
+    """Open WebUI's injected parameters (`__user__`, `__request__`, …): never from a model.
+    Like Open WebUI's own spec cleanup, any name starting with `__` counts."""
+    return name.startswith("__")
 
 
 def tool_kwargs(args: Mapping[str, Any]) -> dict[str, Any]:
