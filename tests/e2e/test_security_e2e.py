@@ -87,3 +87,53 @@ def test_a_members_log_citation_has_no_body_or_mcp_headers(owui, valves):
     assert "Turn failed (UpstreamStatusError, HTTP 402)" in text
     assert MCP_SECRET not in text and "Request body" not in text and '"input"' not in text
     assert "admin-only line(s) not shown" in text
+
+
+PROBE_ID = "e2e_at_rest"
+
+
+def probe_source() -> str:
+    return '''"""
+title: E2E at rest
+description: Returns a recognisable result
+"""
+
+
+class Tools:
+    def __init__(self):
+        pass
+
+    async def e2e_at_rest(self, city: str) -> str:
+        """
+        Look up a city.
+        :param city: The city name.
+        """
+        return f"E2E-AT-REST-RESULT-{city.upper()}"
+'''
+
+
+def test_stored_items_are_encrypted_by_default_in_the_database(owui, valves):
+    import sqlite3
+
+    valves(ARTIFACT_ENCRYPTION_KEY="")  # the default: a key derived from WEBUI_SECRET_KEY
+    owui.client.create_tool(PROBE_ID, "E2E at rest", probe_source())
+    args = json.dumps({"city": "Quokkaville"})
+    chat = owui.client.chat_ui(owui.model("openai/gpt-5-nano"),
+                               f"[emu:tool_call name={PROBE_ID} args='{args}'] look it up",
+                               tool_ids=[PROBE_ID], params={"function_calling": "native"},
+                               background_tasks=NO_TITLE)
+    msg = stored_message(chat)
+    assert not msg.get("error"), msg
+    assert "E2E-AT-REST-RESULT-QUOKKAVILLE" in msg["content"]  # the tool ran
+    db = sqlite3.connect(owui.server.data_dir / "data" / "webui.db")
+    try:
+        tables = [r[0] for r in db.execute(
+            "SELECT name FROM sqlite_master WHERE type='table' AND name LIKE 'orp_artifacts%'")]
+        rows = [b"|".join(v if isinstance(v, bytes) else str(v).encode() for v in row)
+                for t in tables for row in db.execute(f'SELECT * FROM "{t}"')]
+    finally:
+        db.close()
+    assert len(rows) >= 3, tables  # reasoning, the call and its result were stored
+    dump = b"\n".join(rows)
+    for plain in (b"E2E-AT-REST-RESULT", b"Quokkaville", b"encrypted_content", b"summary"):
+        assert plain not in dump, plain
