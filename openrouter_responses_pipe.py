@@ -2933,8 +2933,23 @@ class SSEDecoder:
         if lines and self._pieces:  # the first line began in an earlier read
             lines[0] = b"".join((*self._pieces, lines[0]))
             self._pieces, self._pieces_len = [], 0
+        data, size, cap = self._data, self._data_len, self._max
         for line in lines:
-            self._line(line, events)
+            # Hot path inlined: OpenRouter sends only `data: <json>` lines and blank lines.
+            if line.startswith(b"data: "):
+                size += len(line) - 5
+                if size > cap:
+                    raise self._too_long("event")
+                data.append(line[6:].decode("utf-8", "replace"))
+            elif not line and data and self._event is None:
+                events.append(SSEEvent(data[0] if len(data) == 1 else "\n".join(data)))
+                data, size = [], 0
+                self._data = data
+            else:
+                self._data_len = size
+                self._line(line, events)
+                data, size = self._data, self._data_len
+        self._data_len = size
         if tail:
             self._keep(tail)
         return events
