@@ -414,7 +414,8 @@ class Valves(BaseModel):
         description='Remote MCP servers the provider calls, as JSON: one object or a list of '
                     '{"server_label", "server_url", "require_approval", "allowed_tools", '
                     '"headers", "server_description", "authorization"}. Stored encrypted '
-                    'with WEBUI_SECRET_KEY (it usually holds credentials); its header and '
+                    'with WEBUI_SECRET_KEY (it usually holds credentials), so the form shows '
+                    'it masked: to change it, paste the whole JSON again. Its header and '
                     'authorization values never appear in logs.',
         json_schema_extra=_PASSWORD)
 
