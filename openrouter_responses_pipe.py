@@ -2977,11 +2977,9 @@ class SSEDecoder:
             hint="Try again; if it repeats, the provider's stream is broken.")
 
     def _line(self, line: bytes, events: list[SSEEvent]) -> None:
+        """Every line but `data: …` (handled inline by `feed`)."""
         if len(line) > self._max:
             raise self._too_long("line")
-        if line.startswith(b"data: "):  # hot path: OpenRouter sends `data: <json>` lines
-            self._add_data(line[6:])
-            return
         if not line:
             if self._data:
                 data = self._data[0] if len(self._data) == 1 else "\n".join(self._data)
