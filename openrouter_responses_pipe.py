@@ -5837,8 +5837,7 @@ def parse_chat_request(body: Any, user: Mapping[str, Any] | None, metadata: Any,
         stream=bool(body.get("stream", False)), params=_sampling_params(body),
         max_tokens=_max_tokens(body),
         reasoning_effort=_str_or_none(body.get("reasoning_effort")),
-        response_format=body.get("response_format") if isinstance(
-            body.get("response_format"), Mapping) else None,
+        response_format=_response_format(body.get("response_format")),
         task=task or _str_or_none(meta.get("task")),
         chat_id=_str_or_none(meta.get("chat_id")),
         user_id=str((user or {}).get("id") or "anonymous"),
@@ -5902,6 +5901,17 @@ def _sampling_params(body: Mapping[str, Any]) -> dict[str, Any]:
             value = _number(value, key, whole=key in ("seed", "top_k"))
         params[key] = value
     return params
+
+
+def _response_format(value: Any) -> Mapping[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise BadRequest(f"`response_format` must be an object, not {_kind(value)}.")
+    spec = value.get("json_schema")
+    if value.get("type") == "json_schema" and not isinstance(spec, Mapping | None):
+        raise BadRequest(f"`response_format.json_schema` must be an object, not {_kind(spec)}.")
+    return value
 
 
 def _str_or_none(value: Any) -> str | None:

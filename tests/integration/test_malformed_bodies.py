@@ -105,6 +105,9 @@ CASES = [
     ({"seed": 10**30}, "`seed` must be a finite number"),
     ({"stop": [1, 2]}, "`stop` must be a string or a list of strings"),
     ({"model": ["x"]}, "`model` must be a string"),
+    ({"response_format": {"type": "json_schema", "json_schema": "strict please"}},
+     "`response_format.json_schema` must be an object"),
+    ({"response_format": "json"}, "`response_format` must be an object"),
 ]
 
 
@@ -152,7 +155,11 @@ bodies = st.one_of(
     json_values,
     st.builds(lambda extra, msgs, stream_: {"model": f"openrouter.{MODEL}", "stream": stream_,
                                             "messages": msgs, **extra},
-              st.dictionaries(body_keys, json_values, max_size=4), messages, st.booleans()))
+              st.dictionaries(body_keys, json_values, max_size=4), messages, st.booleans())
+    | st.fixed_dictionaries({"model": st.just(f"openrouter.{MODEL}"), "stream": st.booleans(),
+                             "response_format": st.fixed_dictionaries({
+                                 "type": st.sampled_from(["json_schema", "json_object", "x"]),
+                                 "json_schema": json_values})}))
 
 
 @settings(max_examples=150, deadline=None,
