@@ -4401,7 +4401,7 @@ def sent_reasoning_ids(sent: Iterable[Mapping[str, Any]],
                        artifacts: Mapping[str, Mapping[str, Any]]) -> tuple[str, ...]:
     """Ids of stored reasoning (marker or passthrough rows) whose items are in `sent` (the
     request's input): what `next_reply` retention may delete. Filtered-out rows don't count."""
-    items = [i for i in sent if i.get("type") == REASONING_ITEM]
+    items = {_reasoning_key(i) for i in sent if i.get("type") == REASONING_ITEM}
     out: list[str] = []
     for item_id, stored in artifacts.items():
         if stored.get("type") == REASONING_ITEM:
@@ -4410,9 +4410,16 @@ def sent_reasoning_ids(sent: Iterable[Mapping[str, Any]],
             parts = list(stored.get("items") or ())
         else:
             continue
-        if any(part in items for part in parts):
+        if any(isinstance(p, Mapping) and _reasoning_key(p) in items for p in parts):
             out.append(item_id)
     return tuple(out)
+
+
+def _reasoning_key(item: Mapping[str, Any]) -> str:
+    """A reasoning item's identity for set lookups (a long chat holds thousands)."""
+    rid = item.get("id")
+    return f"id:{rid}" if isinstance(rid, str) and rid else \
+        _dumps(safe_json(dict(item))).decode("utf-8", "replace")
 
 
 def repair_orphans(items: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ import pytest
 from openrouter_responses_pipe import (
     redact,
     repair_orphans,
+    sent_reasoning_ids,
     split_markers,
     strip_markers,
     strip_reasoning_blocks,
@@ -75,6 +76,11 @@ CASES: dict[str, tuple[Callable[[str], object], Callable[[int], str]]] = {
     "redact-unclosed-key-quotes": (redact, lambda n: 'api_key: "x ' * n),
     "redact-long-key-word": (redact, lambda n: "a" * n * 8 + "key"),
     "redact-key-words": (redact, lambda n: "x-api-key" * n),
+    "sent-reasoning-ids": (lambda t: sent_reasoning_ids(
+        *json.loads(t)), lambda n: json.dumps(
+        [[{"type": "reasoning", "id": f"rs_{i}", "summary": []} for i in range(n // 4)],
+         {f"a{i}": {"type": "reasoning", "id": f"rs_{i}", "summary": []}
+          for i in range(n // 4)}])),
     "repair-many-calls": (lambda t: repair_orphans(json.loads(t)), lambda n: json.dumps(
         [{"type": "function_call", "call_id": f"c{i}", "name": "f", "arguments": "{}"}
          for i in range(n // 4)]
