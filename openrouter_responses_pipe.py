@@ -5490,9 +5490,11 @@ class _Admission:
 
 #
 # Every log line the pipe writes is redacted (keys, bearer tokens, Fernet tokens, data-URL
-# payloads), stamped with the request, user and chat ids from a context variable, kept in that
-# request's own buffer (so an admin can read one turn's log from the chat) and handed to a
-# background thread for the server log, so logging never blocks the event loop.
+# payloads, values of header-like keys in dict arguments and in text), stamped with the
+# request, user and chat ids from a context variable, kept in that request's own buffer (so an
+# admin can read one turn's log from the chat; a non-admin's copy leaves out DEBUG lines and
+# tracebacks) and handed to a background thread for the server log, so logging never blocks
+# the event loop.
 # ─────────────────────────────────────────────────────────────────────────────
 
 _REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
