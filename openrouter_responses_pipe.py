@@ -103,6 +103,8 @@ _SAMPLING_PARAMS = ("temperature", "top_p", "top_k", "stop", "frequency_penalty"
 #   ├── UpstreamError           OpenRouter said no
 #   │   ├── UpstreamStatusError     HTTP error before streaming
 #   │   ├── UpstreamConnectionError network failure before any response
+#   │   │   └── UpstreamBodyError       a body that broke off while it was read
+#   │   ├── UpstreamUnexpectedBody  a 200 that is no stream (HTML page, plain JSON)
 #   │   └── UpstreamStreamError     failure after the first byte
 #   ├── IntakeError             an attachment was refused
 #   │   ├── UnsafeURLError
@@ -112,6 +114,7 @@ _SAMPLING_PARAMS = ("temperature", "top_p", "top_k", "stop", "frequency_penalty"
 #   │   ├── ToolTimeout
 #   │   └── ToolBreakerOpen
 #   └── ArtifactStoreError
+#       └── ArtifactRowRejected     the database refused this row (not the connection)
 #
 # `describe_error` (§15) is the one place that turns these into what the user reads.
 # ─────────────────────────────────────────────────────────────────────────────
@@ -167,6 +170,15 @@ class UpstreamConnectionError(UpstreamError):
     """The request never got an HTTP response (DNS, connect, TLS, read timeout)."""
 
 
+class UpstreamBodyError(UpstreamConnectionError):
+    """Reading a response body failed (timeout, connection or payload error); retried like
+    a connection error as long as nothing reached the user yet."""
+
+
+class UpstreamUnexpectedBody(UpstreamError):
+    """HTTP 200, but the body is not what was asked for (an HTML proxy page, plain JSON)."""
+
+
 class UpstreamStreamError(UpstreamError):
     """The stream failed after it started: `response.failed`, an error event, or a cut-off."""
 
@@ -211,6 +223,11 @@ class ToolBreakerOpen(ToolError):
 
 class ArtifactStoreError(PipeError):
     """Database, Redis or crypto trouble in the artifact store; never fatal to a chat."""
+
+
+class ArtifactRowRejected(ArtifactStoreError):
+    """The database refused the rows themselves (a value too long, a NUL byte), not the
+    connection: retrying them as they are will never work."""
 
 
 # ─────────────────────────────────────────────────────────────────────────────
@@ -2748,22 +2765,27 @@ class OpenRouterClient:
         return headers
 
     async def fetch_models(self, settings: RequestSettings) -> Any:
-        resp = await self._send("GET", "/models", None, settings, stream=False)
-        body = await read_body(resp)
-        try:
-            return _loads(body)
-        except ValueError as exc:
-            raise UpstreamError("OpenRouter's model list was not valid JSON.") from exc
+        return await self._send("GET", "/models", None, settings, stream=False,
+                                take=_json_answer)
+
+    async def complete(self, payload: Mapping[str, Any], settings: RequestSettings) -> Any:
+        """POST /responses without streaming; the parsed JSON answer (body read retried)."""
+        settings.require_api_key()
+        return await self._send("POST", "/responses", _dumps(payload), settings, stream=False,
+                                take=_json_answer)
 
     async def open_response(self, payload: Mapping[str, Any], settings: RequestSettings
                             ) -> TransportResponse:
-        """POST /responses; returns the open 200 response (caller closes it)."""
+        """POST /responses; returns the open 200 event stream (caller closes it)."""
         settings.require_api_key()
-        stream = bool(payload.get("stream"))
-        return await self._send("POST", "/responses", _dumps(payload), settings, stream=stream)
+        return await self._send("POST", "/responses", _dumps(payload), settings, stream=True,
+                                take=_stream_answer)
 
     async def _send(self, method: str, path: str, body: bytes | None,
-                    settings: RequestSettings, *, stream: bool) -> TransportResponse:
+                    settings: RequestSettings, *, stream: bool,
+                    take: Callable[[TransportResponse], Awaitable[Any]]) -> Any:
+        """Send, then `take` the 200 answer (read it, or check it is a stream); failures
+        before any byte reached the user (statuses, network, a broken body) are retried."""
         url, headers = settings.base_url + path, self.headers(settings, stream=stream)
         attempt = 0
         while True:
@@ -2775,7 +2797,7 @@ class OpenRouterClient:
                     read_timeout=settings.read_timeout)
                 self._observe(resp.status, self._clock() - started)
                 if resp.status < 400:
-                    return resp
+                    return await take(resp)
                 err: UpstreamError = await self._error_from(resp)
             except UpstreamConnectionError as exc:
                 self._observe("network", None)
@@ -2794,14 +2816,98 @@ class OpenRouterClient:
 
 
 async def read_body(resp: TransportResponse) -> bytes:
-    """The whole body; the connection goes back to the pool, or is dropped if reading failed."""
+    """The whole body; the connection goes back to the pool, or is dropped if reading failed.
+    A read that times out or breaks off is an UpstreamBodyError (retried before any byte)."""
+    import aiohttp
+
     try:
         body = await resp.read()
-    except BaseException:
+    except BaseException as exc:
         await resp.close()
+        if isinstance(exc, TimeoutError):
+            raise UpstreamBodyError("OpenRouter stopped sending its answer (read timeout).",
+                                    hint="Retry in a moment.") from exc
+        if isinstance(exc, aiohttp.ClientError | OSError):
+            raise UpstreamBodyError(f"The connection to OpenRouter broke while its answer was "
+                                    f"read ({_exc_text(exc)}).", hint="Retry in a moment.") \
+                from exc
         raise
     await resp.release()
     return body
+
+
+def _content_type(resp: TransportResponse) -> str:
+    headers = resp.headers or {}
+    return str(headers.get("Content-Type") or headers.get("content-type") or "")
+
+
+async def _stream_answer(resp: TransportResponse) -> TransportResponse:
+    """The 200 answer to a streamed request, if it is an event stream (no header: trusted)."""
+    ctype = _content_type(resp)
+    if not ctype or "text/event-stream" in ctype.lower():
+        return resp
+    raise unexpected_body(ctype, await read_body(resp), "a stream")
+
+
+async def _json_answer(resp: TransportResponse) -> Any:
+    """The 200 answer to a non-streamed request, parsed; an error object or a page is an
+    UpstreamUnexpectedBody with the provider's words."""
+    ctype, body = _content_type(resp), await read_body(resp)
+    try:
+        data = _loads(body)
+    except ValueError:
+        raise unexpected_body(ctype, body, "JSON") from None
+    if isinstance(data, Mapping) and isinstance(data.get("error"), Mapping) \
+            and "output" not in data and "data" not in data:
+        raise unexpected_body(ctype, body, "an answer")
+    return data
+
+
+def unexpected_body(content_type: str, body: bytes, wanted: str) -> UpstreamUnexpectedBody:
+    """A 200 whose body is not `wanted` -> the provider's message (an error object), or what
+    kind of body came, with a readable snippet (an HTML proxy page, plain text)."""
+    try:
+        data = _loads(body)
+    except ValueError:
+        data = None
+    found = data.get("error") if isinstance(data, Mapping) else None
+    if isinstance(found, Mapping):
+        err = parse_upstream_error(200, body, {})
+        code = f" (code {found['code']})" if isinstance(found.get("code"), int | str) else ""
+        said = f" Provider said ({err.provider_name or 'provider'}): {err.raw}" if err.raw \
+            else ""
+        return UpstreamUnexpectedBody(
+            f"OpenRouter answered with an error instead of {wanted}{code}: "
+            f"{err.provider_message or 'no details given'}.{said}",
+            hint="Retry in a moment, or pick another model.")
+    head = body[:65536].decode("utf-8", "replace")
+    if "html" in content_type.lower() or head.lstrip()[:15].lower().startswith(
+            ("<!doctype html", "<html")):
+        return UpstreamUnexpectedBody(
+            f"OpenRouter answered with an HTML page, not {wanted}: “{html_snippet(head)}”.",
+            hint="A proxy or firewall between this server and OpenRouter may have answered; "
+                 "an admin should check BASE_URL and the server's network.")
+    kind = content_type.split(";")[0].strip() or "an unlabelled body"
+    return UpstreamUnexpectedBody(
+        f"OpenRouter answered with {kind}, not {wanted}: “{_squash(head)[:200]}”.",
+        hint="An admin should check BASE_URL and any proxy in between.")
+
+
+def html_snippet(page: str, limit: int = 200) -> str:
+    """An HTML page -> its title and first words, tags dropped (linear: no backtracking)."""
+    lower = page.lower()
+    start = lower.find("<title")
+    title = ""
+    if start >= 0 and (open_end := lower.find(">", start)) >= 0:
+        close = lower.find("</title", open_end)
+        title = page[open_end + 1:close if close >= 0 else open_end + 201]
+    text = _squash(html.unescape(title)) or _squash(html.unescape(
+        re.sub(r"<[^<>]*>", " ", page[:20000])))
+    return text[:limit] + ("…" if len(text) > limit else "")
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _with_attempts(err: UpstreamError, attempts: int) -> UpstreamError:
@@ -2997,12 +3103,27 @@ def _on_failed(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> 
 
 
 def _on_error(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> None:
+    """`error` events, flat or nested, and the chat-style in-band `{"error": {...}}` that
+    has no `type`; the provider's own words (`metadata.raw`) are kept when given."""
     inner = ev.get("error")
     nested: Mapping[str, Any] = inner if isinstance(inner, Mapping) else ev
+    meta = nested.get("metadata")
+    raw = str(meta.get("raw") or "")[:500] if isinstance(meta, Mapping) else ""
+    message = str(nested.get("message") or "OpenRouter sent an error event.")
+    if raw and raw not in message:
+        name = meta.get("provider_name") if isinstance(meta, Mapping) else None
+        message += f" Provider said ({name or 'provider'}): {raw}"
     state.terminal = "failed"
     state.error = UpstreamStreamError(
-        str(nested.get("message") or "OpenRouter sent an error event."),
-        code=str(nested.get("code") or ""), error_type=str(ev.get("error_type") or ""))
+        message, code=str(nested.get("code") or ""), error_type=str(ev.get("error_type") or ""))
+
+
+def _handler_for(event: Any) -> Handler | None:
+    """The handler of a decoded event; KeyError/TypeError when it is not an event at all."""
+    if isinstance(event, Mapping) and "type" not in event and isinstance(
+            event.get("error"), Mapping):
+        return _on_error  # chat-completions style in-band error (no `type`)
+    return HANDLERS.get(event["type"])
 
 
 HANDLERS: dict[str, Handler] = {
@@ -3033,7 +3154,7 @@ def reduce_events(state: StreamState, events: Iterable[SSEEvent]) -> list[Intent
             break
         try:
             event = _loads(data)
-            handler = HANDLERS.get(event["type"])
+            handler = _handler_for(event)
         except (ValueError, KeyError, TypeError):
             state.bad_events += 1
             LOG.warning("Ignoring an unreadable stream event: %.200r", data)
@@ -4911,7 +5032,9 @@ class ChunkRenderer:
 
 def usage_payload(usage: Usage | None, timing: StreamTiming | None = None) -> dict[str, Any]:
     """Usage in the OpenAI chat shape Open WebUI stores (plus cost and timings)."""
-    usage = usage or Usage()
+    if usage is None:  # OpenRouter reported none: no made-up zeros, only the timings
+        return {"usage_unavailable": True,
+                **({"response_time_s": round(timing.elapsed, 3)} if timing else {})}
     payload: dict[str, Any] = {
         "prompt_tokens": usage.input_tokens, "completion_tokens": usage.output_tokens,
         "total_tokens": usage.total_tokens,
@@ -4966,6 +5089,8 @@ def final_status_line(usage: Usage | None, timing: StreamTiming) -> str:
         tps = timing.tokens_per_second(usage)
         if tps is not None:
             parts.append(f"{tps:.1f} tok/s")
+    else:  # the stream ended without a usage report: never "0 tokens"
+        parts.append("usage unavailable")
     return " · ".join(parts)
 
 
@@ -5008,6 +5133,19 @@ def _describe_status(exc: UpstreamStatusError) -> str:
         lines.append(f"Retry after about {exc.retry_after:.0f} seconds.")
     lines.append(advice)
     return "\n".join(lines)
+
+
+def has_socket_session(metadata: Mapping[str, Any]) -> bool:
+    """Whether a browser tab follows this turn over Open WebUI's socket (where toasts and
+    status lines show). Open WebUI (0.6.28 and 0.12) runs a chat as a socket task only when
+    `session_id`, `chat_id` and `message_id` are all set; a plain API client sends no
+    `session_id` (its value is None) and reads only the returned answer."""
+    return all(metadata.get(k) for k in ("session_id", "chat_id", "message_id"))
+
+
+def notes_text(notes: Iterable[str]) -> str:
+    """Notes about what was left out, as a block at the end of the answer (API clients)."""
+    return "\n\n---\n" + "\n".join(f"ℹ️ {note}" for note in notes)
 
 
 def error_chunk(exc: PipeError, reference: str = "") -> dict[str, Any]:
@@ -5661,10 +5799,18 @@ class Turn:
 
 @dataclass(slots=True)
 class TurnRun:
-    """What the tool loop hands back to `_stream`: the last round's state, summed usage."""
+    """What the tool loop hands back to `_stream`: the last round's state, and the summed
+    usage of every round OpenRouter reported usage for (None: no round did). It stays
+    right when a later round fails, so billed rounds are reported (and can be charged)."""
 
     state: StreamState = field(default_factory=StreamState)
-    usage: Usage = field(default_factory=Usage)
+    usage: Usage | None = None
+
+    def add_usage(self, usage: Usage | None) -> None:
+        if usage is not None:
+            if self.usage is None:
+                self.usage = Usage()
+            self.usage.add(usage)
 
 
 def round_items(items: Iterable[Mapping[str, Any]], outcomes: Iterable[ToolOutcome]
@@ -5820,8 +5966,7 @@ class Pipe:
                 plan = await self._plan(turn)                                # 3 catalog, 6
                 for note in plan.notes:
                     await turn.emitter.notify(note)
-                resp = await self._client.open_response(plan.payload, turn.settings)  # 7 send
-                data = _loads(await read_body(resp))
+                data = await self._client.complete(plan.payload, turn.settings)  # 7 send
             await self._after_turn(turn, plan)                  # 11 cleanup (tasks store nothing)
             return _final_text(data)
         except Exception as exc:  # the boundary: Open WebUI shows str() of what we raise
@@ -5844,6 +5989,8 @@ class Pipe:
                     await turn.emitter.notify(note)
                 async for chunk in self._rounds(turn, plan, run, renderer, timing):  # 7-12
                     yield chunk
+            if plan.notes and not has_socket_session(turn.context.metadata):
+                yield renderer.text_chunk(notes_text(plan.notes))  # toasts reach no one
             run.state.usage = run.usage
             for chunk in self._finish(run.state, renderer, timing):
                 yield chunk
@@ -5851,10 +5998,23 @@ class Pipe:
             await self._announce(turn, run.state, timing)
         except Exception as exc:  # the boundary: every failure becomes words for the user
             failure = await self._report_failure(turn, exc)
+            if run.usage is not None:  # rounds that completed were billed: say so
+                for chunk in await self._spent_before_failure(turn, run, timing):
+                    yield chunk
             yield (renderer.text_chunk(interruption_notice(failure, turn.reference))
                    if renderer.emitted_text else error_chunk(failure, turn.reference))
         finally:
             _reset_context(CURRENT_LOG, token)
+
+    async def _spent_before_failure(self, turn: Turn, run: TurnRun, timing: StreamTiming
+                                    ) -> list[dict[str, Any]]:
+        """A failed turn's usage so far: the usage chunk Open WebUI stores, and the line."""
+        timing.ended_at = self._clock()
+        line = final_status_line(run.usage, timing)
+        LOG.info("Failed after spending: %s", line)
+        if turn.settings.show_final_status:
+            await turn.emitter.status(f"Failed · {line}", done=True)
+        return [{"choices": [], "usage": usage_payload(run.usage, timing)}]
 
     async def _plan(self, turn: Turn) -> Transformed:
         entry = await self._resolve_entry(turn.req, turn.settings)
@@ -5888,10 +6048,11 @@ class Pipe:
         payload, ts, book, rounds = plan.payload, turn.settings.tools, CitationBook(), 0
         while True:
             run.state = state = StreamState()
-            async for chunk in self._send_round(turn, payload, state, renderer, timing):  # a
-                yield chunk
-            if state.usage is not None:
-                run.usage.add(state.usage)
+            try:
+                async for chunk in self._send_round(turn, payload, state, renderer, timing):  # a
+                    yield chunk
+            finally:  # a failed round may still report (billed) usage
+                run.add_usage(state.usage)
             items = output_items(state)
             cited = await self._cite(turn, items, book)                                 # b
             if cited:
