@@ -90,6 +90,7 @@ DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
 EFFORT_ORDER: tuple[str, ...] = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529})
 STATUS_ENTRY_PREFIX = "_status"  # selector entries that explain a configuration problem
+DEFAULT_QUEUE_MAX_ROWS = 10_000  # rows the Redis write-behind queue holds (REDIS_QUEUE_MAX_ROWS)
 _SAMPLING_PARAMS = ("temperature", "top_p", "top_k", "stop", "frequency_penalty",
                     "presence_penalty", "parallel_tool_calls")
 
@@ -508,6 +509,19 @@ class Valves(BaseModel):
     # ── end issue #10 ──
 
     # ── Hardening (issue #11) ──
+    # (faults: Redis queue bound and breaker)
+    REDIS_QUEUE_MAX_ROWS: int = Field(
+        default=DEFAULT_QUEUE_MAX_ROWS, ge=100, le=10_000_000,
+        description="Most stored items the Redis write-behind queue holds. When it is full "
+                    "(the database is slow or down), new items are written to the database "
+                    "directly while the turn waits; nothing is dropped. The health report "
+                    "counts these direct writes.")
+    REDIS_SKIP_SECONDS: float = Field(
+        default=30.0, ge=1, le=3600,
+        description="After a Redis failure (down, hung, timing out), Redis is skipped for "
+                    "this long: stored items are written to and read from the database "
+                    "directly, so a hung Redis costs one timeout, not one per turn. Then "
+                    "Redis is tried again. The health report shows when it is skipped.")
     # ── end issue #11 ──
 
     # ── Routing, fallbacks, caching (issue #12) ──
@@ -654,6 +668,7 @@ class RequestSettings:
     # ── end issue #10 ──
 
     # ── Hardening (issue #11) ──
+    faults: FaultSettings = field(default_factory=lambda: FaultSettings())
     # ── end issue #11 ──
 
     # ── Routing, fallbacks, caching (issue #12) ──
@@ -715,6 +730,7 @@ class RequestSettings:
             # ── end issue #10 ──
 
             # ── Hardening (issue #11) ──
+            faults=fault_settings(valves),
             # ── end issue #11 ──
 
             # ── Routing, fallbacks, caching (issue #12) ──
@@ -4575,7 +4591,10 @@ class ArtifactDB:
         try:
             return await self.runner.run(fn)
         except (sa_exc.SQLAlchemyError, OSError) as exc:
-            raise ArtifactStoreError(f"database: {type(exc).__name__}: {exc}"[:300]) from exc
+            text = f"database: {type(exc).__name__}: {exc}"[:300]
+            if _rejects_the_rows(exc):
+                raise ArtifactRowRejected(text) from exc
+            raise ArtifactStoreError(text) from exc
 
     async def ensure_schema(self) -> None:
         """Create the table once; safe when several workers race to create it."""
@@ -4652,6 +4671,17 @@ class ArtifactDB:
         return int(result or 0)
 
 
+def _rejects_the_rows(exc: BaseException) -> bool:
+    """A database error caused by the values sent (too long, a NUL byte, a constraint), as
+    opposed to the database being unreachable: DataError/IntegrityError, or a driver that
+    refused a value before sending it (a StatementError that is no DBAPIError)."""
+    import sqlalchemy.exc as sa_exc
+
+    if isinstance(exc, sa_exc.DataError | sa_exc.IntegrityError):
+        return True
+    return isinstance(exc, sa_exc.StatementError) and not isinstance(exc, sa_exc.DBAPIError)
+
+
 # -- I/O: Redis write-behind ------------------------------------------------------------------
 
 _RELEASE_LOCK = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
@@ -4660,6 +4690,24 @@ _RELEASE_LOCK = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
 # another worker may have flushed (and trimmed) the same rows already.
 _TRIM_IF_OWNER = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
                   "redis.call('ltrim', KEYS[2], tonumber(ARGV[2]), -1) return 1 else return 0 end")
+# Queue rows only while the queue has room for all of them: KEYS = pending list, queued-row
+# hash, then one cache key per row; ARGV = bound, cache ttl, then id/packed pairs. 0 = full.
+_ENQUEUE_BOUNDED = (
+    "local n = (#ARGV - 2) / 2 "
+    "if redis.call('llen', KEYS[1]) + n > tonumber(ARGV[1]) then return 0 end "
+    "local ttl = tonumber(ARGV[2]) "
+    "for i = 1, n do local id, row = ARGV[1 + 2 * i], ARGV[2 + 2 * i] "
+    "redis.call('rpush', KEYS[1], row) redis.call('hset', KEYS[2], id, row) "
+    "if ttl > 0 then redis.call('set', KEYS[2 + i], row, 'EX', ttl) end end return 1")
+# After a flush, while holding the lock (KEYS[1]): trim the handled head of the queue
+# (KEYS[2], ARGV[2] entries), drop their ids from the queued-row hash (KEYS[3]) and move the
+# rows the database refused to quarantine (KEYS[4]). ARGV: token, count, #ids, ids…, refused…
+_SETTLE_IF_OWNER = (
+    "if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end "
+    "local n = tonumber(ARGV[3]) "
+    "for i = 4, 3 + n do redis.call('hdel', KEYS[3], ARGV[i]) end "
+    "for i = 4 + n, #ARGV do redis.call('rpush', KEYS[4], ARGV[i]) end "
+    "redis.call('ltrim', KEYS[2], tonumber(ARGV[2]), -1) return 1")
 # Move unreadable entries from the queue (KEYS[2]) to quarantine (KEYS[3]) while holding the
 # lock, so the rows behind them can flush; nothing is deleted without a copy.
 _QUARANTINE_IF_OWNER = ("if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end "
@@ -4667,33 +4715,64 @@ _QUARANTINE_IF_OWNER = ("if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 
                         "redis.call('lrem', KEYS[2], 1, ARGV[i]) end return 1")
 
 
+@dataclass(frozen=True, slots=True)
+class FaultSettings:
+    """The Redis write-behind's resilience settings (issue #11): queue bound, breaker pause."""
+
+    redis_queue_max_rows: int = DEFAULT_QUEUE_MAX_ROWS
+    redis_skip_seconds: float = 30.0
+
+
+def fault_settings(valves: Valves) -> FaultSettings:
+    return FaultSettings(valves.REDIS_QUEUE_MAX_ROWS, valves.REDIS_SKIP_SECONDS)
+
+
+@dataclass(slots=True)
+class FlushResult:
+    """What one flush did with the head of the queue, in queue order."""
+
+    written: list[ArtifactRow] = field(default_factory=list)
+    refused: list[tuple[ArtifactRow, str]] = field(default_factory=list)
+    db_down: str | None = None  # the database failed: the rest stays queued
+
+    @property
+    def handled(self) -> int:
+        return len(self.written) + len(self.refused)
+
+
 class WriteBehind:
     """Rows (already encoded, so encrypted ones stay encrypted) queued in a Redis list and
     flushed to the database in batches by whichever worker holds the flush lock.
 
     A flush reads a batch with LRANGE, writes it, and only then trims it off the list, so a
-    failed database write leaves the rows queued. Rows are cached by id for `ttl` seconds.
+    failed database write leaves the rows queued. A batch the database refuses is retried
+    row by row: the rows it refuses on their own (a value too long, a NUL byte) move to the
+    quarantine list, the others are written. The queue holds at most `max_rows` rows
+    (`enqueue` says False when full; the caller writes directly). Queued rows are also kept
+    in a hash by id, so reads never scan the list; rows are cached by id for `ttl` seconds.
     """
 
     def __init__(self, redis: Any, namespace: str, *, batch: int = 100,
-                 lock_ms: int = 30_000) -> None:
+                 lock_ms: int = 30_000, max_rows: int = DEFAULT_QUEUE_MAX_ROWS) -> None:
         self.redis = redis
         self.pending_key = f"orp:{namespace}:pending"
+        self.queued_key = f"orp:{namespace}:queued"
         self.lock_key = f"orp:{namespace}:flush-lock"
         self.cache_prefix = f"orp:{namespace}:item:"
         self.quarantine_key = f"orp:{namespace}:quarantine"
         self.batch = batch
         self.lock_ms = lock_ms
+        self.max_rows = max_rows
         self.last_error: str | None = None
 
-    async def enqueue(self, rows: list[ArtifactRow], ttl: int) -> None:
-        """Queue `rows` durably (one MULTI/EXEC); raises whatever Redis raises."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(self.pending_key, *[r.pack() for r in rows])
-            if ttl:
-                for row in rows:
-                    pipe.set(self.cache_prefix + row.id, row.pack(), ex=ttl)
-            await pipe.execute()
+    async def enqueue(self, rows: list[ArtifactRow], ttl: int) -> bool:
+        """Queue `rows` durably and atomically; False (nothing queued) when the queue has no
+        room for them; raises whatever Redis raises."""
+        keys = [self.pending_key, self.queued_key, *(self.cache_prefix + r.id for r in rows)]
+        args: list[Any] = [self.max_rows, ttl]
+        for row in rows:
+            args += [row.id, row.pack()]
+        return bool(await self.redis.eval(_ENQUEUE_BOUNDED, len(keys), *keys, *args))
 
     async def cached(self, ids: list[str]) -> dict[str, ArtifactRow]:
         if not ids:
@@ -4708,9 +4787,12 @@ class WriteBehind:
                     pipe.set(self.cache_prefix + row.id, row.pack(), ex=ttl)
                 await pipe.execute()
 
-    async def pending(self, ids: set[str] | None = None) -> list[ArtifactRow]:
-        rows = readable_rows(await self.redis.lrange(self.pending_key, 0, -1))
-        return [r for r in rows if ids is None or r.id in ids]
+    async def queued(self, ids: Iterable[str]) -> list[ArtifactRow]:
+        """Rows among `ids` still waiting in the queue (one HMGET, never a list scan)."""
+        wanted = list(ids)
+        if not wanted:
+            return []
+        return readable_rows(v for v in await self.redis.hmget(self.queued_key, wanted) if v)
 
     async def depth(self) -> int:
         return int(await self.redis.llen(self.pending_key))
@@ -4729,21 +4811,35 @@ class WriteBehind:
             rows, bad = _split_readable(raw)  # bad ones go aside; the good ones then lead
             if (bad and not await self._quarantine(bad, token)) or not rows:
                 return 0
-            try:
-                await db.insert(rows)
-            except ArtifactStoreError as exc:  # the DB said no: keep every row queued
-                self.last_error = f"{type(exc).__name__}: {exc}"[:300]
-                LOG.warning("Artifact flush failed; %d rows stay queued: %s", len(rows),
-                            self.last_error)
-                return 0
-            if not await self.redis.eval(_TRIM_IF_OWNER, 2, self.lock_key, self.pending_key,
-                                         token, len(rows)):
+            result = await write_rows(db, rows)
+            if result.db_down is not None:
+                self.last_error = result.db_down
+                LOG.warning("Artifact flush failed; %d rows stay queued: %s",
+                            len(rows) - result.handled, self.last_error)
+            if result.handled and not await self._settle(result, token):
                 LOG.warning("Artifact flush lock expired during a slow write; not trimming")
                 return 0
-            self.last_error = None
-            return len(rows)
+            self._report_refused(result)
+            if result.db_down is None:
+                self.last_error = None
+            return len(result.written)
         finally:
             await self.redis.eval(_RELEASE_LOCK, 1, self.lock_key, token)
+
+    async def _settle(self, result: FlushResult, token: str) -> bool:
+        ids = [r.id for r in result.written] + [r.id for r, _ in result.refused]
+        return bool(await self.redis.eval(
+            _SETTLE_IF_OWNER, 4, self.lock_key, self.pending_key, self.queued_key,
+            self.quarantine_key, token, result.handled, len(ids), *ids,
+            *(r.pack() for r, _ in result.refused)))
+
+    def _report_refused(self, result: FlushResult) -> None:
+        for row, reason in result.refused:
+            LOG.error("The database refused artifact row %s (chat %.40r, %d bytes): %s; moved "
+                      "to %s, the rest of the batch was written", row.id, row.chat_id,
+                      len(row.payload), reason, self.quarantine_key)
+        if result.refused:
+            self.last_error = f"{len(result.refused)} row(s) refused: {result.refused[-1][1]}"
 
     async def _quarantine(self, bad: list[bytes], token: str) -> bool:
         """Move unreadable queue entries aside (never dropped); False if the lock was lost."""
@@ -4757,6 +4853,30 @@ class WriteBehind:
 
     async def quarantined(self) -> int:
         return int(await self.redis.llen(self.quarantine_key))
+
+
+async def write_rows(db: ArtifactDB, rows: list[ArtifactRow]) -> FlushResult:
+    """Write a batch; when the database refuses it, row by row, so one bad row is set aside
+    alone. Stops (the rest stays queued) as soon as the database itself fails."""
+    try:
+        await db.insert(rows)
+        return FlushResult(written=list(rows))
+    except ArtifactRowRejected:
+        pass
+    except ArtifactStoreError as exc:
+        return FlushResult(db_down=f"{type(exc).__name__}: {exc}"[:300])
+    result = FlushResult()
+    for row in rows:
+        try:
+            await db.insert([row])
+        except ArtifactRowRejected as exc:
+            result.refused.append((row, str(exc)[:300]))
+        except ArtifactStoreError as exc:
+            result.db_down = f"{type(exc).__name__}: {exc}"[:300]
+            break
+        else:
+            result.written.append(row)
+    return result
 
 
 def _split_readable(raw: Iterable[bytes]) -> tuple[list[ArtifactRow], list[bytes]]:
@@ -4814,33 +4934,71 @@ class ArtifactStore:
 
     Never raises to a chat except `ArtifactStoreError` from `save` when nothing could be
     stored; loading skips what it can't read, with a log line.
+
+    Redis breaker: after any Redis failure (a hung or stopped server costs one socket
+    timeout), Redis is skipped for `redis_skip_seconds`: rows are written to the database
+    directly and read from it, so turns keep their normal latency and nothing is lost. The
+    first call after the pause tries Redis again. The health report says when Redis is
+    skipped and why.
     """
 
     def __init__(self, db: ArtifactDB, redis: WriteBehind | None = None, *,
-                 clock: Callable[[], float] = time.time, auto_flush: bool = True) -> None:
+                 clock: Callable[[], float] = time.time, auto_flush: bool = True,
+                 monotonic: Callable[[], float] = time.monotonic,
+                 redis_skip_seconds: float = 30.0) -> None:
         self.db = db
         self.redis = redis
         self.clock = clock
+        self.monotonic = monotonic
         self.auto_flush = auto_flush  # off in tests that flush step by step
+        self.redis_skip_seconds = redis_skip_seconds
         self.redis_error: str | None = None
+        self.redis_skipped_until: float | None = None
+        self.redis_skips = 0        # operations that went around Redis while it was skipped
+        self.direct_at_bound = 0    # saves written directly because the queue was full
         self.last_cleanup: float | None = None
         self.next_cleanup: float | None = None
         self._flusher: asyncio.Task[int] | None = None
         self._background: set[asyncio.Task[Any]] = set()
 
+    def _usable_redis(self) -> WriteBehind | None:
+        """The write-behind, unless absent or skipped after a recent failure."""
+        if self.redis is None:
+            return None
+        until = self.redis_skipped_until
+        if until is not None and self.monotonic() < until:
+            self.redis_skips += 1
+            return None
+        return self.redis
+
+    def _redis_failed(self, exc: BaseException, doing: str) -> None:
+        self.redis_error = f"{type(exc).__name__}: {exc}"[:300]
+        self.redis_skipped_until = self.monotonic() + self.redis_skip_seconds
+        LOG.warning("Redis failed to %s (%s); skipping Redis for %.0fs (database direct)",
+                    doing, self.redis_error, self.redis_skip_seconds)
+
+    def _redis_worked(self) -> None:
+        self.redis_skipped_until = None
+
     async def save(self, rows: list[ArtifactRow], ttl: int) -> list[str]:
         """Ids of the rows now durably queued in Redis or written to the database."""
         if not rows:
             return []
-        if self.redis is not None:
+        redis = self._usable_redis()
+        if redis is not None:
             try:
-                await self.redis.enqueue(rows, ttl)
-                self.redis_error = None
-                self.kick()
-                return [r.id for r in rows]
+                queued = await redis.enqueue(rows, ttl)
             except redis_errors() as exc:
-                self.redis_error = f"{type(exc).__name__}: {exc}"[:300]
-                LOG.warning("Redis unavailable (%s); writing artifacts directly", self.redis_error)
+                self._redis_failed(exc, "queue rows")
+            else:
+                self._redis_worked()
+                if queued:
+                    self.kick()
+                    return [r.id for r in rows]
+                self.direct_at_bound += 1
+                LOG.warning("The Redis queue is full (%d rows); writing %d rows directly to "
+                            "the database", redis.max_rows, len(rows))
+                self.kick()
         await self.db.insert(rows)
         return [r.id for r in rows]
 
@@ -4848,7 +5006,7 @@ class ArtifactStore:
         """Rows for `ids` in this chat: Redis cache, then the database, then the queue."""
         found: dict[str, ArtifactRow] = {}
         if self.redis is not None:
-            found.update(await self._redis_try(self.redis.cached(ids)) or {})
+            found.update(await self._redis_try(lambda r: r.cached(ids), "read") or {})
             found = {k: v for k, v in found.items() if v.chat_id == chat_id}
         missing = [i for i in ids if i not in found]
         if missing:
@@ -4861,25 +5019,30 @@ class ArtifactStore:
                 fetched = {}
             found.update(fetched)
             if self.redis is not None and fetched:
-                await self._redis_try(self.redis.cache(fetched.values(), ttl))
-        missing_set = {i for i in ids if i not in found}
-        if missing_set and self.redis is not None:
-            queued = await self._redis_try(self.redis.pending(missing_set)) or []
+                await self._redis_try(lambda r: r.cache(fetched.values(), ttl), "cache")
+        still = [i for i in ids if i not in found]
+        if still and self.redis is not None:
+            queued = await self._redis_try(lambda r: r.queued(still), "read the queue") or []
             found.update({r.id: r for r in queued if r.chat_id == chat_id})
         return found
 
     async def delete(self, ids: list[str]) -> None:
         await self.db.delete(ids)
         if self.redis is not None:
-            await self._redis_try(self.redis.forget(ids))
+            await self._redis_try(lambda r: r.forget(ids), "forget")
 
-    async def _redis_try(self, op: Awaitable[Any]) -> Any:
-        try:
-            return await op
-        except redis_errors() as exc:
-            self.redis_error = f"{type(exc).__name__}: {exc}"[:300]
-            LOG.warning("Redis unavailable for an artifact read: %s", self.redis_error)
+    async def _redis_try(self, op: Callable[[WriteBehind], Awaitable[Any]], doing: str) -> Any:
+        """`op(write-behind)`, or None when Redis is skipped or fails (which starts a skip)."""
+        redis = self._usable_redis()
+        if redis is None:
             return None
+        try:
+            result = await op(redis)
+        except redis_errors() as exc:
+            self._redis_failed(exc, doing)
+            return None
+        self._redis_worked()
+        return result
 
     def kick(self) -> None:
         """Start a background flush of the Redis queue unless one is running."""
@@ -4892,15 +5055,16 @@ class ArtifactStore:
     async def drain(self, *, max_wait: float = 30.0,
                     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> int:
         """Flush until the queue is empty; backs off (up to `max_wait` s) while the DB fails."""
-        if self.redis is None:
-            return 0
         written, delay = 0, 0.5
         while True:
+            redis = self._usable_redis()
+            if redis is None:
+                return written
             try:
-                count = await self.redis.flush(self.db)
-                depth = await self.redis.depth()
+                count = await redis.flush(self.db)
+                depth = await redis.depth()
             except redis_errors() as exc:
-                self.redis_error = f"{type(exc).__name__}: {exc}"[:300]
+                self._redis_failed(exc, "flush")
                 return written
             written += count
             if not depth:
@@ -4940,18 +5104,31 @@ class ArtifactStore:
                                  "last_cleanup": self.last_cleanup}
         if self.redis is None:
             return store, "not used (single worker or REDIS_WRITE_BEHIND off)"
-        depth = await self._redis_try(self.redis.depth())
-        quarantined = await self._redis_try(self.redis.quarantined())
+        depth = await self._redis_try(lambda r: r.depth(), "report its depth")
+        quarantined = await self._redis_try(lambda r: r.quarantined(), "report quarantine")
         store["backend"] = "database behind Redis write-behind"
         return store, {"pending_rows": depth, "last_flush_error": self.redis.last_error,
-                       "last_error": self.redis_error, "quarantined_rows": quarantined}
+                       "last_error": self.redis_error, "quarantined_rows": quarantined,
+                       "state": self._redis_state(), "queue_max_rows": self.redis.max_rows,
+                       "direct_writes_queue_full": self.direct_at_bound,
+                       "skipped_operations": self.redis_skips}
+
+    def _redis_state(self) -> str:
+        until = self.redis_skipped_until
+        left = None if until is None else until - self.monotonic()
+        if left is None or left <= 0:
+            return "in use"
+        return (f"skipped for {left:.0f}s more after a failure ({self.redis_error}); "
+                "rows go to the database directly")
 
     async def close(self) -> None:
-        for task in [self._flusher, *self._background]:
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        """Cancel background work and wait for it; a cancellation of close() itself still
+        propagates (asyncio.wait never raises the awaited tasks' CancelledError)."""
+        tasks = [t for t in (self._flusher, *self._background) if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
 
 
 # ─────────────────────────────────────────────────────────────────────────────
@@ -6330,7 +6507,12 @@ class Pipe:
                                              else owui_env()) if key[1] else None
             redis = WriteBehind(self._redis_factory(url), key[0]) if url else None
             store = self._stores[key] = ArtifactStore(ArtifactDB(runner, key[0], schema),
-                                                      redis, clock=self._wall_clock)
+                                                      redis, clock=self._wall_clock,
+                                                      monotonic=self._clock)
+        faults = turn.settings.faults  # the shared store follows the current valves
+        store.redis_skip_seconds = faults.redis_skip_seconds
+        if store.redis is not None:
+            store.redis.max_rows = faults.redis_queue_max_rows
         return store
 
     async def _storage_health(self) -> tuple[Any, Any]:
