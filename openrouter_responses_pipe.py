@@ -4819,9 +4819,9 @@ class WriteBehind:
             if result.handled and not await self._settle(result, token):
                 LOG.warning("Artifact flush lock expired during a slow write; not trimming")
                 return 0
-            self._report_refused(result)
             if result.db_down is None:
                 self.last_error = None
+            self._report_refused(result)
             return len(result.written)
         finally:
             await self.redis.eval(_RELEASE_LOCK, 1, self.lock_key, token)
@@ -4870,7 +4870,7 @@ async def write_rows(db: ArtifactDB, rows: list[ArtifactRow]) -> FlushResult:
         try:
             await db.insert([row])
         except ArtifactRowRejected as exc:
-            result.refused.append((row, str(exc)[:300]))
+            result.refused.append((row, (str(exc).splitlines() or [""])[0][:300]))
         except ArtifactStoreError as exc:
             result.db_down = f"{type(exc).__name__}: {exc}"[:300]
             break
