@@ -3824,12 +3824,29 @@ class ToolBreakers:
                 for (user, tool), s in sorted(self._states.items())}
 
 
-class ToolRunner:
-    """Runs one round of function calls. Lives on the shared Pipe (global limit, breakers)."""
+TOOL_THREADS = 32  # threads of the pipe's own executor for sync tools
 
-    def __init__(self, clock: Callable[[], float]) -> None:
+
+class ToolRunner:
+    """Runs one round of function calls. Lives on the shared Pipe (global limit, breakers).
+
+    Sync tools run on the pipe's own bounded thread pool, never on the event loop's default
+    executor: a call that times out keeps its thread until the tool returns (threads can't
+    be killed), and must not delay every other `to_thread` user of Open WebUI. When all
+    threads are held by such calls, sync tools fail at once with a specific message."""
+
+    def __init__(self, clock: Callable[[], float], *, threads: int = TOOL_THREADS) -> None:
+        import concurrent.futures
+
         self.limiter = ConcurrencyLimiter()
         self.breakers = ToolBreakers(clock)
+        self.threads = threads
+        self.stuck = 0  # threads still running a call that already timed out
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix="orp-tool")
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def run_round(self, calls: Iterable[FunctionCall], tools: ToolSet,
                         settings: ToolSettings, user_id: str) -> list[ToolOutcome]:
@@ -3872,8 +3889,8 @@ class ToolRunner:
         self.breakers.record(key, True, settings.breaker_threshold, settings.breaker_window)
         return ToolOutcome(call, name, truncate(text, settings.result_max_chars), ok=True)
 
-    @staticmethod
-    async def _invoke(fn: Callable[..., Any], args: dict[str, Any], seconds: float) -> str:
+    async def _invoke(self, fn: Callable[..., Any], args: dict[str, Any], seconds: float
+                      ) -> str:
         """Call once (never retried: tools may have side effects) under the timeout."""
         deadline = asyncio.timeout(seconds)
         try:
@@ -3881,7 +3898,7 @@ class ToolRunner:
                 if _is_async_callable(fn):
                     value = await fn(**args)
                 else:
-                    value = await asyncio.to_thread(fn, **args)
+                    value = await self._in_thread(fn, args)
                 while asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
                     value = await value
         except asyncio.CancelledError:
@@ -3893,6 +3910,31 @@ class ToolRunner:
                                        "effect.") from None
             raise ToolError(f"{type(exc).__name__}: {_exc_text(exc)}"[:2000]) from exc
         return result_text(value)
+
+    async def _in_thread(self, fn: Callable[..., Any], args: dict[str, Any]) -> Any:
+        """A sync tool on the pipe's own pool (with the caller's context variables)."""
+        if self.stuck >= self.threads:
+            raise ToolError(f"Every one of the pipe's {self.threads} tool threads is still "
+                            "busy with an earlier call that timed out.",
+                            hint="An admin should check the slow tool; retry later.")
+        ctx = contextvars.copy_context()
+        future = self.executor.submit(ctx.run, lambda: fn(**args))
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:  # timed out or cancelled: the thread runs on
+            if not future.cancel():
+                self.stuck += 1
+                loop = asyncio.get_running_loop()
+                future.add_done_callback(lambda _: self._unstuck(loop))
+            raise
+
+    def _unstuck(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the tool's thread when a timed-out call finally returns: count it on the loop."""
+        with contextlib.suppress(RuntimeError):  # the loop is already closed
+            loop.call_soon_threadsafe(self._one_less_stuck)
+
+    def _one_less_stuck(self) -> None:
+        self.stuck -= 1
 
 
 # -- tool cards in replayed history ------------------------------------------------------
@@ -6399,6 +6441,7 @@ class Pipe:
     async def close(self) -> None:
         """Release pooled connections (Open WebUI never calls this; tests and tools do)."""
         await self._client.aclose()
+        self._tools.close()
         for store in self._stores.values():
             await store.close()
 

@@ -232,3 +232,38 @@ async def test_limiter_passes_the_slot_on_when_a_woken_waiter_is_cancelled() -> 
     first.cancel()     # ...which is cancelled before it runs
     await asyncio.wait_for(second, 1)  # the slot reaches `second` instead of being lost
     assert first.cancelled() and limiter.active == 1
+
+
+# -- issue #11 item 14b: timed-out sync tools hold the pipe's threads, not the default pool --
+
+
+async def test_timed_out_sync_tools_do_not_starve_the_default_executor():
+    import concurrent.futures
+
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+    release = threading.Event()
+
+    def hang(x: int | None = None) -> str:
+        release.wait(10)
+        return "late"
+
+    runner = ToolRunner(Clock(), threads=2)
+    settings = ToolSettings(timeout=0.2)
+    try:
+        outcomes = await runner.run_round(calls("hang", 2), tools(hang=hang), settings, "u")
+        assert [o.ok for o in outcomes] == [False, False]
+        assert all("did not finish within 0.2 seconds" in o.output for o in outcomes)
+        # Open WebUI's own to_thread users still get a thread at once.
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: 42), 2) == 42
+        # The pipe's pool is full of stuck calls: the next sync tool says so at once.
+        [busy] = await runner.run_round(calls("hang", 1), tools(hang=hang), settings, "u")
+        assert "tool threads is still busy with an earlier call that timed out" in busy.output
+    finally:
+        release.set()
+        runner.close()
+    for _ in range(100):  # the stuck calls return: the pool is usable again
+        if runner.stuck == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert runner.stuck == 0
