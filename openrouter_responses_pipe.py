@@ -347,15 +347,21 @@ class Valves(BaseModel):
         default=300.0, ge=5, le=3600,
         description="Longest silence allowed while reading a response (keep-alives count).")
     MAX_CONCURRENT_REQUESTS: int = Field(
-        default=64, ge=1, le=10000, description="Answers generated at once, all users.")
+        default=64, ge=1, le=10000,
+        description="Answers generated at once, all users together, per worker process: "
+                    "with several Open WebUI workers (UVICORN_WORKERS) each admits this many, "
+                    "so the server-wide limit is this times the number of workers.")
     MAX_QUEUED_REQUESTS: int = Field(
         default=64, ge=0, le=10000,
-        description="Requests that may wait for a free slot; beyond that users get 'busy'.")
+        description="Requests that may wait for a free slot, per worker process; beyond "
+                    "that users get 'busy'.")
     QUEUE_WAIT_SECONDS: float = Field(
         default=20.0, ge=0, le=600,
         description="Longest wait for a free slot before the user is told to retry.")
     MAX_CONCURRENT_REQUESTS_PER_USER: int = Field(
-        default=4, ge=1, le=1000, description="Answers one user may generate at once.")
+        default=4, ge=1, le=1000,
+        description="Answers one user may generate at once, per worker process (Open WebUI "
+                    "may send one user's chats to different workers).")
     HTTP_REFERER: str = Field(
         default="https://openwebui.com/",
         description="Sent as HTTP-Referer for OpenRouter app attribution.")
@@ -2120,10 +2126,18 @@ class Fetcher:
 
 
 def _check_status(host: str, status: int, headers: Mapping[str, str]) -> None:
+    """Only a 200-class answer with content is a download; redirects are followed before."""
     if status == 429 or status >= 500:
         raise _Retryable(f"HTTP {status}", parse_retry_after(headers.get("Retry-After")))
     if status >= 400:
         raise IntakeError(f"{host} answered HTTP {status}, so the download was not retried.",
+                          hint="Check that the link works in a browser.")
+    if status in (204, 205):
+        raise IntakeError(f"{host} answered HTTP {status} (no content): there was nothing "
+                          "to download.", hint="Check that the link points to the file itself.")
+    if not 200 <= status < 300:
+        raise IntakeError(f"{host} answered HTTP {status}, which is not a download (and not "
+                          "a redirect the pipe follows).",
                           hint="Check that the link works in a browser.")
 
 
@@ -2674,7 +2688,10 @@ class AiohttpTransport:
         if self._session is None or self._session.closed or self._loop is not loop:
             connector = aiohttp.TCPConnector(limit=self._limit, ttl_dns_cache=300,
                                              keepalive_timeout=60)
-            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
+            # trust_env: HTTPS_PROXY / HTTP_PROXY / NO_PROXY (and .netrc) apply, as corporate
+            # installs need; remote media downloads (§9) keep trust_env=False on purpose.
+            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True,
+                                                  trust_env=True)
             self._loop = loop
         return self._session
 
@@ -5554,6 +5571,10 @@ class Emitter:
 class AdmissionGate:
     """Global concurrency limit with a bounded FIFO wait queue, plus a per-user limit.
 
+    Counts are per worker process (the valves say so): a Redis-wide count would add a Redis
+    round trip to every turn and leases that must expire when a worker dies mid-answer, and
+    with Redis down it would have to fall back to this count anyway.
+
     Beyond the per-user limit, a full queue, or the wait timeout, the caller gets
     AdmissionRejected at once instead of waiting without end. Lives on the shared Pipe.
     """
@@ -5894,7 +5915,8 @@ def health_snapshot(tel: Telemetry, gate: AdmissionGate, catalog: CatalogRegistr
     return {
         "uptime_s": round(now - tel.started, 1),
         "requests": {"total": tel.requests, "in_flight": gate.active, "waiting": gate.queued,
-                     "rejected_busy": gate.rejected, "failed_by_kind": dict(tel.failures)},
+                     "rejected_busy": gate.rejected, "failed_by_kind": dict(tel.failures),
+                     "scope": f"this worker (pid {os.getpid()})"},
         "upstream": {"responses_by_status": dict(tel.upstream_status),
                      "latency_ms_p50": ms(percentile(tel.upstream_latency, 50)),
                      "latency_ms_p95": ms(percentile(tel.upstream_latency, 95)),
@@ -5923,7 +5945,8 @@ def health_markdown(data: Mapping[str, Any]) -> str:
     req, up, cat = data["requests"], data["upstream"], data["catalog"]
     lines = [
         "### OpenRouter pipe health",
-        f"- Requests: {req['in_flight']} in flight, {req['waiting']} waiting, "
+        f"- Requests ({req.get('scope', 'this worker')}): {req['in_flight']} in flight, "
+        f"{req['waiting']} waiting, "
         f"{req['total']} served since start ({data['uptime_s']:.0f}s ago), "
         f"{req['rejected_busy']} turned away as busy",
         f"- Upstream latency p50/p95: {up['latency_ms_p50']} / {up['latency_ms_p95']} ms; "
