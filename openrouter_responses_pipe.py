@@ -2271,8 +2271,10 @@ class OwuiFileStore:
 def _read_local(path: str, cap: int, kind: str) -> bytes:
     size = os.path.getsize(path)
     check_size(kind, size, cap)
-    with open(path, "rb") as fh:
-        return fh.read(cap + 1)
+    with open(path, "rb") as fh:  # read(n) allocates n bytes first: never ask for the cap
+        data = fh.read(size + 1)
+    check_size(kind, len(data), cap)  # it grew since getsize
+    return data
 
 
 def _guess_mime(name: str) -> str:
@@ -2349,9 +2351,39 @@ class Intake:
         job = dataclasses.replace(job, limits=job.limits.capped(
             await self._upload_limit(request)))
         capped = cap_images(messages, job.limits.max_images, job.entry)
+        known = await self._known_sizes(capped, job)  # decide from stored sizes first…
+        capped = cap_request_size(capped, job.limits.max_request,
+                                  lambda p: known.get(part_source(p) or "") or inline_size(p))
         resolved = [await self._message(m, job) if m.role == "user" else m for m in capped]
-        return dataclasses.replace(
+        return dataclasses.replace(  # …then read only those, and check what they really are
             req, messages=tuple(cap_request_size(resolved, job.limits.max_request)))
+
+    async def _known_sizes(self, messages: Iterable[ChatMessage], job: IntakeJob
+                           ) -> dict[str, int]:
+        """As-sent sizes of the Open WebUI files among the attachments, from their stored
+        size (`meta.size`, written by Open WebUI's upload on 0.6 and 0.12) without reading
+        them. Data URLs are measured by their length; remote links are unknown until read."""
+        sizes: dict[str, int] = {}
+        for msg in messages:
+            for part in msg.parts if msg.role == "user" else ():
+                source, kind = part_source(part), part_kind(part)
+                if source is None or kind is None or source in sizes \
+                        or not job.entry.accepts(kind):
+                    continue
+                file_id = owui_file_id(source, job.origin)
+                if file_id is not None:
+                    sizes[source] = await self._stored_size(file_id, kind, job)
+        return sizes
+
+    async def _stored_size(self, file_id: str, kind: str, job: IntakeJob) -> int:
+        try:
+            record = await self._store.find(file_id)
+        except IntakeError:
+            return 0  # the read will say what is wrong
+        size = stored_size(record, job.user_id, job.user_role)
+        if size is None or size > job.limits.cap(kind):
+            return 0  # unknown (measured once read), or refused by its own cap anyway
+        return base64_size(size)
 
     async def _upload_limit(self, request: Any) -> float | None:
         try:
@@ -2560,6 +2592,21 @@ def cap_images(messages: Iterable[ChatMessage], limit: int, entry: CatalogEntry
     return _newest_first(messages, judge)
 
 
+def stored_size(record: Any, user_id: str, user_role: str) -> int | None:
+    """An Open WebUI file record's size in bytes (`meta.size`), only for files the user may
+    read directly (another user's file size is never told, shared or not)."""
+    if record is None or (getattr(record, "user_id", None) != user_id and user_role != "admin"):
+        return None
+    meta = getattr(record, "meta", None)
+    size = meta.get("size") if isinstance(meta, Mapping) else None
+    return size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None
+
+
+def base64_size(raw: int, header: int = 48) -> int:
+    """Characters `raw` bytes take inline as a base64 data URL (with a typical header)."""
+    return 4 * ((raw + 2) // 3) + header
+
+
 def inline_size(part: ContentPart) -> int:
     """Bytes an attachment adds to a request as sent (its base64); 0 for links and text."""
     if isinstance(part, AudioPart):
@@ -2568,14 +2615,16 @@ def inline_size(part: ContentPart) -> int:
     return len(url) if isinstance(url, str) and url.startswith("data:") else 0
 
 
-def cap_request_size(messages: Iterable[ChatMessage], cap: int) -> list[ChatMessage]:
+def cap_request_size(messages: Iterable[ChatMessage], cap: int,
+                     size_of: Callable[[ContentPart], int] = inline_size) -> list[ChatMessage]:
     """Keep the newest inline attachments that fit in `cap` bytes together (as sent); each
-    one that doesn't fit becomes a note. Every turn re-sends a chat's attachments."""
+    one that doesn't fit becomes a note. Every turn re-sends a chat's attachments. `size_of`
+    may give sizes known before reading (stored file sizes) so nothing is read in vain."""
     used = 0
 
     def judge(part: ContentPart) -> ContentPart:
         nonlocal used
-        size = inline_size(part)
+        size = size_of(part)
         if not size:
             return part
         if used + size > cap:
