@@ -2344,10 +2344,13 @@ class Intake:
     async def prepare(self, req: ChatRequest, job: IntakeJob,
                       files: Iterable[Mapping[str, Any]] = (), request: Any = None
                       ) -> ChatRequest:
-        """`req` with attachments inlined (and `__files__` added when the valve says so)."""
-        messages = attach_files(req.messages, files, job)
+        """`req` with attachments inlined (and `__files__` added when the valve says so, or
+        when Open WebUI's retrieval got nothing out of them)."""
+        files = list(files)
+        rescued, untold = await self._unretrieved(files, job)
+        messages = attach_files(req.messages, files, job, rescued, untold)
         if not any(part_kind(p) for m in messages if m.role == "user" for p in m.parts):
-            return req
+            return dataclasses.replace(req, messages=messages) if untold else req
         job = dataclasses.replace(job, limits=job.limits.capped(
             await self._upload_limit(request)))
         capped = cap_images(messages, job.limits.max_images, job.entry)
@@ -2357,6 +2360,38 @@ class Intake:
         resolved = [await self._message(m, job) if m.role == "user" else m for m in capped]
         return dataclasses.replace(  # …then read only those, and check what they really are
             req, messages=tuple(cap_request_size(resolved, job.limits.max_request)))
+
+    async def _unretrieved(self, files: list[Mapping[str, Any]], job: IntakeJob
+                           ) -> tuple[set[str], list[ContentPart]]:
+        """Documents that reach the model only through Open WebUI's retrieval (native
+        sending off) when that retrieval had nothing for them (processing failed, no text):
+        their links, to send natively if the model reads files; else a note for the user."""
+        if job.limits.send_files:
+            return set(), []
+        rescued: set[str] = set()
+        untold: list[ContentPart] = []
+        for item in files:
+            part = file_part(item)
+            file_id = owui_file_id(part.url) if isinstance(part, FilePart) else None
+            if part is None or file_id is None:
+                continue
+            try:
+                why = retrieval_gap(item, await self._store.find(file_id))
+            except IntakeError:
+                continue  # Open WebUI's database failed: its retrieval decides alone
+            if why is None:
+                continue
+            name = getattr(part, "filename", "") or file_id
+            if job.entry.accepts("file"):
+                rescued.add(part_source(part) or "")
+                await job.emitter.notify(f"Open WebUI's document search got nothing from "
+                                         f"'{name}' ({why}), so it was sent to the model as "
+                                         "a file.", "info")
+            else:
+                untold.append(RefusedPart("file", (
+                    f"'{name}' did not reach the model: Open WebUI's document search got "
+                    f"nothing from it ({why}), and {job.entry.name} can't read files.")))
+        return rescued, untold
 
     async def _known_sizes(self, messages: Iterable[ChatMessage], job: IntakeJob
                            ) -> dict[str, int]:
@@ -2517,23 +2552,47 @@ def _default_name(mime: str) -> str:
 
 
 def attach_files(messages: tuple[ChatMessage, ...], files: Iterable[Mapping[str, Any]],
-                 job: IntakeJob) -> tuple[ChatMessage, ...]:
-    """`__files__` -> parts on the last user message, when SEND_FILES_NATIVELY is on and the
-    model reads that kind. Open WebUI's retrieval runs for them either way (a pipe can't skip
+                 job: IntakeJob, rescued: Iterable[str] = (),
+                 notes: Iterable[ContentPart] = ()) -> tuple[ChatMessage, ...]:
+    """`__files__` -> parts on the last user message, when SEND_FILES_NATIVELY is on (or the
+    file is `rescued`: retrieval got nothing from it) and the model reads that kind; `notes`
+    (refusals) join them. Open WebUI's retrieval runs for them either way (a pipe can't skip
     it; on 0.12 the model's "File Context" capability can), so the model may get both."""
-    if not job.limits.send_files:
-        return messages
+    wanted = set(rescued)
     last = next((i for i in range(len(messages) - 1, -1, -1)
                  if messages[i].role == "user"), None)
     extra = [p for p in (file_part(f) for f in files)
-             if p is not None and job.entry.accepts(part_kind(p) or "")]
+             if p is not None and job.entry.accepts(part_kind(p) or "")
+             and (job.limits.send_files or part_source(p) in wanted)]
+    extra += list(notes)
     if last is None or not extra:
         return messages
     msg = messages[last]
     present = {part_source(p) for p in msg.parts}
-    extra = [p for p in extra if part_source(p) not in present]  # never the same file twice
+    extra = [p for p in extra if part_source(p) is None  # a note
+             or part_source(p) not in present]  # never the same file twice
     return (*messages[:last], dataclasses.replace(msg, parts=(*msg.parts, *extra)),
             *messages[last + 1:])
+
+
+def retrieval_gap(item: Mapping[str, Any], record: Any) -> str | None:
+    """Why Open WebUI's retrieval had nothing for an attached file, or None when it had its
+    text. Both 0.6.28 and 0.12 keep the processing state in the file record's `data`:
+    `status` pending | completed | failed, `error`, and the extracted `content`; the
+    `__files__` item may carry the upload's `error` too."""
+    if record is None:
+        return None  # deleted: the attachment itself is reported elsewhere
+    data = getattr(record, "data", None)
+    data = data if isinstance(data, Mapping) else {}
+    status, error = str(data.get("status") or ""), data.get("error") or item.get("error")
+    if status == "failed" or error:
+        return f"processing failed: {str(error or 'no reason given')[:200]}"
+    if status == "pending":
+        return "it was still being processed"
+    content = data.get("content")
+    if not isinstance(content, str) or not content.strip():
+        return "no text could be extracted"
+    return None
 
 
 def part_source(part: ContentPart) -> str | None:
