@@ -149,8 +149,9 @@ async def test_a_task_whose_body_breaks_off_shows_a_specific_message():
 
 
 def _catalog_snapshot():
-    from openrouter_responses_pipe import CatalogSnapshot, parse_catalog
     from openrouter_emulator import load_catalog
+
+    from openrouter_responses_pipe import CatalogSnapshot, parse_catalog
 
     return CatalogSnapshot.of(parse_catalog({"data": load_catalog()}), 0.0)
 

@@ -15,8 +15,8 @@ from artifact_fixtures import (
     PG_URL,
     FailingRunner,
     drop_table,
-    pg_available,
     pg_async,
+    pg_available,
     pg_sync,
     redis_server,  # noqa: F401 - fixture
     sqlite_sync,
