@@ -4245,7 +4245,15 @@ def storable(item: Mapping[str, Any], reasoning_retention: str) -> bool:
 
 def artifact_scope(req: ChatRequest) -> str:
     """What stored rows are filed under: the chat, else the user (API calls without a chat)."""
-    return req.chat_id or f"user:{req.user_id}"
+    return column_safe(req.chat_id or f"user:{req.user_id}")
+
+
+def column_safe(value: str, limit: int = 128) -> str:
+    """An id as the artifact table can hold it (VARCHAR(128), no NUL): longer ids (Open
+    WebUI's `local:` temporary chats, any id an API client sends) become a stable digest."""
+    if len(value) <= limit and "\x00" not in value:
+        return value
+    return "h:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def passthrough_ids(req: ChatRequest) -> list[str]:
@@ -6592,7 +6600,7 @@ class Pipe:
         if store is None:
             return ""
         codec, now = ArtifactCodec.of(settings), self._wall_clock()
-        message_id = str(turn.context.metadata.get("message_id") or "")
+        message_id = column_safe(str(turn.context.metadata.get("message_id") or ""))
         rows = [ArtifactRow(new_artifact_id(), artifact_scope(turn.req), message_id, seq,
                             str(it.get("type")), codec.encode(it), now)
                 for seq, it in enumerate(keep)]
@@ -6619,7 +6627,7 @@ class Pipe:
             return
         scope, item = artifact_scope(turn.req), passthrough_row_item(reasoning, call_ids[0])
         row = ArtifactRow(passthrough_id(scope, call_ids[0]), scope,
-                          str(turn.context.metadata.get("message_id") or ""), 0,
+                          column_safe(str(turn.context.metadata.get("message_id") or "")), 0,
                           PASSTHROUGH_ITEM, ArtifactCodec.of(settings).encode(item),
                           self._wall_clock())
         try:

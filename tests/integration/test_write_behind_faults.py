@@ -258,3 +258,33 @@ async def test_close_propagates_a_cancellation_of_itself(tmp_path: Path):
         await closing
     assert closing.cancelled()
     dispose()
+
+
+# -- item 5, at the source: a long `local:` chat id or a NUL byte no longer makes bad rows ---
+
+
+@NEEDS_PG
+async def test_a_temporary_chat_with_a_long_id_stores_and_replays_on_postgres(
+        emulator, sleeps, tmp_path):
+    from helpers import posts, stream
+
+    from openrouter_responses_pipe import Pipe
+
+    runner, dispose = pg_sync(tmp_path)
+    p = Pipe(sleep=sleeps, artifact_db=runner, env={})
+    p.valves = p.Valves(BASE_URL=emulator.base_url, API_KEY="sk-or-test",
+                        ARTIFACT_ENCRYPTION_KEY="k")
+    meta = {"chat_id": "local:" + "s" * 200, "message_id": "m\x00" + "x" * 300}
+    model = "openrouter.openai/gpt-5-nano"
+    first = await stream(p, {"model": model, "stream": True, "messages": [
+        {"role": "user", "content": "What is 2 + 2?"}]}, __metadata__=meta)
+    (produced,) = [i for i in emulator.responses[-1]["output"] if i["type"] == "reasoning"]
+    await stream(p, {"model": model, "stream": True, "messages": [
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": first.text},
+        {"role": "user", "content": "next"}]}, __metadata__=meta)
+    assert posts(emulator)[-1]["json"]["input"][1] == produced   # stored and replayed
+    table = next(iter(p._stores.values())).db.table.name
+    await p.close()
+    dispose()
+    drop_table(table)
