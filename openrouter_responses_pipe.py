@@ -2579,9 +2579,12 @@ def retrieval_gap(item: Mapping[str, Any], record: Any) -> str | None:
     """Why Open WebUI's retrieval had nothing for an attached file, or None when it had its
     text. Both 0.6.28 and 0.12 keep the processing state in the file record's `data`:
     `status` pending | completed | failed, `error`, and the extracted `content`; the
-    `__files__` item may carry the upload's `error` too."""
+    `__files__` item may carry the upload's `error` too. In full-context mode Open WebUI
+    (0.12 `get_sources_from_items`) takes the item's own `file.data.content` first."""
     if record is None:
         return None  # deleted: the attachment itself is reported elsewhere
+    if item.get("context") == "full" and _item_content(item).strip():
+        return None  # "Using Entire Document": Open WebUI uses the item's own text
     data = getattr(record, "data", None)
     data = data if isinstance(data, Mapping) else {}
     status, error = str(data.get("status") or ""), data.get("error") or item.get("error")
@@ -2593,6 +2596,13 @@ def retrieval_gap(item: Mapping[str, Any], record: Any) -> str | None:
     if not isinstance(content, str) or not content.strip():
         return "no text could be extracted"
     return None
+
+
+def _item_content(item: Mapping[str, Any]) -> str:
+    inner = item.get("file")
+    data = inner.get("data") if isinstance(inner, Mapping) else None
+    content = data.get("content") if isinstance(data, Mapping) else None
+    return content if isinstance(content, str) else ""
 
 
 def part_source(part: ContentPart) -> str | None:

@@ -128,6 +128,8 @@ class Record:
     ({}, None, "no text could be extracted"),
 ])
 def test_retrieval_gaps(item, data, expected):
+    full = {"context": "full", "file": {"data": {"content": "the text"}}}
+    assert retrieval_gap(full, Record(data)) is None  # Open WebUI used the item's own text
     assert retrieval_gap(item, Record(data)) == expected
     assert retrieval_gap(item, None) is None
 
