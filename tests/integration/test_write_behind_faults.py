@@ -288,3 +288,48 @@ async def test_a_temporary_chat_with_a_long_id_stores_and_replays_on_postgres(
     await p.close()
     dispose()
     drop_table(table)
+
+
+async def test_pipe_turns_keep_their_latency_while_redis_is_frozen(
+        emulator, sleeps, redis_server, tmp_path):  # noqa: F811
+    from helpers import posts, stream
+
+    from openrouter_responses_pipe import Pipe
+
+    def redis_factory(url: str):
+        return aioredis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+
+    runner, dispose = sqlite_sync(tmp_path)
+    env = {"REDIS_URL": redis_server.url, "WEBSOCKET_MANAGER": "redis", "UVICORN_WORKERS": "2"}
+    p = Pipe(sleep=sleeps, artifact_db=runner, env=env, redis_factory=redis_factory)
+    p.valves = p.Valves(BASE_URL=emulator.base_url, API_KEY="sk-or-test",
+                        ARTIFACT_ENCRYPTION_KEY="k")
+    model, history = "openrouter.openai/gpt-5-nano", []
+    meta = {"chat_id": "chat-frozen", "message_id": "m"}
+
+    async def turn(ask: str) -> float:
+        started = time.monotonic()
+        out = await stream(p, {"model": model, "stream": True,
+                               "messages": [*history, {"role": "user", "content": ask}]},
+                           __metadata__=meta)
+        assert out.error is None and "interrupted" not in out.text
+        history.extend([{"role": "user", "content": ask},
+                        {"role": "assistant", "content": out.text}])
+        return time.monotonic() - started
+
+    await turn("first")                       # Redis works: items queued
+    redis_server.pause()
+    try:
+        await turn("second")                  # one socket timeout, then the database
+        for ask in ("third", "fourth"):
+            assert await turn(ask) < 0.8, "a turn waited for the frozen Redis"
+        sent = posts(emulator)[-1]["json"]["input"]
+        assert sum(1 for i in sent if i.get("type") == "reasoning") >= 2  # written directly
+        report = await p.pipe(body={"model": "openrouter._health", "stream": False,
+                                    "messages": [{"role": "user", "content": "report"}]},
+                              __user__={"id": "admin", "role": "admin"})
+        assert "state skipped for " in report and "rows go to the database directly" in report
+    finally:
+        redis_server.resume()
+    await p.close()
+    dispose()
