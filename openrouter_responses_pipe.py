@@ -5505,15 +5505,19 @@ def has_socket_session(metadata: Mapping[str, Any]) -> bool:
     return all(metadata.get(k) for k in ("session_id", "chat_id", "message_id"))
 
 
-def notes_text(notes: Iterable[str]) -> str:
-    """Notes about what was left out, as a block at the end of the answer (API clients)."""
+def untold_notes(metadata: Mapping[str, Any], notes: Iterable[str]) -> str:
+    """Notes about what was left out, as a block at the end of the answer, for requests
+    without a socket session (their toasts reach no one); "" otherwise."""
+    notes = list(notes)
+    if not notes or has_socket_session(metadata):
+        return ""
     return "\n\n---\n" + "\n".join(f"ℹ️ {note}" for note in notes)
 
 
-def error_chunk(exc: PipeError, reference: str = "") -> dict[str, Any]:
-    """A chunk Open WebUI (0.6.28 → 0.12) shows as an error box."""
+def error_chunk(exc: PipeError, reference: str = "", tail: str = "") -> dict[str, Any]:
+    """A chunk Open WebUI (0.6.28 → 0.12) shows as an error box (`tail`: untold notes)."""
     suffix = f"\n(reference {reference})" if reference else ""
-    return {"error": {"message": describe_error(exc) + suffix}}
+    return {"error": {"message": describe_error(exc) + suffix + tail}}
 
 
 def interruption_notice(exc: PipeError, reference: str = "") -> str:
@@ -6173,6 +6177,7 @@ class TurnRun:
 
     state: StreamState = field(default_factory=StreamState)
     usage: Usage | None = None
+    notes: tuple[str, ...] = ()  # what was left out of the request (toasts)
 
     def add_usage(self, usage: Usage | None) -> None:
         if usage is not None:
@@ -6353,12 +6358,13 @@ class Pipe:
             self._telemetry.requests += 1
             async with self._gate.admit(turn.req.user_id, turn.settings.admission):  # 1 admit
                 plan = await self._plan(turn)                           # 3 catalog, 6, tools
+                run.notes = plan.notes
                 for note in plan.notes:
                     await turn.emitter.notify(note)
                 async for chunk in self._rounds(turn, plan, run, renderer, timing):  # 7-12
                     yield chunk
-            if plan.notes and not has_socket_session(turn.context.metadata):
-                yield renderer.text_chunk(notes_text(plan.notes))  # toasts reach no one
+            if untold := untold_notes(turn.context.metadata, run.notes):
+                yield renderer.text_chunk(untold)
             run.state.usage = run.usage
             for chunk in self._finish(run.state, renderer, timing):
                 yield chunk
@@ -6369,8 +6375,9 @@ class Pipe:
             if run.usage is not None:  # rounds that completed were billed: say so
                 for chunk in await self._spent_before_failure(turn, run, timing):
                     yield chunk
-            yield (renderer.text_chunk(interruption_notice(failure, turn.reference))
-                   if renderer.emitted_text else error_chunk(failure, turn.reference))
+            untold = untold_notes(turn.context.metadata, run.notes)
+            yield (renderer.text_chunk(interruption_notice(failure, turn.reference) + untold)
+                   if renderer.emitted_text else error_chunk(failure, turn.reference, untold))
         finally:
             _reset_context(CURRENT_LOG, token)
 

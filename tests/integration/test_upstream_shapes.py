@@ -236,3 +236,15 @@ async def test_a_non_streamed_api_chat_carries_the_note_in_its_string(pipe, emul
     chat = {**_image_chat(TEXT), "stream": False}
     text = await pipe.pipe(body=chat, __user__={"id": "u", "role": "user"}, __metadata__={})
     assert isinstance(text, str) and text.endswith(f"ℹ️ {NOTE}")
+
+
+async def test_an_api_client_reads_the_notes_even_when_the_turn_fails(pipe, emulator):
+    chat = _image_chat(TEXT)
+    chat["messages"][0]["content"][0]["text"] = "[emu:http_error status=402] What is this?"
+    out = await stream(pipe, chat, __metadata__={})
+    assert out.error is not None and "out of credits" in out.error
+    assert out.error.endswith(f"\n\n---\nℹ️ {NOTE}")
+    failed_late = _image_chat(TEXT)
+    failed_late["messages"][0]["content"][0]["text"] = "[emu:mid_stream_failure] What?"
+    out = await stream(pipe, failed_late, __metadata__={})
+    assert "interrupted" in out.text and out.text.endswith(f"\n\n---\nℹ️ {NOTE}")
