@@ -90,6 +90,7 @@ DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
 EFFORT_ORDER: tuple[str, ...] = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529})
 STATUS_ENTRY_PREFIX = "_status"  # selector entries that explain a configuration problem
+DEFAULT_QUEUE_MAX_ROWS = 10_000  # rows the Redis write-behind queue holds (REDIS_QUEUE_MAX_ROWS)
 _SAMPLING_PARAMS = ("temperature", "top_p", "top_k", "stop", "frequency_penalty",
                     "presence_penalty", "parallel_tool_calls")
 
@@ -103,6 +104,8 @@ _SAMPLING_PARAMS = ("temperature", "top_p", "top_k", "stop", "frequency_penalty"
 #   ├── UpstreamError           OpenRouter said no
 #   │   ├── UpstreamStatusError     HTTP error before streaming
 #   │   ├── UpstreamConnectionError network failure before any response
+#   │   │   └── UpstreamBodyError       a body that broke off while it was read
+#   │   ├── UpstreamUnexpectedBody  a 200 that is no stream (HTML page, plain JSON)
 #   │   └── UpstreamStreamError     failure after the first byte
 #   ├── IntakeError             an attachment was refused
 #   │   ├── UnsafeURLError
@@ -112,6 +115,7 @@ _SAMPLING_PARAMS = ("temperature", "top_p", "top_k", "stop", "frequency_penalty"
 #   │   ├── ToolTimeout
 #   │   └── ToolBreakerOpen
 #   ├── ArtifactStoreError
+#   │   └── ArtifactRowRejected     the database refused this row (not the connection)
 #   └── BadRequest              the chat body has a shape the pipe can't read
 #
 # `describe_error` (§15) is the one place that turns these into what the user reads.
@@ -168,6 +172,15 @@ class UpstreamConnectionError(UpstreamError):
     """The request never got an HTTP response (DNS, connect, TLS, read timeout)."""
 
 
+class UpstreamBodyError(UpstreamConnectionError):
+    """Reading a response body failed (timeout, connection or payload error); retried like
+    a connection error as long as nothing reached the user yet."""
+
+
+class UpstreamUnexpectedBody(UpstreamError):
+    """HTTP 200, but the body is not what was asked for (an HTML proxy page, plain JSON)."""
+
+
 class UpstreamStreamError(UpstreamError):
     """The stream failed after it started: `response.failed`, an error event, or a cut-off."""
 
@@ -212,6 +225,11 @@ class ToolBreakerOpen(ToolError):
 
 class ArtifactStoreError(PipeError):
     """Database, Redis or crypto trouble in the artifact store; never fatal to a chat."""
+
+
+class ArtifactRowRejected(ArtifactStoreError):
+    """The database refused the rows themselves (a value too long, a NUL byte), not the
+    connection: retrying them as they are will never work."""
 
 
 class BadRequest(PipeError):
@@ -340,15 +358,21 @@ class Valves(BaseModel):
         default=300.0, ge=5, le=3600,
         description="Longest silence allowed while reading a response (keep-alives count).")
     MAX_CONCURRENT_REQUESTS: int = Field(
-        default=64, ge=1, le=10000, description="Answers generated at once, all users.")
+        default=64, ge=1, le=10000,
+        description="Answers generated at once, all users together, per worker process: "
+                    "with several Open WebUI workers (UVICORN_WORKERS) each admits this many, "
+                    "so the server-wide limit is this times the number of workers.")
     MAX_QUEUED_REQUESTS: int = Field(
         default=64, ge=0, le=10000,
-        description="Requests that may wait for a free slot; beyond that users get 'busy'.")
+        description="Requests that may wait for a free slot, per worker process; beyond "
+                    "that users get 'busy'.")
     QUEUE_WAIT_SECONDS: float = Field(
         default=20.0, ge=0, le=600,
         description="Longest wait for a free slot before the user is told to retry.")
     MAX_CONCURRENT_REQUESTS_PER_USER: int = Field(
-        default=4, ge=1, le=1000, description="Answers one user may generate at once.")
+        default=4, ge=1, le=1000,
+        description="Answers one user may generate at once, per worker process (Open WebUI "
+                    "may send one user's chats to different workers).")
     HTTP_REFERER: str = Field(
         default="https://openwebui.com/",
         description="Sent as HTTP-Referer for OpenRouter app attribution.")
@@ -505,6 +529,19 @@ class Valves(BaseModel):
     # ── end issue #10 ──
 
     # ── Hardening (issue #11) ──
+    # (faults: Redis queue bound and breaker)
+    REDIS_QUEUE_MAX_ROWS: int = Field(
+        default=DEFAULT_QUEUE_MAX_ROWS, ge=100, le=10_000_000,
+        description="Most stored items the Redis write-behind queue holds. When it is full "
+                    "(the database is slow or down), new items are written to the database "
+                    "directly while the turn waits; nothing is dropped. The health report "
+                    "counts these direct writes.")
+    REDIS_SKIP_SECONDS: float = Field(
+        default=30.0, ge=1, le=3600,
+        description="After a Redis failure (down, hung, timing out), Redis is skipped for "
+                    "this long: stored items are written to and read from the database "
+                    "directly, so a hung Redis costs one timeout, not one per turn. Then "
+                    "Redis is tried again. The health report shows when it is skipped.")
     # ── end issue #11 ──
 
     # ── Routing, fallbacks, caching (issue #12) ──
@@ -671,6 +708,7 @@ class RequestSettings:
     # ── end issue #10 ──
 
     # ── Hardening (issue #11) ──
+    faults: FaultSettings = field(default_factory=lambda: FaultSettings())
     # ── end issue #11 ──
 
     # ── Routing, fallbacks, caching (issue #12) ──
@@ -731,6 +769,7 @@ class RequestSettings:
             # ── end issue #10 ──
 
             # ── Hardening (issue #11) ──
+            faults=fault_settings(valves),
             # ── end issue #11 ──
 
             # ── Routing, fallbacks, caching (issue #12) ──
@@ -2154,10 +2193,18 @@ class Fetcher:
 
 
 def _check_status(host: str, status: int, headers: Mapping[str, str]) -> None:
+    """Only a 200-class answer with content is a download; redirects are followed before."""
     if status == 429 or status >= 500:
         raise _Retryable(f"HTTP {status}", parse_retry_after(headers.get("Retry-After")))
     if status >= 400:
         raise IntakeError(f"{host} answered HTTP {status}, so the download was not retried.",
+                          hint="Check that the link works in a browser.")
+    if status in (204, 205):
+        raise IntakeError(f"{host} answered HTTP {status} (no content): there was nothing "
+                          "to download.", hint="Check that the link points to the file itself.")
+    if not 200 <= status < 300:
+        raise IntakeError(f"{host} answered HTTP {status}, which is not a download (and not "
+                          "a redirect the pipe follows).",
                           hint="Check that the link works in a browser.")
 
 
@@ -2291,8 +2338,10 @@ class OwuiFileStore:
 def _read_local(path: str, cap: int, kind: str) -> bytes:
     size = os.path.getsize(path)
     check_size(kind, size, cap)
-    with open(path, "rb") as fh:
-        return fh.read(cap + 1)
+    with open(path, "rb") as fh:  # read(n) allocates n bytes first: never ask for the cap
+        data = fh.read(size + 1)
+    check_size(kind, len(data), cap)  # it grew since getsize
+    return data
 
 
 def _guess_mime(name: str) -> str:
@@ -2362,16 +2411,81 @@ class Intake:
     async def prepare(self, req: ChatRequest, job: IntakeJob,
                       files: Iterable[Mapping[str, Any]] = (), request: Any = None
                       ) -> ChatRequest:
-        """`req` with attachments inlined (and `__files__` added when the valve says so)."""
-        messages = attach_files(req.messages, files, job)
+        """`req` with attachments inlined (and `__files__` added when the valve says so, or
+        when Open WebUI's retrieval got nothing out of them)."""
+        files = list(files)
+        rescued, untold = await self._unretrieved(files, job)
+        messages = attach_files(req.messages, files, job, rescued, untold)
         if not any(part_kind(p) for m in messages if m.role == "user" for p in m.parts):
-            return req
+            return dataclasses.replace(req, messages=messages) if untold else req
         job = dataclasses.replace(job, limits=job.limits.capped(
             await self._upload_limit(request)))
         capped = cap_images(messages, job.limits.max_images, job.entry)
+        known = await self._known_sizes(capped, job)  # decide from stored sizes first…
+        capped = cap_request_size(capped, job.limits.max_request,
+                                  lambda p: known.get(part_source(p) or "") or inline_size(p))
         resolved = [await self._message(m, job) if m.role == "user" else m for m in capped]
-        return dataclasses.replace(
+        return dataclasses.replace(  # …then read only those, and check what they really are
             req, messages=tuple(cap_request_size(resolved, job.limits.max_request)))
+
+    async def _unretrieved(self, files: list[Mapping[str, Any]], job: IntakeJob
+                           ) -> tuple[set[str], list[ContentPart]]:
+        """Documents that reach the model only through Open WebUI's retrieval (native
+        sending off) when that retrieval had nothing for them (processing failed, no text):
+        their links, to send natively if the model reads files; else a note for the user."""
+        if job.limits.send_files:
+            return set(), []
+        rescued: set[str] = set()
+        untold: list[ContentPart] = []
+        for item in files:
+            part = file_part(item)
+            file_id = owui_file_id(part.url) if isinstance(part, FilePart) else None
+            if part is None or file_id is None:
+                continue
+            try:
+                why = retrieval_gap(item, await self._store.find(file_id))
+            except IntakeError:
+                continue  # Open WebUI's database failed: its retrieval decides alone
+            if why is None:
+                continue
+            name = getattr(part, "filename", "") or file_id
+            if job.entry.accepts("file"):
+                rescued.add(part_source(part) or "")
+                await job.emitter.notify(f"Open WebUI's document search got nothing from "
+                                         f"'{name}' ({why}), so it was sent to the model as "
+                                         "a file.", "info")
+            else:
+                untold.append(RefusedPart("file", (
+                    f"'{name}' did not reach the model: Open WebUI's document search got "
+                    f"nothing from it ({why}), and {job.entry.name} can't read files.")))
+        return rescued, untold
+
+    async def _known_sizes(self, messages: Iterable[ChatMessage], job: IntakeJob
+                           ) -> dict[str, int]:
+        """As-sent sizes of the Open WebUI files among the attachments, from their stored
+        size (`meta.size`, written by Open WebUI's upload on 0.6 and 0.12) without reading
+        them. Data URLs are measured by their length; remote links are unknown until read."""
+        sizes: dict[str, int] = {}
+        for msg in messages:
+            for part in msg.parts if msg.role == "user" else ():
+                source, kind = part_source(part), part_kind(part)
+                if source is None or kind is None or source in sizes \
+                        or not job.entry.accepts(kind):
+                    continue
+                file_id = owui_file_id(source, job.origin)
+                if file_id is not None:
+                    sizes[source] = await self._stored_size(file_id, kind, job)
+        return sizes
+
+    async def _stored_size(self, file_id: str, kind: str, job: IntakeJob) -> int:
+        try:
+            record = await self._store.find(file_id)
+        except IntakeError:
+            return 0  # the read will say what is wrong
+        size = stored_size(record, job.user_id, job.user_role)
+        if size is None or size > job.limits.cap(kind):
+            return 0  # unknown (measured once read), or refused by its own cap anyway
+        return base64_size(size)
 
     async def _upload_limit(self, request: Any) -> float | None:
         try:
@@ -2505,23 +2619,57 @@ def _default_name(mime: str) -> str:
 
 
 def attach_files(messages: tuple[ChatMessage, ...], files: Iterable[Mapping[str, Any]],
-                 job: IntakeJob) -> tuple[ChatMessage, ...]:
-    """`__files__` -> parts on the last user message, when SEND_FILES_NATIVELY is on and the
-    model reads that kind. Open WebUI's retrieval runs for them either way (a pipe can't skip
+                 job: IntakeJob, rescued: Iterable[str] = (),
+                 notes: Iterable[ContentPart] = ()) -> tuple[ChatMessage, ...]:
+    """`__files__` -> parts on the last user message, when SEND_FILES_NATIVELY is on (or the
+    file is `rescued`: retrieval got nothing from it) and the model reads that kind; `notes`
+    (refusals) join them. Open WebUI's retrieval runs for them either way (a pipe can't skip
     it; on 0.12 the model's "File Context" capability can), so the model may get both."""
-    if not job.limits.send_files:
-        return messages
+    wanted = set(rescued)
     last = next((i for i in range(len(messages) - 1, -1, -1)
                  if messages[i].role == "user"), None)
     extra = [p for p in (file_part(f) for f in files)
-             if p is not None and job.entry.accepts(part_kind(p) or "")]
+             if p is not None and job.entry.accepts(part_kind(p) or "")
+             and (job.limits.send_files or part_source(p) in wanted)]
+    extra += list(notes)
     if last is None or not extra:
         return messages
     msg = messages[last]
     present = {part_source(p) for p in msg.parts}
-    extra = [p for p in extra if part_source(p) not in present]  # never the same file twice
+    extra = [p for p in extra if part_source(p) is None  # a note
+             or part_source(p) not in present]  # never the same file twice
     return (*messages[:last], dataclasses.replace(msg, parts=(*msg.parts, *extra)),
             *messages[last + 1:])
+
+
+def retrieval_gap(item: Mapping[str, Any], record: Any) -> str | None:
+    """Why Open WebUI's retrieval had nothing for an attached file, or None when it had its
+    text. Both 0.6.28 and 0.12 keep the processing state in the file record's `data`:
+    `status` pending | completed | failed, `error`, and the extracted `content`; the
+    `__files__` item may carry the upload's `error` too. In full-context mode Open WebUI
+    (0.12 `get_sources_from_items`) takes the item's own `file.data.content` first."""
+    if record is None:
+        return None  # deleted: the attachment itself is reported elsewhere
+    if item.get("context") == "full" and _item_content(item).strip():
+        return None  # "Using Entire Document": Open WebUI uses the item's own text
+    data = getattr(record, "data", None)
+    data = data if isinstance(data, Mapping) else {}
+    status, error = str(data.get("status") or ""), data.get("error") or item.get("error")
+    if status == "failed" or error:
+        return f"processing failed: {str(error or 'no reason given')[:200]}"
+    if status == "pending":
+        return "it was still being processed"
+    content = data.get("content")
+    if not isinstance(content, str) or not content.strip():
+        return "no text could be extracted"
+    return None
+
+
+def _item_content(item: Mapping[str, Any]) -> str:
+    inner = item.get("file")
+    data = inner.get("data") if isinstance(inner, Mapping) else None
+    content = data.get("content") if isinstance(data, Mapping) else None
+    return content if isinstance(content, str) else ""
 
 
 def part_source(part: ContentPart) -> str | None:
@@ -2580,6 +2728,21 @@ def cap_images(messages: Iterable[ChatMessage], limit: int, entry: CatalogEntry
     return _newest_first(messages, judge)
 
 
+def stored_size(record: Any, user_id: str, user_role: str) -> int | None:
+    """An Open WebUI file record's size in bytes (`meta.size`), only for files the user may
+    read directly (another user's file size is never told, shared or not)."""
+    if record is None or (getattr(record, "user_id", None) != user_id and user_role != "admin"):
+        return None
+    meta = getattr(record, "meta", None)
+    size = meta.get("size") if isinstance(meta, Mapping) else None
+    return size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None
+
+
+def base64_size(raw: int, header: int = 48) -> int:
+    """Characters `raw` bytes take inline as a base64 data URL (with a typical header)."""
+    return 4 * ((raw + 2) // 3) + header
+
+
 def inline_size(part: ContentPart) -> int:
     """Bytes an attachment adds to a request as sent (its base64); 0 for links and text."""
     if isinstance(part, AudioPart):
@@ -2588,14 +2751,16 @@ def inline_size(part: ContentPart) -> int:
     return len(url) if isinstance(url, str) and url.startswith("data:") else 0
 
 
-def cap_request_size(messages: Iterable[ChatMessage], cap: int) -> list[ChatMessage]:
+def cap_request_size(messages: Iterable[ChatMessage], cap: int,
+                     size_of: Callable[[ContentPart], int] = inline_size) -> list[ChatMessage]:
     """Keep the newest inline attachments that fit in `cap` bytes together (as sent); each
-    one that doesn't fit becomes a note. Every turn re-sends a chat's attachments."""
+    one that doesn't fit becomes a note. Every turn re-sends a chat's attachments. `size_of`
+    may give sizes known before reading (stored file sizes) so nothing is read in vain."""
     used = 0
 
     def judge(part: ContentPart) -> ContentPart:
         nonlocal used
-        size = inline_size(part)
+        size = size_of(part)
         if not size:
             return part
         if used + size > cap:
@@ -2708,7 +2873,10 @@ class AiohttpTransport:
         if self._session is None or self._session.closed or self._loop is not loop:
             connector = aiohttp.TCPConnector(limit=self._limit, ttl_dns_cache=300,
                                              keepalive_timeout=60)
-            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
+            # trust_env: HTTPS_PROXY / HTTP_PROXY / NO_PROXY (and .netrc) apply, as corporate
+            # installs need; remote media downloads (§9) keep trust_env=False on purpose.
+            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True,
+                                                  trust_env=True)
             self._loop = loop
         return self._session
 
@@ -2815,26 +2983,27 @@ class OpenRouterClient:
         return headers
 
     async def fetch_models(self, settings: RequestSettings) -> Any:
-        resp = await self._send("GET", "/models", None, settings, stream=False)
-        body = await read_body(resp)
-        try:
-            return _loads(body)
-        except ValueError as exc:
-            raise UpstreamError("OpenRouter's model list was not valid JSON.") from exc
+        return await self._send("GET", "/models", None, settings, stream=False,
+                                take=_json_answer)
+
+    async def complete(self, payload: Mapping[str, Any], settings: RequestSettings) -> Any:
+        """POST /responses without streaming; the parsed JSON answer (body read retried)."""
+        settings.require_api_key()
+        return await self._send("POST", "/responses", encode_payload(payload), settings,
+                                stream=False, take=_json_answer)
 
     async def open_response(self, payload: Mapping[str, Any], settings: RequestSettings
                             ) -> TransportResponse:
-        """POST /responses; returns the open 200 response (caller closes it)."""
+        """POST /responses; returns the open 200 event stream (caller closes it)."""
         settings.require_api_key()
-        stream = bool(payload.get("stream"))
-        try:
-            body = _dumps(payload)
-        except (TypeError, ValueError, RecursionError) as exc:  # orjson: huge ints, surrogates
-            raise BadRequest(f"it holds a value that can't be sent as JSON ({exc}).") from None
-        return await self._send("POST", "/responses", body, settings, stream=stream)
+        return await self._send("POST", "/responses", encode_payload(payload), settings,
+                                stream=True, take=_stream_answer)
 
     async def _send(self, method: str, path: str, body: bytes | None,
-                    settings: RequestSettings, *, stream: bool) -> TransportResponse:
+                    settings: RequestSettings, *, stream: bool,
+                    take: Callable[[TransportResponse], Awaitable[Any]]) -> Any:
+        """Send, then `take` the 200 answer (read it, or check it is a stream); failures
+        before any byte reached the user (statuses, network, a broken body) are retried."""
         url, headers = settings.base_url + path, self.headers(settings, stream=stream)
         attempt = 0
         while True:
@@ -2846,7 +3015,7 @@ class OpenRouterClient:
                     read_timeout=settings.read_timeout)
                 self._observe(resp.status, self._clock() - started)
                 if resp.status < 400:
-                    return resp
+                    return await take(resp)
                 err: UpstreamError = await self._error_from(resp)
             except UpstreamConnectionError as exc:
                 self._observe("network", None)
@@ -2865,14 +3034,106 @@ class OpenRouterClient:
 
 
 async def read_body(resp: TransportResponse) -> bytes:
-    """The whole body; the connection goes back to the pool, or is dropped if reading failed."""
+    """The whole body; the connection goes back to the pool, or is dropped if reading failed.
+    A read that times out or breaks off is an UpstreamBodyError (retried before any byte)."""
+    import aiohttp
+
     try:
         body = await resp.read()
-    except BaseException:
+    except BaseException as exc:
         await resp.close()
+        if isinstance(exc, TimeoutError):
+            raise UpstreamBodyError("OpenRouter stopped sending its answer (read timeout).",
+                                    hint="Retry in a moment.") from exc
+        if isinstance(exc, aiohttp.ClientError | OSError):
+            raise UpstreamBodyError(f"The connection to OpenRouter broke while its answer was "
+                                    f"read ({_exc_text(exc)}).", hint="Retry in a moment.") \
+                from exc
         raise
     await resp.release()
     return body
+
+
+def _content_type(resp: TransportResponse) -> str:
+    headers = resp.headers or {}
+    return str(headers.get("Content-Type") or headers.get("content-type") or "")
+
+
+def encode_payload(payload: Mapping[str, Any]) -> bytes:
+    """The request body as JSON; a value JSON can't carry is the request's fault."""
+    try:
+        return _dumps(payload)
+    except (TypeError, ValueError, RecursionError) as exc:  # orjson: huge ints, surrogates
+        raise BadRequest(f"it holds a value that can't be sent as JSON ({exc}).") from None
+
+
+async def _stream_answer(resp: TransportResponse) -> TransportResponse:
+    """The 200 answer to a streamed request, if it is an event stream (no header: trusted)."""
+    ctype = _content_type(resp)
+    if not ctype or "text/event-stream" in ctype.lower():
+        return resp
+    raise unexpected_body(ctype, await read_body(resp), "a stream")
+
+
+async def _json_answer(resp: TransportResponse) -> Any:
+    """The 200 answer to a non-streamed request, parsed; an error object or a page is an
+    UpstreamUnexpectedBody with the provider's words."""
+    ctype, body = _content_type(resp), await read_body(resp)
+    try:
+        data = _loads(body)
+    except ValueError:
+        raise unexpected_body(ctype, body, "JSON") from None
+    if isinstance(data, Mapping) and isinstance(data.get("error"), Mapping) \
+            and "output" not in data and "data" not in data:
+        raise unexpected_body(ctype, body, "an answer")
+    return data
+
+
+def unexpected_body(content_type: str, body: bytes, wanted: str) -> UpstreamUnexpectedBody:
+    """A 200 whose body is not `wanted` -> the provider's message (an error object), or what
+    kind of body came, with a readable snippet (an HTML proxy page, plain text)."""
+    try:
+        data = _loads(body)
+    except ValueError:
+        data = None
+    found = data.get("error") if isinstance(data, Mapping) else None
+    if isinstance(found, Mapping):
+        err = parse_upstream_error(200, body, {})
+        code = f" (code {found['code']})" if isinstance(found.get("code"), int | str) else ""
+        said = f" Provider said ({err.provider_name or 'provider'}): {err.raw}" if err.raw \
+            else ""
+        return UpstreamUnexpectedBody(
+            f"OpenRouter answered with an error instead of {wanted}{code}: "
+            f"{err.provider_message or 'no details given'}.{said}",
+            hint="Retry in a moment, or pick another model.")
+    head = body[:65536].decode("utf-8", "replace")
+    if "html" in content_type.lower() or head.lstrip()[:15].lower().startswith(
+            ("<!doctype html", "<html")):
+        return UpstreamUnexpectedBody(
+            f"OpenRouter answered with an HTML page, not {wanted}: “{html_snippet(head)}”.",
+            hint="A proxy or firewall between this server and OpenRouter may have answered; "
+                 "an admin should check BASE_URL and the server's network.")
+    kind = content_type.split(";")[0].strip() or "an unlabelled body"
+    return UpstreamUnexpectedBody(
+        f"OpenRouter answered with {kind}, not {wanted}: “{_squash(head)[:200]}”.",
+        hint="An admin should check BASE_URL and any proxy in between.")
+
+
+def html_snippet(page: str, limit: int = 200) -> str:
+    """An HTML page -> its title and first words, tags dropped (linear: no backtracking)."""
+    lower = page.lower()
+    start = lower.find("<title")
+    title = ""
+    if start >= 0 and (open_end := lower.find(">", start)) >= 0:
+        close = lower.find("</title", open_end)
+        title = page[open_end + 1:close if close >= 0 else open_end + 201]
+    text = _squash(html.unescape(title)) or _squash(html.unescape(
+        re.sub(r"<[^<>]*>", " ", page[:20000])))
+    return text[:limit] + ("…" if len(text) > limit else "")
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _with_attempts(err: UpstreamError, attempts: int) -> UpstreamError:
@@ -3115,12 +3376,27 @@ def _on_failed(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> 
 
 
 def _on_error(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> None:
+    """`error` events, flat or nested, and the chat-style in-band `{"error": {...}}` that
+    has no `type`; the provider's own words (`metadata.raw`) are kept when given."""
     inner = ev.get("error")
     nested: Mapping[str, Any] = inner if isinstance(inner, Mapping) else ev
+    meta = nested.get("metadata")
+    raw = str(meta.get("raw") or "")[:500] if isinstance(meta, Mapping) else ""
+    message = str(nested.get("message") or "OpenRouter sent an error event.")
+    if raw and raw not in message:
+        name = meta.get("provider_name") if isinstance(meta, Mapping) else None
+        message += f" Provider said ({name or 'provider'}): {raw}"
     state.terminal = "failed"
     state.error = UpstreamStreamError(
-        str(nested.get("message") or "OpenRouter sent an error event."),
-        code=str(nested.get("code") or ""), error_type=str(ev.get("error_type") or ""))
+        message, code=str(nested.get("code") or ""), error_type=str(ev.get("error_type") or ""))
+
+
+def _handler_for(event: Any) -> Handler | None:
+    """The handler of a decoded event; KeyError/TypeError when it is not an event at all."""
+    if isinstance(event, Mapping) and "type" not in event and isinstance(
+            event.get("error"), Mapping):
+        return _on_error  # chat-completions style in-band error (no `type`)
+    return HANDLERS.get(event["type"])
 
 
 HANDLERS: dict[str, Handler] = {
@@ -3151,7 +3427,7 @@ def reduce_events(state: StreamState, events: Iterable[SSEEvent]) -> list[Intent
             break
         try:
             event = _loads(data)
-            handler = HANDLERS.get(event["type"])
+            handler = _handler_for(event)
         except (ValueError, KeyError, TypeError):
             state.bad_events += 1
             LOG.warning("Ignoring an unreadable stream event: %.200r", data)
@@ -3842,12 +4118,29 @@ class ToolBreakers:
                 for (user, tool), s in sorted(self._states.items())}
 
 
-class ToolRunner:
-    """Runs one round of function calls. Lives on the shared Pipe (global limit, breakers)."""
+TOOL_THREADS = 32  # threads of the pipe's own executor for sync tools
 
-    def __init__(self, clock: Callable[[], float]) -> None:
+
+class ToolRunner:
+    """Runs one round of function calls. Lives on the shared Pipe (global limit, breakers).
+
+    Sync tools run on the pipe's own bounded thread pool, never on the event loop's default
+    executor: a call that times out keeps its thread until the tool returns (threads can't
+    be killed), and must not delay every other `to_thread` user of Open WebUI. When all
+    threads are held by such calls, sync tools fail at once with a specific message."""
+
+    def __init__(self, clock: Callable[[], float], *, threads: int = TOOL_THREADS) -> None:
+        import concurrent.futures
+
         self.limiter = ConcurrencyLimiter()
         self.breakers = ToolBreakers(clock)
+        self.threads = threads
+        self.stuck = 0  # threads still running a call that already timed out
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix="orp-tool")
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def run_round(self, calls: Iterable[FunctionCall], tools: ToolSet,
                         settings: ToolSettings, user_id: str) -> list[ToolOutcome]:
@@ -3890,8 +4183,8 @@ class ToolRunner:
         self.breakers.record(key, True, settings.breaker_threshold, settings.breaker_window)
         return ToolOutcome(call, name, truncate(text, settings.result_max_chars), ok=True)
 
-    @staticmethod
-    async def _invoke(fn: Callable[..., Any], args: dict[str, Any], seconds: float) -> str:
+    async def _invoke(self, fn: Callable[..., Any], args: dict[str, Any], seconds: float
+                      ) -> str:
         """Call once (never retried: tools may have side effects) under the timeout."""
         deadline = asyncio.timeout(seconds)
         try:
@@ -3899,7 +4192,7 @@ class ToolRunner:
                 if _is_async_callable(fn):
                     value = await fn(**args)
                 else:
-                    value = await asyncio.to_thread(fn, **args)
+                    value = await self._in_thread(fn, args)
                 while asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
                     value = await value
         except asyncio.CancelledError:
@@ -3911,6 +4204,31 @@ class ToolRunner:
                                        "effect.") from None
             raise ToolError(f"{type(exc).__name__}: {_exc_text(exc)}"[:2000]) from exc
         return result_text(value)
+
+    async def _in_thread(self, fn: Callable[..., Any], args: dict[str, Any]) -> Any:
+        """A sync tool on the pipe's own pool (with the caller's context variables)."""
+        if self.stuck >= self.threads:
+            raise ToolError(f"Every one of the pipe's {self.threads} tool threads is still "
+                            "busy with an earlier call that timed out.",
+                            hint="An admin should check the slow tool; retry later.")
+        ctx = contextvars.copy_context()
+        future = self.executor.submit(ctx.run, lambda: fn(**args))
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:  # timed out or cancelled: the thread runs on
+            if not future.cancel():
+                self.stuck += 1
+                loop = asyncio.get_running_loop()
+                future.add_done_callback(lambda _: self._unstuck(loop))
+            raise
+
+    def _unstuck(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the tool's thread when a timed-out call finally returns: count it on the loop."""
+        with contextlib.suppress(RuntimeError):  # the loop is already closed
+            loop.call_soon_threadsafe(self._one_less_stuck)
+
+    def _one_less_stuck(self) -> None:
+        self.stuck -= 1
 
 
 # -- tool cards in replayed history ------------------------------------------------------
@@ -4099,7 +4417,15 @@ def storable(item: Mapping[str, Any], reasoning_retention: str) -> bool:
 
 def artifact_scope(req: ChatRequest) -> str:
     """What stored rows are filed under: the chat, else the user (API calls without a chat)."""
-    return req.chat_id or f"user:{req.user_id}"
+    return column_safe(req.chat_id or f"user:{req.user_id}")
+
+
+def column_safe(value: str, limit: int = 128) -> str:
+    """An id as the artifact table can hold it (VARCHAR(128), no NUL): longer ids (Open
+    WebUI's `local:` temporary chats, any id an API client sends) become a stable digest."""
+    if len(value) <= limit and "\x00" not in value:
+        return value
+    return "h:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def passthrough_ids(req: ChatRequest) -> list[str]:
@@ -4635,7 +4961,10 @@ class ArtifactDB:
         try:
             return await self.runner.run(fn)
         except (sa_exc.SQLAlchemyError, OSError) as exc:
-            raise ArtifactStoreError(f"database: {type(exc).__name__}: {exc}"[:300]) from exc
+            text = f"database: {type(exc).__name__}: {exc}"[:300]
+            if _rejects_the_rows(exc):
+                raise ArtifactRowRejected(text) from exc
+            raise ArtifactStoreError(text) from exc
 
     async def ensure_schema(self) -> None:
         """Create the table once; safe when several workers race to create it."""
@@ -4712,6 +5041,17 @@ class ArtifactDB:
         return int(result or 0)
 
 
+def _rejects_the_rows(exc: BaseException) -> bool:
+    """A database error caused by the values sent (too long, a NUL byte, a constraint), as
+    opposed to the database being unreachable: DataError/IntegrityError, or a driver that
+    refused a value before sending it (a StatementError that is no DBAPIError)."""
+    import sqlalchemy.exc as sa_exc
+
+    if isinstance(exc, sa_exc.DataError | sa_exc.IntegrityError):
+        return True
+    return isinstance(exc, sa_exc.StatementError) and not isinstance(exc, sa_exc.DBAPIError)
+
+
 # -- I/O: Redis write-behind ------------------------------------------------------------------
 
 _RELEASE_LOCK = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
@@ -4720,6 +5060,24 @@ _RELEASE_LOCK = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
 # another worker may have flushed (and trimmed) the same rows already.
 _TRIM_IF_OWNER = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
                   "redis.call('ltrim', KEYS[2], tonumber(ARGV[2]), -1) return 1 else return 0 end")
+# Queue rows only while the queue has room for all of them: KEYS = pending list, queued-row
+# hash, then one cache key per row; ARGV = bound, cache ttl, then id/packed pairs. 0 = full.
+_ENQUEUE_BOUNDED = (
+    "local n = (#ARGV - 2) / 2 "
+    "if redis.call('llen', KEYS[1]) + n > tonumber(ARGV[1]) then return 0 end "
+    "local ttl = tonumber(ARGV[2]) "
+    "for i = 1, n do local id, row = ARGV[1 + 2 * i], ARGV[2 + 2 * i] "
+    "redis.call('rpush', KEYS[1], row) redis.call('hset', KEYS[2], id, row) "
+    "if ttl > 0 then redis.call('set', KEYS[2 + i], row, 'EX', ttl) end end return 1")
+# After a flush, while holding the lock (KEYS[1]): trim the handled head of the queue
+# (KEYS[2], ARGV[2] entries), drop their ids from the queued-row hash (KEYS[3]) and move the
+# rows the database refused to quarantine (KEYS[4]). ARGV: token, count, #ids, ids…, refused…
+_SETTLE_IF_OWNER = (
+    "if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end "
+    "local n = tonumber(ARGV[3]) "
+    "for i = 4, 3 + n do redis.call('hdel', KEYS[3], ARGV[i]) end "
+    "for i = 4 + n, #ARGV do redis.call('rpush', KEYS[4], ARGV[i]) end "
+    "redis.call('ltrim', KEYS[2], tonumber(ARGV[2]), -1) return 1")
 # Move unreadable entries from the queue (KEYS[2]) to quarantine (KEYS[3]) while holding the
 # lock, so the rows behind them can flush; nothing is deleted without a copy.
 _QUARANTINE_IF_OWNER = ("if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end "
@@ -4727,33 +5085,64 @@ _QUARANTINE_IF_OWNER = ("if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 
                         "redis.call('lrem', KEYS[2], 1, ARGV[i]) end return 1")
 
 
+@dataclass(frozen=True, slots=True)
+class FaultSettings:
+    """The Redis write-behind's resilience settings (issue #11): queue bound, breaker pause."""
+
+    redis_queue_max_rows: int = DEFAULT_QUEUE_MAX_ROWS
+    redis_skip_seconds: float = 30.0
+
+
+def fault_settings(valves: Valves) -> FaultSettings:
+    return FaultSettings(valves.REDIS_QUEUE_MAX_ROWS, valves.REDIS_SKIP_SECONDS)
+
+
+@dataclass(slots=True)
+class FlushResult:
+    """What one flush did with the head of the queue, in queue order."""
+
+    written: list[ArtifactRow] = field(default_factory=list)
+    refused: list[tuple[ArtifactRow, str]] = field(default_factory=list)
+    db_down: str | None = None  # the database failed: the rest stays queued
+
+    @property
+    def handled(self) -> int:
+        return len(self.written) + len(self.refused)
+
+
 class WriteBehind:
     """Rows (already encoded, so encrypted ones stay encrypted) queued in a Redis list and
     flushed to the database in batches by whichever worker holds the flush lock.
 
     A flush reads a batch with LRANGE, writes it, and only then trims it off the list, so a
-    failed database write leaves the rows queued. Rows are cached by id for `ttl` seconds.
+    failed database write leaves the rows queued. A batch the database refuses is retried
+    row by row: the rows it refuses on their own (a value too long, a NUL byte) move to the
+    quarantine list, the others are written. The queue holds at most `max_rows` rows
+    (`enqueue` says False when full; the caller writes directly). Queued rows are also kept
+    in a hash by id, so reads never scan the list; rows are cached by id for `ttl` seconds.
     """
 
     def __init__(self, redis: Any, namespace: str, *, batch: int = 100,
-                 lock_ms: int = 30_000) -> None:
+                 lock_ms: int = 30_000, max_rows: int = DEFAULT_QUEUE_MAX_ROWS) -> None:
         self.redis = redis
         self.pending_key = f"orp:{namespace}:pending"
+        self.queued_key = f"orp:{namespace}:queued"
         self.lock_key = f"orp:{namespace}:flush-lock"
         self.cache_prefix = f"orp:{namespace}:item:"
         self.quarantine_key = f"orp:{namespace}:quarantine"
         self.batch = batch
         self.lock_ms = lock_ms
+        self.max_rows = max_rows
         self.last_error: str | None = None
 
-    async def enqueue(self, rows: list[ArtifactRow], ttl: int) -> None:
-        """Queue `rows` durably (one MULTI/EXEC); raises whatever Redis raises."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(self.pending_key, *[r.pack() for r in rows])
-            if ttl:
-                for row in rows:
-                    pipe.set(self.cache_prefix + row.id, row.pack(), ex=ttl)
-            await pipe.execute()
+    async def enqueue(self, rows: list[ArtifactRow], ttl: int) -> bool:
+        """Queue `rows` durably and atomically; False (nothing queued) when the queue has no
+        room for them; raises whatever Redis raises."""
+        keys = [self.pending_key, self.queued_key, *(self.cache_prefix + r.id for r in rows)]
+        args: list[Any] = [self.max_rows, ttl]
+        for row in rows:
+            args += [row.id, row.pack()]
+        return bool(await self.redis.eval(_ENQUEUE_BOUNDED, len(keys), *keys, *args))
 
     async def cached(self, ids: list[str]) -> dict[str, ArtifactRow]:
         if not ids:
@@ -4768,9 +5157,12 @@ class WriteBehind:
                     pipe.set(self.cache_prefix + row.id, row.pack(), ex=ttl)
                 await pipe.execute()
 
-    async def pending(self, ids: set[str] | None = None) -> list[ArtifactRow]:
-        rows = readable_rows(await self.redis.lrange(self.pending_key, 0, -1))
-        return [r for r in rows if ids is None or r.id in ids]
+    async def queued(self, ids: Iterable[str]) -> list[ArtifactRow]:
+        """Rows among `ids` still waiting in the queue (one HMGET, never a list scan)."""
+        wanted = list(ids)
+        if not wanted:
+            return []
+        return readable_rows(v for v in await self.redis.hmget(self.queued_key, wanted) if v)
 
     async def depth(self) -> int:
         return int(await self.redis.llen(self.pending_key))
@@ -4789,21 +5181,35 @@ class WriteBehind:
             rows, bad = _split_readable(raw)  # bad ones go aside; the good ones then lead
             if (bad and not await self._quarantine(bad, token)) or not rows:
                 return 0
-            try:
-                await db.insert(rows)
-            except ArtifactStoreError as exc:  # the DB said no: keep every row queued
-                self.last_error = f"{type(exc).__name__}: {exc}"[:300]
-                LOG.warning("Artifact flush failed; %d rows stay queued: %s", len(rows),
-                            self.last_error)
-                return 0
-            if not await self.redis.eval(_TRIM_IF_OWNER, 2, self.lock_key, self.pending_key,
-                                         token, len(rows)):
+            result = await write_rows(db, rows)
+            if result.db_down is not None:
+                self.last_error = result.db_down
+                LOG.warning("Artifact flush failed; %d rows stay queued: %s",
+                            len(rows) - result.handled, self.last_error)
+            if result.handled and not await self._settle(result, token):
                 LOG.warning("Artifact flush lock expired during a slow write; not trimming")
                 return 0
-            self.last_error = None
-            return len(rows)
+            if result.db_down is None:
+                self.last_error = None
+            self._report_refused(result)
+            return len(result.written)
         finally:
             await self.redis.eval(_RELEASE_LOCK, 1, self.lock_key, token)
+
+    async def _settle(self, result: FlushResult, token: str) -> bool:
+        ids = [r.id for r in result.written] + [r.id for r, _ in result.refused]
+        return bool(await self.redis.eval(
+            _SETTLE_IF_OWNER, 4, self.lock_key, self.pending_key, self.queued_key,
+            self.quarantine_key, token, result.handled, len(ids), *ids,
+            *(r.pack() for r, _ in result.refused)))
+
+    def _report_refused(self, result: FlushResult) -> None:
+        for row, reason in result.refused:
+            LOG.error("The database refused artifact row %s (chat %.40r, %d bytes): %s; moved "
+                      "to %s, the rest of the batch was written", row.id, row.chat_id,
+                      len(row.payload), reason, self.quarantine_key)
+        if result.refused:
+            self.last_error = f"{len(result.refused)} row(s) refused: {result.refused[-1][1]}"
 
     async def _quarantine(self, bad: list[bytes], token: str) -> bool:
         """Move unreadable queue entries aside (never dropped); False if the lock was lost."""
@@ -4817,6 +5223,30 @@ class WriteBehind:
 
     async def quarantined(self) -> int:
         return int(await self.redis.llen(self.quarantine_key))
+
+
+async def write_rows(db: ArtifactDB, rows: list[ArtifactRow]) -> FlushResult:
+    """Write a batch; when the database refuses it, row by row, so one bad row is set aside
+    alone. Stops (the rest stays queued) as soon as the database itself fails."""
+    try:
+        await db.insert(rows)
+        return FlushResult(written=list(rows))
+    except ArtifactRowRejected:
+        pass
+    except ArtifactStoreError as exc:
+        return FlushResult(db_down=f"{type(exc).__name__}: {exc}"[:300])
+    result = FlushResult()
+    for row in rows:
+        try:
+            await db.insert([row])
+        except ArtifactRowRejected as exc:
+            result.refused.append((row, (str(exc).splitlines() or [""])[0][:300]))
+        except ArtifactStoreError as exc:
+            result.db_down = f"{type(exc).__name__}: {exc}"[:300]
+            break
+        else:
+            result.written.append(row)
+    return result
 
 
 def _split_readable(raw: Iterable[bytes]) -> tuple[list[ArtifactRow], list[bytes]]:
@@ -4874,33 +5304,71 @@ class ArtifactStore:
 
     Never raises to a chat except `ArtifactStoreError` from `save` when nothing could be
     stored; loading skips what it can't read, with a log line.
+
+    Redis breaker: after any Redis failure (a hung or stopped server costs one socket
+    timeout), Redis is skipped for `redis_skip_seconds`: rows are written to the database
+    directly and read from it, so turns keep their normal latency and nothing is lost. The
+    first call after the pause tries Redis again. The health report says when Redis is
+    skipped and why.
     """
 
     def __init__(self, db: ArtifactDB, redis: WriteBehind | None = None, *,
-                 clock: Callable[[], float] = time.time, auto_flush: bool = True) -> None:
+                 clock: Callable[[], float] = time.time, auto_flush: bool = True,
+                 monotonic: Callable[[], float] = time.monotonic,
+                 redis_skip_seconds: float = 30.0) -> None:
         self.db = db
         self.redis = redis
         self.clock = clock
+        self.monotonic = monotonic
         self.auto_flush = auto_flush  # off in tests that flush step by step
+        self.redis_skip_seconds = redis_skip_seconds
         self.redis_error: str | None = None
+        self.redis_skipped_until: float | None = None
+        self.redis_skips = 0        # operations that went around Redis while it was skipped
+        self.direct_at_bound = 0    # saves written directly because the queue was full
         self.last_cleanup: float | None = None
         self.next_cleanup: float | None = None
         self._flusher: asyncio.Task[int] | None = None
         self._background: set[asyncio.Task[Any]] = set()
 
+    def _usable_redis(self) -> WriteBehind | None:
+        """The write-behind, unless absent or skipped after a recent failure."""
+        if self.redis is None:
+            return None
+        until = self.redis_skipped_until
+        if until is not None and self.monotonic() < until:
+            self.redis_skips += 1
+            return None
+        return self.redis
+
+    def _redis_failed(self, exc: BaseException, doing: str) -> None:
+        self.redis_error = f"{type(exc).__name__}: {exc}"[:300]
+        self.redis_skipped_until = self.monotonic() + self.redis_skip_seconds
+        LOG.warning("Redis failed to %s (%s); skipping Redis for %.0fs (database direct)",
+                    doing, self.redis_error, self.redis_skip_seconds)
+
+    def _redis_worked(self) -> None:
+        self.redis_skipped_until = None
+
     async def save(self, rows: list[ArtifactRow], ttl: int) -> list[str]:
         """Ids of the rows now durably queued in Redis or written to the database."""
         if not rows:
             return []
-        if self.redis is not None:
+        redis = self._usable_redis()
+        if redis is not None:
             try:
-                await self.redis.enqueue(rows, ttl)
-                self.redis_error = None
-                self.kick()
-                return [r.id for r in rows]
+                queued = await redis.enqueue(rows, ttl)
             except redis_errors() as exc:
-                self.redis_error = f"{type(exc).__name__}: {exc}"[:300]
-                LOG.warning("Redis unavailable (%s); writing artifacts directly", self.redis_error)
+                self._redis_failed(exc, "queue rows")
+            else:
+                self._redis_worked()
+                if queued:
+                    self.kick()
+                    return [r.id for r in rows]
+                self.direct_at_bound += 1
+                LOG.warning("The Redis queue is full (%d rows); writing %d rows directly to "
+                            "the database", redis.max_rows, len(rows))
+                self.kick()
         await self.db.insert(rows)
         return [r.id for r in rows]
 
@@ -4908,7 +5376,7 @@ class ArtifactStore:
         """Rows for `ids` in this chat: Redis cache, then the database, then the queue."""
         found: dict[str, ArtifactRow] = {}
         if self.redis is not None:
-            found.update(await self._redis_try(self.redis.cached(ids)) or {})
+            found.update(await self._redis_try(lambda r: r.cached(ids), "read") or {})
             found = {k: v for k, v in found.items() if v.chat_id == chat_id}
         missing = [i for i in ids if i not in found]
         if missing:
@@ -4921,25 +5389,30 @@ class ArtifactStore:
                 fetched = {}
             found.update(fetched)
             if self.redis is not None and fetched:
-                await self._redis_try(self.redis.cache(fetched.values(), ttl))
-        missing_set = {i for i in ids if i not in found}
-        if missing_set and self.redis is not None:
-            queued = await self._redis_try(self.redis.pending(missing_set)) or []
+                await self._redis_try(lambda r: r.cache(fetched.values(), ttl), "cache")
+        still = [i for i in ids if i not in found]
+        if still and self.redis is not None:
+            queued = await self._redis_try(lambda r: r.queued(still), "read the queue") or []
             found.update({r.id: r for r in queued if r.chat_id == chat_id})
         return found
 
     async def delete(self, ids: list[str]) -> None:
         await self.db.delete(ids)
         if self.redis is not None:
-            await self._redis_try(self.redis.forget(ids))
+            await self._redis_try(lambda r: r.forget(ids), "forget")
 
-    async def _redis_try(self, op: Awaitable[Any]) -> Any:
-        try:
-            return await op
-        except redis_errors() as exc:
-            self.redis_error = f"{type(exc).__name__}: {exc}"[:300]
-            LOG.warning("Redis unavailable for an artifact read: %s", self.redis_error)
+    async def _redis_try(self, op: Callable[[WriteBehind], Awaitable[Any]], doing: str) -> Any:
+        """`op(write-behind)`, or None when Redis is skipped or fails (which starts a skip)."""
+        redis = self._usable_redis()
+        if redis is None:
             return None
+        try:
+            result = await op(redis)
+        except redis_errors() as exc:
+            self._redis_failed(exc, doing)
+            return None
+        self._redis_worked()
+        return result
 
     def kick(self) -> None:
         """Start a background flush of the Redis queue unless one is running."""
@@ -4952,15 +5425,16 @@ class ArtifactStore:
     async def drain(self, *, max_wait: float = 30.0,
                     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> int:
         """Flush until the queue is empty; backs off (up to `max_wait` s) while the DB fails."""
-        if self.redis is None:
-            return 0
         written, delay = 0, 0.5
         while True:
+            redis = self._usable_redis()
+            if redis is None:
+                return written
             try:
-                count = await self.redis.flush(self.db)
-                depth = await self.redis.depth()
+                count = await redis.flush(self.db)
+                depth = await redis.depth()
             except redis_errors() as exc:
-                self.redis_error = f"{type(exc).__name__}: {exc}"[:300]
+                self._redis_failed(exc, "flush")
                 return written
             written += count
             if not depth:
@@ -5000,18 +5474,31 @@ class ArtifactStore:
                                  "last_cleanup": self.last_cleanup}
         if self.redis is None:
             return store, "not used (single worker or REDIS_WRITE_BEHIND off)"
-        depth = await self._redis_try(self.redis.depth())
-        quarantined = await self._redis_try(self.redis.quarantined())
+        depth = await self._redis_try(lambda r: r.depth(), "report its depth")
+        quarantined = await self._redis_try(lambda r: r.quarantined(), "report quarantine")
         store["backend"] = "database behind Redis write-behind"
         return store, {"pending_rows": depth, "last_flush_error": self.redis.last_error,
-                       "last_error": self.redis_error, "quarantined_rows": quarantined}
+                       "last_error": self.redis_error, "quarantined_rows": quarantined,
+                       "state": self._redis_state(), "queue_max_rows": self.redis.max_rows,
+                       "direct_writes_queue_full": self.direct_at_bound,
+                       "skipped_operations": self.redis_skips}
+
+    def _redis_state(self) -> str:
+        until = self.redis_skipped_until
+        left = None if until is None else until - self.monotonic()
+        if left is None or left <= 0:
+            return "in use"
+        return (f"skipped for {left:.0f}s more after a failure ({self.redis_error}); "
+                "rows go to the database directly")
 
     async def close(self) -> None:
-        for task in [self._flusher, *self._background]:
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        """Cancel background work and wait for it; a cancellation of close() itself still
+        propagates (asyncio.wait never raises the awaited tasks' CancelledError)."""
+        tasks = [t for t in (self._flusher, *self._background) if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
 
 
 # ─────────────────────────────────────────────────────────────────────────────
@@ -5092,7 +5579,9 @@ class ChunkRenderer:
 
 def usage_payload(usage: Usage | None, timing: StreamTiming | None = None) -> dict[str, Any]:
     """Usage in the OpenAI chat shape Open WebUI stores (plus cost and timings)."""
-    usage = usage or Usage()
+    if usage is None:  # OpenRouter reported none: no made-up zeros, only the timings
+        return {"usage_unavailable": True,
+                **({"response_time_s": round(timing.elapsed, 3)} if timing else {})}
     payload: dict[str, Any] = {
         "prompt_tokens": usage.input_tokens, "completion_tokens": usage.output_tokens,
         "total_tokens": usage.total_tokens,
@@ -5147,6 +5636,8 @@ def final_status_line(usage: Usage | None, timing: StreamTiming) -> str:
         tps = timing.tokens_per_second(usage)
         if tps is not None:
             parts.append(f"{tps:.1f} tok/s")
+    else:  # the stream ended without a usage report: never "0 tokens"
+        parts.append("usage unavailable")
     return " · ".join(parts)
 
 
@@ -5191,10 +5682,27 @@ def _describe_status(exc: UpstreamStatusError) -> str:
     return "\n".join(lines)
 
 
-def error_chunk(exc: PipeError, reference: str = "") -> dict[str, Any]:
-    """A chunk Open WebUI (0.6.28 → 0.12) shows as an error box."""
+def has_socket_session(metadata: Mapping[str, Any]) -> bool:
+    """Whether a browser tab follows this turn over Open WebUI's socket (where toasts and
+    status lines show). Open WebUI (0.6.28 and 0.12) runs a chat as a socket task only when
+    `session_id`, `chat_id` and `message_id` are all set; a plain API client sends no
+    `session_id` (its value is None) and reads only the returned answer."""
+    return all(metadata.get(k) for k in ("session_id", "chat_id", "message_id"))
+
+
+def untold_notes(metadata: Mapping[str, Any], notes: Iterable[str]) -> str:
+    """Notes about what was left out, as a block at the end of the answer, for requests
+    without a socket session (their toasts reach no one); "" otherwise."""
+    notes = list(notes)
+    if not notes or has_socket_session(metadata):
+        return ""
+    return "\n\n---\n" + "\n".join(f"ℹ️ {note}" for note in notes)
+
+
+def error_chunk(exc: PipeError, reference: str = "", tail: str = "") -> dict[str, Any]:
+    """A chunk Open WebUI (0.6.28 → 0.12) shows as an error box (`tail`: untold notes)."""
     suffix = f"\n(reference {reference})" if reference else ""
-    return {"error": {"message": describe_error(exc) + suffix}}
+    return {"error": {"message": describe_error(exc) + suffix + tail}}
 
 
 def interruption_notice(exc: PipeError, reference: str = "") -> str:
@@ -5377,6 +5885,10 @@ class Emitter:
 
 class AdmissionGate:
     """Global concurrency limit with a bounded FIFO wait queue, plus a per-user limit.
+
+    Counts are per worker process (the valves say so): a Redis-wide count would add a Redis
+    round trip to every turn and leases that must expire when a worker dies mid-answer, and
+    with Redis down it would have to fall back to this count anyway.
 
     Beyond the per-user limit, a full queue, or the wait timeout, the caller gets
     AdmissionRejected at once instead of waiting without end. Lives on the shared Pipe.
@@ -5778,7 +6290,8 @@ def health_snapshot(tel: Telemetry, gate: AdmissionGate, catalog: CatalogRegistr
     return {
         "uptime_s": round(now - tel.started, 1),
         "requests": {"total": tel.requests, "in_flight": gate.active, "waiting": gate.queued,
-                     "rejected_busy": gate.rejected, "failed_by_kind": dict(tel.failures)},
+                     "rejected_busy": gate.rejected, "failed_by_kind": dict(tel.failures),
+                     "scope": f"this worker (pid {os.getpid()})"},
         "upstream": {"responses_by_status": dict(tel.upstream_status),
                      "latency_ms_p50": ms(percentile(tel.upstream_latency, 50)),
                      "latency_ms_p95": ms(percentile(tel.upstream_latency, 95)),
@@ -5807,7 +6320,8 @@ def health_markdown(data: Mapping[str, Any]) -> str:
     req, up, cat = data["requests"], data["upstream"], data["catalog"]
     lines = [
         "### OpenRouter pipe health",
-        f"- Requests: {req['in_flight']} in flight, {req['waiting']} waiting, "
+        f"- Requests ({req.get('scope', 'this worker')}): {req['in_flight']} in flight, "
+        f"{req['waiting']} waiting, "
         f"{req['total']} served since start ({data['uptime_s']:.0f}s ago), "
         f"{req['rejected_busy']} turned away as busy",
         f"- Upstream latency p50/p95: {up['latency_ms_p50']} / {up['latency_ms_p95']} ms; "
@@ -5994,10 +6508,19 @@ class Turn:
 
 @dataclass(slots=True)
 class TurnRun:
-    """What the tool loop hands back to `_stream`: the last round's state, summed usage."""
+    """What the tool loop hands back to `_stream`: the last round's state, and the summed
+    usage of every round OpenRouter reported usage for (None: no round did). It stays
+    right when a later round fails, so billed rounds are reported (and can be charged)."""
 
     state: StreamState = field(default_factory=StreamState)
-    usage: Usage = field(default_factory=Usage)
+    usage: Usage | None = None
+    notes: tuple[str, ...] = ()  # what was left out of the request (toasts)
+
+    def add_usage(self, usage: Usage | None) -> None:
+        if usage is not None:
+            if self.usage is None:
+                self.usage = Usage()
+            self.usage.add(usage)
 
 
 def round_items(items: Iterable[Mapping[str, Any]], outcomes: Iterable[ToolOutcome]
@@ -6159,8 +6682,7 @@ class Pipe:
                 plan = await self._plan(turn)                                # 3 catalog, 6
                 for note in plan.notes:
                     await turn.emitter.notify(note)
-                resp = await self._client.open_response(plan.payload, turn.settings)  # 7 send
-                data = _loads(await read_body(resp))
+                data = await self._client.complete(plan.payload, turn.settings)  # 7 send
             await self._after_turn(turn, plan)                  # 11 cleanup (tasks store nothing)
             return _final_text(data)
         except Exception as exc:  # the boundary: Open WebUI shows str() of what we raise
@@ -6179,10 +6701,13 @@ class Pipe:
             self._telemetry.requests += 1
             async with self._gate.admit(turn.req.user_id, turn.settings.admission):  # 1 admit
                 plan = await self._plan(turn)                           # 3 catalog, 6, tools
+                run.notes = plan.notes
                 for note in plan.notes:
                     await turn.emitter.notify(note)
                 async for chunk in self._rounds(turn, plan, run, renderer, timing):  # 7-12
                     yield chunk
+            if untold := untold_notes(turn.context.metadata, run.notes):
+                yield renderer.text_chunk(untold)
             run.state.usage = run.usage
             for chunk in self._finish(run.state, renderer, timing):
                 yield chunk
@@ -6190,10 +6715,24 @@ class Pipe:
             await self._announce(turn, run.state, timing)
         except Exception as exc:  # the boundary: every failure becomes words for the user
             failure = await self._report_failure(turn, exc)
-            yield (renderer.text_chunk(interruption_notice(failure, turn.reference))
-                   if renderer.emitted_text else error_chunk(failure, turn.reference))
+            if run.usage is not None:  # rounds that completed were billed: say so
+                for chunk in await self._spent_before_failure(turn, run, timing):
+                    yield chunk
+            untold = untold_notes(turn.context.metadata, run.notes)
+            yield (renderer.text_chunk(interruption_notice(failure, turn.reference) + untold)
+                   if renderer.emitted_text else error_chunk(failure, turn.reference, untold))
         finally:
             _reset_context(CURRENT_LOG, token)
+
+    async def _spent_before_failure(self, turn: Turn, run: TurnRun, timing: StreamTiming
+                                    ) -> list[dict[str, Any]]:
+        """A failed turn's usage so far: the usage chunk Open WebUI stores, and the line."""
+        timing.ended_at = self._clock()
+        line = final_status_line(run.usage, timing)
+        LOG.info("Failed after spending: %s", line)
+        if turn.settings.show_final_status:
+            await turn.emitter.status(f"Failed · {line}", done=True)
+        return [{"choices": [], "usage": usage_payload(run.usage, timing)}]
 
     async def _plan(self, turn: Turn) -> Transformed:
         entry = await self._resolve_entry(turn.req, turn.settings)
@@ -6229,10 +6768,11 @@ class Pipe:
         payload, ts, book, rounds = plan.payload, turn.settings.tools, CitationBook(), 0
         while True:
             run.state = state = StreamState()
-            async for chunk in self._send_round(turn, payload, state, renderer, timing):  # a
-                yield chunk
-            if state.usage is not None:
-                run.usage.add(state.usage)
+            try:
+                async for chunk in self._send_round(turn, payload, state, renderer, timing):  # a
+                    yield chunk
+            finally:  # a failed round may still report (billed) usage
+                run.add_usage(state.usage)
             items = output_items(state)
             cited = await self._cite(turn, items, book)                                 # b
             if cited:
@@ -6404,6 +6944,7 @@ class Pipe:
     async def close(self) -> None:
         """Release pooled connections (Open WebUI never calls this; tests and tools do)."""
         await self._client.aclose()
+        self._tools.close()
         for store in self._stores.values():
             await store.close()
 
@@ -6423,7 +6964,7 @@ class Pipe:
         if store is None:
             return ""
         codec, now = ArtifactCodec.of(settings), self._wall_clock()
-        message_id = str(turn.context.metadata.get("message_id") or "")
+        message_id = column_safe(str(turn.context.metadata.get("message_id") or ""))
         rows = [ArtifactRow(new_artifact_id(), artifact_scope(turn.req), message_id, seq,
                             str(it.get("type")), codec.encode(it), now)
                 for seq, it in enumerate(keep)]
@@ -6450,7 +6991,7 @@ class Pipe:
             return
         scope, item = artifact_scope(turn.req), passthrough_row_item(reasoning, call_ids[0])
         row = ArtifactRow(passthrough_id(scope, call_ids[0]), scope,
-                          str(turn.context.metadata.get("message_id") or ""), 0,
+                          column_safe(str(turn.context.metadata.get("message_id") or "")), 0,
                           PASSTHROUGH_ITEM, ArtifactCodec.of(settings).encode(item),
                           self._wall_clock())
         try:
@@ -6512,7 +7053,12 @@ class Pipe:
                                              else owui_env()) if key[1] else None
             redis = WriteBehind(self._redis_factory(url), key[0]) if url else None
             store = self._stores[key] = ArtifactStore(ArtifactDB(runner, key[0], schema),
-                                                      redis, clock=self._wall_clock)
+                                                      redis, clock=self._wall_clock,
+                                                      monotonic=self._clock)
+        faults = turn.settings.faults  # the shared store follows the current valves
+        store.redis_skip_seconds = faults.redis_skip_seconds
+        if store.redis is not None:
+            store.redis.max_rows = faults.redis_queue_max_rows
         return store
 
     async def _storage_health(self) -> tuple[Any, Any]:

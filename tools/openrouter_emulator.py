@@ -313,6 +313,7 @@ class Plan:
     tail_delay_ms: int = 0
     auto_reasoning: bool = True  # reasoning-capable models think first
     annotation_events: bool = False
+    raw_reply: tuple[int, str, bytes] | None = None  # (status, content type, body): wrong_body
 
 
 QUIRK_FLAGS = ("comments", "crlf", "split", "late_reasoning_close", "no_completed", "no_done",
@@ -555,8 +556,8 @@ def sc_failed_200(emu: Emulator, ctx: Ctx, o: Opts) -> Plan:
 def sc_error_event(emu: Emulator, ctx: Ctx, o: Opts) -> Plan:
     plan = _partial(o, "error_event", "Provider disconnected unexpectedly", "provider_unavailable")
     plan.error_form, plan.done = o.get_str("form", "flat"), o.flag("done")
-    if plan.error_form not in ("flat", "nested"):
-        raise ScenarioError("error_event form must be flat|nested")
+    if plan.error_form not in ("flat", "nested", "chat"):
+        raise ScenarioError("error_event form must be flat|nested|chat")
     return plan
 
 
@@ -570,6 +571,38 @@ def sc_truncate(emu: Emulator, ctx: Ctx, o: Opts) -> Plan:
 @scenario("hang")
 def sc_hang(emu: Emulator, ctx: Ctx, o: Opts) -> Plan:
     return Plan(ending="hang", auto_reasoning=False)
+
+
+# -- answers in shapes a client must still report (issue #11, hard-fault) ------------------
+
+PROXY_PAGE = (b"<!DOCTYPE html>\n<html><head><title>502 Bad Gateway</title></head>\n<body>"
+              b"<h1>Bad Gateway</h1><p>The corporate proxy could not reach openrouter.ai.</p>"
+              b"</body></html>\n")
+WRONG_BODIES: dict[str, tuple[str, bytes]] = {
+    "html": ("text/html; charset=utf-8", PROXY_PAGE),
+    "json": ("application/json", json.dumps({"error": {
+        "code": 502, "message": "Provider returned error",
+        "metadata": {"raw": "upstream model overloaded", "provider_name": "Emulated"}},
+        "user_id": USER_ID}).encode()),
+    "text": ("text/plain", b"upstream connect error or disconnect/reset before headers"),
+}
+
+
+@scenario("wrong_body", "kind")
+def sc_wrong_body(emu: Emulator, ctx: Ctx, o: Opts) -> Plan:
+    """HTTP 200 whose body is no event stream: ``kind=html`` (a proxy's page), ``json`` (a
+    non-streamed error object) or ``text``."""
+    kind = o.get_str("kind", "html")
+    if kind not in WRONG_BODIES:
+        raise ScenarioError(f"wrong_body kind must be {'|'.join(WRONG_BODIES)}")
+    ctype, data = WRONG_BODIES[kind]
+    return Plan(auto_reasoning=False, raw_reply=(200, ctype, data))
+
+
+def chat_style_error(err: dict) -> dict:
+    """``data: {"error": {...}}`` as chat completions send it mid-stream (no ``type``)."""
+    return {"error": {**err, "metadata": {"raw": "provider connection reset",
+                                          "provider_name": "Emulated"}}}
 
 
 def build_plan(emu: Emulator, ctx: Ctx, name: str, opts: dict) -> tuple[Plan, Quirks]:
@@ -790,6 +823,8 @@ def ending_events(plan: Plan, final: dict) -> list[dict]:
         err = {"code": final["error"]["code"], "message": final["error"]["message"]}
         if plan.error_form == "nested":  # docs-prose form; not in the SDK schema
             return [_ev("error", error=err)]
+        if plan.error_form == "chat":  # chat-completions in-band error: no `type` at all
+            return [chat_style_error(err)]
         return [_ev("error", **err, param=None)]
     return []  # truncate: EOF without a terminal event
 
@@ -1172,6 +1207,9 @@ class Emulator:
             return _json_response(400, _err(400, f"[emulator] {exc}"))
         if e := plan.http_error:
             return _json_response(e.status, e.body, e.headers)
+        if plan.raw_reply is not None:  # wrong_body (issue #11)
+            status, ctype, data = plan.raw_reply
+            return web.Response(status=status, body=data, headers={"Content-Type": ctype})
         if plan.first_byte_delay_ms:
             await asyncio.sleep(plan.first_byte_delay_ms / 1000)
         if body.get("stream"):

@@ -76,13 +76,37 @@ def test_uploaded_image_and_pdf_reach_the_model_inline_and_stay_on_the_chat(owui
 
 def test_documents_stay_with_open_webuis_retrieval_unless_the_valve_says_otherwise(owui):
     client = owui.client
-    pdf = client.upload_file("notes.pdf", PDF, "application/pdf")
+    pdf = client.upload_file("notes.pdf", NOTES, "application/pdf")
     prompt = "What do my notes say"
+    since = len(owui.emulator.requests)
+    # Open WebUI has the document's text (full context), so retrieval alone carries it.
+    chat = client.chat_ui(owui.model("openai/gpt-4o"), prompt,
+                          files=[extracted_file(client, pdf)])
+    posts = [r["json"] for r in owui.emulator.requests[since:]
+             if r["method"] == "POST" and r["path"].endswith("/responses")
+             and r["json"].get("stream")]
+    assert posts and not [p for p in user_parts(posts[-1]) if p["type"] == "input_file"]
+    assert excerpts(posts[-1])
+    assert not stored_message(chat).get("error")
+
+
+def test_a_document_retrieval_got_nothing_from_goes_natively(owui):
+    """issue #11 item 15: uploaded without processing (or processing failed), the document
+    gives Open WebUI's retrieval nothing; a file-reading model gets it natively instead."""
+    client = owui.client
+    pdf = client.upload_file("unread.pdf", PDF, "application/pdf")  # process=false: no text
+    prompt = "What does the unread file say"
     since = len(owui.emulator.requests)
     chat = client.chat_ui(owui.model("openai/gpt-4o"), prompt, files=[client.chat_file(pdf)])
     posts = turn_posts(owui.emulator, since, prompt)
-    assert posts and not [p for p in user_parts(posts[-1]) if p["type"] == "input_file"]
+    assert posts and [p for p in user_parts(posts[-1]) if p["type"] == "input_file"] == [
+        {"type": "input_file", "filename": "unread.pdf",
+         "file_data": data_url("application/pdf", PDF)}]
     assert not stored_message(chat).get("error")
+    toasts = [ev for ev in chat.get("_events") or []
+              if (ev.get("data") or {}).get("type") == "notification"]
+    assert any("got nothing from 'unread.pdf' (no text could be extracted)" in str(t)
+               for t in toasts), chat.get("_events")
 
 
 def test_a_model_without_vision_gets_the_text_and_the_user_a_note(owui):

@@ -231,6 +231,8 @@ async def test_drain_backs_off_while_the_database_is_down_then_writes_everything
 
 async def test_redis_stopped_mid_run_loses_nothing(wb_store):
     store, _, server, tmp = wb_store
+    now = [0.0]
+    store.monotonic = lambda: now[0]  # the Redis breaker's clock
     before, during, after = rows(3), rows(3), rows(3)
     assert await store.save(before, ttl=30) == [r.id for r in before]    # queued in Redis
     server.pause()                                                         # Redis stops
@@ -241,6 +243,7 @@ async def test_redis_stopped_mid_run_loses_nothing(wb_store):
         assert set(got) == {r.id for r in during}
     finally:
         server.resume()
+    now[0] += store.redis_skip_seconds  # Redis is tried again after the breaker's pause
     assert await store.save(after, ttl=30) == [r.id for r in after]
     await store.drain()
     every = {r.id for r in before + during + after}
@@ -250,12 +253,15 @@ async def test_redis_stopped_mid_run_loses_nothing(wb_store):
 
 async def test_redis_killed_and_restarted_from_its_append_only_file_loses_nothing(wb_store):
     store, _, server, tmp = wb_store
+    now = [0.0]
+    store.monotonic = lambda: now[0]  # the Redis breaker's clock
     queued = rows(4)
     await store.save(queued, ttl=30)
     server.stop()                                   # the process dies with rows queued
     direct = rows(2)
     assert await store.save(direct, ttl=30) == [r.id for r in direct]
     server.start()                                  # same port, same append-only file
+    now[0] += store.redis_skip_seconds
     with contextlib.suppress(Exception):
         await store.redis.redis.ping()
     await store.drain()

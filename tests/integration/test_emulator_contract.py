@@ -305,8 +305,23 @@ async def test_scenario_non_stream(emu, http, spec, model, terminal, done, statu
 
 
 def test_every_registered_scenario_is_covered():
-    covered = {c[0].split()[0] for c in CASES} | {"http_error", "hang"}
+    covered = {c[0].split()[0] for c in CASES} | {"http_error", "hang", "wrong_body"}
     assert set(SCENARIOS) == covered
+
+
+@pytest.mark.parametrize(("kind", "ctype"), [("html", "text/html"),
+                                             ("json", "application/json"),
+                                             ("text", "text/plain")])
+async def test_wrong_body_answers_200_without_a_stream(emu, http, kind, ctype):
+    """issue #11: a proxy page / a non-streamed error object where a stream was asked for."""
+    async with http.post(emu.base_url + "/responses", json=body(GPT4O),
+                         headers={**AUTH, "X-Emulator-Scenario": f"wrong_body kind={kind}"}
+                         ) as resp:
+        assert resp.status == 200 and resp.content_type == ctype
+        data = await resp.read()
+    assert b"data:" not in data
+    if kind == "json":
+        assert json.loads(data)["error"]["message"] == "Provider returned error"
 
 
 async def test_stream_matches_non_stream_final_object(emu, http):

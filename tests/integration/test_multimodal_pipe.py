@@ -135,15 +135,19 @@ def owui(request, tmp_path):
     handle.uninstall()
 
 
-def store_file(handle, user_id: str, name: str, data: bytes, mime: str) -> str:
-    """Put a file into the stub Open WebUI the way an upload leaves it (row + bytes)."""
+def store_file(handle, user_id: str, name: str, data: bytes, mime: str,
+               processed: dict | None = None) -> str:
+    """Put a file into the stub Open WebUI the way an upload leaves it (row + bytes); its
+    `data` is what Open WebUI's processing wrote (default: text extracted, completed)."""
     files = handle.modules["open_webui.models.files"]
     file_id = str(uuid.uuid4())
     path = handle.upload_dir / f"{file_id}_{name}"
     path.write_bytes(data)
     now = int(time.time())
+    processed = {"status": "completed", "content": f"Text of {name}"} if processed is None \
+        else processed
     model = files.FileModel(id=file_id, user_id=user_id, filename=name, path=str(path),
-                            data={}, meta={"name": name, "content_type": mime,
+                            data=processed, meta={"name": name, "content_type": mime,
                                            "size": len(data)}, created_at=now, updated_at=now)
     with handle.db.get_db() as session:
         session.add(files.File(**model.model_dump()))
@@ -533,3 +537,59 @@ async def test_a_long_chat_keeps_its_newest_attachments_within_the_request_cap(
     assert notes(events) == [
         "A file (4.0 KB as sent) was left out: one request carries at most 0.4 KB of "
         "attachments, newest first (MAX_REQUEST_ATTACHMENTS_MB)."]
+
+
+# ------------------------------------------------------------------ issue #11 item 15
+# SEND_FILES_NATIVELY off: a document reaches the model only through Open WebUI's retrieval.
+# When that retrieval got nothing from it, it goes natively, or the user is told in words.
+
+NOTHING_RETRIEVED = [
+    ({"status": "failed", "error": "Unable to parse PDF"}, "processing failed: Unable to "
+     "parse PDF"),
+    ({"status": "completed", "content": "  "}, "no text could be extracted"),
+    ({"status": "pending"}, "it was still being processed"),
+]
+
+
+@pytest.mark.parametrize(("processed", "why"), NOTHING_RETRIEVED)
+async def test_a_document_retrieval_got_nothing_from_goes_natively_to_a_file_model(
+        pipe, emulator, owui, events, processed, why):
+    file_id = store_file(owui, "u1", "scan.pdf", PDF, "application/pdf", processed)
+    await stream(pipe, chat(GPT4O, text="Summarise"), __user__=USER, __event_emitter__=events,
+                 __files__=[files_entry(file_id, "scan.pdf", "application/pdf")])
+    assert of_type(sent_parts(emulator), "input_file") == [
+        {"type": "input_file", "filename": "scan.pdf",
+         "file_data": durl("application/pdf", PDF)}]
+    assert notes(events) == [f"Open WebUI's document search got nothing from 'scan.pdf' "
+                             f"({why}), so it was sent to the model as a file."]
+
+
+@pytest.mark.parametrize(("processed", "why"), NOTHING_RETRIEVED[:2])
+async def test_a_model_that_reads_no_files_gets_nothing_and_the_user_is_told_in_words(
+        pipe, emulator, owui, events, processed, why):
+    file_id = store_file(owui, "u1", "scan.pdf", PDF, "application/pdf", processed)
+    out = await stream(pipe, chat(QWEN_VL, text="Summarise"), __user__=USER,
+                       __event_emitter__=events, __metadata__={},  # an API client: no socket
+                       __files__=[files_entry(file_id, "scan.pdf", "application/pdf")])
+    said = (f"'scan.pdf' did not reach the model: Open WebUI's document search got nothing "
+            f"from it ({why}), and Qwen: Qwen2.5 VL 72B Instruct can't read files.")
+    assert notes(events) == [said]
+    assert out.text.endswith(f"ℹ️ {said}")
+    assert of_type(sent_parts(emulator), "input_file") == []
+
+
+async def test_a_document_retrieval_read_is_not_sent_twice(pipe, emulator, owui, events):
+    file_id = store_file(owui, "u1", "fine.pdf", PDF, "application/pdf")  # text extracted
+    await stream(pipe, chat(GPT4O, text="Summarise"), __user__=USER, __event_emitter__=events,
+                 __files__=[files_entry(file_id, "fine.pdf", "application/pdf")])
+    assert of_type(sent_parts(emulator), "input_file") == [] and notes(events) == []
+
+
+async def test_the_upload_error_on_the_files_item_counts_too(pipe, emulator, owui, events):
+    file_id = store_file(owui, "u1", "x.pdf", PDF, "application/pdf", {"status": "completed",
+                                                                       "content": "text"})
+    item = {**files_entry(file_id, "x.pdf", "application/pdf"), "error": "Extraction failed"}
+    await stream(pipe, chat(GPT4O, text="Summarise"), __user__=USER, __event_emitter__=events,
+                 __files__=[item])
+    assert len(of_type(sent_parts(emulator), "input_file")) == 1
+    assert "processing failed: Extraction failed" in notes(events)[0]

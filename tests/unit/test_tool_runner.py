@@ -256,3 +256,38 @@ async def test_a_model_cannot_act_as_another_user_through_reserved_arguments() -
                                                  ToolSettings(), "u-alice")
         assert out.ok and out.output == "u-alice", (params, out)
     assert all(s == {"user": {"id": "u-alice", "role": "user"}} for s in seen)
+
+
+# -- issue #11 item 14b: timed-out sync tools hold the pipe's threads, not the default pool --
+
+
+async def test_timed_out_sync_tools_do_not_starve_the_default_executor():
+    import concurrent.futures
+
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+    release = threading.Event()
+
+    def hang(x: int | None = None) -> str:
+        release.wait(10)
+        return "late"
+
+    runner = ToolRunner(Clock(), threads=2)
+    settings = ToolSettings(timeout=0.2)
+    try:
+        outcomes = await runner.run_round(calls("hang", 2), tools(hang=hang), settings, "u")
+        assert [o.ok for o in outcomes] == [False, False]
+        assert all("did not finish within 0.2 seconds" in o.output for o in outcomes)
+        # Open WebUI's own to_thread users still get a thread at once.
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: 42), 2) == 42
+        # The pipe's pool is full of stuck calls: the next sync tool says so at once.
+        [busy] = await runner.run_round(calls("hang", 1), tools(hang=hang), settings, "u")
+        assert "tool threads is still busy with an earlier call that timed out" in busy.output
+    finally:
+        release.set()
+        runner.close()
+    for _ in range(100):  # the stuck calls return: the pool is usable again
+        if runner.stuck == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert runner.stuck == 0
