@@ -40,6 +40,7 @@ import base64
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import hashlib
 import hmac
 import html
@@ -1627,13 +1628,11 @@ class RecordSync:
             raise RecordSyncError("no admin account exists yet to own the model records")
         access, unknown = await self._access(api, job.settings.access)
         stored = await api.load(job.prefix)
-        counts = {"listed": len(job.items), "inserted": 0, "updated": 0, "switched_off": 0,
-                  "admin_made": sum(1 for r in stored.values() if r.mark is None),
-                  "unknown_groups": unknown}
+        counts = {"inserted": 0, "updated": 0, "switched_off": 0}
         for rid, name, entry in job.items:
             desired = desired_record(name, entry, job.settings, access)
             done = await self._apply(api, rid, stored.get(rid), owner,
-                                     lambda s, d=desired, r=rid: plan_record(r, d, s))
+                                     functools.partial(plan_record, rid, desired))
             if done:
                 counts[done] += 1
             await asyncio.sleep(0)  # let requests run between records
@@ -1641,7 +1640,8 @@ class RecordSync:
         for w in plan_retirements(listed, stored, job.prefix):
             if await self._apply(api, w.id, w.base, owner, _retire_plan):
                 counts["switched_off"] += 1
-        return counts
+        return {"listed": len(job.items), **counts, "unknown_groups": unknown,
+                "admin_made": sum(1 for r in stored.values() if r.mark is None)}
 
     async def _access(self, api: ModelRecordsAPI, spec: AccessSpec
                       ) -> tuple[tuple[Grant, ...], list[str]]:
