@@ -1609,6 +1609,10 @@ class RecordSync:
             self._retry_at = self._clock() + self.RETRY_SECONDS if partial else None
             self.status = {"state": "partial" if partial else "ok", **counts,
                            "seconds": round(self._clock() - started, 3), "last_error": None}
+            LOG.info("Model records synced in %.2fs: %d listed, %d inserted, %d updated, "
+                     "%d switched off (worker pid %d)", self.status["seconds"],
+                     counts["listed"], counts["inserted"], counts["updated"],
+                     counts["switched_off"], os.getpid())
         self._start()
 
     def _failed(self, job: RecordJob, exc: Exception) -> None:

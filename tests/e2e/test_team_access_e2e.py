@@ -7,12 +7,18 @@ to a record (name, a capability) survive the next sync.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import pytest
+import sqlalchemy as sa
 from conftest import FUNCTION_ID, PIPE, Owui
-from owui_harness import OpenWebUIClient, content_chunks
+from integration.artifact_fixtures import RedisServer
+from owui_harness import OpenWebUIClient, OpenWebUIServer, content_chunks, install_pipe
+from test_artifacts_e2e import fresh_database  # noqa: F401 - the fixture
 
 TEXT_ONLY = "deepseek/deepseek-r1"
 VISION = "openai/gpt-4o"
@@ -125,3 +131,73 @@ def test_records_carry_capabilities_and_admin_edits_survive_a_refresh(owui: Owui
     names = {m["id"]: m["name"] for m in owui.member.list_models()}
     assert names[vision_id] == "Our GPT-4o" and names[text_id].startswith("OR: ")
     set_valves(owui, MODEL_NAME_PREFIX="")
+
+
+# -- 2 workers on PostgreSQL (0.12.4): each record is created once ----------------------------
+
+SYNCED = re.compile(r"Model records synced in [\d.]+s: (\d+) listed, (\d+) inserted, "
+                    r"(\d+) updated, (\d+) switched off \(worker pid (\d+)\)")
+
+
+@pytest.fixture
+def two_workers_pg(emulator, fresh_database, tmp_path):  # noqa: F811
+    redis = RedisServer(tmp_path).start()
+    env = {"DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{fresh_database}",
+           "REDIS_URL": redis.url, "WEBSOCKET_MANAGER": "redis",
+           "ENABLE_WEBSOCKET_SUPPORT": "true"}
+    with OpenWebUIServer("0.12.4", data_dir=tmp_path / "owui", env=env, workers=1):
+        pass  # one worker creates Open WebUI's tables first (see test_artifacts_e2e)
+    server = OpenWebUIServer("0.12.4", data_dir=tmp_path / "owui", env=env, workers=2)
+    try:
+        server.start()
+        yield server, fresh_database
+    finally:
+        server.stop()
+        redis.stop()
+
+
+def test_two_workers_on_postgres_create_each_record_once(two_workers_pg, emulator):
+    server, database = two_workers_pg
+    admin = OpenWebUIClient(server.base_url)
+    admin.signup_admin("Admin", "admin@example.com", "e2e-admin-password")
+    install_pipe(admin, PIPE, {"BASE_URL": emulator.base_url, "API_KEY": "sk-or-emulator",
+                               "MODEL_ACCESS": "all"}, function_id=FUNCTION_ID)
+    member = admin.add_user("Member", "member@example.com", "e2e-member-password")
+
+    def list_on_a_fresh_connection(_: int) -> int:
+        fresh = OpenWebUIClient(server.base_url, token=admin.token)
+        try:
+            return len(fresh.list_models())
+        finally:
+            fresh.close()
+
+    pids: set[str] = set()
+    for _ in range(20):  # until both workers listed (and so synced); the kernel picks
+        with ThreadPoolExecutor(6) as pool:
+            list(pool.map(list_on_a_fresh_connection, range(6)))
+        time.sleep(1)
+        runs = SYNCED.findall(server.log_tail(2000))
+        pids = {r[4] for r in runs}
+        if len(pids) == 2:
+            break
+    assert len(pids) == 2, server.log_tail(60)
+    listed = int(runs[0][0])
+    assert listed > 10 and {int(r[0]) for r in runs} == {listed}
+    assert sum(int(r[1]) for r in runs) == listed, runs  # every record inserted exactly once
+    assert "Model record sync failed" not in server.log_tail(2000)
+    engine = sa.create_engine(f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}")
+    try:
+        with engine.connect() as conn:
+            ids = [r[0] for r in conn.execute(sa.text(
+                "SELECT id FROM model WHERE id LIKE 'openrouter.%'"))]
+            history = dict(conn.execute(sa.text(
+                "SELECT model_id, count(*) FROM model_history GROUP BY model_id")).all())
+    finally:
+        engine.dispose()
+    assert len(ids) == len(set(ids)) == listed
+    assert set(history.values()) == {1}, history  # written once, never rewritten by a worker
+    expected = set(ids)
+    seen = wait_for(lambda: pipe_ids(member), lambda v: v == expected)
+    assert seen == expected
+    admin.close()
+    member.close()

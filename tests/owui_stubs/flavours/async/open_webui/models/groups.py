@@ -39,7 +39,7 @@ class GroupTable:
             rows = (await session.execute(select(Group))).scalars().all()
             return [GroupModel.model_validate(r) for r in rows]
 
-    async def STUB_add(self, id: str, name: str, user_id: str = "admin") -> None:  # noqa: N802
+    async def STUB_add(self, id: str, name: str, user_id: str = "admin") -> None:
         now = int(time.time())
         async with get_async_db_context() as session:
             session.add(Group(id=id, name=name, description="", user_id=user_id,

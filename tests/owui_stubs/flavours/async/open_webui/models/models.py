@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import BigInteger, Boolean, Column, Text, select, update
 
 
-class STUB_HTTPException(Exception):  # noqa: N801 - fastapi's HTTPException(status, detail)
+class STUB_HTTPException(Exception):
     def __init__(self, status_code: int, detail: Any = None) -> None:
         super().__init__(detail)
         self.status_code = status_code

@@ -34,7 +34,7 @@ class GroupTable:
         with get_db() as db:
             return [GroupModel.model_validate(g) for g in db.query(Group).all()]
 
-    def STUB_add(self, id: str, name: str, user_id: str = "admin") -> None:  # noqa: N802
+    def STUB_add(self, id: str, name: str, user_id: str = "admin") -> None:
         now = int(time.time())
         with get_db() as db:
             db.add(Group(id=id, name=name, description="", user_id=user_id,
