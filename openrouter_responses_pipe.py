@@ -1557,11 +1557,13 @@ class RecordSync:
 
     RETRY_SECONDS = 60.0
     ATTEMPTS = 4
+    BUSY_PAUSE = 0.02  # between records while chats are in flight: they go first
 
     def __init__(self, api_factory: Callable[[], ModelRecordsAPI],
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], busy: Callable[[], bool] = lambda: False) -> None:
         self._api_factory = api_factory
         self._clock = clock
+        self._busy = busy
         self._task: asyncio.Task[None] | None = None
         self._done: RecordJob | None = None
         self._next: RecordJob | None = None
@@ -1639,7 +1641,7 @@ class RecordSync:
                                      functools.partial(plan_record, rid, desired))
             if done:
                 counts[done] += 1
-            await asyncio.sleep(0)  # let requests run between records
+            await asyncio.sleep(self.BUSY_PAUSE if self._busy() else 0)
         listed = [rid for rid, _, _ in job.items]
         for w in plan_retirements(listed, stored, job.prefix):
             if await self._apply(api, w.id, w.base, owner, _retire_plan):
@@ -6312,7 +6314,8 @@ class Pipe:
 
         # ── Team access and model records (issue #10) ──
         self._function_id = function_id or function_id_from_module(__name__)
-        self._records = RecordSync(model_records or OwuiModelRecords, clock)
+        self._records = RecordSync(model_records or OwuiModelRecords, clock,
+                                   busy=lambda: self._gate.active > 0)
         self._selected: tuple[Any, frozenset[str]] | None = None
         # ── end issue #10 ──
 
