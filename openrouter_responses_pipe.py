@@ -112,7 +112,8 @@ _SAMPLING_PARAMS = ("temperature", "top_p", "top_k", "stop", "frequency_penalty"
 #   │   ├── BadToolArguments
 #   │   ├── ToolTimeout
 #   │   └── ToolBreakerOpen
-#   └── ArtifactStoreError
+#   ├── ArtifactStoreError
+#   └── RecordSyncError         model records not synced (health report only, never a user)
 #
 # `describe_error` (§15) is the one place that turns these into what the user reads.
 # ─────────────────────────────────────────────────────────────────────────────
@@ -208,6 +209,10 @@ class ToolTimeout(ToolError):
 
 class ToolBreakerOpen(ToolError):
     """A tool failed repeatedly for this user and is paused."""
+
+
+class RecordSyncError(PipeError):
+    """The model records could not be synced (shown in the health report, never to users)."""
 
 
 class ArtifactStoreError(PipeError):
@@ -1427,10 +1432,6 @@ def function_id_from_module(module_name: str) -> str | None:
 
 
 # -- I/O shell: Open WebUI's Models API and the background sync ---------------------------
-
-
-class RecordSyncError(PipeError):
-    """The model records could not be synced (shown in the health report, never to users)."""
 
 
 class ModelRecordsAPI(Protocol):
