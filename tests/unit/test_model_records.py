@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from openrouter_responses_pipe import (
     PUBLIC_READ,
@@ -219,3 +221,29 @@ def test_meta_keeps_unmanaged_keys_and_carries_the_mark():
 ])
 def test_function_id_from_module(module, fid):
     assert function_id_from_module(module) == fid
+
+
+# -- fuzz: the two parsers of outside input (the valve text, the mark in an editable record) --
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                    lambda kids: st.lists(kids, max_size=4)
+                    | st.dictionaries(st.text(max_size=8), kids, max_size=4), max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=60))
+def test_parse_model_access_never_fails_and_never_widens(raw):
+    spec = parse_model_access(raw)
+    assert spec.mode in ("admins", "all", "groups")
+    if spec.mode == "all":
+        assert "all" in [p.strip().lower() for p in raw.split(",")]
+    if spec.mode == "groups":
+        assert spec.groups and all(g == g.strip() and g for g in spec.groups)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["name", "description", "capabilities", "tags",
+                                        "access", "is_active"]), JSON) | JSON)
+def test_a_mangled_mark_is_read_or_ignored_never_raises(raw):
+    mark = Managed.from_mark(raw)
+    assert mark is None or isinstance(mark, Managed)
