@@ -114,6 +114,7 @@ def test_records_carry_capabilities_and_admin_edits_survive_a_refresh(owui: Owui
     assert "Context:" in text_rec["meta"]["description"]
     assert text_rec["base_model_id"] is None
 
+    original_name = vision_rec["name"]
     vision_rec["name"] = "Our GPT-4o"
     vision_rec["meta"]["capabilities"]["citations"] = False
     admin_update_record(owui.client, vision_rec)
@@ -130,7 +131,14 @@ def test_records_carry_capabilities_and_admin_edits_survive_a_refresh(owui: Owui
     assert after["meta"]["capabilities"]["vision"] is True
     names = {m["id"]: m["name"] for m in owui.member.list_models()}
     assert names[vision_id] == "Our GPT-4o" and names[text_id].startswith("OR: ")
+    # the admin undoes both edits (values equal to what the sync wrote: managed again), so
+    # the rest of the session sees the model as the catalog describes it
+    after["name"], after["meta"]["capabilities"]["citations"] = original_name, True
+    admin_update_record(owui.client, after)
     set_valves(owui, MODEL_NAME_PREFIX="")
+    back = wait_for(lambda: (owui.client.list_models(), record(owui.client, vision_id))[1],
+                    lambda r: r["name"] == original_name)
+    assert back["name"] == original_name
 
 
 # -- 2 workers on PostgreSQL (0.12.4): each record is created once ----------------------------
