@@ -40,6 +40,7 @@ import base64
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import hashlib
 import hmac
 import html
@@ -116,6 +117,7 @@ _SAMPLING_PARAMS = ("temperature", "top_p", "top_k", "stop", "frequency_penalty"
 #   │   └── ToolBreakerOpen
 #   ├── ArtifactStoreError
 #   │   └── ArtifactRowRejected     the database refused this row (not the connection)
+#   ├── RecordSyncError         model records not synced (health report only, never a user)
 #   └── BadRequest              the chat body has a shape the pipe can't read
 #
 # `describe_error` (§15) is the one place that turns these into what the user reads.
@@ -221,6 +223,10 @@ class ToolTimeout(ToolError):
 
 class ToolBreakerOpen(ToolError):
     """A tool failed repeatedly for this user and is paused."""
+
+
+class RecordSyncError(PipeError):
+    """The model records could not be synced (shown in the health report, never to users)."""
 
 
 class ArtifactStoreError(PipeError):
@@ -526,6 +532,18 @@ class Valves(BaseModel):
         default=600, ge=0, le=86400, description="How long Redis caches stored items.")
 
     # ── Team access and model records (issue #10) ──
+    MODEL_ACCESS: str = Field(
+        default="admins",
+        description="Who sees the imported models: `admins` (Open WebUI's own rule), `all` "
+                    "(every user), or a comma list of Open WebUI group names (their members "
+                    "and admins). Applied within a minute of saving, through each model's "
+                    "Open WebUI record; a record's access an admin changed by hand is kept.")
+    SYNC_MODEL_RECORDS: bool = Field(
+        default=True,
+        description="Keep one Open WebUI model record per listed model (access, capabilities, "
+                    "description, tags from OpenRouter). Fields an admin edited are never "
+                    "overwritten. Off: records are neither created nor changed, so ordinary "
+                    "users see only models an admin opened by hand.")
     # ── end issue #10 ──
 
     # ── Hardening (issue #11) ──
@@ -705,6 +723,8 @@ class RequestSettings:
     redis_cache_ttl: int = 600
 
     # ── Team access and model records (issue #10) ──
+    records: RecordSettings = field(default_factory=lambda: RecordSettings())
+    model_ids: str = "auto"  # MODEL_ID, enforced per request
     # ── end issue #10 ──
 
     # ── Hardening (issue #11) ──
@@ -766,6 +786,8 @@ class RequestSettings:
             redis_cache_ttl=valves.REDIS_CACHE_TTL_SECONDS,
 
             # ── Team access and model records (issue #10) ──
+            records=record_settings(valves),
+            model_ids=valves.MODEL_ID,
             # ── end issue #10 ──
 
             # ── Hardening (issue #11) ──
@@ -1174,10 +1196,567 @@ def _consume_task_exception(task: asyncio.Task[Any]) -> None:
 # ─────────────────────────────────────────────────────────────────────────────
 # §6 Model records
 #
-# Team access (issue #10): see the TOC.
+# Open WebUI shows a pipe model to an ordinary user only when its `model` table has a row with
+# the same id, `base_model_id` null and read access for that user; the row's meta also carries
+# the capabilities (which buttons show), the description and the tags. This section keeps one
+# such record per listed entry:
+#
+#   desired_record(entry, settings)  CatalogEntry -> Managed (pure)
+#   merge_record(current, desired)   3-way merge against what the sync last wrote (pure)
+#   plan_sync(...)                   records to insert / update / switch off (pure)
+#   ModelRecordsAPI                  Open WebUI's own Models API, 0.6 (sync) or 0.12 (async)
+#   RecordSync                       background task: runs when the listing or a valve changed
+#
+# How admin edits are recognised: every record the sync writes carries, in
+# meta[RECORD_MARK], the managed values it wrote last. A field whose value still equals that
+# mark was not touched since and follows the catalog; a field that differs was edited by an
+# admin and is never written again (its mark stays, so the edit is recognised forever). A
+# record without a mark was made by an admin and is left alone entirely.
 # ─────────────────────────────────────────────────────────────────────────────
 
-# (issue #10: filled in by its branch)
+RECORD_MARK = "openrouter_pipe_sync"      # meta key: the managed values the sync last wrote
+PUBLIC_READ: tuple[str, str, str] = ("user", "*", "read")
+Grant = tuple[str, str, str]              # (principal_type, principal_id, permission)
+
+
+@dataclass(frozen=True, slots=True)
+class AccessSpec:
+    """MODEL_ACCESS parsed: `admins`, `all`, or Open WebUI group names."""
+
+    mode: Literal["admins", "all", "groups"]
+    groups: tuple[str, ...] = ()
+
+
+def parse_model_access(raw: str) -> AccessSpec:
+    names = tuple(dict.fromkeys(p.strip() for p in raw.split(",") if p.strip()))
+    lowered = [n.lower() for n in names]
+    if not names or lowered == ["admins"]:
+        return AccessSpec("admins")
+    if "all" in lowered:
+        return AccessSpec("all")
+    return AccessSpec("groups", tuple(n for n in names if n.lower() != "admins"))
+
+
+@dataclass(frozen=True, slots=True)
+class RecordSettings:
+    """What the model records depend on besides the listing (resolved from valves)."""
+
+    access: AccessSpec = AccessSpec("admins")
+    web_search: bool = True      # the pipe can search (WEB_SEARCH is not off)
+    image_tool: bool = False     # an image tool is offered to chat models (issue #14 hook)
+    enabled: bool = True         # SYNC_MODEL_RECORDS
+
+
+def record_settings(valves: Valves) -> RecordSettings:
+    return RecordSettings(access=parse_model_access(valves.MODEL_ACCESS),
+                          web_search=valves.WEB_SEARCH != "off",
+                          enabled=valves.SYNC_MODEL_RECORDS)
+
+
+@dataclass(frozen=True, slots=True)
+class Managed:
+    """The record fields the sync manages, in a version-neutral form."""
+
+    name: str
+    description: str
+    capabilities: tuple[tuple[str, bool], ...]
+    tags: tuple[str, ...]
+    access: tuple[Grant, ...]
+    is_active: bool = True
+
+    def to_mark(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description,
+                "capabilities": dict(self.capabilities), "tags": list(self.tags),
+                "access": [list(g) for g in self.access], "is_active": self.is_active}
+
+    @classmethod
+    def from_mark(cls, raw: Any) -> Managed | None:
+        if not isinstance(raw, Mapping):
+            return None
+        try:
+            caps = raw.get("capabilities") or {}
+            return cls(str(raw["name"]), str(raw.get("description") or ""),
+                       tuple((str(k), bool(v)) for k, v in caps.items()),
+                       tuple(str(t) for t in raw.get("tags") or ()),
+                       normal_grants(tuple(g) for g in raw.get("access") or ()),
+                       bool(raw.get("is_active", True)))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
+
+
+def normal_grants(grants: Iterable[Iterable[Any]]) -> tuple[Grant, ...]:
+    out = {(str(t), str(i), str(p)) for t, i, p in (tuple(g) for g in grants)}
+    return tuple(sorted(out))
+
+
+def access_grants(spec: AccessSpec, group_ids: Mapping[str, str]) -> tuple[Grant, ...]:
+    """`admins` -> none (owner and admins only), `all` -> public read, groups -> read each."""
+    if spec.mode == "all":
+        return (PUBLIC_READ,)
+    if spec.mode == "admins":
+        return ()
+    return normal_grants(("group", group_ids[n], "read") for n in spec.groups if n in group_ids)
+
+
+def _per_million(price: float) -> str:
+    value = price * 1_000_000
+    return f"${value:.2f}" if value >= 0.01 else f"${value:.4g}"
+
+
+def describe_model(entry: CatalogEntry) -> str:
+    """OpenRouter's description plus context, price per million tokens and reasoning."""
+    facts = []
+    if entry.context_length:
+        facts.append(f"Context: {entry.context_length:,} tokens")
+    p = entry.pricing
+    facts.append("Price: free" if is_free(entry) else
+                 f"Price: {_per_million(p.prompt)}/M input, {_per_million(p.completion)}/M output")
+    facts.append(f"Reasoning: {'yes' if entry.supports_reasoning else 'no'}")
+    text = entry.description.strip()
+    return (text + "\n\n" if text else "") + " · ".join(facts)
+
+
+def is_free(entry: CatalogEntry) -> bool:
+    p = entry.pricing
+    return p.prompt == 0 and p.completion == 0 and p.request == 0
+
+
+def model_tags(entry: CatalogEntry) -> tuple[str, ...]:
+    tags = [entry.id.split("/", 1)[0] if "/" in entry.id else ""]
+    tags += ["free"] if is_free(entry) else []
+    tags += ["vision"] if entry.accepts("image") else []
+    tags += ["reasoning"] if entry.supports_reasoning else []
+    tags += ["tools"] if entry.supports_tools else []
+    tags += ["image output"] if "image" in entry.output_modalities else []
+    return tuple(t for t in tags if t)
+
+
+def model_capabilities(entry: CatalogEntry, rs: RecordSettings) -> tuple[tuple[str, bool], ...]:
+    images_out = "image" in entry.output_modalities or (rs.image_tool and entry.supports_tools)
+    return (("vision", entry.accepts("image")), ("file_upload", True),
+            ("web_search", rs.web_search), ("image_generation", images_out),
+            ("builtin_tools", entry.supports_tools), ("usage", True), ("citations", True))
+
+
+UTILITY_CAPABILITIES: tuple[tuple[str, bool], ...] = tuple(
+    (k, False) for k in ("vision", "file_upload", "web_search", "image_generation",
+                         "builtin_tools", "usage", "citations"))
+
+
+def desired_record(name: str, entry: CatalogEntry | None, rs: RecordSettings,
+                   access: tuple[Grant, ...]) -> Managed:
+    """What the catalog says a listed entry's record should hold (utility entries: no entry)."""
+    if entry is None:
+        return Managed(name, "", UTILITY_CAPABILITIES, (), access)
+    return Managed(name, describe_model(entry), model_capabilities(entry, rs),
+                   model_tags(entry), access)
+
+
+def merge_record(current: Managed, mark: Managed, desired: Managed) -> Managed:
+    """Take `desired` for every field the admin left as the sync wrote it (`mark`); keep the
+    admin's value where it differs. Capabilities merge per key, tags per tag."""
+    def pick(field_name: str) -> Any:
+        now = getattr(current, field_name)
+        return getattr(desired, field_name) if now == getattr(mark, field_name) else now
+
+    return Managed(pick("name"), pick("description"),
+                   _merge_capabilities(current.capabilities, mark.capabilities,
+                                       desired.capabilities),
+                   _merge_tags(current.tags, mark.tags, desired.tags),
+                   pick("access"), pick("is_active"))
+
+
+def _merge_capabilities(current: tuple[tuple[str, bool], ...], mark: tuple[tuple[str, bool], ...],
+                        desired: tuple[tuple[str, bool], ...]) -> tuple[tuple[str, bool], ...]:
+    now, last = dict(current), dict(mark)
+    out = dict(now)
+    for key, value in desired:
+        if key not in now or (key in last and now[key] == last[key]):
+            out[key] = value
+    return tuple(out.items())
+
+
+def _merge_tags(current: tuple[str, ...], mark: tuple[str, ...], desired: tuple[str, ...]
+                ) -> tuple[str, ...]:
+    removed_by_admin = set(mark) - set(current)
+    added_by_admin = [t for t in current if t not in mark]
+    kept = [t for t in desired if t not in removed_by_admin]
+    return tuple(dict.fromkeys([*kept, *added_by_admin]))
+
+
+def new_mark(current: Managed, mark: Managed, desired: Managed) -> Managed:
+    """The mark after a merge: `desired` where the sync wrote, the old mark where the admin
+    edited (so the edit is still recognised next time)."""
+    def keep(field_name: str) -> Any:
+        same = getattr(current, field_name) == getattr(mark, field_name)
+        return getattr(desired if same else mark, field_name)
+
+    caps_now, caps_last = dict(current.capabilities), dict(mark.capabilities)
+    caps = {k: (v if k not in caps_now or caps_now[k] == caps_last.get(k, caps_now[k])
+                else caps_last[k]) for k, v in desired.capabilities}
+    return Managed(keep("name"), keep("description"), tuple(caps.items()), desired.tags,
+                   keep("access"), keep("is_active"))
+
+
+def retired(current: Managed, mark: Managed) -> Managed | None:
+    """A record whose entry left the listing: switched off only if the admin never touched
+    it (every managed field still as the sync wrote it); None = leave it."""
+    if not current.is_active or current != mark:
+        return None
+    return dataclasses.replace(current, is_active=False)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    """One Open WebUI model record as the adapter reads it."""
+
+    id: str
+    managed: Managed
+    mark: Managed | None
+    meta: Mapping[str, Any]
+    params: Mapping[str, Any]
+    version: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RecordWrite:
+    """One write the sync decided on: the record's new managed values and mark."""
+
+    id: str
+    values: Managed
+    mark: Managed
+    base: StoredRecord | None   # None: insert
+
+
+def plan_record(record_id: str, desired: Managed, stored: StoredRecord | None
+                ) -> RecordWrite | None:
+    """Insert a missing record, merge an existing synced one, leave admin-made ones alone;
+    None when nothing would change (so converged workers write nothing)."""
+    if stored is None:
+        return RecordWrite(record_id, desired, desired, None)
+    if stored.mark is None:
+        return None
+    values = merge_record(stored.managed, stored.mark, desired)
+    mark = new_mark(stored.managed, stored.mark, desired)
+    if values == stored.managed and mark == stored.mark:
+        return None
+    return RecordWrite(record_id, values, mark, stored)
+
+
+def plan_retirements(listed: Iterable[str], stored: Mapping[str, StoredRecord], prefix: str
+                     ) -> list[RecordWrite]:
+    """Synced records under this pipe's prefix whose entry is no longer listed."""
+    keep = set(listed)
+    out = []
+    for rid, rec in stored.items():
+        if rid.startswith(prefix) and rid not in keep and rec.mark is not None:
+            off = retired(rec.managed, rec.mark)
+            if off is not None:
+                out.append(RecordWrite(rid, off, off, rec))
+    return out
+
+
+def record_meta(meta: Mapping[str, Any], values: Managed, mark: Managed) -> dict[str, Any]:
+    """The record's meta with the managed values and the mark written in; the rest kept."""
+    out = dict(meta)
+    out.update(description=values.description, capabilities=dict(values.capabilities),
+               tags=[{"name": t} for t in values.tags])
+    out[RECORD_MARK] = mark.to_mark()
+    return out
+
+
+def managed_from_record(name: str, meta: Mapping[str, Any], grants: tuple[Grant, ...],
+                        is_active: bool) -> Managed:
+    caps = meta.get("capabilities") if isinstance(meta.get("capabilities"), Mapping) else {}
+    tags = [t.get("name") if isinstance(t, Mapping) else t for t in meta.get("tags") or ()]
+    return Managed(name, str(meta.get("description") or ""),
+                   tuple((str(k), bool(v)) for k, v in (caps or {}).items()),
+                   tuple(str(t) for t in tags if t), grants, bool(is_active))
+
+
+def grants_from_access_control(ac: Any) -> tuple[Grant, ...]:
+    """0.6's `access_control` column: None public read, {} owner only, else the lists."""
+    if ac is None:
+        return (PUBLIC_READ,)
+    out = []
+    for perm in ("read", "write"):
+        part = ac.get(perm) or {} if isinstance(ac, Mapping) else {}
+        out += [("group", str(g), perm) for g in part.get("group_ids") or ()]
+        out += [("user", str(u), perm) for u in part.get("user_ids") or ()]
+    return normal_grants(out)
+
+
+def access_control_from_grants(grants: Iterable[Grant]) -> dict[str, Any] | None:
+    grants = tuple(grants)
+    if PUBLIC_READ in grants and all(g == PUBLIC_READ for g in grants):
+        return None
+    ac: dict[str, Any] = {p: {"group_ids": [], "user_ids": []} for p in ("read", "write")}
+    for kind, pid, perm in grants:
+        if (kind, pid, perm) != PUBLIC_READ and perm in ac:
+            ac[perm]["group_ids" if kind == "group" else "user_ids"].append(pid)
+    return ac if any(v for p in ac.values() for v in p.values()) else {}
+
+
+def function_id_from_module(module_name: str) -> str | None:
+    """`function_<id>` (0.6) or `function_<id>_<uuid hex>` (0.12) -> `<id>`."""
+    match = re.fullmatch(r"function_(.+?)(?:_[0-9a-f]{32})?", module_name)
+    return match.group(1) if match else None
+
+
+# -- I/O shell: Open WebUI's Models API and the background sync ---------------------------
+
+
+class ModelRecordsAPI(Protocol):
+    """The few Open WebUI calls the sync needs (a fake in tests)."""
+
+    async def owner_id(self) -> str | None: ...
+    async def group_ids(self) -> dict[str, str]: ...
+    async def load(self, prefix: str) -> dict[str, StoredRecord]: ...
+    async def get(self, record_id: str) -> StoredRecord | None: ...
+    async def insert(self, write: RecordWrite, owner: str) -> bool: ...
+    async def update(self, write: RecordWrite) -> bool: ...
+
+
+class OwuiModelRecords:
+    """Open WebUI's own `Models`/`Groups`/`Users` APIs: 0.6 (sync, `access_control` column,
+    called off the event loop) or 0.9+ (async, `access_grants`, `version_id` conflicts)."""
+
+    def __init__(self) -> None:
+        models = importlib.import_module("open_webui.models.models")
+        self._models, self._form = models.Models, models.ModelForm
+        self._groups = importlib.import_module("open_webui.models.groups").Groups
+        self._users = importlib.import_module("open_webui.models.users").Users
+        self.grants_api = inspect.iscoroutinefunction(self._models.get_all_models)
+        self._grants = (importlib.import_module("open_webui.models.access_grants").AccessGrants
+                        if self.grants_api else None)
+
+    async def owner_id(self) -> str | None:
+        user = await _owui_call(self._users.get_super_admin_user)
+        return str(user.id) if user is not None else None
+
+    async def group_ids(self) -> dict[str, str]:
+        if self.grants_api:
+            groups = await self._groups.get_all_groups()
+        else:
+            groups = await _owui_call(self._groups.get_groups)
+        return {str(g.name).casefold(): str(g.id) for g in groups}
+
+    async def load(self, prefix: str) -> dict[str, StoredRecord]:
+        rows = await _owui_call(self._models.get_all_models)
+        return {r.id: self._stored(r) for r in rows
+                if r.id.startswith(prefix) and r.base_model_id is None}
+
+    async def get(self, record_id: str) -> StoredRecord | None:
+        row = await _owui_call(self._models.get_model_by_id, record_id)
+        return self._stored(row) if row is not None and row.base_model_id is None else None
+
+    def _stored(self, row: Any) -> StoredRecord:
+        meta = row.meta.model_dump() if isinstance(row.meta, BaseModel) else dict(row.meta or {})
+        params = (row.params.model_dump() if isinstance(row.params, BaseModel)
+                  else dict(row.params or {}))
+        if self.grants_api:
+            grants = normal_grants((g.principal_type, g.principal_id, g.permission)
+                                   for g in row.access_grants)
+        else:
+            grants = grants_from_access_control(row.access_control)
+        return StoredRecord(row.id, managed_from_record(row.name, meta, grants, row.is_active),
+                            Managed.from_mark(meta.get(RECORD_MARK)), meta, params,
+                            getattr(row, "version_id", None))
+
+    def _form_for(self, w: RecordWrite, with_access: bool) -> Any:
+        base = w.base
+        fields: dict[str, Any] = {
+            "id": w.id, "base_model_id": None, "name": w.values.name,
+            "meta": record_meta(base.meta if base else {}, w.values, w.mark),
+            "params": dict(base.params) if base else {}, "is_active": w.values.is_active}
+        if self.grants_api and with_access:
+            fields["access_grants"] = [{"principal_type": t, "principal_id": i, "permission": p}
+                                       for t, i, p in w.values.access]
+        elif not self.grants_api:
+            fields["access_control"] = access_control_from_grants(w.values.access)
+        return self._form(**fields)
+
+    async def insert(self, write: RecordWrite, owner: str) -> bool:
+        form = self._form_for(write, with_access=True)
+        try:
+            row = await _owui_call(self._models.insert_new_model, form, owner)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # 0.12 raises on a duplicate id (another worker was first)
+            if await self.get(write.id) is None:
+                raise
+            return False
+        return row is not None  # 0.6 returns None on a duplicate
+
+    async def update(self, write: RecordWrite) -> bool:
+        form = self._form_for(write, with_access=False)
+        try:
+            row = await _owui_call(self._models.update_model_by_id, write.id, form)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # 0.12: HTTPException(409) when version_id moved under us
+            if getattr(exc, "status_code", None) == 409:
+                return False
+            raise
+        if row is None:
+            return False
+        base = write.base
+        if self._grants is not None and (base is None
+                                         or base.managed.access != write.values.access):
+            grants = [{"principal_type": t, "principal_id": i, "permission": p}
+                      for t, i, p in write.values.access]
+            await self._grants.set_access_grants("model", write.id, grants)
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class RecordJob:
+    """One sync's input: the listed entries (record id, name, catalog entry or None)."""
+
+    prefix: str
+    items: tuple[tuple[str, str, CatalogEntry | None], ...]
+    settings: RecordSettings
+
+
+class RecordSync:
+    """Runs the record sync as a background task, never on the request path.
+
+    `submit()` (cheap) starts a run when the job differs from the last one that finished; a
+    job submitted during a run waits and runs next. `poll()` (cheap) retries a failed or
+    partial run after RETRY_SECONDS. Each worker runs its own sync; they converge because a
+    record already as desired is not written, duplicate inserts are detected and a conflicting
+    update is re-read and merged again.
+    """
+
+    RETRY_SECONDS = 60.0
+    ATTEMPTS = 4
+    BUSY_PAUSE = 0.02  # between records while chats are in flight: they go first
+
+    def __init__(self, api_factory: Callable[[], ModelRecordsAPI],
+                 clock: Callable[[], float], busy: Callable[[], bool] = lambda: False) -> None:
+        self._api_factory = api_factory
+        self._clock = clock
+        self._busy = busy
+        self._task: asyncio.Task[None] | None = None
+        self._done: RecordJob | None = None
+        self._next: RecordJob | None = None
+        self._retry_at: float | None = None
+        self._last_error = ""
+        self.status: dict[str, Any] = {"state": "not run yet"}
+
+    def submit(self, job: RecordJob) -> None:
+        if job == self._done and self._retry_at is None:
+            return
+        self._next = job
+        self._start()
+
+    def poll(self) -> None:
+        if self._retry_at is not None and self._clock() >= self._retry_at:
+            self._retry_at = None
+            if self._next is None:
+                self._next = self._done
+            self._start()
+
+    def _start(self) -> None:
+        if self._next is None or (self._task is not None and not self._task.done()):
+            return
+        job, self._next = self._next, None
+        self._task = asyncio.get_running_loop().create_task(self._run(job))
+        self._task.add_done_callback(_consume_task_exception)
+
+    async def wait(self) -> None:
+        """Until no run is pending (tests and tools)."""
+        while self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)
+
+    async def _run(self, job: RecordJob) -> None:
+        started = self._clock()
+        self.status = {**self.status, "state": "running"}
+        try:
+            counts = await self._sync(job)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # any failure of Open WebUI's API: reported, never raised
+            self._failed(job, exc)
+        else:
+            self._done, self._last_error = job, ""
+            partial = bool(counts.get("unknown_groups"))
+            self._retry_at = self._clock() + self.RETRY_SECONDS if partial else None
+            self.status = {"state": "partial" if partial else "ok", **counts,
+                           "seconds": round(self._clock() - started, 3), "last_error": None}
+            LOG.info("Model records synced in %.2fs: %d listed, %d inserted, %d updated, "
+                     "%d switched off (worker pid %d)", self.status["seconds"],
+                     counts["listed"], counts["inserted"], counts["updated"],
+                     counts["switched_off"], os.getpid())
+        self._start()
+
+    def _failed(self, job: RecordJob, exc: Exception) -> None:
+        text = f"{type(exc).__name__}: {exc}"[:300]
+        if text != self._last_error:  # logged once per distinct failure
+            LOG.warning("Model record sync failed (retrying every %.0fs): %s",
+                        self.RETRY_SECONDS, text, exc_info=not isinstance(exc, PipeError))
+        self._last_error = text
+        self._done = job
+        self._retry_at = self._clock() + self.RETRY_SECONDS
+        self.status = {**self.status, "state": "failed", "last_error": text}
+
+    async def _sync(self, job: RecordJob) -> dict[str, Any]:
+        api = self._api_factory()
+        owner = await api.owner_id()
+        if owner is None:
+            raise RecordSyncError("no admin account exists yet to own the model records")
+        access, unknown = await self._access(api, job.settings.access)
+        stored = await api.load(job.prefix)
+        counts = {"inserted": 0, "updated": 0, "switched_off": 0}
+        for rid, name, entry in job.items:
+            desired = desired_record(name, entry, job.settings, access)
+            done = await self._apply(api, rid, stored.get(rid), owner,
+                                     functools.partial(plan_record, rid, desired))
+            if done:
+                counts[done] += 1
+            await asyncio.sleep(self.BUSY_PAUSE if self._busy() else 0)
+        listed = [rid for rid, _, _ in job.items]
+        for w in plan_retirements(listed, stored, job.prefix):
+            if await self._apply(api, w.id, w.base, owner, _retire_plan):
+                counts["switched_off"] += 1
+        return {"listed": len(job.items), **counts, "unknown_groups": unknown,
+                "admin_made": sum(1 for r in stored.values() if r.mark is None)}
+
+    async def _access(self, api: ModelRecordsAPI, spec: AccessSpec
+                      ) -> tuple[tuple[Grant, ...], list[str]]:
+        if spec.mode != "groups":
+            return access_grants(spec, {}), []
+        known = await api.group_ids()
+        ids = {n: known[n.casefold()] for n in spec.groups if n.casefold() in known}
+        unknown = [n for n in spec.groups if n not in ids]
+        if unknown:
+            LOG.warning("MODEL_ACCESS names groups Open WebUI doesn't have: %s",
+                        ", ".join(unknown))
+        return access_grants(spec, ids), unknown
+
+    async def _apply(self, api: ModelRecordsAPI, rid: str, stored: StoredRecord | None,
+                     owner: str, plan: Callable[[StoredRecord | None], RecordWrite | None]
+                     ) -> str | None:
+        fresh = stored is None
+        for _ in range(self.ATTEMPTS):
+            write = plan(stored)
+            if write is None:
+                return None
+            if write.base is not None and not fresh:  # re-read: an admin may just have edited
+                stored, fresh = await api.get(rid), True
+                continue
+            ok = await (api.insert(write, owner) if write.base is None else api.update(write))
+            if ok:
+                return "inserted" if write.base is None else "updated"
+            stored, fresh = await api.get(rid), True  # another writer was first: merge again
+        raise RecordSyncError(f"{rid}: kept conflicting with another writer")
+
+
+def _retire_plan(stored: StoredRecord | None) -> RecordWrite | None:
+    if stored is None or stored.mark is None:
+        return None
+    off = retired(stored.managed, stored.mark)
+    return RecordWrite(stored.id, off, off, stored) if off is not None else None
 
 
 # ─────────────────────────────────────────────────────────────────────────────
@@ -6315,6 +6894,20 @@ def _inline(value: Any) -> str:
     return str(value)
 
 
+def _records_line(rec: Mapping[str, Any] | None) -> str:
+    if not rec:
+        return "- Model records: not reported"
+    text = f"- Model records: {rec.get('state')}"
+    if "listed" in rec:
+        text += (f", {rec['listed']} listed; last run inserted {rec.get('inserted', 0)}, "
+                 f"updated {rec.get('updated', 0)}, switched off {rec.get('switched_off', 0)}")
+    if rec.get("unknown_groups"):
+        text += "; MODEL_ACCESS groups not found: " + ", ".join(rec["unknown_groups"])
+    if rec.get("last_error"):
+        text += f"; last error: {rec['last_error']}"
+    return text
+
+
 def health_markdown(data: Mapping[str, Any]) -> str:
     """A short report an admin reads in the chat, with the JSON underneath."""
     req, up, cat = data["requests"], data["upstream"], data["catalog"]
@@ -6332,6 +6925,7 @@ def health_markdown(data: Mapping[str, Any]) -> str:
             f"{k}: {v}" for k, v in sorted(req["failed_by_kind"].items())) or "none"),
         f"- Catalog: {cat['models']} models, age {cat['age_s']}s"
         + (f", last refresh error: {cat['last_error']}" if cat["last_error"] else ""),
+        _records_line(data.get("model_records")),
         f"- Breakers: {data['breakers'] or 'none'}; "
         f"artifact store: {_inline(data['artifact_store'])}; Redis: {_inline(data['redis'])}",
         "", "```json", json.dumps(data, indent=2), "```"]
@@ -6553,7 +7147,9 @@ class Pipe:
                  artifact_db: DBRunner | None = None,
                  redis_factory: Callable[[str], Any] | None = None,
                  env: Mapping[str, Any] | None = None,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time,
+                 model_records: Callable[[], ModelRecordsAPI] | None = None,
+                 function_id: str | None = None) -> None:
         self.type = "manifold"
         self.valves = self.Valves()
         self._clock = clock
@@ -6574,6 +7170,10 @@ class Pipe:
         self._stores: dict[tuple[str, bool], ArtifactStore] = {}
 
         # ── Team access and model records (issue #10) ──
+        self._function_id = function_id or function_id_from_module(__name__)
+        self._records = RecordSync(model_records or OwuiModelRecords, clock,
+                                   busy=lambda: self._gate.active > 0)
+        self._selected: tuple[Any, frozenset[str]] | None = None
         # ── end issue #10 ──
 
         # ── Hardening (issue #11) ──
@@ -6600,13 +7200,29 @@ class Pipe:
             snap = await self._catalog.get(settings, settings.catalog_ttl)
         except PipeError as exc:
             return [_status_entry("catalog", f"catalog unavailable: {exc}")]
-        key = (snap, valves.MODEL_ID, valves.MODEL_NAME_PREFIX, valves.SHOW_HEALTH_MODEL)
+        key = (snap, valves.MODEL_ID, valves.MODEL_NAME_PREFIX, valves.SHOW_HEALTH_MODEL,
+               settings.records, self._function_id)
         if self._models_cache is None or self._models_cache[0] != key:
-            models = build_model_list(snap, valves.MODEL_ID, valves.MODEL_NAME_PREFIX)
+            models, selected = build_model_list(snap, valves.MODEL_ID, valves.MODEL_NAME_PREFIX)
             if valves.SHOW_HEALTH_MODEL:
                 models.append(HEALTH_ENTRY)
             self._models_cache = (key, models)
+            self._sync_records(models, selected, settings.records)
+        else:
+            self._records.poll()
         return self._models_cache[1]
+
+    def _sync_records(self, models: list[dict[str, str]], selected: Iterable[CatalogEntry],
+                      rs: RecordSettings) -> None:
+        """Hand the listed entries to the background record sync (§6); returns at once."""
+        if not rs.enabled or not self._function_id:
+            self._records.status = {"state": "off" if not rs.enabled else
+                                    "waiting for the function id (first chat)"}
+            return
+        by_id = {e.id: e for e in selected}
+        items = tuple((f"{self._function_id}.{m['id']}", m["name"], by_id.get(m["id"]))
+                      for m in models if record_wanted(m["id"]))
+        self._records.submit(RecordJob(f"{self._function_id}.", items, rs))
 
     def _listing_settings(self, valves: BaseModel) -> RequestSettings:
         """Admin settings for the model list, merged again only when a valve changed (Open
@@ -6633,6 +7249,8 @@ class Pipe:
         except PipeError as exc:  # 1 the boundary parse: a body the pipe can't read
             LOG.warning("Refused a request: %s", exc)
             return _refuse(body, __metadata__, __task__, exc)
+        if not self._function_id and "." in req.owui_model_id:  # loaded under an odd name
+            self._function_id = req.owui_model_id.split(".", 1)[0]
         try:                                                               # 2 settings
             settings = RequestSettings.merge(
                 self.valves, _as_user_valves((__user__ or {}).get("valves")), req.user_role)
@@ -6918,7 +7536,19 @@ class Pipe:
         if entry is None:
             raise ModelNotAvailable(f"The model '{req.model_id}' is not in OpenRouter's catalog.",
                                     hint="Pick another model; it may have been retired.")
+        if entry.id not in self._enabled_ids(snap, settings.model_ids):
+            raise ModelNotAvailable(f"The model '{entry.id}' is not enabled on this server.",
+                                    hint="Pick one of the models in the selector; an admin "
+                                         "chooses them with MODEL_ID.")
         return entry
+
+    def _enabled_ids(self, snap: CatalogSnapshot, model_ids: str) -> frozenset[str]:
+        """The catalog ids MODEL_ID selects, cached per (catalog, valve)."""
+        key = (snap, model_ids)
+        if self._selected is None or self._selected[0] != key:
+            selected, _ = select_models(snap.entries, model_ids)
+            self._selected = (key, frozenset(e.id for e in selected))
+        return self._selected[1]
 
     # -- health ----------------------------------------------------------------------------
 
@@ -6928,7 +7558,8 @@ class Pipe:
             return _fail_fast(turn.req, PipeError("The pipe health report is for admins only."))
         data = {**health_snapshot(self._telemetry, self._gate, self._catalog, self._clock(),
                                   await self._storage_health()),
-                "breakers": self._tools.breakers.snapshot()}
+                "breakers": self._tools.breakers.snapshot(),
+                "model_records": dict(self._records.status)}
         text = health_reply(turn.req.messages[-1].text if turn.req.messages else "", data,
                             self._logs)
         if turn.req.task or not turn.req.stream:
@@ -7127,15 +7758,22 @@ def from_tail(renderer: ChunkRenderer, state: StreamState) -> dict[str, Any]:
 
 
 def build_model_list(snap: CatalogSnapshot, model_ids: str, prefix: str
-                     ) -> list[dict[str, str]]:
-    """Selector entries; a leading status entry names MODEL_ID ids that matched nothing."""
+                     ) -> tuple[list[dict[str, str]], tuple[CatalogEntry, ...]]:
+    """Selector entries and the catalog entries behind them; a leading status entry names
+    MODEL_ID ids that matched nothing."""
     selected, unknown = select_models(snap.entries, model_ids)
     models = [{"id": e.id, "name": prefix + e.name} for e in selected]
     if unknown:
         LOG.error("MODEL_ID lists ids OpenRouter doesn't have: %s", ", ".join(unknown))
         models.insert(0, _status_entry("model-id",
                                        "MODEL_ID has unknown ids: " + ", ".join(unknown)))
-    return models
+    return models, selected
+
+
+def record_wanted(entry_id: str) -> bool:
+    """Every listed entry gets a model record except the admin-only health entry and the
+    configuration-problem entries (those must stay invisible to ordinary users)."""
+    return entry_id != HEALTH_ENTRY["id"] and not entry_id.startswith(STATUS_ENTRY_PREFIX)
 
 
 def _status_entry(slug: str, text: str) -> dict[str, str]:

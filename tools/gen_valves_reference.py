@@ -48,6 +48,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "COMPRESSION_MIN_BYTES", "ARTIFACT_CLEANUP_DAYS",
         "ARTIFACT_CLEANUP_INTERVAL_HOURS", "REDIS_WRITE_BEHIND", "REDIS_CACHE_TTL_SECONDS",
         "REDIS_QUEUE_MAX_ROWS", "REDIS_SKIP_SECONDS"),
+    "Team access and model records": ("MODEL_ACCESS", "SYNC_MODEL_RECORDS"),
 }
 
 

@@ -9,6 +9,7 @@ A venv that cannot be created is a failure, not a skip.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,21 @@ class Owui:
         return self.client.is_legacy
 
 
+def wait_until_member_sees_models(admin: OpenWebUIClient, member: OpenWebUIClient,
+                                  timeout: float = 60) -> None:
+    """The pipe writes the model records in the background after its first listing."""
+    deadline = time.monotonic() + timeout
+    while True:
+        wanted = {m["id"] for m in admin.list_models() if m["id"].startswith(FUNCTION_ID + ".")
+                  and "._" not in m["id"]}
+        seen = {m["id"] for m in member.list_models()}
+        if wanted and wanted <= seen:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"the member sees {len(seen & wanted)} of {len(wanted)} pipe models")
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="session")
 def emulator():
     emu = EmulatorThread()
@@ -85,10 +101,12 @@ def owui(request: pytest.FixtureRequest, emulator: EmulatorThread, tmp_path_fact
     client = OpenWebUIClient(server.base_url)
     try:
         client.signup_admin(*ADMIN)
-        install_pipe(client, PIPE, {"BASE_URL": emulator.base_url, "API_KEY": API_KEY},
-                     function_id=FUNCTION_ID)
+        # MODEL_ACCESS=all (issue #10): ordinary users see the pipe's models too
+        install_pipe(client, PIPE, {"BASE_URL": emulator.base_url, "API_KEY": API_KEY,
+                                    "MODEL_ACCESS": "all"}, function_id=FUNCTION_ID)
         member = client.add_user(*MEMBER)
         assert member.role == "user", member.role
+        wait_until_member_sees_models(client, member)
         yield Owui(version, server, client, emulator, member)
     finally:
         client.close()

@@ -68,12 +68,14 @@ def rendered_html(version: str, markdown: str) -> str:
                           capture_output=True, check=True).stdout
 
 
-def test_second_turn_sends_the_first_turns_reasoning_back(owui):
+@pytest.mark.parametrize("who", ["admin", "member"])
+def test_second_turn_sends_the_first_turns_reasoning_back(owui, who):
     valves = owui.client.get_valves("openrouter")
     owui.client.update_valves("openrouter", {**valves, "ARTIFACT_ENCRYPTION_KEY": KEY})
     model = owui.model(NANO)
     since = len(owui.emulator.responses)
-    first = owui.client.chat_ui(model, "What is 2 + 2? [emu:reasoning style=summary]")
+    client = owui.client if who == "admin" else owui.member
+    first = client.chat_ui(model, "What is 2 + 2? [emu:reasoning style=summary]")
     produced = encrypted_reasoning(owui.emulator.responses[since:])
     assert len(produced) == 1, produced
     content = stored_message(first)["content"]
@@ -83,7 +85,7 @@ def test_second_turn_sends_the_first_turns_reasoning_back(owui):
     assert "orp:" not in html and "You said" in html  # and renders to nothing
 
     n = len(owui.emulator.requests)
-    second = owui.client.chat_ui(model, "And 3 + 3?", follow=first)
+    second = client.chat_ui(model, "And 3 + 3?", follow=first)
     (sent,) = main_turn_posts(owui.emulator.requests[n:], "And 3 + 3?")
     assert kinds(sent["input"]) == ["user", "reasoning", "assistant", "user"], sent["input"]
     assert sent["input"][1] == produced[0]            # verbatim: id, encrypted_content, format

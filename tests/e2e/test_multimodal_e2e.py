@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 
+import pytest
 from owui_harness import stored_message
 
 PNG = (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06\x00\x00"
@@ -50,8 +51,9 @@ def valves(owui, **changes):
         client.update_valves("openrouter", before)
 
 
-def test_uploaded_image_and_pdf_reach_the_model_inline_and_stay_on_the_chat(owui):
-    client = owui.client
+@pytest.mark.parametrize("who", ["admin", "member"])
+def test_uploaded_image_and_pdf_reach_the_model_inline_and_stay_on_the_chat(owui, who):
+    client = owui.client if who == "admin" else owui.member
     image = client.upload_file("chart.png", PNG, "image/png")
     pdf = client.upload_file("q3 report.pdf", PDF, "application/pdf")
     assert client.get_file_content(image["id"]) == PNG  # stored by Open WebUI itself

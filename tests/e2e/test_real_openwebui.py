@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 from owui_harness import content_chunks, reasoning_chunks, stored_message
 
 LOW_EFFORTS = ("none", "minimal", "low")
@@ -38,11 +39,13 @@ def test_pipe_loads_and_lists_openrouter_models(owui):
     assert owui.model("deepseek/deepseek-r1") != owui.model("deepseek/deepseek-r1:free")
 
 
-def test_streamed_chat_arrives_token_by_token(owui):
+@pytest.mark.parametrize("who", ["admin", "member"])
+def test_streamed_chat_arrives_token_by_token(owui, who):
     since = len(owui.emulator.requests)
     # `slow` spaces the upstream deltas out in time, as a real model does
     prompt = "Hello from the e2e test [emu:slow delay_ms=60]"
-    status, events = owui.client.chat(
+    client = owui.client if who == "admin" else owui.member
+    status, events = client.chat(
         owui.model("openai/gpt-4o"), [{"role": "user", "content": prompt}], stream=True)
     assert status == 200
     chunks = content_chunks(events)

@@ -136,9 +136,11 @@ def test_passthrough_open_webui_runs_the_tool(owui, weather_tool, valves):
     assert f"Tool result for {calls[0]['call_id']}: E2E-SUNNY-IN-FARO" in stored
 
 
-def test_web_search_sources_when_the_user_turns_it_on(owui):
+@pytest.mark.parametrize("who", ["admin", "member"])
+def test_web_search_sources_when_the_user_turns_it_on(owui, who):
     since = len(owui.emulator.requests)
-    chat = owui.client.chat_ui(owui.model(MODEL), "[emu:web_search] Capital of Portugal?",
+    client = owui.client if who == "admin" else owui.member
+    chat = client.chat_ui(owui.model(MODEL), "[emu:web_search] Capital of Portugal?",
                                features={"web_search": True}, background_tasks=NO_TITLE)
     msg = stored_message(chat)
     assert not msg.get("error"), msg

@@ -49,7 +49,7 @@ def test_variants_and_dated_ids_keep_their_own_entries_and_route_to_themselves()
     ids = ["openai/gpt-4o", "openai/gpt-4o-2024-08-06", "deepseek/deepseek-r1",
            "deepseek/deepseek-r1:free", "deepseek/deepseek-r1:nitro"]
     entries = parse_catalog({"data": [row(i) for i in ids]})
-    snap_ids = [m["id"] for m in build_model_list(_snap(entries), "auto", "")]
+    snap_ids = [m["id"] for m in build_model_list(_snap(entries), "auto", "")[0]]
     assert sorted(snap_ids) == sorted(ids)
     for i in ids:
         assert openrouter_model_id(f"openrouter.{i}") == i
@@ -74,7 +74,7 @@ def test_model_id_filter_reports_unknown_ids_and_never_widens():
     assert unknown == ("typo/model",)
     only_typos, unknown = select_models(entries, "nope/one")
     assert only_typos == () and unknown == ("nope/one",)
-    listed = build_model_list(_snap(entries), "nope/one", "")
+    listed, _ = build_model_list(_snap(entries), "nope/one", "")
     assert len(listed) == 1 and "nope/one" in listed[0]["name"]
 
 

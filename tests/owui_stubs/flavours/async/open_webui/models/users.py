@@ -9,7 +9,7 @@
 * ``await Users.insert_new_user(id, name, email, profile_image_url="/user.png",
   role="pending", username=None, oauth=None, db=None)`` (OW :376-411; the image-URL
   validation is skipped) and ``await Users.get_user_by_id(id, db=None)`` -> ``UserModel |
-  None`` (OW :414-422).
+  None`` (OW :414-422); ``await Users.get_super_admin_user(db=None)`` (OW :896-899).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 
 from open_webui.internal.db import Base, get_async_db_context
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from sqlalchemy import JSON, BigInteger, Column, Date, String, Text
+from sqlalchemy import JSON, BigInteger, Column, Date, String, Text, select
 
 _DEFAULT_PROFILE_IMAGE_URL = "/api/v1/users/{user_id}/profile/image"
 
@@ -130,6 +130,12 @@ class UsersTable:
     async def get_user_by_id(self, id: str, db=None) -> UserModel | None:
         async with get_async_db_context(db) as session:
             row = await session.get(User, id)
+            return UserModel.model_validate(row) if row else None
+
+    async def get_super_admin_user(self, db=None) -> UserModel | None:
+        async with get_async_db_context(db) as session:
+            rows = (await session.execute(select(User).where(User.role == "admin").limit(1)))
+            row = rows.scalars().first()
             return UserModel.model_validate(row) if row else None
 
 

@@ -5,7 +5,8 @@
 * ``UserSettings`` allows extra keys (W06 :52-55).
 * ``Users.insert_new_user(id, name, email, profile_image_url="/user.png",
   role="pending", oauth_sub=None)`` (W06 :144-174) and ``Users.get_user_by_id(id)``
-  (W06 :176-182): synchronous, no ``db`` parameter, ``None`` when missing.
+  (W06 :176-182): synchronous, no ``db`` parameter, ``None`` when missing;
+  ``Users.get_super_admin_user()`` (W06 :439-445): the first admin or ``None``.
 """
 
 import datetime
@@ -99,6 +100,11 @@ class UsersTable:
                 return UserModel.model_validate(row)
         except Exception:
             return None
+
+    def get_super_admin_user(self) -> Optional[UserModel]:  # noqa: UP045
+        with get_db() as db:
+            user = db.query(User).filter_by(role="admin").first()
+            return UserModel.model_validate(user) if user else None
 
 
 Users = UsersTable()
