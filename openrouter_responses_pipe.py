@@ -1720,17 +1720,35 @@ class RouteOutcome:
 
     def provider(self) -> str:
         """`DeepInfra (fp8)`: the selected endpoint, its variant in parentheses."""
-        available = (self.router.get("endpoints") or {}).get("available") or ()
-        chosen = next((e for e in available if isinstance(e, Mapping) and e.get("selected")),
-                      None)
-        slug = str((chosen or {}).get("provider") or "")
-        name, _, variant = slug.partition("/")
-        return f"{name} ({variant})" if variant else name
+        endpoints = self.router.get("endpoints")
+        available = endpoints.get("available") if isinstance(endpoints, Mapping) else None
+        chosen = next((e for e in available or () if isinstance(e, Mapping)
+                       and e.get("selected")), None)
+        return provider_label(str((chosen or {}).get("provider") or ""))
 
     def failed_providers(self) -> list[str]:
         return list(dict.fromkeys(
-            str(a.get("provider")) for a in self.router.get("attempts") or ()
-            if isinstance(a, Mapping) and int(a.get("status") or 0) >= 400))
+            provider_label(str(a.get("provider"))) for a in self.router.get("attempts") or ()
+            if isinstance(a, Mapping) and isinstance(a.get("status"), int)
+            and a["status"] >= 400))
+
+
+PROVIDER_NAMES = {
+    "deepinfra": "DeepInfra", "together": "Together", "openai": "OpenAI",
+    "anthropic": "Anthropic", "azure": "Azure", "google-vertex": "Google Vertex",
+    "google-ai-studio": "Google AI Studio", "amazon-bedrock": "Amazon Bedrock",
+    "groq": "Groq", "fireworks": "Fireworks", "novita": "Novita", "parasail": "Parasail",
+    "baseten": "Baseten", "cerebras": "Cerebras", "mistral": "Mistral", "deepseek": "DeepSeek",
+    "x-ai": "xAI", "nebius": "Nebius", "sambanova": "SambaNova", "hyperbolic": "Hyperbolic",
+    "chutes": "Chutes", "moonshotai": "Moonshot AI", "lambda": "Lambda", "cohere": "Cohere",
+}
+
+
+def provider_label(slug: str) -> str:
+    """`deepinfra/fp8` -> `DeepInfra (fp8)`; display names pass through unchanged."""
+    name, _, variant = slug.strip()[:80].partition("/")
+    name = PROVIDER_NAMES.get(name, name)
+    return f"{name} ({variant})" if variant else name
 
 
 def _same_model(requested: str, served: str) -> bool:
@@ -2228,6 +2246,21 @@ def part_kind(part: ContentPart) -> str | None:
     return _KIND_OF.get(type(part))
 
 
+def takes_part(entry: CatalogEntry, part: ContentPart) -> bool:
+    """Whether `part` may be sent to the model: its kind is an input modality of the model,
+    or it is a PDF, which OpenRouter parses for any model (file-parser plugin, issue #12)."""
+    kind = part_kind(part)
+    return kind is not None and (entry.accepts(kind) or (kind == "file" and is_pdf_part(part)))
+
+
+def is_pdf_part(part: ContentPart) -> bool:
+    if not isinstance(part, FilePart):
+        return False
+    url = part.url[:64].lower()
+    return (url.startswith("data:application/pdf") or part.filename.lower().endswith(".pdf")
+            or urllib.parse.urlsplit(part.url[:2048]).path.lower().endswith(".pdf"))
+
+
 _KIND_OF: dict[type, str] = {ImagePart: "image", FilePart: "file", AudioPart: "audio",
                              VideoPart: "video"}
 
@@ -2266,7 +2299,7 @@ def input_parts(parts: Iterable[ContentPart], entry: CatalogEntry
             out.append({"type": "input_text", "text": part.text})
         elif isinstance(part, RefusedPart):
             notes.append(part.reason)
-        elif kind is not None and entry.accepts(kind):
+        elif kind is not None and takes_part(entry, part):
             out.append(_RESPONSES_PARTS[kind](part))
         elif kind is not None:
             notes.append(f"{entry.name} can't read {_KIND_PLURALS[kind]}, so "
@@ -3076,7 +3109,7 @@ class Intake:
 
     async def _part(self, part: ContentPart, job: IntakeJob) -> ContentPart:
         kind = part_kind(part)
-        if kind is None or not job.entry.accepts(kind):
+        if kind is None or not takes_part(job.entry, part):
             return part  # text, or a kind the transformer will leave out with a note
         try:
             return await _RESOLVERS[kind](self, part, job)
