@@ -40,6 +40,7 @@ import base64
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import hashlib
 import hmac
 import html
@@ -573,7 +574,10 @@ class Valves(BaseModel):
     @field_validator("PROVIDER_ROUTING")
     @classmethod
     def _check_provider_routing(cls, value: str) -> str:
+        """Refuses the save (Open WebUI answers 400). Open WebUI 0.12 shows admins only
+        "Error updating function valves", so the reason is also kept for the selector."""
         _, problems = check_provider(value, "PROVIDER_ROUTING")
+        note_valve_check("PROVIDER_ROUTING", value, problems)
         if problems:
             raise ValueError("; ".join(problems))
         return value
@@ -1242,6 +1246,27 @@ PERCENTILES = ("p50", "p75", "p90", "p99")
 ROUTING_SUFFIXES = ("nitro", "floor", "exacto")
 CACHE_FAMILIES = ("anthropic/", "~anthropic/")
 _MIN_PRICE_PER_M = 0.0001  # below this a max_price is almost surely a per-token price
+REFUSED_VALVES: dict[str, tuple[str, float]] = {}  # valve -> (why refused, when)
+_GOOD_VALVES: dict[str, str] = {}  # valve -> the last value that passed its check
+REFUSAL_SHOWN_SECONDS = 600.0
+
+
+def note_valve_check(name: str, value: str, problems: Iterable[str]) -> None:
+    """Remember a refused save for the selector (Open WebUI 0.12 hides the reason). Open
+    WebUI re-validates the stored valves on every call, so only a *changed* good value (a
+    successful save) clears the note; it also fades after REFUSAL_SHOWN_SECONDS."""
+    problems = tuple(problems)
+    if problems:
+        REFUSED_VALVES[name] = ("; ".join(problems), time.time())
+        return
+    if _GOOD_VALVES.get(name, value) != value:
+        REFUSED_VALVES.pop(name, None)
+    _GOOD_VALVES[name] = value
+
+
+def recent_refusals(now: float) -> tuple[tuple[str, str], ...]:
+    return tuple((name, why) for name, (why, at) in REFUSED_VALVES.items()
+                 if now - at < REFUSAL_SHOWN_SECONDS)
 
 
 def _slug_list(value: Any) -> list[str]:
@@ -1489,20 +1514,59 @@ def _id_list(raw: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(p.strip() for p in re.split(r"[,\n]", raw or "") if p.strip()))
 
 
+MODEL_PARAM_KEYS = ("provider", "models")
+
+
+def routing_params(params: Any) -> dict[str, Any]:
+    """A model record's params -> its `provider` / `models` (custom params win)."""
+    if not isinstance(params, Mapping):
+        return {}
+    found = {k: v for k, v in params.items() if k in MODEL_PARAM_KEYS}
+    custom = params.get("custom_params")
+    if isinstance(custom, Mapping):
+        found.update({k: v for k, v in custom.items() if k in MODEL_PARAM_KEYS})
+    return found
+
+
 def model_custom_params(metadata: Mapping[str, Any] | None, owui_model_id: str
                         ) -> Mapping[str, Any]:
-    """The admin's per-model custom params (model editor) for this model, or {}."""
+    """The per-model params in `__metadata__["model"]["info"]["params"]` for this model.
+
+    Only Open WebUI 0.6.28 fills them there (0.12 strips them, and neither sends the model
+    with the title endpoint), so `owui_model_params` reads the model record instead."""
     model = (metadata or {}).get("model")
     if not isinstance(model, Mapping) or model.get("id") != owui_model_id:
         return {}
-    params = ((model.get("info") or {}).get("params") or {}) if isinstance(
-        model.get("info"), Mapping) else {}
-    custom = params.get("custom_params") if isinstance(params, Mapping) else None
-    merged = {k: v for k, v in params.items() if k in ("provider", "models")} \
-        if isinstance(params, Mapping) else {}
-    if isinstance(custom, Mapping):
-        merged.update({k: v for k, v in custom.items() if k in ("provider", "models")})
-    return merged
+    info = model.get("info")
+    return routing_params(info.get("params")) if isinstance(info, Mapping) else {}
+
+
+@functools.cache
+def _owui_models() -> Any:
+    """Open WebUI's `Models` table API, or None outside Open WebUI (looked up once)."""
+    try:
+        return importlib.import_module("open_webui.models.models").Models
+    except (ImportError, AttributeError):
+        return None
+
+
+async def owui_model_params(owui_model_id: str) -> Mapping[str, Any] | None:
+    """The admin's per-model settings from Open WebUI's model record (the model editor's
+    Advanced Params → Custom Parameters); None outside Open WebUI."""
+    models = _owui_models()
+    if models is None:
+        return None
+    import sqlalchemy.exc as sa_exc
+
+    getter = models.get_model_by_id
+    try:
+        record = (await getter(owui_model_id) if inspect.iscoroutinefunction(getter)
+                  else await asyncio.to_thread(getter, owui_model_id))
+    except (sa_exc.SQLAlchemyError, OSError, ValueError) as exc:
+        LOG.warning("Could not read the model record of %s: %s", owui_model_id, exc)
+        return {}
+    params = getattr(record, "params", None)
+    return routing_params(params.model_dump() if isinstance(params, BaseModel) else params)
 
 
 def _user_provider(user: UserValves, body_provider: Any) -> tuple[dict[str, Any], list[str]]:
@@ -6570,6 +6634,9 @@ class Pipe:
         # ── end issue #11 ──
 
         # ── Routing, fallbacks, caching (issue #12) ──
+        # the model editor's per-model settings (an I/O edge: tests replace it)
+        self._model_params: Callable[[str], Awaitable[Mapping[str, Any] | None]] = \
+            owui_model_params
         # ── end issue #12 ──
 
         # ── Spend control (issue #13) ──
@@ -6591,7 +6658,7 @@ class Pipe:
         except PipeError as exc:
             return [_status_entry("catalog", f"catalog unavailable: {exc}")]
         key = (snap, valves.MODEL_ID, valves.MODEL_NAME_PREFIX, valves.SHOW_HEALTH_MODEL,
-               settings.routing)
+               settings.routing, recent_refusals(time.time()))
         if self._models_cache is None or self._models_cache[0] != key:
             models = build_model_list(snap, valves.MODEL_ID, valves.MODEL_NAME_PREFIX,
                                       settings.routing)
@@ -6619,10 +6686,13 @@ class Pipe:
                    ) -> str | AsyncIterator[dict[str, Any]]:
         """Serve one chat turn: a plain string for tasks and `stream: false`, else chunks."""
         req = parse_chat_request(body, __user__, __metadata__, __task__)
+        model_params = await self._model_params(req.owui_model_id)      # per-model (#12)
+        if model_params is None:
+            model_params = model_custom_params(__metadata__, req.owui_model_id)
         try:                                                               # 2 settings
             settings = RequestSettings.merge(
                 self.valves, _as_user_valves((__user__ or {}).get("valves")), req.user_role,
-                model_custom_params(__metadata__, req.owui_model_id), body.get("provider"))
+                model_params, body.get("provider"))
         except PipeError as exc:
             return _fail_fast(req, exc)
         log = RequestLog(uuid.uuid4().hex[:12], req.user_id, req.chat_id or "-",
@@ -7149,6 +7219,8 @@ def build_model_list(snap: CatalogSnapshot, model_ids: str, prefix: str,
     if routing.problems:
         LOG.error("Routing settings left out (never sent): %s", "; ".join(routing.problems))
         models.insert(0, _status_entry("routing", "ignored: " + "; ".join(routing.problems)))
+    for name, why in recent_refusals(time.time()):
+        models.insert(0, _status_entry(f"refused-{name.lower()}", f"{name} not saved: {why}"))
     return models
 
 

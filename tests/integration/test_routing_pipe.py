@@ -54,6 +54,26 @@ async def test_admin_default_per_model_and_user_tightening_reach_the_request(pip
                     "max_price": {"prompt": "10", "completion": "20"}}
 
 
+async def test_the_model_record_is_the_per_model_source_for_chats_and_tasks(pipe, emulator):
+    """Open WebUI 0.12 strips the params from `__metadata__["model"]` and the title endpoint
+    sends no model at all, so the pipe reads the model editor's record itself."""
+    asked: list[str] = []
+
+    async def record(model_id: str) -> dict:
+        asked.append(model_id)
+        return {"provider": '{"only": ["anthropic"], "zdr": true}', "models": ["openai/gpt-4o"]}
+
+    pipe._model_params = record
+    meta = model_meta(CLAUDE, provider='{"only": ["amazon-bedrock"]}')  # 0.6.28's copy: unused
+    await stream(pipe, body(CLAUDE, "hi"), __metadata__=meta)
+    await pipe.pipe(body=body(CLAUDE, "### Task: title", stream=False), __user__=user(),
+                    __task__="title_generation", __metadata__={"task": "title_generation"})
+    for sent in (p["json"] for p in posts(emulator)):
+        assert sent["provider"] == {"only": ["anthropic"], "zdr": True}
+        assert sent["models"] == [GPT4O]
+    assert asked == [f"openrouter.{CLAUDE}"] * 2
+
+
 async def test_per_model_routing_from_another_model_is_not_applied(pipe, emulator):
     meta = model_meta("openai/gpt-4.1-mini", provider='{"only": ["azure"]}')
     await stream(pipe, body(GPT4O, "hi"), __metadata__=meta)
@@ -108,6 +128,30 @@ async def test_invalid_stored_valve_is_a_status_entry_and_never_sent(pipe, emula
     assert "provider" not in posts(emulator)[-1]["json"]
 
 
+async def test_a_refused_save_is_named_in_the_selector_until_a_good_save(pipe, emulator):
+    """Open WebUI 0.12 answers a refused valve save with a generic 400; the reason shows as
+    a status entry in the model selector instead."""
+    from openrouter_responses_pipe import REFUSED_VALVES
+
+    REFUSED_VALVES.clear()
+    try:
+        set_valves(pipe, PROVIDER_ROUTING='{"sort": "price"}')
+        try:
+            set_valves(pipe, PROVIDER_ROUTING='{"sortt": "price"}')
+        except ValueError:
+            pass
+        listed = await pipe.pipes()
+        assert listed[0]["id"] == "_status-refused-provider_routing"
+        assert "PROVIDER_ROUTING not saved" in listed[0]["name"]
+        assert "unknown key 'sortt'" in listed[0]["name"]
+        set_valves(pipe, PROVIDER_ROUTING='{"sort": "price"}')  # Open WebUI reloads: kept
+        assert (await pipe.pipes())[0]["id"] == "_status-refused-provider_routing"
+        set_valves(pipe, PROVIDER_ROUTING='{"sort": "latency"}')  # a successful save
+        assert not (await pipe.pipes())[0]["id"].startswith("_status")
+    finally:
+        REFUSED_VALVES.clear()
+
+
 # -- 2. fallbacks -----------------------------------------------------------------------------
 
 
@@ -155,7 +199,7 @@ async def test_variants_are_listed_with_distinct_names_and_route_verbatim(pipe, 
         out = await stream(pipe, body(variant, "hi"))
         assert out.error is None, (variant, out.error)
         assert posts(emulator)[-1]["json"]["model"] == variant
-    auto = [p["json"] for p in posts(emulator) if p["json"]["model"] == "openrouter/auto"][0]
+    auto = next(p["json"] for p in posts(emulator) if p["json"]["model"] == "openrouter/auto")
     assert {"id": "auto-router", "allowed_models": ["anthropic/*"]} in auto["plugins"]
 
 

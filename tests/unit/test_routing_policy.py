@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from openrouter_responses_pipe import (
+    REFUSED_VALVES,
     ChatRequest,
     Pricing,
     RequestSettings,
@@ -110,6 +111,7 @@ def test_bad_values_are_named(raw, message):
 def test_valve_save_refuses_a_bad_key_with_its_name():
     with pytest.raises(ValidationError, match="unknown key 'sortt'"):
         Valves(PROVIDER_ROUTING='{"sortt": "price"}')
+    assert "unknown key 'sortt'" in REFUSED_VALVES.pop("PROVIDER_ROUTING")[0]
     ok = Valves(PROVIDER_ROUTING='{"sort": {"by": "price", "partition": "none"}, '
                                  '"preferred_min_throughput": {"p90": 50}}')
     routing = RequestSettings.merge(ok, None).routing
