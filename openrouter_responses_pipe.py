@@ -1377,7 +1377,7 @@ def load_json_setting(raw: Any) -> Any:
             return None
         try:
             return json.loads(text)
-        except ValueError as exc:
+        except json.JSONDecodeError as exc:
             raise ValueError(f"is not valid JSON ({exc.msg} at position {exc.pos})") from None
     return raw
 
