@@ -1737,13 +1737,15 @@ def variant_entry(variant: str, snap: CatalogSnapshot) -> CatalogEntry | None:
     """A selector entry for a variant/preset/router id: its base's capabilities, its own id."""
     if variant in snap.by_id:
         return snap.by_id[variant]
-    if variant.split("@", 1)[0] == AUTO_ROUTER_ID:
+    head = variant.split("@", 1)[0]
+    if head in (AUTO_ROUTER_ID, ""):  # a router, or a preset that names its own model
         base = snap.by_id.get("openai/gpt-4o") or (snap.entries[0] if snap.entries else None)
         if base is None:
             return None
-        return dataclasses.replace(base, id=variant, name="OpenRouter: Auto Router",
-                                   canonical_slug=AUTO_ROUTER_ID,
-                                   description="OpenRouter picks the model for each prompt.")
+        name = ("OpenRouter: Auto Router" if head else
+                f"OpenRouter preset: {variant.removeprefix('@preset/')}")
+        return dataclasses.replace(base, id=variant, name=name, canonical_slug=variant,
+                                   description="OpenRouter picks the model.")
     base = variant_base(variant, snap.by_id, snap.entries)
     if base is None:
         return None
@@ -1780,7 +1782,9 @@ class RouteOutcome:
         if not self.served or strategy in ("auto", "latest", "alias"):
             return False
         base = self.requested.split("@", 1)[0]
-        return not (base.startswith(("~", AUTO_ROUTER_ID)) or _same_model(base, self.served))
+        if not base or base.startswith(("~", AUTO_ROUTER_ID)):  # a preset/alias/router picks
+            return False
+        return not _same_model(base, self.served)
 
     def provider(self) -> str:
         """`DeepInfra (fp8)`: the selected endpoint, its variant in parentheses."""

@@ -184,7 +184,7 @@ async def test_a_user_cannot_add_fallback_models_through_the_body(pipe, emulator
 
 VARIANTS = ("anthropic/claude-sonnet-4:nitro, deepseek/deepseek-r1:floor, "
             "meta-llama/llama-3.3-70b-instruct:exacto, openai/gpt-4o@preset/support, "
-            "openrouter/auto, ~anthropic/claude-sonnet-latest")
+            "openrouter/auto, ~anthropic/claude-sonnet-latest, @preset/support")
 
 
 async def test_variants_are_listed_with_distinct_names_and_route_verbatim(pipe, emulator):
@@ -194,6 +194,7 @@ async def test_variants_are_listed_with_distinct_names_and_route_verbatim(pipe, 
     assert listed["openai/gpt-4o@preset/support"] == "OpenAI: GPT-4o (preset support)"
     assert listed["~anthropic/claude-sonnet-latest"] == "Anthropic: Claude Sonnet 4 (latest)"
     assert listed["openrouter/auto"] == "OpenRouter: Auto Router"
+    assert listed["@preset/support"] == "OpenRouter preset: support"
     assert len(set(listed.values())) == len(listed)
     for variant in [v.strip() for v in VARIANTS.split(",")]:
         out = await stream(pipe, body(variant, "hi"))

@@ -198,6 +198,7 @@ def test_cache_saving_prices_reads_and_writes():
     (RouteOutcome("a/b:nitro", "a/b"), []),
     (RouteOutcome("~a/b-latest", "a/b-2"), ["answered by a/b-2"]),
     (RouteOutcome("openrouter/auto", "x/y", {"strategy": "auto"}), ["answered by x/y"]),
+    (RouteOutcome("@preset/support", "x/y", {"strategy": "direct"}), ["answered by x/y"]),
     (RouteOutcome("a/b", "a/b", {"endpoints": {"available": [
         {"provider": "together", "selected": False},
         {"provider": "deepinfra/fp8", "selected": True}]},
