@@ -230,3 +230,28 @@ def test_availability_and_rate_limit_sentences():
         "The per-minute limit for free models (20 requests) was reached. It resets in 5 "
         "minutes (at 08:05 UTC)."]
     assert describe_rate_limit("Provider returned error", {}, 0) == []
+
+
+@given(st.text(max_size=40), st.dictionaries(st.sampled_from(["limit", "remaining", "reset"]),
+                                             st.text(max_size=20), max_size=3),
+       st.floats(min_value=0, max_value=4e9))
+def test_rate_limit_text_never_raises(message, limits, now):
+    lines = describe_rate_limit(message, limits, now)
+    assert all(isinstance(line, str) and line.endswith(".") for line in lines)
+
+
+@given(st.dictionaries(st.text(max_size=12), st.text(max_size=12), max_size=4))
+def test_rate_limit_headers_keep_only_x_ratelimit(headers):
+    from openrouter_responses_pipe import rate_limit_headers
+
+    found = rate_limit_headers(headers, None)
+    assert len(found) <= sum(1 for k in headers if k.lower().startswith("x-ratelimit-"))
+
+
+def test_policy_summary_names_what_can_exclude_providers():
+    from openrouter_responses_pipe import describe_policy
+
+    assert describe_policy({"sort": "price", "order": ["a"]}) == ""
+    assert describe_policy({"only": ["a", "b"], "zdr": True, "data_collection": "deny",
+                            "max_price": {"prompt": "1"}}) == (
+        "only a, b; zero data retention; no data collection; max price prompt $1/M")
