@@ -509,7 +509,8 @@ class Valves(BaseModel):
                     "max_price (US dollars per million tokens), preferred_max_latency, "
                     "preferred_min_throughput, options. A model's own `provider` custom "
                     "parameter (model editor → Advanced Params) wins per key. Users may only "
-                    "tighten it. A bad key or value is refused on save.")
+                    "tighten it. A bad key or value is refused on save (Open WebUI 0.12 says "
+                    "only 'Error updating function valves'; the model selector names it).")
     FALLBACK_MODELS: str = Field(
         default="",
         description="Comma list of models OpenRouter tries, in order, when the chosen model "
@@ -524,7 +525,8 @@ class Valves(BaseModel):
         default="",
         description="Extra selector entries routed verbatim, comma separated: routing "
                     "variants (`anthropic/claude-sonnet-4.5:nitro`, `…:floor`, `…:exacto`), "
-                    "presets (`openai/gpt-5-mini@preset/support`), `openrouter/auto`, aliases "
+                    "presets (`openai/gpt-5-mini@preset/support`, `@preset/support`), "
+                    "`openrouter/auto`, aliases "
                     "(`~anthropic/claude-sonnet-latest`). Each inherits its base model's "
                     "capabilities and is named after it with the variant in parentheses.")
     AUTO_ROUTER_ALLOWED_MODELS: str = Field(
