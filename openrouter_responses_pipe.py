@@ -1872,6 +1872,13 @@ RouteReport = tuple[tuple[str, ...], float | None]  # (status-line parts, cache 
 FALLBACK_STATUSES = frozenset({429, 502, 503, 529})
 
 
+def failed_providers_of(exc: UpstreamStatusError) -> list[str]:
+    """Providers an error body says failed (`metadata.previous_errors[].provider`)."""
+    errors = exc.metadata.get("previous_errors")
+    return [provider_label(str(e["provider"])) for e in errors or ()
+            if isinstance(e, Mapping) and e.get("provider")] if isinstance(errors, list) else []
+
+
 def rate_limit_fallback(payload: Mapping[str, Any], exc: UpstreamStatusError,
                         routing: RoutingSettings) -> dict[str, Any] | None:
     """The request re-aimed at the first fallback model, or None when there is none."""
@@ -6950,6 +6957,7 @@ class Pipe:
         except UpstreamStatusError as exc:
             exc.model = str(payload.get("model") or "")
             exc.routing = describe_policy(payload.get("provider") or {})
+            self._telemetry.provider_route("", failed_providers_of(exc))
             alt = rate_limit_fallback(payload, exc, turn.settings.routing)
             if alt is None:
                 raise

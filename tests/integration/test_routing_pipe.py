@@ -276,6 +276,16 @@ async def test_status_line_names_the_provider_and_the_one_that_failed(pipe, emul
     assert providers["Together"] == {"turns": 0, "failures": 1}
 
 
+async def test_health_counts_provider_failures_from_error_bodies(pipe, emulator):
+    set_valves(pipe, MAX_RETRIES=0)
+    emulator.enqueue("http_error", status=503)  # previous_errors: example-cloud, 503
+    out = await stream(pipe, body(GPT4O, "hi"))
+    assert "temporarily unavailable" in out.error
+    health = await pipe.pipe(body=body("_health", "hi", stream=False),
+                             __user__=user(role="admin"))
+    assert "- Providers (turns / failures): example-cloud: 0 / 1" in health
+
+
 async def test_router_metadata_event_validates_and_can_be_turned_off(pipe, emulator, events):
     await stream(pipe, body(GPT4O, "hi"), __event_emitter__=events)
     meta = emulator.responses[-1]["openrouter_metadata"]
