@@ -165,6 +165,10 @@ class UpstreamStatusError(UpstreamError):
     error_type: str = ""
     retry_after: float | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    availability: Mapping[str, Any] = field(default_factory=dict)  # issue #12
+    rate_limits: Mapping[str, str] = field(default_factory=dict)   # X-RateLimit-* (#12)
+    model: str = ""    # the model asked for (set by the pipe)
+    routing: str = ""  # the routing policy that may have excluded every provider
 
     def __post_init__(self) -> None:
         PipeError.__init__(self, self.provider_message or f"HTTP {self.status}")
@@ -563,6 +567,90 @@ class Valves(BaseModel):
     # ── end issue #11 ──
 
     # ── Routing, fallbacks, caching (issue #12) ──
+    PROVIDER_ROUTING: str = Field(
+        default="",
+        description='Default provider routing for every model, as OpenRouter\'s `provider` '
+                    'JSON, e.g. {"data_collection": "deny", "zdr": true, "sort": "price", '
+                    '"ignore": ["example"], "max_price": {"prompt": 3, "completion": 15}}. '
+                    "Keys: order, only, ignore, allow_fallbacks, require_parameters, "
+                    "data_collection, zdr, enforce_distillable_text, quantizations, sort, "
+                    "max_price (US dollars per million tokens), preferred_max_latency, "
+                    "preferred_min_throughput, options. A model's own `provider` custom "
+                    "parameter (model editor → Advanced Params) wins per key. Users may only "
+                    "tighten it. A bad key or value is refused on save (Open WebUI 0.12 says "
+                    "only 'Error updating function valves'; the model selector names it).")
+    FALLBACK_MODELS: str = Field(
+        default="",
+        description="Comma list of models OpenRouter tries, in order, when the chosen model "
+                    "fails (sent as `models`), e.g. `openai/gpt-5.2, google/gemini-2.5-pro`. "
+                    "A model's own `models` custom parameter replaces it. The status line "
+                    "says when a fallback answered; cost is that model's.")
+    RATE_LIMIT_FALLBACK: bool = Field(
+        default=True,
+        description="When OpenRouter still answers 429/502/503/529 after the retries, ask "
+                    "the first fallback model (FALLBACK_MODELS) instead and tell the user.")
+    MODEL_VARIANTS: str = Field(
+        default="",
+        description="Extra selector entries routed verbatim, comma separated: routing "
+                    "variants (`anthropic/claude-sonnet-4.5:nitro`, `…:floor`, `…:exacto`), "
+                    "presets (`openai/gpt-5-mini@preset/support`, `@preset/support`), "
+                    "`openrouter/auto`, aliases "
+                    "(`~anthropic/claude-sonnet-latest`). Each inherits its base model's "
+                    "capabilities and is named after it with the variant in parentheses.")
+    AUTO_ROUTER_ALLOWED_MODELS: str = Field(
+        default="",
+        description="Models `openrouter/auto` may pick from (comma list, wildcards like "
+                    "`anthropic/*` allowed), sent with the auto-router plugin. Empty: "
+                    "OpenRouter's default pool.")
+    PROMPT_CACHE: Literal["off", "5m", "1h"] = Field(
+        default="5m",
+        description="Prompt caching for Anthropic models (top-level `cache_control`): off, "
+                    "5 minutes, or 1 hour (writes cost 1.25x / 2x the input price, reads "
+                    "0.1x). Other providers cache automatically. The status line shows "
+                    "cached tokens and what the cache saved.")
+    ROUTER_METADATA: bool = Field(
+        default=True,
+        description="Ask OpenRouter which provider served (X-OpenRouter-Metadata) and show "
+                    "it in the status line, e.g. `via DeepInfra (fp8) after Together "
+                    "failed`; counted per provider in the health report.")
+    SERVICE_TIER: Literal["auto", "flex", "priority"] = Field(
+        default="auto",
+        description="OpenRouter service tier: `auto` (not sent), `flex` (cheaper, slower, "
+                    "flex endpoints only) or `priority` (faster, costs more).")
+    TEXT_VERBOSITY: Literal["default", "low", "medium", "high"] = Field(
+        default="default",
+        description="Answer length hint (`text.verbosity`); `default` sends nothing.")
+    PDF_PARSER_ENGINE: Literal["cloudflare-ai", "mistral-ocr", "native",
+                               "openrouter-default"] = Field(
+        default="cloudflare-ai",
+        description="How OpenRouter reads PDFs for models that can't read them natively: "
+                    "`cloudflare-ai` (free, default), `mistral-ocr` ($2 per 1,000 pages, "
+                    "best for scans), `native`, or `openrouter-default` (sends nothing: "
+                    "OpenRouter then uses mistral-ocr and charges for it).")
+    RESPONSE_HEALING: bool = Field(
+        default=True,
+        description="Ask OpenRouter to repair malformed JSON in non-streamed JSON-mode "
+                    "answers (the response-healing plugin; streamed answers can't be healed).")
+    USER_IDENTIFIER: Literal["off", "hash"] = Field(
+        default="hash",
+        description="Send `user` and `safety_identifier` as a keyed hash of the Open WebUI "
+                    "user id (stable, not reversible) so OpenRouter can isolate abuse per "
+                    "user; `off` sends nothing.")
+    SEND_CHAT_METADATA: bool = Field(
+        default=False,
+        description="Send the Open WebUI chat id in the request's `metadata` map (shows in "
+                    "OpenRouter's logs).")
+
+    @field_validator("PROVIDER_ROUTING")
+    @classmethod
+    def _check_provider_routing(cls, value: str) -> str:
+        """Refuses the save (Open WebUI answers 400). Open WebUI 0.12 shows admins only
+        "Error updating function valves", so the reason is also kept for the selector."""
+        _, problems = check_provider(value, "PROVIDER_ROUTING")
+        note_valve_check("PROVIDER_ROUTING", value, problems)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
     # ── end issue #12 ──
 
     # ── Spend control (issue #13) ──
@@ -605,6 +693,19 @@ class UserValves(BaseModel):
     # ── end issue #11 ──
 
     # ── Routing, fallbacks, caching (issue #12) ──
+    PROVIDER_SORT: Literal["inherit", "price", "throughput", "latency", "exacto"] = Field(
+        default="inherit",
+        description="Prefer the cheapest, fastest, lowest-latency or most accurate provider "
+                    "(`inherit` = admin default).")
+    PROVIDER_DATA_COLLECTION: Literal["inherit", "deny"] = Field(
+        default="inherit",
+        description="`deny`: only providers that don't store or train on your prompts.")
+    PROVIDER_ZDR: Literal["inherit", "on"] = Field(
+        default="inherit", description="`on`: only zero-data-retention providers.")
+    SERVICE_TIER: Literal["inherit", "auto", "flex", "priority"] = Field(
+        default="inherit", description="Your service tier (`inherit` = admin default).")
+    TEXT_VERBOSITY: Literal["inherit", "default", "low", "medium", "high"] = Field(
+        default="inherit", description="Your answer length hint (`inherit` = admin default).")
     # ── end issue #12 ──
 
     # ── Spend control (issue #13) ──
@@ -732,6 +833,7 @@ class RequestSettings:
     # ── end issue #11 ──
 
     # ── Routing, fallbacks, caching (issue #12) ──
+    routing: RoutingSettings = field(default_factory=lambda: RoutingSettings())
     # ── end issue #12 ──
 
     # ── Spend control (issue #13) ──
@@ -742,8 +844,11 @@ class RequestSettings:
 
 
     @classmethod
-    def merge(cls, valves: Valves, user: UserValves | None, user_role: str = "user"
+    def merge(cls, valves: Valves, user: UserValves | None, user_role: str = "user",
+              model_params: Mapping[str, Any] | None = None, body_provider: Any = None
               ) -> RequestSettings:
+        """`model_params`: the model editor's custom params (§7 model_custom_params);
+        `body_provider`: a `provider` in the chat body, applied only as a user tightening."""
         user = user or UserValves()
         show = _pick(user.SHOW_FINAL_STATUS, "on" if valves.SHOW_FINAL_STATUS else "off")
         api_key = EncryptedStr(valves.API_KEY).reveal().strip()
@@ -795,6 +900,7 @@ class RequestSettings:
             # ── end issue #11 ──
 
             # ── Routing, fallbacks, caching (issue #12) ──
+            routing=routing_settings(valves, user, model_params, body_provider),
             # ── end issue #12 ──
 
             # ── Spend control (issue #13) ──
@@ -829,6 +935,8 @@ class Pricing:
     web_search: float | None = None
     internal_reasoning: float = 0.0
     input_cache_read: float = 0.0
+    input_cache_write: float = 0.0     # issue #12: what the cache saved
+    input_cache_write_1h: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -977,19 +1085,22 @@ class Usage:
     reasoning_tokens: int = 0
     cached_tokens: int = 0
     cost: float | None = None
+    cache_write_tokens: int = 0
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any] | None) -> Usage | None:
         if not raw:
             return None
         cost = raw.get("cost")
+        details = raw.get("input_tokens_details") or {}
         return cls(
             input_tokens=int(raw.get("input_tokens") or 0),
             output_tokens=int(raw.get("output_tokens") or 0),
             reasoning_tokens=int((raw.get("output_tokens_details") or {})
                                  .get("reasoning_tokens") or 0),
-            cached_tokens=int((raw.get("input_tokens_details") or {}).get("cached_tokens") or 0),
-            cost=float(cost) if isinstance(cost, int | float) else None)
+            cached_tokens=int(details.get("cached_tokens") or 0),
+            cost=float(cost) if isinstance(cost, int | float) else None,
+            cache_write_tokens=int(details.get("cache_write_tokens") or 0))
 
     @property
     def total_tokens(self) -> int:
@@ -1000,6 +1111,7 @@ class Usage:
         self.output_tokens += other.output_tokens
         self.reasoning_tokens += other.reasoning_tokens
         self.cached_tokens += other.cached_tokens
+        self.cache_write_tokens += other.cache_write_tokens
         if other.cost is not None:
             self.cost = (self.cost or 0.0) + other.cost
 
@@ -1029,7 +1141,9 @@ def _parse_pricing(raw: Mapping[str, Any] | None) -> Pricing:
         request=_price(raw, "request"), image=_price(raw, "image"),
         web_search=_price(raw, "web_search") if "web_search" in raw else None,
         internal_reasoning=_price(raw, "internal_reasoning"),
-        input_cache_read=_price(raw, "input_cache_read"))
+        input_cache_read=_price(raw, "input_cache_read"),
+        input_cache_write=_price(raw, "input_cache_write"),
+        input_cache_write_1h=_price(raw, "input_cache_write_1h"))
 
 
 def _parse_reasoning(raw: Any, params: frozenset[str]) -> ReasoningSpec | None:
@@ -1762,10 +1876,744 @@ def _retire_plan(stored: StoredRecord | None) -> RecordWrite | None:
 # ─────────────────────────────────────────────────────────────────────────────
 # §7 Routing policy
 #
-# OpenRouter's own controls (issue #12).
+# OpenRouter's own controls (issue #12), as pure functions of plain data:
+#   check_provider      OpenRouter `provider` JSON -> (clean copy, problems naming each bad key)
+#   merge_provider      admin default ⊕ per-model (wins) ⊕ user tightening (never loosens)
+#   routing_settings    Valves + per-model custom params + UserValves -> RoutingSettings
+#   apply_routing       RoutingSettings -> request fields (provider, models, cache_control, …)
+#   variant_entries     MODEL_VARIANTS -> synthesized CatalogEntry objects (routed verbatim)
+#   RouteOutcome        what came back (served model, router metadata, cache) -> status text
+#
+# Per-model settings come from Open WebUI's model editor (Advanced Params → Custom Parameters
+# `provider` and `models`), read from `__metadata__["model"]["info"]["params"]` (admin-set, on
+# 0.6.28 and 0.12). The same keys also reach `body`, where a user's own chat-level custom
+# params land too, so `body["provider"]` is only ever applied as a user tightening.
 # ─────────────────────────────────────────────────────────────────────────────
 
-# (issue #12: filled in by its branch)
+QUANTIZATIONS = ("int4", "int8", "fp4", "mxfp4", "nvfp4", "fp6", "fp8", "mxfp8", "fp16",
+                 "bf16", "fp32", "unknown")
+SORT_KEYS = ("price", "throughput", "latency", "exacto")
+MAX_PRICE_KEYS = ("prompt", "completion", "image", "audio", "request")
+PERCENTILES = ("p50", "p75", "p90", "p99")
+ROUTING_SUFFIXES = ("nitro", "floor", "exacto")
+CACHE_FAMILIES = ("anthropic/", "~anthropic/")
+_MIN_PRICE_PER_M = 0.0001  # below this a max_price is almost surely a per-token price
+REFUSED_VALVES: dict[str, tuple[str, float]] = {}  # valve -> (why refused, when)
+_GOOD_VALVES: dict[str, str] = {}  # valve -> the last value that passed its check
+REFUSAL_SHOWN_SECONDS = 600.0
+
+
+def note_valve_check(name: str, value: str, problems: Iterable[str]) -> None:
+    """Remember a refused save for the selector (Open WebUI 0.12 hides the reason). Open
+    WebUI re-validates the stored valves on every call, so only a *changed* good value (a
+    successful save) clears the note; it also fades after REFUSAL_SHOWN_SECONDS."""
+    problems = tuple(problems)
+    if problems:
+        REFUSED_VALVES[name] = ("; ".join(problems), time.time())
+        return
+    if _GOOD_VALVES.get(name, value) != value:
+        REFUSED_VALVES.pop(name, None)
+    _GOOD_VALVES[name] = value
+
+
+def recent_refusals(now: float) -> tuple[tuple[str, str], ...]:
+    return tuple((name, why) for name, (why, at) in REFUSED_VALVES.items()
+                 if now - at < REFUSAL_SHOWN_SECONDS)
+
+
+def _slug_list(value: Any) -> list[str]:
+    if not isinstance(value, list) or not value:
+        raise ValueError("must be a non-empty list of provider slugs, e.g. [\"deepinfra\"]")
+    out = [v.strip() for v in value if isinstance(v, str) and v.strip()]
+    if len(out) != len(value):
+        raise ValueError("must list provider slugs as strings")
+    return out
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
+    return value
+
+
+def _data_collection(value: Any) -> str:
+    if value not in ("allow", "deny"):
+        raise ValueError('must be "allow" or "deny"')
+    return str(value)
+
+
+def _quantizations(value: Any) -> list[str]:
+    items = _slug_list(value)
+    bad = [q for q in items if q not in QUANTIZATIONS]
+    if bad:
+        raise ValueError(f"has unknown quantization {bad[0]!r} (known: {', '.join(QUANTIZATIONS)})")
+    return items
+
+
+def _sort(value: Any) -> Any:
+    if isinstance(value, str) and value in SORT_KEYS:
+        return value
+    if isinstance(value, Mapping) and set(value) <= {"by", "partition"} and "by" in value:
+        if value["by"] in SORT_KEYS and value.get("partition", "model") in ("model", "none"):
+            return dict(value)
+    raise ValueError(f'must be one of {", ".join(SORT_KEYS)} or {{"by": …, "partition": '
+                     '"model"|"none"}')
+
+
+def price_per_million(value: Any) -> str:
+    """A max_price value typed by an admin (USD per million tokens) -> OpenRouter's string."""
+    text = value.strip().lstrip("$").strip() if isinstance(value, str) else value
+    if isinstance(text, bool) or not isinstance(text, int | float | str):
+        raise ValueError("must be a number of US dollars per million tokens")
+    try:
+        number = float(text)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a number of US dollars per million tokens") from None
+    if not number >= 0 or number == float("inf"):
+        raise ValueError("must be zero or more US dollars per million tokens")
+    if 0 < number < _MIN_PRICE_PER_M:
+        raise ValueError(f"{value!r} looks like a per-token price; max_price is in US dollars "
+                         "per million tokens (e.g. 3 for $3/M)")
+    return format(number, "f").rstrip("0").rstrip(".") or "0"
+
+
+def _max_price(value: Any) -> dict[str, str]:
+    if not isinstance(value, Mapping) or not value:
+        raise ValueError('must be an object such as {"prompt": 1, "completion": 2} '
+                         "(US dollars per million tokens)")
+    out: dict[str, str] = {}
+    for key, price in value.items():
+        if key not in MAX_PRICE_KEYS:
+            raise ValueError(f"has unknown key {key!r} (known: {', '.join(MAX_PRICE_KEYS)})")
+        try:
+            out[key] = price_per_million(price)
+        except ValueError as exc:
+            raise ValueError(f"{key} {exc}") from None
+    return out
+
+
+def _percentiles(value: Any) -> Any:
+    def number(v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+            raise ValueError("must be a positive number or {p50, p75, p90, p99}")
+        return float(v)
+
+    if isinstance(value, Mapping):
+        if not value or set(value) - set(PERCENTILES):
+            raise ValueError(f"may only have the keys {', '.join(PERCENTILES)}")
+        return {k: number(v) for k, v in value.items()}
+    return number(value)
+
+
+def _options(value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping) or not all(isinstance(v, Mapping) for v in value.values()):
+        raise ValueError("must map provider slugs to objects")
+    return {str(k): dict(v) for k, v in value.items()}
+
+
+PROVIDER_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "order": _slug_list, "only": _slug_list, "ignore": _slug_list,
+    "allow_fallbacks": _flag, "require_parameters": _flag, "zdr": _flag,
+    "enforce_distillable_text": _flag, "data_collection": _data_collection,
+    "quantizations": _quantizations, "sort": _sort, "max_price": _max_price,
+    "preferred_max_latency": _percentiles, "preferred_min_throughput": _percentiles,
+    "options": _options,
+}
+
+
+def load_json_setting(raw: Any) -> Any:
+    """A custom parameter or valve as typed: JSON text (parsed) or already a value."""
+    if isinstance(raw, str):
+        text = raw.strip()
+        if not text:
+            return None
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"is not valid JSON ({exc.msg} at position {exc.pos})") from None
+    return raw
+
+
+def check_provider(raw: Any, source: str) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """OpenRouter's `provider` object -> (a clean copy, one problem per bad key).
+
+    Bad keys are left out (never sent) and named with `source`; a `null` value is kept as
+    None (a per-model `null` removes the admin default's key, see merge_provider)."""
+    try:
+        value = load_json_setting(raw)
+    except ValueError as exc:
+        return {}, (f"{source} {exc}",)
+    if value is None:
+        return {}, ()
+    if not isinstance(value, Mapping):
+        return {}, (f"{source} must be a JSON object like {{\"sort\": \"price\"}}",)
+    clean: dict[str, Any] = {}
+    problems: list[str] = []
+    for key, item in value.items():
+        check = PROVIDER_FIELDS.get(key)
+        if check is None:
+            problems.append(f"{source}: unknown key {key!r} (known: "
+                            f"{', '.join(PROVIDER_FIELDS)})")
+        elif item is None:
+            clean[key] = None
+        else:
+            try:
+                clean[key] = check(item)
+            except ValueError as exc:
+                problems.append(f"{source}: {key} {exc}")
+    return clean, tuple(problems)
+
+
+def _overlay(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """Per-model over the admin default: each key present wins; `null` removes it."""
+    out = {**base, **top}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _narrow(admin: Any, user: Any) -> Any:
+    """Lists a user may only narrow: the intersection (in the user's order)."""
+    if admin is None:
+        return user
+    kept = [v for v in user if v in admin]
+    return kept or None
+
+
+def _tighten_price(admin: Any, user: Mapping[str, str]) -> dict[str, str]:
+    out = dict(admin or {})
+    for key, value in user.items():
+        if key not in out or float(value) < float(out[key]):
+            out[key] = value
+    return out
+
+
+def _tighten(policy: dict[str, Any], key: str, value: Any) -> str | None:
+    """Apply one user key to `policy` in place; returns why it was ignored (or None)."""
+    current = policy.get(key)
+    if key in ("sort", "preferred_max_latency", "preferred_min_throughput"):
+        policy[key] = value
+    elif key == "order":
+        if current is not None:
+            return "order (the admin set one)"
+        policy[key] = value
+    elif key == "data_collection":
+        if value == "deny":
+            policy[key] = "deny"
+        elif current == "deny":
+            return "data_collection allow (the admin requires deny)"
+    elif key in ("zdr", "enforce_distillable_text", "require_parameters"):
+        if value:
+            policy[key] = True
+        elif current:
+            return f"{key} false (the admin requires true)"
+    elif key == "allow_fallbacks":
+        if not value:
+            policy[key] = False
+        elif current is False:
+            return "allow_fallbacks true (the admin turned fallbacks off)"
+    elif key == "ignore":
+        policy[key] = list(dict.fromkeys([*(current or ()), *value]))
+    elif key in ("only", "quantizations"):
+        narrowed = _narrow(current, value)
+        if narrowed is None:
+            return f"{key} {value} (nothing in common with the admin's {current})"
+        policy[key] = narrowed
+    elif key == "max_price":
+        policy[key] = _tighten_price(current, value)
+    else:
+        return f"{key} (only an admin sets it)"
+    return None
+
+
+def merge_provider(admin: Mapping[str, Any], per_model: Mapping[str, Any],
+                   user: Mapping[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """valve default -> per-model (wins) -> user (may tighten, never loosen).
+
+    Returns the policy to send and the user keys that were ignored because they would have
+    loosened it. Inputs are already checked (check_provider)."""
+    policy = _overlay({k: v for k, v in admin.items() if v is not None}, per_model)
+    ignored = []
+    for key, value in user.items():
+        if value is None:
+            continue
+        why = _tighten(policy, key, value)
+        if why:
+            ignored.append(why)
+    return policy, tuple(ignored)
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingSettings:
+    """OpenRouter's own controls for one request (issue #12), resolved once."""
+
+    provider: Mapping[str, Any] = field(default_factory=dict)
+    fallback_models: tuple[str, ...] = ()
+    variants: tuple[str, ...] = ()
+    auto_router_models: tuple[str, ...] = ()
+    prompt_cache: str = "off"          # off | 5m | 1h
+    router_metadata: bool = False
+    rate_limit_fallback: bool = True
+    service_tier: str = "auto"         # auto = not sent
+    verbosity: str = "default"         # default = not sent
+    pdf_engine: str = "cloudflare-ai"  # openrouter-default = not sent
+    response_healing: bool = True
+    user_identifier: str = "off"       # off | hash
+    chat_metadata: bool = False
+    problems: tuple[str, ...] = ()     # admin settings left out (never sent)
+    ignored: tuple[str, ...] = ()      # user requests that would have loosened the policy
+
+
+def _id_list(raw: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(p.strip() for p in re.split(r"[,\n]", raw or "") if p.strip()))
+
+
+MODEL_PARAM_KEYS = ("provider", "models")
+
+
+def routing_params(params: Any) -> dict[str, Any]:
+    """A model record's params -> its `provider` / `models` (custom params win)."""
+    if not isinstance(params, Mapping):
+        return {}
+    found = {k: v for k, v in params.items() if k in MODEL_PARAM_KEYS}
+    custom = params.get("custom_params")
+    if isinstance(custom, Mapping):
+        found.update({k: v for k, v in custom.items() if k in MODEL_PARAM_KEYS})
+    return found
+
+
+def model_custom_params(metadata: Any, owui_model_id: str) -> Mapping[str, Any]:
+    """The per-model params in `__metadata__["model"]["info"]["params"]` for this model.
+
+    Only Open WebUI 0.6.28 fills them there (0.12 strips them, and neither sends the model
+    with the title endpoint), so `owui_model_params` reads the model record instead."""
+    model = metadata.get("model") if isinstance(metadata, Mapping) else None
+    if not isinstance(model, Mapping) or model.get("id") != owui_model_id:
+        return {}
+    info = model.get("info")
+    return routing_params(info.get("params")) if isinstance(info, Mapping) else {}
+
+
+@functools.cache
+def _owui_models() -> Any:
+    """Open WebUI's `Models` table API, or None outside Open WebUI (looked up once)."""
+    try:
+        return importlib.import_module("open_webui.models.models").Models
+    except (ImportError, AttributeError):
+        return None
+
+
+async def owui_model_params(owui_model_id: str) -> Mapping[str, Any] | None:
+    """The admin's per-model settings from Open WebUI's model record (the model editor's
+    Advanced Params → Custom Parameters); None outside Open WebUI."""
+    models = _owui_models()
+    if models is None:
+        return None
+    import sqlalchemy.exc as sa_exc
+
+    getter = models.get_model_by_id
+    try:
+        record = (await getter(owui_model_id) if inspect.iscoroutinefunction(getter)
+                  else await asyncio.to_thread(getter, owui_model_id))
+    except (sa_exc.SQLAlchemyError, OSError, ValueError) as exc:
+        LOG.warning("Could not read the model record of %s: %s", owui_model_id, exc)
+        return {}
+    params = getattr(record, "params", None)
+    return routing_params(params.model_dump() if isinstance(params, BaseModel) else params)
+
+
+def _user_provider(user: UserValves, body_provider: Any) -> tuple[dict[str, Any], list[str]]:
+    """What the user asks for: their valves plus any `provider` in the chat body."""
+    asked, problems = check_provider(body_provider, "your provider settings")
+    if user.PROVIDER_SORT != INHERIT:
+        asked["sort"] = user.PROVIDER_SORT
+    if user.PROVIDER_DATA_COLLECTION == "deny":
+        asked["data_collection"] = "deny"
+    if user.PROVIDER_ZDR == "on":
+        asked["zdr"] = True
+    return asked, list(problems)
+
+
+def _fallbacks(valves: Valves, per_model: Mapping[str, Any]) -> tuple[tuple[str, ...], list[str]]:
+    raw = per_model.get("models")
+    if raw is None:
+        return _id_list(valves.FALLBACK_MODELS), []
+    try:
+        value = load_json_setting(raw) if isinstance(raw, str) and raw.strip()[:1] == "[" \
+            else raw
+    except ValueError as exc:
+        return _id_list(valves.FALLBACK_MODELS), [f"this model's `models` {exc}"]
+    if isinstance(value, str):
+        return _id_list(value), []
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(v.strip() for v in value if v.strip()), []
+    return _id_list(valves.FALLBACK_MODELS), ["this model's `models` must be a list of ids"]
+
+
+def routing_settings(valves: Valves, user: UserValves,
+                     model_params: Mapping[str, Any] | None = None,
+                     body_provider: Any = None) -> RoutingSettings:
+    """The one merge: valve default -> per-model custom params -> user tightening."""
+    per_model_raw = (model_params or {}).get("provider")
+    admin, problems = check_provider(valves.PROVIDER_ROUTING, "PROVIDER_ROUTING")
+    per_model, model_problems = check_provider(per_model_raw, "this model's `provider`")
+    asked, user_problems = _user_provider(user, body_provider)
+    provider, ignored = merge_provider(admin, per_model, asked)
+    fallbacks, fb_problems = _fallbacks(valves, model_params or {})
+    tier = _pick(user.SERVICE_TIER, valves.SERVICE_TIER)
+    return RoutingSettings(
+        provider=provider, fallback_models=fallbacks,
+        variants=_id_list(valves.MODEL_VARIANTS),
+        auto_router_models=_id_list(valves.AUTO_ROUTER_ALLOWED_MODELS),
+        prompt_cache=valves.PROMPT_CACHE, router_metadata=valves.ROUTER_METADATA,
+        rate_limit_fallback=valves.RATE_LIMIT_FALLBACK, service_tier=tier,
+        verbosity=_pick(user.TEXT_VERBOSITY, valves.TEXT_VERBOSITY),
+        pdf_engine=valves.PDF_PARSER_ENGINE, response_healing=valves.RESPONSE_HEALING,
+        user_identifier=valves.USER_IDENTIFIER, chat_metadata=valves.SEND_CHAT_METADATA,
+        problems=(*problems, *model_problems, *fb_problems),
+        ignored=(*user_problems, *ignored))
+
+
+def describe_policy(provider: Mapping[str, Any]) -> str:
+    """`zdr, data_collection deny, only deepinfra` (the keys that can exclude providers)."""
+    parts = []
+    for key in ("only", "ignore", "quantizations"):
+        if provider.get(key):
+            parts.append(f"{key} {', '.join(provider[key])}")
+    if provider.get("zdr"):
+        parts.append("zero data retention")
+    if provider.get("data_collection") == "deny":
+        parts.append("no data collection")
+    if provider.get("enforce_distillable_text"):
+        parts.append("distillable text only")
+    if provider.get("max_price"):
+        parts.append("max price " + ", ".join(f"{k} ${v}/M" for k, v in
+                                               provider["max_price"].items()))
+    if provider.get("allow_fallbacks") is False:
+        parts.append("no provider fallbacks")
+    if provider.get("require_parameters"):
+        parts.append("providers supporting every parameter")
+    return "; ".join(parts)
+
+
+def stable_hash(secret: str, purpose: str, value: str) -> str:
+    """HMAC-SHA256 of `value` keyed by the server secret, per purpose; not reversible."""
+    key = (secret or "openrouter-responses-pipe").encode()
+    return hmac.new(key, f"{purpose}:{value}".encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def takes_cache_control(entry: CatalogEntry) -> bool:
+    return entry.id.startswith(CACHE_FAMILIES)
+
+
+def _has_input_file(payload: Mapping[str, Any]) -> bool:
+    return any(isinstance(part, Mapping) and part.get("type") == "input_file"
+               for item in payload.get("input") or () if isinstance(item, Mapping)
+               and isinstance(item.get("content"), list) for part in item["content"])
+
+
+def _plugin(payload: dict[str, Any], plugin: dict[str, Any]) -> None:
+    payload["plugins"] = [*payload.get("plugins", ()), plugin]
+
+
+def apply_routing(payload: dict[str, Any], req: ChatRequest, entry: CatalogEntry,
+                  settings: RequestSettings) -> None:
+    """Put OpenRouter's own controls into the request (chats and tasks alike for privacy)."""
+    r = settings.routing
+    if r.provider:
+        payload["provider"] = json.loads(json.dumps(r.provider))
+    fallbacks = [m for m in r.fallback_models if m != entry.id]
+    if fallbacks:
+        payload["models"] = fallbacks
+    if entry.id.split(":", 1)[0] == "openrouter/auto" and r.auto_router_models:
+        _plugin(payload, {"id": "auto-router", "allowed_models": list(r.auto_router_models)})
+    if not req.task:
+        _apply_chat_controls(payload, req, entry, settings)
+    if _has_input_file(payload) and not entry.accepts("file") \
+            and r.pdf_engine != "openrouter-default":
+        _plugin(payload, {"id": "file-parser", "pdf": {"engine": r.pdf_engine}})
+    fmt = (payload.get("text") or {}).get("format") or {}
+    if not payload.get("stream") and r.response_healing and fmt.get("type") in (
+            "json_object", "json_schema"):
+        _plugin(payload, {"id": "response-healing"})
+    if r.user_identifier == "hash" and req.user_id != "anonymous":
+        ident = stable_hash(settings.session_secret, "user", req.user_id)
+        payload["user"] = payload["safety_identifier"] = ident
+
+
+def _apply_chat_controls(payload: dict[str, Any], req: ChatRequest, entry: CatalogEntry,
+                         settings: RequestSettings) -> None:
+    r = settings.routing
+    if r.prompt_cache != "off" and takes_cache_control(entry):
+        payload["cache_control"] = {"type": "ephemeral", "ttl": r.prompt_cache}
+    if r.service_tier != "auto":
+        payload["service_tier"] = r.service_tier
+    if r.verbosity != "default":
+        payload["text"] = {**payload.get("text", {}), "verbosity": r.verbosity}
+    if r.chat_metadata and req.chat_id:
+        payload["metadata"] = {"chat_id": req.chat_id[:512]}
+
+
+# -- variants, presets, routers (selector entries routed verbatim) ----------------------------
+
+
+def variant_base(variant: str, by_id: Mapping[str, CatalogEntry],
+                 entries: Iterable[CatalogEntry]) -> CatalogEntry | None:
+    """The catalog entry whose capabilities a variant id inherits, or None."""
+    head = variant.split("@", 1)[0]
+    if head.startswith("~"):
+        family = head[1:].removesuffix("-latest")
+        found = [e for e in entries if e.id.startswith(family) and ":" not in e.id]
+        return max(found, key=lambda e: (e.created, e.id)) if found else None
+    base, _, suffix = head.partition(":")
+    if suffix and suffix not in ROUTING_SUFFIXES:
+        return by_id.get(head)
+    return by_id.get(base)
+
+
+def _variant_label(variant: str) -> str:
+    head, _, preset = variant.partition("@")
+    labels = []
+    if head.startswith("~"):
+        labels.append("latest")
+    elif ":" in head:
+        labels.append(head.rsplit(":", 1)[1])
+    if preset:
+        labels.append(f"preset {preset.removeprefix('preset/')}")
+    return ", ".join(labels) or "routed"
+
+
+AUTO_ROUTER_ID = "openrouter/auto"
+
+
+def variant_entry(variant: str, snap: CatalogSnapshot) -> CatalogEntry | None:
+    """A selector entry for a variant/preset/router id: its base's capabilities, its own id."""
+    if variant in snap.by_id:
+        return snap.by_id[variant]
+    head = variant.split("@", 1)[0]
+    if head in (AUTO_ROUTER_ID, ""):  # a router, or a preset that names its own model
+        base = snap.by_id.get("openai/gpt-4o") or (snap.entries[0] if snap.entries else None)
+        if base is None:
+            return None
+        name = ("OpenRouter: Auto Router" if head else
+                f"OpenRouter preset: {variant.removeprefix('@preset/')}")
+        return dataclasses.replace(base, id=variant, name=name, canonical_slug=variant,
+                                   description="OpenRouter picks the model.")
+    base = variant_base(variant, snap.by_id, snap.entries)
+    if base is None:
+        return None
+    return dataclasses.replace(base, id=variant, name=f"{base.name} ({_variant_label(variant)})")
+
+
+def variant_entries(snap: CatalogSnapshot, variants: Iterable[str]
+                    ) -> tuple[tuple[CatalogEntry, ...], tuple[str, ...]]:
+    """MODEL_VARIANTS -> (entries, ids with no base model in the catalog)."""
+    found: list[CatalogEntry] = []
+    unknown: list[str] = []
+    for variant in variants:
+        entry = variant_entry(variant, snap)
+        (found.append(entry) if entry is not None else unknown.append(variant))
+    return tuple(found), tuple(unknown)
+
+
+# -- what came back: who answered, what the cache saved ----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RouteOutcome:
+    """The routing facts of one answer, read from the final event (no extra request)."""
+
+    requested: str
+    served: str
+    router: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def fallback(self) -> bool:
+        strategy = self.router.get("strategy")
+        if strategy == "fallback":
+            return True
+        if not self.served or strategy in ("auto", "latest", "alias"):
+            return False
+        base = self.requested.split("@", 1)[0]
+        if not base or base.startswith(("~", AUTO_ROUTER_ID)):  # a preset/alias/router picks
+            return False
+        return not _same_model(base, self.served)
+
+    def provider(self) -> str:
+        """`DeepInfra (fp8)`: the selected endpoint, its variant in parentheses."""
+        endpoints = self.router.get("endpoints")
+        available = endpoints.get("available") if isinstance(endpoints, Mapping) else None
+        chosen = next((e for e in available or () if isinstance(e, Mapping)
+                       and e.get("selected")), None)
+        return provider_label(str((chosen or {}).get("provider") or ""))
+
+    def failed_providers(self) -> list[str]:
+        return list(dict.fromkeys(
+            provider_label(str(a.get("provider"))) for a in self.router.get("attempts") or ()
+            if isinstance(a, Mapping) and isinstance(a.get("status"), int)
+            and a["status"] >= 400))
+
+
+PROVIDER_NAMES = {
+    "deepinfra": "DeepInfra", "together": "Together", "openai": "OpenAI",
+    "anthropic": "Anthropic", "azure": "Azure", "google-vertex": "Google Vertex",
+    "google-ai-studio": "Google AI Studio", "amazon-bedrock": "Amazon Bedrock",
+    "groq": "Groq", "fireworks": "Fireworks", "novita": "Novita", "parasail": "Parasail",
+    "baseten": "Baseten", "cerebras": "Cerebras", "mistral": "Mistral", "deepseek": "DeepSeek",
+    "x-ai": "xAI", "nebius": "Nebius", "sambanova": "SambaNova", "hyperbolic": "Hyperbolic",
+    "chutes": "Chutes", "moonshotai": "Moonshot AI", "lambda": "Lambda", "cohere": "Cohere",
+}
+
+
+def provider_label(slug: str) -> str:
+    """`deepinfra/fp8` -> `DeepInfra (fp8)`; display names pass through unchanged."""
+    name, _, variant = slug.strip()[:80].partition("/")
+    name = PROVIDER_NAMES.get(name, name)
+    return f"{name} ({variant})" if variant else name
+
+
+def _same_model(requested: str, served: str) -> bool:
+    return requested == served or requested.split(":", 1)[0] == served.split(":", 1)[0]
+
+
+def cache_saving(usage: Usage, pricing: Pricing | None, ttl: str = "5m") -> float | None:
+    """USD the cache saved on this answer (reads at the cache price instead of the prompt
+    price, minus the extra for writes); None without the model's prices."""
+    if pricing is None or not (usage.cached_tokens or usage.cache_write_tokens):
+        return None
+    read = pricing.input_cache_read or pricing.prompt
+    write = (pricing.input_cache_write_1h if ttl == "1h" and pricing.input_cache_write_1h
+             else pricing.input_cache_write) or pricing.prompt
+    return (usage.cached_tokens * (pricing.prompt - read)
+            - usage.cache_write_tokens * (write - pricing.prompt))
+
+
+def _usd(amount: float) -> str:
+    sign = "-" if amount < 0 else ""
+    return f"{sign}${abs(amount):.6f}".rstrip("0").rstrip(".")
+
+
+def routing_status(outcome: RouteOutcome | None, usage: Usage | None,
+                   saved: float | None) -> list[str]:
+    """Parts the final status line adds: who answered, via whom, what the cache did."""
+    parts = []
+    if outcome is not None:
+        if outcome.served and outcome.fallback:
+            parts.append(f"answered by {outcome.served} — fallback")
+        elif outcome.served and outcome.served.split(":", 1)[0] != \
+                outcome.requested.split("@", 1)[0].split(":", 1)[0]:
+            parts.append(f"answered by {outcome.served}")
+        via = outcome.provider()
+        failed = [p for p in outcome.failed_providers() if p != via]
+        if via:
+            parts.append(f"via {via}" + (f" after {' and '.join(failed)} failed"
+                                         if failed else ""))
+    if usage is not None and (usage.cached_tokens or usage.cache_write_tokens):
+        cache = [f"{usage.cached_tokens:,} cached"] if usage.cached_tokens else []
+        if usage.cache_write_tokens:
+            cache.append(f"{usage.cache_write_tokens:,} cache-written")
+        if saved is not None:
+            cache.append(f"cache saved {_usd(saved)}" if saved >= 0
+                         else f"cache cost {_usd(-saved)} extra")
+        parts.append(", ".join(cache))
+    return parts
+
+
+RouteReport = tuple[tuple[str, ...], float | None]  # (status-line parts, cache saving USD)
+FALLBACK_STATUSES = frozenset({429, 502, 503, 529})
+
+
+def failed_providers_of(exc: UpstreamStatusError) -> list[str]:
+    """Providers an error body says failed (`metadata.previous_errors[].provider`)."""
+    errors = exc.metadata.get("previous_errors")
+    return [provider_label(str(e["provider"])) for e in errors or ()
+            if isinstance(e, Mapping) and e.get("provider")] if isinstance(errors, list) else []
+
+
+def rate_limit_fallback(payload: Mapping[str, Any], exc: UpstreamStatusError,
+                        routing: RoutingSettings) -> dict[str, Any] | None:
+    """The request re-aimed at the first fallback model, or None when there is none."""
+    models = [m for m in payload.get("models") or () if m != payload.get("model")]
+    if not routing.rate_limit_fallback or exc.status not in FALLBACK_STATUSES or not models:
+        return None
+    alt = {k: v for k, v in payload.items() if k not in ("models", "cache_control")}
+    alt["model"] = models[0]
+    if models[1:]:
+        alt["models"] = models[1:]
+    return alt
+
+
+# -- errors: availability codes, free-model limits, policies that leave no provider ------------
+
+AVAILABILITY_TEXT: dict[str, str] = {
+    "model_not_found": "OpenRouter has no model {model}.",
+    "wrong_endpoint": "{model} can't be used through the Responses API.",
+    "no_endpoints": "No provider serves {model} right now.",
+    "model_deprecated": "{model} has been retired by OpenRouter.",
+    "model_unavailable_upstream": "{model}'s providers have withdrawn it for now.",
+    "capacity_exhausted": "Every provider of {model} is at capacity right now.",
+    "temporarily_unavailable": "{model} is temporarily unavailable at every provider.",
+    "region_restricted": "{model} isn't offered in this server's region.",
+    "privacy_restricted": "No provider of {model} meets the privacy settings (data "
+                          "collection / zero data retention) of this pipe or account.",
+    "constraint_filtered": "No provider of {model} matches the routing settings.",
+    "free_variant_ended": "The free variant of {model} has ended.",
+}
+
+
+def describe_availability(availability: Mapping[str, Any], model: str) -> list[str]:
+    """OpenRouter's `error.availability` -> sentences (with its suggested fallbacks)."""
+    code = str(availability.get("code") or "")
+    template = AVAILABILITY_TEXT.get(code)
+    if template is None:
+        return []
+    requested = availability.get("requested_models") or [model]
+    lines = [template.format(model=requested[0] if requested else model or "this model")]
+    excluded = availability.get("excluded_by")
+    if isinstance(excluded, list) and excluded:
+        lines.append("Excluded by: " + ", ".join(map(str, excluded)) + ".")
+    fallbacks = availability.get("fallback_models")
+    if isinstance(fallbacks, list) and fallbacks:
+        lines.append("OpenRouter suggests: " + ", ".join(map(str, fallbacks)) + ".")
+    return lines
+
+
+def describe_rate_limit(message: str, limits: Mapping[str, str], now: float) -> list[str]:
+    """A free-model limit: which one, its size, and when it resets (X-RateLimit-*)."""
+    lowered = message.lower()
+    if "free-models-per-day" in lowered:
+        which = "the daily limit for free models"
+    elif "free-models-per-min" in lowered:
+        which = "the per-minute limit for free models"
+    elif limits:
+        which = "OpenRouter's request limit"
+    else:
+        return []
+    line = which.capitalize()
+    if limits.get("limit"):
+        line += f" ({limits['limit']} requests)"
+    line += " was reached."
+    reset = _reset_time(limits.get("reset"), now)
+    return [line + (f" It resets {reset}." if reset else "")]
+
+
+def _reset_time(raw: str | None, now: float) -> str:
+    try:
+        value = float(raw or "")
+    except ValueError:
+        return ""
+    seconds = value / 1000 if value > 1e11 else value  # epoch ms (observed) or seconds
+    try:
+        when = time.strftime("%H:%M UTC", time.gmtime(seconds))
+    except (OverflowError, OSError, ValueError):  # nan, inf, out of the platform's range
+        return ""
+    wait = seconds - now
+    if wait <= 0:
+        return f"at {when}"
+    if wait < 120:
+        return f"in {wait:.0f} seconds (at {when})"
+    if wait < 7200:
+        return f"in {wait / 60:.0f} minutes (at {when})"
+    return f"at {when}" + (" tomorrow" if time.gmtime(seconds).tm_mday !=
+                           time.gmtime(now).tm_mday else "")
 
 
 # ─────────────────────────────────────────────────────────────────────────────
@@ -1956,6 +2804,7 @@ def build_responses_request(req: ChatRequest, entry: CatalogEntry, settings: Req
     session = _session_id(req, settings)
     if session:
         payload["session_id"] = session
+    apply_routing(payload, req, entry, settings)  # provider, models, cache… (§7)
     return Transformed(payload, tuple(notes))
 
 
@@ -2160,6 +3009,21 @@ def part_kind(part: ContentPart) -> str | None:
     return _KIND_OF.get(type(part))
 
 
+def takes_part(entry: CatalogEntry, part: ContentPart) -> bool:
+    """Whether `part` may be sent to the model: its kind is an input modality of the model,
+    or it is a PDF, which OpenRouter parses for any model (file-parser plugin, issue #12)."""
+    kind = part_kind(part)
+    return kind is not None and (entry.accepts(kind) or (kind == "file" and is_pdf_part(part)))
+
+
+def is_pdf_part(part: ContentPart) -> bool:
+    if not isinstance(part, FilePart):
+        return False
+    url = part.url[:64].lower()
+    return (url.startswith("data:application/pdf") or part.filename.lower().endswith(".pdf")
+            or urllib.parse.urlsplit(part.url[:2048]).path.lower().endswith(".pdf"))
+
+
 _KIND_OF: dict[type, str] = {ImagePart: "image", FilePart: "file", AudioPart: "audio",
                              VideoPart: "video"}
 
@@ -2198,7 +3062,7 @@ def input_parts(parts: Iterable[ContentPart], entry: CatalogEntry
             out.append({"type": "input_text", "text": part.text})
         elif isinstance(part, RefusedPart):
             notes.append(part.reason)
-        elif kind is not None and entry.accepts(kind):
+        elif kind is not None and takes_part(entry, part):
             out.append(_RESPONSES_PARTS[kind](part))
         elif kind is not None:
             notes.append(f"{entry.name} can't read {_KIND_PLURALS[kind]}, so "
@@ -3083,7 +3947,7 @@ class Intake:
 
     async def _part(self, part: ContentPart, job: IntakeJob) -> ContentPart:
         kind = part_kind(part)
-        if kind is None or not job.entry.accepts(kind):
+        if kind is None or not takes_part(job.entry, part):
             return part  # text, or a kind the transformer will leave out with a note
         try:
             return await _RESOLVERS[kind](self, part, job)
@@ -3519,7 +4383,19 @@ def parse_upstream_error(status: int, body: bytes, headers: Mapping[str, str]
         status=status, provider_message=message, raw=str(meta.get("raw") or "")[:500],
         provider_name=str(meta.get("provider_name") or ""),
         error_type=str(err.get("error_type") or meta.get("error_type") or ""),
-        retry_after=retry_after, metadata=dict(meta))
+        retry_after=retry_after, metadata=dict(meta), availability=dict(availability),
+        rate_limits=rate_limit_headers(headers, meta.get("headers")))
+
+
+def rate_limit_headers(headers: Mapping[str, str], in_body: Any) -> dict[str, str]:
+    """`X-RateLimit-Limit/Remaining/Reset` from the response (or the error body) (#12)."""
+    found: dict[str, str] = {}
+    for source in (in_body if isinstance(in_body, Mapping) else {}, headers):
+        for name, value in source.items():
+            lowered = str(name).lower()
+            if lowered.startswith("x-ratelimit-"):
+                found[lowered.removeprefix("x-ratelimit-")] = str(value)[:40]
+    return found
 
 
 def retry_delay(err: UpstreamError, attempt: int, settings: RequestSettings,
@@ -3559,6 +4435,8 @@ class OpenRouterClient:
                    "X-OpenRouter-Title": settings.app_title, "X-Title": settings.app_title}
         if settings.api_key:
             headers["Authorization"] = f"Bearer {settings.api_key}"
+        if settings.routing.router_metadata:
+            headers["X-OpenRouter-Metadata"] = "enabled"
         return headers
 
     async def fetch_models(self, settings: RequestSettings) -> Any:
@@ -3870,6 +4748,7 @@ class StreamState:
     error: UpstreamStreamError | None = None
     saw_done_marker: bool = False
     bad_events: int = 0
+    router: Mapping[str, Any] | None = None  # openrouter_metadata of the final event (#12)
 
     @property
     def finished(self) -> bool:
@@ -3931,16 +4810,25 @@ def reasoning_text(item: Mapping[str, Any]) -> str:
     return "\n\n".join(p for p in parts if p)
 
 
+def _final_routing(state: StreamState, resp: Mapping[str, Any]) -> None:
+    """The model that served (a fallback may differ) and the router metadata (#12)."""
+    state.model = resp.get("model") or state.model
+    router = resp.get("openrouter_metadata")
+    state.router = router if isinstance(router, Mapping) else None
+
+
 def _on_completed(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> None:
     resp = ev.get("response") or {}
     state.terminal = "completed"
     state.usage = Usage.from_json(resp.get("usage"))
+    _final_routing(state, resp)
 
 
 def _on_incomplete(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> None:
     resp = ev.get("response") or {}
     state.terminal = "incomplete"
     state.usage = Usage.from_json(resp.get("usage"))
+    _final_routing(state, resp)
     state.incomplete_reason = str((resp.get("incomplete_details") or {}).get("reason") or "")
 
 
@@ -6156,8 +7044,9 @@ class ChunkRenderer:
         return self.chunk({}, finish_reason=reason)
 
 
-def usage_payload(usage: Usage | None, timing: StreamTiming | None = None) -> dict[str, Any]:
-    """Usage in the OpenAI chat shape Open WebUI stores (plus cost and timings)."""
+def usage_payload(usage: Usage | None, timing: StreamTiming | None = None,
+                  cache_saved: float | None = None) -> dict[str, Any]:
+    """Usage in the OpenAI chat shape Open WebUI stores (plus cost, cache and timings)."""
     if usage is None:  # OpenRouter reported none: no made-up zeros, only the timings
         return {"usage_unavailable": True,
                 **({"response_time_s": round(timing.elapsed, 3)} if timing else {})}
@@ -6168,6 +7057,10 @@ def usage_payload(usage: Usage | None, timing: StreamTiming | None = None) -> di
         "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens}}
     if usage.cost is not None:
         payload["cost"] = round(usage.cost, 8)
+    if usage.cache_write_tokens:
+        payload["prompt_tokens_details"]["cache_write_tokens"] = usage.cache_write_tokens
+    if cache_saved is not None:
+        payload["cache_saved"] = round(cache_saved, 8)
     if timing is not None:
         payload["response_time_s"] = round(timing.elapsed, 3)
         if timing.first_token is not None:
@@ -6198,7 +7091,8 @@ class StreamTiming:
         return usage.output_tokens / window if window > 0.05 else None
 
 
-def final_status_line(usage: Usage | None, timing: StreamTiming) -> str:
+def final_status_line(usage: Usage | None, timing: StreamTiming,
+                      extras: Iterable[str] = ()) -> str:
     """`2.31s · first token 0.42s · 1,234 tokens (1,000 in, 234 out, 120 reasoning) · …`"""
     parts = [f"{timing.elapsed:.2f}s"]
     if timing.first_token is not None:
@@ -6217,6 +7111,7 @@ def final_status_line(usage: Usage | None, timing: StreamTiming) -> str:
             parts.append(f"{tps:.1f} tok/s")
     else:  # the stream ended without a usage report: never "0 tokens"
         parts.append("usage unavailable")
+    parts.extend(extras)  # routing and cache (issue #12)
     return " · ".join(parts)
 
 
@@ -6248,7 +7143,10 @@ def _describe_status(exc: UpstreamStatusError) -> str:
     headline, advice = _STATUS_ADVICE.get(
         exc.status, ("OpenRouter's provider is unavailable" if exc.status >= 500
                      else "OpenRouter returned an error", "Retry in a moment."))
-    lines = [f"{headline} (HTTP {exc.status}): {exc.provider_message or 'no details given'}"]
+    said = exc.provider_message or "no details given"
+    specific = _routing_lines(exc)  # issue #12: say what happened, in OpenRouter's terms
+    lines = ([f"{specific[0]} (HTTP {exc.status})", *specific[1:], f"OpenRouter said: {said}"]
+             if specific else [f"{headline} (HTTP {exc.status}): {said}"])
     if exc.raw and exc.raw not in exc.provider_message:
         source = f" ({exc.provider_name})" if exc.provider_name else ""
         lines.append(f"Provider said{source}: {exc.raw}")
@@ -6276,6 +7174,20 @@ def untold_notes(metadata: Mapping[str, Any], notes: Iterable[str]) -> str:
     if not notes or has_socket_session(metadata):
         return ""
     return "\n\n---\n" + "\n".join(f"ℹ️ {note}" for note in notes)
+
+
+def _routing_lines(exc: UpstreamStatusError) -> list[str]:
+    """Availability codes, free-model limits and policies that left no provider (#12)."""
+    lines = describe_availability(exc.availability, exc.model)
+    if exc.status == 429:
+        lines += describe_rate_limit(exc.provider_message, exc.rate_limits, time.time())
+    code = exc.availability.get("code")
+    if exc.routing and exc.status == 404 and code in (None, "no_endpoints",
+                                                       "constraint_filtered",
+                                                       "privacy_restricted"):
+        lines.insert(0, f"No provider of {exc.model or 'this model'} satisfies the routing "
+                        f"policy ({exc.routing}).")
+    return lines
 
 
 def error_chunk(exc: PipeError, reference: str = "", tail: str = "") -> dict[str, Any]:
@@ -6846,6 +7758,14 @@ class Telemetry:
         self.upstream_status: dict[str, int] = {}
         self.upstream_latency: deque[float] = deque(maxlen=window)
         self.first_token: deque[float] = deque(maxlen=window)
+        self.providers: dict[str, dict[str, int]] = {}  # issue #12: turns/failures each
+
+    def provider_route(self, served: str, failed: Iterable[str]) -> None:
+        """Count a turn for the provider that served and a failure for each that failed."""
+        for name, key in [(served, "turns"), *((f, "failures") for f in failed)]:
+            if name:
+                row = self.providers.setdefault(name[:80], {"turns": 0, "failures": 0})
+                row[key] += 1
 
     def upstream(self, status: int | str, seconds: float | None) -> None:
         key = str(status)
@@ -6881,6 +7801,7 @@ def health_snapshot(tel: Telemetry, gate: AdmissionGate, catalog: CatalogRegistr
                     "age_s": round(now - snap.fetched_at, 1) if snap else None,
                     "last_error": str(catalog.last_error) if catalog.last_error else None},
         "breakers": {},
+        "providers": {name: dict(row) for name, row in sorted(tel.providers.items())},
         "artifact_store": storage[0] if storage else "not configured",
         "redis": storage[1] if storage else "not used",
     }
@@ -6923,6 +7844,9 @@ def health_markdown(data: Mapping[str, Any]) -> str:
             f"{k}: {v}" for k, v in sorted(up["responses_by_status"].items())) or "none yet"),
         "- Failures by kind: " + (", ".join(
             f"{k}: {v}" for k, v in sorted(req["failed_by_kind"].items())) or "none"),
+        "- Providers (turns / failures): " + (", ".join(
+            f"{k}: {v['turns']} / {v['failures']}" for k, v in data.get("providers", {}).items())
+            or "none reported yet"),
         f"- Catalog: {cat['models']} models, age {cat['age_s']}s"
         + (f", last refresh error: {cat['last_error']}" if cat["last_error"] else ""),
         _records_line(data.get("model_records")),
@@ -7180,6 +8104,9 @@ class Pipe:
         # ── end issue #11 ──
 
         # ── Routing, fallbacks, caching (issue #12) ──
+        # the model editor's per-model settings (an I/O edge: tests replace it)
+        self._model_params: Callable[[str], Awaitable[Mapping[str, Any] | None]] = \
+            owui_model_params
         # ── end issue #12 ──
 
         # ── Spend control (issue #13) ──
@@ -7201,9 +8128,11 @@ class Pipe:
         except PipeError as exc:
             return [_status_entry("catalog", f"catalog unavailable: {exc}")]
         key = (snap, valves.MODEL_ID, valves.MODEL_NAME_PREFIX, valves.SHOW_HEALTH_MODEL,
-               settings.records, self._function_id)
+               settings.records, self._function_id, settings.routing,
+               recent_refusals(time.time()))
         if self._models_cache is None or self._models_cache[0] != key:
-            models, selected = build_model_list(snap, valves.MODEL_ID, valves.MODEL_NAME_PREFIX)
+            models, selected = build_model_list(snap, valves.MODEL_ID, valves.MODEL_NAME_PREFIX,
+                                                settings.routing)
             if valves.SHOW_HEALTH_MODEL:
                 models.append(HEALTH_ENTRY)
             self._models_cache = (key, models)
@@ -7251,9 +8180,13 @@ class Pipe:
             return _refuse(body, __metadata__, __task__, exc)
         if not self._function_id and "." in req.owui_model_id:  # loaded under an odd name
             self._function_id = req.owui_model_id.split(".", 1)[0]
+        model_params = await self._model_params(req.owui_model_id)      # per-model (#12)
+        if model_params is None:
+            model_params = model_custom_params(__metadata__, req.owui_model_id)
         try:                                                               # 2 settings
             settings = RequestSettings.merge(
-                self.valves, _as_user_valves((__user__ or {}).get("valves")), req.user_role)
+                self.valves, _as_user_valves((__user__ or {}).get("valves")), req.user_role,
+                model_params, body.get("provider"))
         except PipeError as exc:
             return _fail_fast(req, exc)
         log = RequestLog(uuid.uuid4().hex[:12], req.user_id, req.chat_id or "-",
@@ -7300,7 +8233,7 @@ class Pipe:
                 plan = await self._plan(turn)                                # 3 catalog, 6
                 for note in plan.notes:
                     await turn.emitter.notify(note)
-                data = await self._client.complete(plan.payload, turn.settings)  # 7 send
+                data = await self._open(turn, plan.payload, self._client.complete)  # 7
             await self._after_turn(turn, plan)                  # 11 cleanup (tasks store nothing)
             return _final_text(data)
         except Exception as exc:  # the boundary: Open WebUI shows str() of what we raise
@@ -7327,10 +8260,11 @@ class Pipe:
             if untold := untold_notes(turn.context.metadata, run.notes):
                 yield renderer.text_chunk(untold)
             run.state.usage = run.usage
-            for chunk in self._finish(run.state, renderer, timing):
+            route = self._route_report(turn, plan, run.state)
+            for chunk in self._finish(run.state, renderer, timing, route):
                 yield chunk
             await self._after_turn(turn, plan)                                  # 11 persist
-            await self._announce(turn, run.state, timing)
+            await self._announce(turn, run.state, timing, route)
         except Exception as exc:  # the boundary: every failure becomes words for the user
             failure = await self._report_failure(turn, exc)
             if run.usage is not None:  # rounds that completed were billed: say so
@@ -7354,6 +8288,7 @@ class Pipe:
 
     async def _plan(self, turn: Turn) -> Transformed:
         entry = await self._resolve_entry(turn.req, turn.settings)
+        await self._routing_notes(turn)
         artifacts = await self._load_artifacts(turn)                         # 4 history
         req = await self._take_in(turn, entry)                               # 5 intake
         plan = build_responses_request(req, entry, turn.settings, artifacts)  # 6 transform
@@ -7436,7 +8371,7 @@ class Pipe:
     async def _send_round(self, turn: Turn, payload: Mapping[str, Any], state: StreamState,
                           renderer: ChunkRenderer, timing: StreamTiming
                           ) -> AsyncIterator[dict[str, Any]]:
-        resp = await self._client.open_response(payload, turn.settings)              # 7 send
+        resp = await self._open(turn, payload, self._client.open_response)          # 7 send
         done = False
         try:
             async for chunks in self._pump(resp, state, renderer, timing):          # 8-9
@@ -7495,21 +8430,71 @@ class Pipe:
                 break
         finish_stream(state)
 
-    def _finish(self, state: StreamState, renderer: ChunkRenderer, timing: StreamTiming
-                ) -> list[dict[str, Any]]:
+    def _finish(self, state: StreamState, renderer: ChunkRenderer, timing: StreamTiming,
+                route: RouteReport = ((), None)) -> list[dict[str, Any]]:
         timing.ended_at = self._clock()
         if timing.first_token is not None:
             self._telemetry.first_token.append(timing.first_token)
-        LOG.info("Done: %s", final_status_line(state.usage, timing))
+        LOG.info("Done: %s", final_status_line(state.usage, timing, route[0]))
         return [from_tail(renderer, state),
-                {"choices": [], "usage": usage_payload(state.usage, timing)}]
+                {"choices": [], "usage": usage_payload(state.usage, timing, route[1])}]
 
-    async def _announce(self, turn: Turn, state: StreamState, timing: StreamTiming) -> None:
+    async def _announce(self, turn: Turn, state: StreamState, timing: StreamTiming,
+                        route: RouteReport = ((), None)) -> None:
         if turn.settings.show_final_status:
-            await turn.emitter.status(final_status_line(state.usage, timing), done=True)
+            await turn.emitter.status(final_status_line(state.usage, timing, route[0]),
+                                      done=True)
         if turn.settings.log_citation == "always":
             await turn.emitter.citation(f"Pipe log {turn.reference}",
                                         turn.log.text(admin=turn.req.user_role == "admin"))
+
+    # -- routing (issue #12) ----------------------------------------------------------------
+
+    async def _open(self, turn: Turn, payload: Mapping[str, Any],
+                    send: Callable[[Mapping[str, Any], RequestSettings], Awaitable[Any]]
+                    ) -> Any:
+        """POST the request with `send` (the client's streamed `open_response` or its JSON
+        `complete`); a rate limit or outage that outlasted the retries is asked of the first
+        fallback model instead (the user is told); errors carry the policy."""
+        try:
+            return await send(payload, turn.settings)
+        except UpstreamStatusError as exc:
+            exc.model = str(payload.get("model") or "")
+            exc.routing = describe_policy(payload.get("provider") or {})
+            self._telemetry.provider_route("", failed_providers_of(exc))
+            alt = rate_limit_fallback(payload, exc, turn.settings.routing)
+            if alt is None:
+                raise
+            note = (f"{exc.model} is unavailable (HTTP {exc.status}) after {exc.attempts} "
+                    f"tries; the fallback model {alt['model']} answers instead.")
+        LOG.warning("%s", note)
+        await turn.emitter.notify(note, "info")
+        return await send(alt, turn.settings)
+
+    async def _routing_notes(self, turn: Turn) -> None:
+        """Settings left out are logged (and shown to admins); never sent upstream."""
+        routing = turn.settings.routing
+        if routing.problems:
+            LOG.warning("Routing settings left out (never sent): %s", "; ".join(routing.problems))
+            if turn.req.user_role == "admin" and not turn.req.task:
+                await turn.emitter.notify("Routing settings left out (never sent): "
+                                          + "; ".join(routing.problems))
+        if routing.ignored:
+            LOG.info("User routing requests not applied: %s", "; ".join(routing.ignored))
+
+    def _route_report(self, turn: Turn, plan: Transformed, state: StreamState) -> RouteReport:
+        """Who answered and what the cache saved, from the final event; counts providers."""
+        outcome = RouteOutcome(str(plan.payload.get("model") or ""), state.model,
+                               state.router or {})
+        if state.router:
+            self._telemetry.provider_route(outcome.provider(), outcome.failed_providers())
+        if outcome.fallback:
+            LOG.info("Answered by %s (asked for %s)", outcome.served, outcome.requested)
+        snap, served = self._catalog.snapshot, state.model.split("@", 1)[0]
+        entry = (snap.find(served) or snap.find(served.split(":", 1)[0])) if snap else None
+        saved = cache_saving(state.usage or Usage(), entry.pricing if entry else None,
+                             turn.settings.routing.prompt_cache)
+        return tuple(routing_status(outcome, state.usage, saved)), saved
 
     async def _report_failure(self, turn: Turn, exc: Exception) -> PipeError:
         """Log and count a failure, attach the turn's log; returns the error to show."""
@@ -7533,21 +8518,26 @@ class Pipe:
                               hint="An admin should check the pipe's valves (MODEL_ID, API_KEY).")
         snap = await self._catalog.get(settings, settings.catalog_ttl)
         entry = snap.find(req.model_id)
+        if entry is None and req.model_id in settings.routing.variants:  # issue #12
+            entry = variant_entry(req.model_id, snap)
         if entry is None:
             raise ModelNotAvailable(f"The model '{req.model_id}' is not in OpenRouter's catalog.",
                                     hint="Pick another model; it may have been retired.")
-        if entry.id not in self._enabled_ids(snap, settings.model_ids):
+        if entry.id not in self._enabled_ids(snap, settings.model_ids,
+                                             settings.routing.variants):
             raise ModelNotAvailable(f"The model '{entry.id}' is not enabled on this server.",
                                     hint="Pick one of the models in the selector; an admin "
                                          "chooses them with MODEL_ID.")
         return entry
 
-    def _enabled_ids(self, snap: CatalogSnapshot, model_ids: str) -> frozenset[str]:
-        """The catalog ids MODEL_ID selects, cached per (catalog, valve)."""
-        key = (snap, model_ids)
+    def _enabled_ids(self, snap: CatalogSnapshot, model_ids: str,
+                     variants: tuple[str, ...]) -> frozenset[str]:
+        """The ids the selector lists (MODEL_ID's models and MODEL_VARIANTS' entries),
+        cached per (catalog, valves)."""
+        key = (snap, model_ids, variants)
         if self._selected is None or self._selected[0] != key:
-            selected, _ = select_models(snap.entries, model_ids)
-            self._selected = (key, frozenset(e.id for e in selected))
+            listed, _, _ = listed_entries(snap, model_ids, variants)
+            self._selected = (key, frozenset(e.id for e in listed))
         return self._selected[1]
 
     # -- health ----------------------------------------------------------------------------
@@ -7757,17 +8747,38 @@ def from_tail(renderer: ChunkRenderer, state: StreamState) -> dict[str, Any]:
     return renderer.finish_chunk()
 
 
-def build_model_list(snap: CatalogSnapshot, model_ids: str, prefix: str
-                     ) -> tuple[list[dict[str, str]], tuple[CatalogEntry, ...]]:
-    """Selector entries and the catalog entries behind them; a leading status entry names
-    MODEL_ID ids that matched nothing."""
+def listed_entries(snap: CatalogSnapshot, model_ids: str, variants: Iterable[str] = ()
+                   ) -> tuple[tuple[CatalogEntry, ...], tuple[str, ...], tuple[str, ...]]:
+    """The selector's entries: MODEL_ID's catalog models, then MODEL_VARIANTS' synthesized
+    entries (#12). Returns (entries, unknown MODEL_ID ids, variants with no base model)."""
     selected, unknown = select_models(snap.entries, model_ids)
-    models = [{"id": e.id, "name": prefix + e.name} for e in selected]
+    extra, no_base = variant_entries(snap, variants)
+    taken = {e.id for e in selected}
+    return (*selected, *(e for e in extra if e.id not in taken)), unknown, no_base
+
+
+def build_model_list(snap: CatalogSnapshot, model_ids: str, prefix: str,
+                     routing: RoutingSettings | None = None
+                     ) -> tuple[list[dict[str, str]], tuple[CatalogEntry, ...]]:
+    """Selector entries and the catalog entries behind them (variants included); leading
+    status entries name what an admin must fix."""
+    routing = routing or RoutingSettings()
+    entries, unknown, no_base = listed_entries(snap, model_ids, routing.variants)
+    models = [{"id": e.id, "name": prefix + e.name} for e in entries]
     if unknown:
         LOG.error("MODEL_ID lists ids OpenRouter doesn't have: %s", ", ".join(unknown))
         models.insert(0, _status_entry("model-id",
                                        "MODEL_ID has unknown ids: " + ", ".join(unknown)))
-    return models, selected
+    if no_base:
+        LOG.error("MODEL_VARIANTS has ids with no base model: %s", ", ".join(no_base))
+        models.insert(0, _status_entry("variants", "MODEL_VARIANTS has ids with no base "
+                                                   "model: " + ", ".join(no_base)))
+    if routing.problems:
+        LOG.error("Routing settings left out (never sent): %s", "; ".join(routing.problems))
+        models.insert(0, _status_entry("routing", "ignored: " + "; ".join(routing.problems)))
+    for name, why in recent_refusals(time.time()):
+        models.insert(0, _status_entry(f"refused-{name.lower()}", f"{name} not saved: {why}"))
+    return models, entries
 
 
 def record_wanted(entry_id: str) -> bool:

@@ -15,6 +15,8 @@ Contents
   7. Errors & validation    HTTP error bodies, request checks
   8. SSE writer             framing quirks: comments, CRLF, split writes
   9. Emulator               aiohttp app, observability, EmulatorThread, CLI
+ 10. Routing (issue #12)    provider filters, `models` fallback, routers/aliases/presets,
+                            prompt cache, router metadata, availability and free limits
 
 Scenario selection for ``POST /responses`` (first match wins):
   1. ``emulator.enqueue(name, **opts)``   consumed by the next valid POST /responses
@@ -157,6 +159,8 @@ def lookup_model(catalog: dict[str, dict], model_id: str) -> dict | None:
     """Exact id, or a known id with a routing suffix such as ``:nitro``."""
     if model_id in catalog:
         return catalog[model_id]
+    if (routed := routed_model(catalog, model_id)) is not None:  # issue #12 (section 10)
+        return routed
     base, _, variant = model_id.partition(":")
     return catalog.get(base) if variant in ROUTING_VARIANTS else None
 
@@ -257,6 +261,7 @@ class Ctx:
     created: int
     user_text: str  # last user text with [emu:…] directives removed
     scenario_key: str = ""  # stable across retries of the same request
+    route: Any = None  # issue #12: how the request was routed (section 10, Route)
 
     @property
     def vendor(self) -> str:
@@ -1046,6 +1051,300 @@ def split_frame(data: bytes) -> list[bytes]:
     return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
+# ====================================================================== 10. routing (issue #12)
+#
+# Provider routing, model fallbacks, routers/aliases/presets, prompt caching, router metadata,
+# availability errors and free-model limits, as OpenRouter documents them. The emulator knows
+# a few endpoints per model family (PROVIDER_ENDPOINTS); `provider` filters them and an empty
+# result is answered with OpenRouter's 404 bodies. Hooks into the shared code: `lookup_model`
+# (routed ids), `Emulator._post_responses` (route_request), the two places that assemble a
+# final response (finish_route), `Ctx.route`, `Emulator.route_cache`.
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    slug: str  # endpoint tag, as `provider.order/only/ignore` and the metadata name it
+    quantization: str = "unknown"
+    zdr: bool = False
+    trains: bool = False  # stores prompts / may train on them (data_collection: deny drops it)
+    price_factor: float = 1.0  # endpoint price vs. the catalogue's price
+
+
+PROVIDER_ENDPOINTS: dict[str, tuple[Endpoint, ...]] = {  # model id prefix -> endpoints
+    "anthropic/": (Endpoint("anthropic", zdr=True), Endpoint("amazon-bedrock", zdr=True),
+                   Endpoint("google-vertex", zdr=True)),
+    "openai/": (Endpoint("openai", zdr=True), Endpoint("azure", zdr=True)),
+    "deepseek/": (Endpoint("together", "fp8", trains=True),
+                  Endpoint("deepinfra/fp8", "fp8", price_factor=0.9)),
+    "meta-llama/": (Endpoint("together", "fp8"), Endpoint("deepinfra/fp8", "fp8"),
+                    Endpoint("groq", "fp16", zdr=True)),
+    "google/": (Endpoint("google-vertex", zdr=True), Endpoint("google-ai-studio", trains=True)),
+}
+PROVIDER_DOCS = "https://openrouter.ai/settings/privacy"
+
+
+def endpoints_for(model_id: str) -> tuple[Endpoint, ...]:
+    for prefix, endpoints in PROVIDER_ENDPOINTS.items():
+        if model_id.startswith(prefix):
+            return endpoints
+    return (Endpoint(model_id.split("/", 1)[0]),)
+
+
+def _slug_match(wanted: list, ep: Endpoint) -> bool:
+    """A base slug (`deepinfra`) matches all its endpoints; a full slug (`deepinfra/fp8`) one."""
+    return any(w == ep.slug or w == ep.slug.split("/", 1)[0] for w in wanted)
+
+
+def _price_ok(ep: Endpoint, entry: dict, caps: dict) -> bool:
+    price = entry.get("pricing") or {}
+    for key in ("prompt", "completion"):
+        if key in caps and float(price.get(key) or 0) * 1e6 * ep.price_factor > float(caps[key]):
+            return False
+    return True
+
+
+FILTERS: tuple[tuple[str, Callable[[Endpoint, dict, dict], bool]], ...] = (
+    ("allowed_providers", lambda ep, p, e: not p.get("only") or _slug_match(p["only"], ep)),
+    ("allowed_providers", lambda ep, p, e: not _slug_match(p.get("ignore") or [], ep)),
+    ("data_policy:zdr", lambda ep, p, e: not p.get("zdr") or ep.zdr),
+    ("data_policy:training", lambda ep, p, e: p.get("data_collection") != "deny"
+     or not ep.trains),
+    ("quantization", lambda ep, p, e: not p.get("quantizations")
+     or ep.quantization in p["quantizations"]),
+    ("max_price", lambda ep, p, e: _price_ok(ep, e, p.get("max_price") or {})),
+)
+
+
+def eligible_endpoints(model_id: str, entry: dict, provider: dict
+                       ) -> tuple[list[Endpoint], str]:
+    """(endpoints left after `provider`, the filter that removed the last one)."""
+    left, reason = list(endpoints_for(model_id)), ""
+    for name, keep in FILTERS:
+        kept = [ep for ep in left if keep(ep, provider, entry)]
+        if left and not kept:
+            reason = name
+        left = kept
+    order = provider.get("order") or []
+    left.sort(key=lambda ep: next((i for i, w in enumerate(order) if _slug_match([w], ep)),
+                                  len(order)))
+    return left, reason
+
+
+def _availability_error(status: int, message: str, code: str, model: str,
+                        **extra: Any) -> HttpError:
+    return HttpError(status, _err(status, message, error_type="not_found" if status == 404
+                                  else "provider_overloaded", http_status=status,
+                                  availability=_availability(code, model, False, **extra)))
+
+
+def routing_refusal(model: str, reason: str) -> HttpError:
+    """OpenRouter's answer when `provider` leaves no endpoint for `model`."""
+    if reason == "allowed_providers":
+        return _availability_error(404, "No allowed providers are available for the selected "
+                                   "model.", "constraint_filtered", model,
+                                   excluded_by=["allowed_providers"])
+    if reason.startswith("data_policy"):
+        label = "Zero data retention" if reason.endswith("zdr") else "Paid model training"
+        return _availability_error(404, f"No endpoints found matching your data policy "
+                                   f"({label}). Configure: {PROVIDER_DOCS}",
+                                   "privacy_restricted", model, excluded_by=[reason])
+    return _availability_error(404, f"No endpoints found for {model}.", "constraint_filtered",
+                               model, excluded_by=[reason])
+
+
+def routed_model(catalog: dict[str, dict], model_id: str) -> dict | None:
+    """Presets (`x@preset/y`, `@preset/y`), aliases (`~a/b-latest`) and `openrouter/auto`."""
+    head = model_id.split("@", 1)[0]
+    if model_id.startswith("@preset/"):
+        return catalog.get("openai/gpt-4o")
+    if head != model_id:
+        return lookup_model(catalog, head)
+    if model_id.startswith("~"):
+        family = model_id[1:].removesuffix("-latest")
+        found = [m for i, m in catalog.items() if i.startswith(family) and ":" not in i]
+        return max(found, key=lambda m: m.get("created") or 0) if found else None
+    if model_id == "openrouter/auto":
+        return catalog.get("openai/gpt-4o")
+    return None
+
+
+def served_model(catalog: dict[str, dict], body: dict) -> str:
+    """The concrete model a router or alias picks (presets serve their base model)."""
+    model = body["model"]
+    if model == "openrouter/auto":
+        plugin = next((p for p in body.get("plugins") or () if isinstance(p, dict)
+                       and p.get("id") == "auto-router"), {})
+        for pattern in plugin.get("allowed_models") or ["openai/gpt-4o"]:
+            hit = next((i for i in catalog if re.fullmatch(
+                re.escape(pattern).replace(r"\*", ".*"), i)), None)
+            if hit:
+                return hit
+        return "openai/gpt-4o"
+    if model.startswith("~"):
+        entry = routed_model(catalog, model)
+        return entry["id"] if entry else model
+    if model.startswith("@preset/"):
+        return "openai/gpt-4o"
+    return model.split("@", 1)[0]
+
+
+@dataclass
+class Route:
+    """How one request was routed (becomes `openrouter_metadata` when asked)."""
+
+    requested: str
+    strategy: str
+    endpoints: list[Endpoint]
+    served: Endpoint | None
+    attempts: list[tuple[str, str, int]] = field(default_factory=list)  # provider, model, status
+    metadata: bool = False
+
+    def as_metadata(self, model: str) -> dict:
+        available = [{"provider": ep.slug, "model": model, "selected": ep is self.served}
+                     for ep in self.endpoints]
+        meta: dict[str, Any] = {
+            "requested": self.requested, "strategy": self.strategy, "region": None,
+            "summary": f"{self.strategy}: served by {self.served.slug if self.served else '-'}",
+            "attempt": max(len(self.attempts), 1), "is_byok": False,
+            "endpoints": {"total": len(self.endpoints), "available": available}}
+        if self.attempts:
+            meta["attempts"] = [{"provider": p, "model": m, "status": s}
+                                for p, m, s in self.attempts]
+        return meta
+
+
+STRATEGIES = {"openrouter/auto": "auto"}
+
+
+def route_request(emu: Emulator, ctx: Ctx, headers: Any) -> HttpError | None:
+    """Apply `provider` to the model's endpoints; remember the route on `ctx`."""
+    body = ctx.body
+    model = served_model(emu.catalog, body)
+    if model != ctx.model_id:
+        ctx.model_id, ctx.entry = model, lookup_model(emu.catalog, model) or ctx.entry
+    provider = body.get("provider") if isinstance(body.get("provider"), dict) else {}
+    endpoints, reason = eligible_endpoints(model, ctx.entry, provider)
+    if not endpoints:
+        return routing_refusal(body["model"], reason)
+    requested = body["model"]
+    strategy = STRATEGIES.get(requested) or ("alias" if requested.startswith("~") else "direct")
+    ctx.route = Route(requested, strategy, endpoints, endpoints[0],
+                      metadata=headers.get("X-OpenRouter-Metadata", "") == "enabled")
+    return None
+
+
+def finish_route(emu: Emulator, ctx: Ctx, final: dict) -> None:
+    """The final response object: cache tokens and cost, then the router metadata."""
+    usage = final.get("usage")
+    if usage and ctx.body.get("cache_control"):
+        apply_prompt_cache(emu.route_cache, ctx, usage)
+    route = ctx.route
+    if route is not None and route.metadata and final.get("status") == "completed":
+        final["openrouter_metadata"] = route.as_metadata(ctx.model_id)
+
+
+def _prefix_key(model: str, body: dict, n: int) -> str:
+    items = body["input"] if isinstance(body["input"], list) else [body["input"]]
+    return f"{model}|{json.dumps([body.get('instructions'), items[:n]], sort_keys=True)}"
+
+
+def apply_prompt_cache(cache_store: dict[str, float], ctx: Ctx, usage: dict) -> None:
+    """Anthropic automatic caching: the longest prefix written before is read (0.1x); the
+    rest of the input is written (1.25x for 5m, 2x for 1h) and readable until its TTL."""
+    body, now = ctx.body, time.time()
+    items = body["input"] if isinstance(body["input"], list) else [body["input"]]
+    ttl = 3600 if (body.get("cache_control") or {}).get("ttl") == "1h" else 300
+    hit = next((n for n in range(len(items), 0, -1)
+                if cache_store.get(_prefix_key(ctx.model_id, body, n), 0) > now), 0)
+    cached = input_tokens({**body, "input": items[:hit]}) if hit else 0
+    written = max(usage["input_tokens"] - cached, 0)
+    cache_store[_prefix_key(ctx.model_id, body, len(items))] = now + ttl
+    price = ctx.entry.get("pricing") or {}
+    prompt = float(price.get("prompt") or 0)
+    read = float(price.get("input_cache_read") or prompt)
+    write = float(price.get("input_cache_write") or prompt) * (1.6 if ttl == 3600 else 1)
+    delta = cached * (read - prompt) + written * (write - prompt)
+    usage["input_tokens_details"] = {"cached_tokens": cached, "cache_write_tokens": written}
+    usage["cost"] = round(usage["cost"] + delta, 12)
+    details = usage.get("cost_details") or {}
+    for key in ("upstream_inference_cost", "upstream_inference_input_cost"):
+        if isinstance(details.get(key), float):
+            details[key] = round(details[key] + delta, 12)
+
+
+@scenario("primary_down", "status")
+def sc_primary_down(emu: Emulator, ctx: Ctx, o: Opts) -> Plan:
+    """The requested model fails at every provider: the first of `models` answers."""
+    status = o.get_int("status", 502)
+    fallbacks = [m for m in ctx.body.get("models") or () if lookup_model(emu.catalog, m)]
+    if not fallbacks:
+        return Plan(http_error=error_response(status, ctx.model_id))
+    primary, route = ctx.model_id, ctx.route
+    ctx.model_id, ctx.entry = fallbacks[0], lookup_model(emu.catalog, fallbacks[0]) or {}
+    endpoints = list(endpoints_for(ctx.model_id))
+    failed = route.served.slug if route and route.served else primary.split("/", 1)[0]
+    ctx.route = Route(ctx.body["model"], "fallback", endpoints, endpoints[0],
+                      [(failed, primary, status), (endpoints[0].slug, ctx.model_id, 200)],
+                      metadata=bool(route and route.metadata))
+    return Plan([message(default_text(ctx))])
+
+
+@scenario("provider_retry", "status")
+def sc_provider_retry(emu: Emulator, ctx: Ctx, o: Opts) -> Plan:
+    """The first eligible provider fails; OpenRouter retries on the next one."""
+    route = ctx.route
+    if route is not None and len(route.endpoints) > 1:
+        first, second = route.endpoints[0], route.endpoints[1]
+        route.served = second
+        route.attempts = [(first.slug, ctx.model_id, o.get_int("status", 502)),
+                          (second.slug, ctx.model_id, 200)]
+    return Plan([message(default_text(ctx))])
+
+
+AVAILABILITY_STATUS = {"model_not_found": 400, "wrong_endpoint": 400, "no_endpoints": 404,
+                       "model_deprecated": 404, "model_unavailable_upstream": 404,
+                       "capacity_exhausted": 429, "temporarily_unavailable": 503,
+                       "region_restricted": 403, "privacy_restricted": 404,
+                       "constraint_filtered": 404, "free_variant_ended": 404}
+
+
+@scenario("unavailable", "code", "fallbacks")
+def sc_unavailable(emu: Emulator, ctx: Ctx, o: Opts) -> Plan:
+    """An availability error: `code` (see AVAILABILITY_STATUS), suggested `fallbacks`."""
+    code = o.get_str("code", "model_deprecated")
+    if code not in AVAILABILITY_STATUS:
+        raise ScenarioError(f"unknown availability code {code!r}")
+    status, model = AVAILABILITY_STATUS[code], ctx.body["model"]
+    suggested = [f for f in o.get_str("fallbacks", "openai/gpt-4o").split(",") if f]
+    message_text = {"free_variant_ended": f"The free variant of {model} is no longer "
+                                          "available.",
+                    "model_deprecated": f"{model} has been deprecated."
+                    }.get(code, f"{model} is unavailable ({code}).")
+    extra: dict[str, Any] = {"fallback_models": suggested}
+    headers = {}
+    if status in (429, 503):
+        extra["retry_after"] = 30
+        headers["Retry-After"] = "30"
+    err = _availability_error(status, message_text, code, model, **extra)
+    err.body["error"]["availability"]["retryable"] = status in (429, 503)
+    err.headers.update(headers)
+    return Plan(http_error=err)
+
+
+@scenario("free_limit", "window")
+def sc_free_limit(emu: Emulator, ctx: Ctx, o: Opts) -> Plan:
+    """A `:free` model's platform limit: `window=min` (20/min) or `day` (50/day)."""
+    if o.get_str("window", "day") == "min":
+        return Plan(http_error=error_response(429, ctx.model_id))
+    midnight_ms = (int(time.time()) // 86400 + 1) * 86_400_000
+    body = _err(429, "Rate limit exceeded: free-models-per-day. Add 10 credits to unlock 1000 "
+                     "free model requests per day")
+    return Plan(http_error=HttpError(429, body, {
+        "X-RateLimit-Limit": "50", "X-RateLimit-Remaining": "0",
+        "X-RateLimit-Reset": str(midnight_ms)}))
+
+
+
 # =========================================================================== 9. emulator
 
 
@@ -1070,6 +1369,7 @@ class Emulator:
         self.responses: list[dict] = []  # every final response object sent, oldest first
         self.base_url = ""
         self._queue: list[tuple[str, dict]] = []
+        self.route_cache: dict[str, float] = {}  # issue #12: prompt-cache prefix -> expiry
         self._runner: web.AppRunner | None = None
         self._closing: asyncio.Event | None = None
 
@@ -1104,7 +1404,7 @@ class Emulator:
 
     def reset(self) -> None:
         for store in (self.requests, self.disconnects, self.fail_counts, self.generations,
-                      self._queue, self.responses):
+                      self._queue, self.responses, self.route_cache):
             store.clear()
 
     def app(self) -> web.Application:
@@ -1201,6 +1501,8 @@ class Emulator:
             return _json_response(err.status, err.body, err.headers)
         ctx, (name, opts) = self._context(request, body)
         rec["scenario"] = name
+        if err := route_request(self, ctx, request.headers):  # issue #12 (section 10)
+            return _json_response(err.status, err.body, err.headers)
         try:
             plan, quirks = build_plan(self, ctx, name, opts)
         except ValueError as exc:  # ScenarioError or a non-integer option
@@ -1243,6 +1545,7 @@ class Emulator:
             await self._wait_for_disconnect()
             return _json_response(524, _err(524, "Request timed out. Please try again later."))
         _, final = assemble(ctx, plan, q)
+        finish_route(self, ctx, final)  # issue #12 (section 10)
         self._remember(ctx, final, streamed=False)
         body, headers = dumps(final), self._headers(ctx, "application/json")
         if plan.ending != "truncate":
@@ -1291,6 +1594,7 @@ class Emulator:
 
     async def _write_events(self, ctx: Ctx, plan: Plan, q: Quirks, writer: SSEWriter) -> None:
         events, final = assemble(ctx, plan, q)
+        finish_route(self, ctx, final)  # issue #12 (section 10): same dict as the last event
         self._remember(ctx, final, streamed=True)
         for _ in range(q.leading):
             await writer.comment()

@@ -306,6 +306,8 @@ async def test_scenario_non_stream(emu, http, spec, model, terminal, done, statu
 
 def test_every_registered_scenario_is_covered():
     covered = {c[0].split()[0] for c in CASES} | {"http_error", "hang", "wrong_body"}
+    covered |= {"primary_down", "provider_retry", "unavailable",
+                "free_limit"}  # issue #12: test_emulator_routing.py
     assert set(SCENARIOS) == covered
 
 

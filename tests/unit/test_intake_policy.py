@@ -427,13 +427,18 @@ def test_each_kind_maps_to_its_responses_part_or_a_note():
         {"type": "input_video", "video_url": "https://youtu.be/x"}]
     assert notes == ["An image was left out: x", "An attachment of type 'hologram' can't be "
                      "sent to the model and was left out."]
-    out, notes = input_parts(parts[1:6], _entry())
-    assert out == [] and notes == [
+    out, notes = input_parts([*parts[1:6], FilePart("data:text/csv;base64,YQ==", "a.csv")],
+                             _entry())
+    # PDFs go to every model: OpenRouter parses them (file-parser plugin, issue #12)
+    assert out == [
+        {"type": "input_file", "filename": "a.pdf",
+         "file_data": "data:application/pdf;base64,JVBE"},
+        {"type": "input_file", "filename": "attachment", "file_url": "https://x.test/b.pdf"}]
+    assert notes == [
         "M can't read images, so an image was left out of the request.",
-        "M can't read files, so a file was left out of the request.",
-        "M can't read files, so a file was left out of the request.",
         "M can't read audio, so an audio clip was left out of the request.",
-        "M can't read video, so a video was left out of the request."]
+        "M can't read video, so a video was left out of the request.",
+        "M can't read files, so a file was left out of the request."]
 
 
 @pytest.mark.parametrize(("url", "page"), [
