@@ -5768,7 +5768,8 @@ def spend_markdown(rows: list[dict[str, Any]], s: SpendSettings, title: str) -> 
         for col, head in (("user", "User"), ("model", "Model")):
             sums: dict[str, float] = {}
             for r in part:
-                name = (r["user"] or r["user_id"]) if col == "user" else r["model"]
+                name = (f"{r['user']} ({r['user_id']})" if r["user"] else r["user_id"]
+                        ) if col == "user" else r["model"]
                 if r["key"] == KEY_OWN:
                     name += " (own key)"
                 sums[name] = sums.get(name, 0.0) + r["cost_usd"] + r["byok_cost_usd"]
@@ -6310,7 +6311,8 @@ class SpendService:
             for uid in {e.user_id for e in entries}:
                 with contextlib.suppress(Exception):
                     found = await self.users(uid)
-                    names[uid] = str((found or {}).get("email") or "(deleted user)")
+                    names[uid] = "(deleted user)" if found is None else str(
+                        found.get("email") or "")
         return report_rows(entries, s.period, today, names)
 
 

@@ -22,6 +22,7 @@ from openrouter_responses_pipe import (
     RequestSettings,
     SpendSettings,
     UpstreamStatusError,
+    Usage,
     UserValves,
     Valves,
     attribute_key_error,
@@ -40,7 +41,6 @@ from openrouter_responses_pipe import (
     status_suffix,
     usage_note,
     utc_day,
-    Usage,
 )
 
 D = date.fromisoformat
@@ -114,7 +114,7 @@ def test_unreadable_override_entries_are_reported_not_guessed():
 
 @given(st.text(max_size=200))
 def test_override_parser_never_raises(text):
-    overrides, bad = parse_overrides(text)
+    overrides, _bad = parse_overrides(text)
     assert all(v is None or v >= 0 for v in overrides.users.values())
 
 
