@@ -5625,10 +5625,10 @@ def refusal(state: BudgetState, s: SpendSettings) -> BudgetExceeded:
 def status_suffix(s: SpendSettings, turn_cost: float | None) -> str:
     """` · you: $1.23 of $10.00 this month` for the final status line ("" when off)."""
     state = s.state
+    if s.show_in_status and s.key_source == KEY_OWN:
+        return " · billed to your own key"
     if not s.show_in_status or state is None:
         return ""
-    if s.key_source == KEY_OWN:
-        return " · billed to your own key"
     spent = state.spent + (turn_cost or 0.0)
     now = PERIOD_NOW[state.period]
     if state.budget.limit is None:
