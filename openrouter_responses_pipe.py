@@ -6326,6 +6326,18 @@ def _with_key(turn: Turn, key: str, source: str, state: BudgetState | None) -> T
         turn.settings, api_key=key, spend=spend))
 
 
+def spend_health_lines(spend: Mapping[str, Any] | None) -> list[str]:
+    """The health report's spend line: ledger, its errors, the balance."""
+    if not spend:
+        return []
+    left = spend.get("remaining_credit_usd")
+    errors = ", ".join(f"{k}: {v}" for k, v in sorted(spend["errors"].items())) or "none"
+    return [f"- Spend: ledger {spend['ledger']}, {spend['queued_writes']} writes queued, "
+            f"errors {errors}; remaining credit "
+            f"{'unknown' if left is None else money(left)} (send `spend` or `spend csv` "
+            "for the report)"]
+
+
 def my_usage_text(rows: list[dict[str, Any]], state: BudgetState | None,
                   s: SpendSettings) -> str:
     """The 'my usage' answer: the user's own spend, budget and reset."""
@@ -6615,6 +6627,7 @@ def health_markdown(data: Mapping[str, Any]) -> str:
         + (f", last refresh error: {cat['last_error']}" if cat["last_error"] else ""),
         f"- Breakers: {data['breakers'] or 'none'}; "
         f"artifact store: {_inline(data['artifact_store'])}; Redis: {_inline(data['redis'])}",
+        *spend_health_lines(data.get("spend")),  # issue #13
         "", "```json", json.dumps(data, indent=2), "```"]
     return "\n".join(lines)
 
@@ -7250,6 +7263,8 @@ class Pipe:
 
     async def _my_usage(self, turn: Turn) -> str | AsyncIterator[dict[str, Any]]:
         """Any user: their own spend and budget, never anyone else's."""
+        if turn.req.task:  # no title/tags/follow-ups for this entry (nor their cost)
+            return ""
         try:
             rows = await self._spend.report(turn, user_id=turn.req.user_id)
             state = await self._spend.state(turn)

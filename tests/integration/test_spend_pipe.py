@@ -415,6 +415,9 @@ async def test_balance_in_health_and_low_credit_note_for_admins(emulator, db, sl
     assert spend["balance"]["credits"]["total_credits"] == 3.0
     assert spend["balance"]["key"]["label"].startswith("sk-or-test"[:11])
     assert spend["remaining_credit_usd"] == pytest.approx(3.0)
+    report = await p.pipe(b(fid, "_health", "report", stream=False),
+                          __user__=user("a", role="admin"))
+    assert "- Spend: ledger ready" in report and "remaining credit $3.00" in report
     events = Events()
     await chat(p, fid, who=user("a", role="admin"), events=events)
     assert any("credit is low: $3.00 left" in s["description"] for s in events.of("status"))
