@@ -101,6 +101,7 @@ _SAMPLING_PARAMS = ("temperature", "top_p", "top_k", "stop", "frequency_penalty"
 #   ├── ConfigError             bad or missing valves
 #   ├── ModelNotAvailable       not in the catalog / not enabled
 #   ├── AdmissionRejected       too busy, or the per-user limit
+#   │   └── BudgetExceeded          the user's budget is used up (§17)
 #   ├── UpstreamError           OpenRouter said no
 #   │   ├── UpstreamStatusError     HTTP error before streaming
 #   │   ├── UpstreamConnectionError network failure before any response
@@ -112,7 +113,9 @@ _SAMPLING_PARAMS = ("temperature", "top_p", "top_k", "stop", "frequency_penalty"
 #   │   ├── BadToolArguments
 #   │   ├── ToolTimeout
 #   │   └── ToolBreakerOpen
-#   └── ArtifactStoreError
+#   ├── ArtifactStoreError
+#   ├── KeyLimitError           the user's own key / budget key refused (§17)
+#   └── SpendLedgerError        the spend ledger's database failed (§17)
 #
 # `describe_error` (§15) is the one place that turns these into what the user reads.
 # ─────────────────────────────────────────────────────────────────────────────
@@ -6180,7 +6183,16 @@ class SpendService:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
-        task = asyncio.ensure_future(coro)
+        try:
+            task = asyncio.ensure_future(coro)
+        except RuntimeError:  # no running loop (interpreter shutdown): nothing to write with
+            if inspect.iscoroutine(coro):
+                coro.close()
+            self._flushing = False
+            self._count("ledger_write")
+            LOG.warning("No event loop to record spend on; %d entries stay queued",
+                        len(self._pending))
+            return
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(_consume_task_exception)
