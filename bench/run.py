@@ -81,6 +81,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from openrouter_responses_pipe import (  # noqa: E402
     HEALTH_ENTRY,
+    MY_USAGE_ENTRY,
     ArtifactCodec,
     ArtifactDB,
     ArtifactRow,
@@ -322,8 +323,9 @@ async def bench_catalog(url: str, reps: Reps) -> dict[str, Any]:
                            reps.cold, 1)
     # each result is the inner Sample of the request alone, without the close()
     pipe_ms, raw_ms = ([s.result.wall * 1000 for s in runs[n]] for n in ("pipe", "raw"))
-    # pipes() also lists the admin health entry (SHOW_HEALTH_MODEL); count models only
-    n_pipe = sum(m["id"] != HEALTH_ENTRY["id"] for m in runs["pipe"][0].result.result)
+    # pipes() also lists the health and "my usage" entries; count models only
+    extra = {HEALTH_ENTRY["id"], MY_USAGE_ENTRY["id"]}
+    n_pipe = sum(m["id"] not in extra for m in runs["pipe"][0].result.result)
     n_raw = len(runs["raw"][0].result.result)
     if n_pipe != n_raw or n_pipe < MIN_MODELS:
         raise SystemExit(f"CATALOG MISMATCH: pipes() gave {n_pipe} models, /models {n_raw}")
