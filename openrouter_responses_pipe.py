@@ -6159,9 +6159,12 @@ class SpendService:
             self._spawn(self._flush())
 
     async def _flush(self) -> None:
+        """Write queued entries until none are left; entries whose write failed stay queued
+        (at most 10,000) for the next turn's flush."""
         try:
             while self._pending:
                 self._writing, self._pending = self._pending, []
+                failed: list[tuple[SpendLedger, LedgerEntry]] = []
                 for ledger in {id(lg): lg for lg, _ in self._writing}.values():
                     entries = [e for lg, e in self._writing if lg is ledger]
                     try:
@@ -6170,9 +6173,11 @@ class SpendService:
                         self._count("ledger_write")
                         LOG.warning("Could not record %d spend entries (kept for the next "
                                     "try): %s", len(entries), exc)
-                        self._pending[:0] = [(ledger, e) for e in entries][-10_000:]
-                        return
+                        failed += [(ledger, e) for e in entries]
                 self._writing = []
+                if failed:
+                    self._pending[:0] = merge_queued(failed)[-10_000:]
+                    return
         finally:
             self._writing = []
             self._flushing = False
@@ -6326,6 +6331,16 @@ class SpendService:
                     names[uid] = "(deleted user)" if found is None else str(
                         found.get("email") or "")
         return report_rows(entries, s.period, today, names)
+
+
+def merge_queued(queued: list[tuple[SpendLedger, LedgerEntry]]
+                 ) -> list[tuple[SpendLedger, LedgerEntry]]:
+    """Queued entries summed per ledger and key, so a long outage keeps one entry per user,
+    day, model and key instead of one per turn."""
+    out: list[tuple[SpendLedger, LedgerEntry]] = []
+    for ledger in {id(lg): lg for lg, _ in queued}.values():
+        out += [(ledger, e) for e in merge_entries(e for lg, e in queued if lg is ledger)]
+    return out
 
 
 def _function_id(turn: Turn) -> str:
