@@ -148,3 +148,29 @@ def test_admin_downloads_the_spend_report_as_csv(owui, valves):
                                     [{"role": "user", "content": "spend"}], stream=False)
     report = body["choices"][0]["message"]["content"]
     assert "OpenRouter spend" in report and MEMBER_EMAIL in report
+
+
+def test_management_key_gives_the_member_a_key_openrouter_caps(owui, valves):
+    management = "sk-or-e2e-management"
+    emu = owui.emulator
+    emu._run(lambda: emu.emulator.keys.management_keys.add(management))
+    spent = member_spent(owui)
+    valves(MANAGEMENT_API_KEY=management, BUDGET_USD=spent + 5, BUDGET_PERIOD="weekly")
+    since = len(emu.requests)
+    msg = stored_message(owui.member.chat_ui(owui.model(GPT4O), "on my budget key"))
+    assert not msg.get("error"), msg
+    sent = emu.requests[since:]
+    created = [r for r in sent if r["method"] == "POST" and r["path"].endswith("/keys")]
+    assert len(created) == 1, created
+    assert created[0]["json"]["limit"] == pytest.approx(spent + 5)
+    assert created[0]["json"]["limit_reset"] == "weekly"
+    secrets = emu._run(lambda: [k.secret for k in emu.emulator.keys.keys.values()])
+    chats = {r["headers"].get("Authorization") for r in sent
+             if r["path"].endswith("/responses") and "on my budget key" in str(r["json"])}
+    assert chats == {f"Bearer {secrets[-1]}"}, chats
+    assert secrets[-1] not in owui.server.log_tail(400)
+    # OpenRouter's refusal of an exhausted budget key reads as the member's budget
+    emu._run(lambda: setattr(next(iter(emu.emulator.keys.keys.values())), "limit", 0.0))
+    status, body = owui.member.chat(owui.model(GPT4O), [{"role": "user", "content": "more"}],
+                                    stream=False)
+    assert "not the account's credit" in str(body), (status, body)
