@@ -146,6 +146,7 @@ def test_admin_downloads_the_spend_report_as_csv(owui, valves):
     assert int(member[0]["requests"]) >= 1 and float(member[0]["cost_usd"]) > 0
     status, body = owui.client.chat(owui.model("_health"),
                                     [{"role": "user", "content": "spend"}], stream=False)
+    assert status == 200, body
     report = body["choices"][0]["message"]["content"]
     assert "OpenRouter spend" in report and MEMBER_EMAIL in report
 
