@@ -6051,6 +6051,7 @@ class SpendService:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._flushing = False
         self._balance_due = 0.0
+        self._balance_read = -1e18
 
     # -- tables --
 
@@ -6268,8 +6269,13 @@ class SpendService:
         self._balance_due = self._clock() + s.balance_refresh
         self._spawn(self.refresh(turn.settings, _function_id(turn)))
 
-    async def refresh(self, settings: RequestSettings, function_id: str) -> None:
-        """Read /key and /credits; disable keys of departed users. Failures are recorded."""
+    async def refresh(self, settings: RequestSettings, function_id: str,
+                      max_age: float = 0.0) -> None:
+        """Read /key and /credits (unless read less than `max_age` seconds ago); disable keys
+        of departed users. Failures are recorded, never raised."""
+        if max_age and self._clock() - self._balance_read < max_age:
+            return
+        self._balance_read = self._clock()
         out: dict[str, Any] = {"fetched_at": round(self._wall(), 1)}
         for name, key, path in (("key", settings.api_key, "/key"),
                                 ("credits", settings.spend.management_key or settings.api_key,
@@ -7141,7 +7147,7 @@ class Pipe:
         if prompt.strip().split()[:1] == ["spend"]:  # `spend`, `spend csv` (issue #13)
             text = await self._spend_report(turn, prompt.strip().split()[1:2] == ["csv"])
         else:
-            await self._spend.refresh(turn.settings, _function_id(turn))
+            await self._spend.refresh(turn.settings, _function_id(turn), max_age=30.0)
             data["spend"] = self._spend.health(turn)
             text = health_reply(prompt, data, self._logs)
         if turn.req.task or not turn.req.stream:

@@ -508,3 +508,29 @@ async def test_ledger_on_every_backend(backend, tmp_path, fid):
         close()
         if backend.startswith("postgres"):
             drop_table(name)
+
+
+@pytest.mark.skipif(not pg_available(), reason="PostgreSQL is not running")
+async def test_two_workers_on_postgres_record_every_turn(emulator, sleeps, fid):
+    """Two Pipe instances (two workers) share one PostgreSQL ledger: no turn is lost."""
+    engine = sa.create_engine(PG_URL, pool_size=10)
+    workers = [make_pipe(emulator, SyncEngineRunner(engine), sleeps,
+                         MAX_CONCURRENT_REQUESTS_PER_USER=20, BUDGET_USD=1000)
+               for _ in range(2)]
+    try:
+        chats = [stream(w, b(fid, GPT4O, f"turn {i}"), __user__=user("u1"))
+                 for i in range(12) for w in workers]
+        results = await asyncio.gather(*chats)
+        assert all(r.error is None for r in results)
+        for w in workers:
+            await w._spend.drain()
+        with engine.begin() as conn:
+            row = conn.execute(sa.text(
+                f'SELECT requests, cost FROM "{spend_table_name("spend", fid)}"')).one()
+        assert row.requests == 24
+        assert row.cost == pytest.approx(sum(r["usage"]["cost"] for r in emulator.responses))
+    finally:
+        for w in workers:
+            await w.close()
+        engine.dispose()
+        drop_table(spend_table_name("spend", fid))
