@@ -14,6 +14,7 @@ Contents
   6. Event assembly         Plan -> ordered event dicts + final response object
   7. Errors & validation    HTTP error bodies, request checks
   8. SSE writer             framing quirks: comments, CRLF, split writes
+  9a. Keys & credits       GET /key, /credits; POST/GET/PATCH/DELETE /keys (issue #13)
   9. Emulator               aiohttp app, observability, EmulatorThread, CLI
 
 Scenario selection for ``POST /responses`` (first match wins):
@@ -1012,9 +1013,7 @@ def split_frame(data: bytes) -> list[bytes]:
     return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
-# =========================================================================== 9. emulator
-
-# =========================================================================== 10. keys & credits
+# =========================================================================== 9a. keys & credits
 # Spend control (issue #13): GET /key, GET /credits and the management API
 # POST/GET /keys, GET/PATCH/DELETE /keys/{hash}, shaped as the SDK's models. Provisioned keys
 # really stop: once a key's usage in its limit window reaches its limit, inference answers 402
@@ -1254,6 +1253,9 @@ class KeysRoutes:
                 setattr(key, name, body[name])
         key.updated_at = time.time()
         return _json_response(200, {"data": key.record()})
+
+
+# =========================================================================== 9. emulator
 
 
 class Emulator(KeysRoutes):
