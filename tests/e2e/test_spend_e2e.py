@@ -171,7 +171,9 @@ def test_management_key_gives_the_member_a_key_openrouter_caps(owui, valves):
     assert chats == {f"Bearer {secrets[-1]}"}, chats
     assert secrets[-1] not in owui.server.log_tail(400)
     # OpenRouter's refusal of an exhausted budget key reads as the member's budget
-    emu._run(lambda: setattr(next(iter(emu.emulator.keys.keys.values())), "limit", 0.0))
+    newest = secrets[-1]  # (the emulator is shared by every Open WebUI version's run)
+    emu._run(lambda: [setattr(k, "limit", 0.0) for k in emu.emulator.keys.keys.values()
+                      if k.secret == newest])
     status, body = owui.member.chat(owui.model(GPT4O), [{"role": "user", "content": "more"}],
                                     stream=False)
     assert "not the account's credit" in str(body), (status, body)
