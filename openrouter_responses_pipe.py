@@ -64,10 +64,11 @@ import zlib
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, Field, GetCoreSchemaHandler, field_validator
+from pydantic import BaseModel, Field, GetCoreSchemaHandler, ValidationInfo, field_validator
 from pydantic_core import core_schema
 
 try:  # Open WebUI ships orjson; it parses SSE payloads several times faster than json.
@@ -102,6 +103,7 @@ _SAMPLING_PARAMS = ("temperature", "top_p", "top_k", "stop", "frequency_penalty"
 #   ├── ConfigError             bad or missing valves
 #   ├── ModelNotAvailable       not in the catalog / not enabled
 #   ├── AdmissionRejected       too busy, or the per-user limit
+#   │   └── BudgetExceeded          the user's budget is used up (§17)
 #   ├── UpstreamError           OpenRouter said no
 #   │   ├── UpstreamStatusError     HTTP error before streaming
 #   │   ├── UpstreamConnectionError network failure before any response
@@ -118,6 +120,8 @@ _SAMPLING_PARAMS = ("temperature", "top_p", "top_k", "stop", "frequency_penalty"
 #   ├── ArtifactStoreError
 #   │   └── ArtifactRowRejected     the database refused this row (not the connection)
 #   ├── RecordSyncError         model records not synced (health report only, never a user)
+#   ├── KeyLimitError           the user's own key / budget key refused (§17)
+#   ├── SpendLedgerError        the spend ledger's database failed (§17)
 #   └── BadRequest              the chat body has a shape the pipe can't read
 #
 # `describe_error` (§15) is the one place that turns these into what the user reads.
@@ -267,6 +271,7 @@ LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 RetentionMode = Literal["conversation", "next_reply", "disabled"]
 _PASSWORD: dict[str, Any] = {"input": {"type": "password"}}
+_VERBATIM_USER_VALVES = frozenset({"API_KEY"})  # issue #13: never lower-cased
 
 
 def _fernet_from_secret() -> Any | None:
@@ -654,6 +659,69 @@ class Valves(BaseModel):
     # ── end issue #12 ──
 
     # ── Spend control (issue #13) ──
+    SPEND_LEDGER: bool = Field(
+        default=True,
+        description="Record every turn's cost (tool rounds and tasks included) per user, model "
+                    "and UTC day in a table of Open WebUI's database. No prompt or answer text "
+                    "is stored. Budgets, `spend` reports and 'my usage' read this ledger.")
+    BUDGET_USD: float = Field(
+        default=0.0, ge=0, le=1_000_000,
+        description="Default budget per user in US dollars per BUDGET_PERIOD. 0 = no budget "
+                    "(users without an override may spend without limit).")
+    BUDGET_PERIOD: Literal["daily", "weekly", "monthly"] = Field(
+        default="monthly",
+        description="Budget period, in calendar UTC periods like OpenRouter's key limits: a day "
+                    "from midnight UTC, a week Monday to Sunday, a month from the 1st.")
+    BUDGET_WARN_PERCENT: float = Field(
+        default=80.0, ge=0, le=100,
+        description="From this share of the budget on, a user sees a status note like "
+                    "'$8.10 of $10.00 used this month' when a chat starts. 0 = always shown.")
+    BUDGET_OVERRIDES: str = Field(
+        default="",
+        description="Per-user and per-group budgets, comma separated: `alice@example.com=25`, "
+                    "`<user id>=5`, `group:Research=50`. A value is dollars per period (0 = no "
+                    "spending) or `unlimited`. A user entry beats group entries; among several "
+                    "of the user's groups the highest budget wins; then BUDGET_USD applies.")
+    BUDGET_EXEMPT_ADMINS: bool = Field(
+        default=True, description="Admins have no budget (their spend is still recorded).")
+    BUDGET_ON_LEDGER_ERROR: Literal["allow", "deny"] = Field(
+        default="allow",
+        description="With budgets on, what a chat does when the ledger can't be read: `allow` "
+                    "(chat goes on, the failure is logged and counted in health) or `deny`.")
+    BUDGET_CHECK_CACHE_SECONDS: float = Field(
+        default=5.0, ge=0, le=300,
+        description="How long a user's spend read from the ledger is reused by this worker "
+                    "before the next budget check reads it again (its own turns are added at "
+                    "once). Lower = tighter across workers, higher = fewer reads.")
+    SHOW_SPEND_IN_STATUS: bool = Field(
+        default=True,
+        description="Add the user's own spend this period (and remaining budget) to the final "
+                    "status line.")
+    MANAGEMENT_API_KEY: EncryptedStr = Field(
+        default=EncryptedStr(""),
+        description="OpenRouter management key (optional). With a budget in force, each user gets "
+                    "an OpenRouter API key of their own whose limit and reset are the user's "
+                    "budget, so OpenRouter itself refuses overspend. Also reads /credits.",
+        json_schema_extra=_PASSWORD)
+    ALLOW_USER_API_KEYS: bool = Field(
+        default=True,
+        description="Let users put their own OpenRouter key in their user valves (API_KEY). "
+                    "Their turns then use and are billed to their key, are recorded as "
+                    "`own key` and don't count against their budget. Off: user keys are ignored.")
+    LOW_CREDIT_WARNING_USD: float = Field(
+        default=0.0, ge=0, le=1_000_000,
+        description="When the account's remaining credit (or the API key's remaining limit) "
+                    "falls below this many dollars, admins see a note on their chats. 0 = off.")
+    BALANCE_REFRESH_SECONDS: float = Field(
+        default=300.0, ge=30, le=86400,
+        description="How often the balance (/key, /credits) is refreshed in the background, and "
+                    "provisioned keys of deleted or pending users are disabled.")
+    CURRENCY_NAME: str = Field(
+        default="USD",
+        description="Currency costs are shown in (e.g. `EUR`). The ledger stays in dollars.")
+    CURRENCY_RATE: float = Field(
+        default=1.0, gt=0, le=1_000_000,
+        description="Fixed units of CURRENCY_NAME per US dollar (no network lookup).")
     # ── end issue #13 ──
 
     # ── Image output (issue #14) ──
@@ -709,6 +777,11 @@ class UserValves(BaseModel):
     # ── end issue #12 ──
 
     # ── Spend control (issue #13) ──
+    API_KEY: EncryptedStr = Field(
+        default=EncryptedStr(""),
+        description="Your own OpenRouter API key (optional). Your chats then use and are billed "
+                    "to it, not the shared key; stored encrypted, never shown back.",
+        json_schema_extra=_PASSWORD)
     # ── end issue #13 ──
 
     # ── Image output (issue #14) ──
@@ -721,7 +794,9 @@ class UserValves(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _normalise_inherit(cls, value: Any) -> Any:
+    def _normalise_inherit(cls, value: Any, info: ValidationInfo) -> Any:
+        if info.field_name in _VERBATIM_USER_VALVES:  # secrets: kept exactly as typed
+            return "" if value is None else value
         if value is None or (isinstance(value, str) and value.strip().lower() in ("", INHERIT)):
             return INHERIT
         if isinstance(value, bool):
@@ -837,6 +912,7 @@ class RequestSettings:
     # ── end issue #12 ──
 
     # ── Spend control (issue #13) ──
+    spend: SpendSettings = field(default_factory=lambda: SpendSettings())
     # ── end issue #13 ──
 
     # ── Image output (issue #14) ──
@@ -904,6 +980,7 @@ class RequestSettings:
             # ── end issue #12 ──
 
             # ── Spend control (issue #13) ──
+            spend=spend_settings(valves, user),
             # ── end issue #13 ──
 
             # ── Image output (issue #14) ──
@@ -1076,6 +1153,7 @@ class ChatRequest:
     user_id: str = "anonymous"
     user_role: str = "user"
     tools: tuple[ToolSpec, ...] = ()           # body["tools"] (issue #3)
+    user_email: str = ""                       # budget overrides by email (issue #13)
 
 
 @dataclass(slots=True)
@@ -1086,6 +1164,7 @@ class Usage:
     cached_tokens: int = 0
     cost: float | None = None
     cache_write_tokens: int = 0
+    byok_cost: float = 0.0  # BYOK: what the provider billed the admin's own provider key
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any] | None) -> Usage | None:
@@ -1100,7 +1179,8 @@ class Usage:
                                  .get("reasoning_tokens") or 0),
             cached_tokens=int(details.get("cached_tokens") or 0),
             cost=float(cost) if isinstance(cost, int | float) else None,
-            cache_write_tokens=int(details.get("cache_write_tokens") or 0))
+            cache_write_tokens=int(details.get("cache_write_tokens") or 0),
+            byok_cost=_byok_cost(raw))
 
     @property
     def total_tokens(self) -> int:
@@ -1114,6 +1194,16 @@ class Usage:
         self.cache_write_tokens += other.cache_write_tokens
         if other.cost is not None:
             self.cost = (self.cost or 0.0) + other.cost
+        self.byok_cost += other.byok_cost
+
+
+def _byok_cost(raw: Mapping[str, Any]) -> float:
+    """`cost_details.upstream_inference_cost` when the request ran on a BYOK provider key."""
+    details = raw.get("cost_details")
+    if not raw.get("is_byok") or not isinstance(details, Mapping):
+        return 0.0
+    value = details.get("upstream_inference_cost")
+    return float(value) if isinstance(value, int | float) else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -7481,10 +7571,1001 @@ class _Admission:
 # ─────────────────────────────────────────────────────────────────────────────
 # §17 Spend
 #
-# Ledger, budgets, keys (issue #13).
+# Pure cores: UTC calendar periods (weeks Monday–Sunday, as OpenRouter's key limits), budget
+# resolution (user override > the highest of the user's group overrides > BUDGET_USD; admins
+# exempt by valve), the words users read (warning note, refusal, status suffix), money in the
+# display currency, CSV. I/O shells: `SpendLedger` (one table per pipe: cost per user, UTC day,
+# model and key; atomic `INSERT … ON CONFLICT DO UPDATE SET cost = cost + excluded.cost`),
+# `KeyVault` (provisioned per-user keys, stored encrypted), `KeysClient` (/key, /credits,
+# /keys) and `SpendService`, which Pipe calls twice per turn: `admit` after the admission gate
+# (budget check from a per-user cache, key choice) and `record` after the turn (in memory at
+# once, written to the database by a background task, never on the stream's path).
 # ─────────────────────────────────────────────────────────────────────────────
 
-# (issue #13: filled in by its branch)
+KEY_PIPE, KEY_OWN, KEY_PROVISIONED = "pipe", "own", "provisioned"
+PERIOD_NOW = {"daily": "today", "weekly": "this week", "monthly": "this month"}
+PERIOD_EACH = {"daily": "a day", "weekly": "a week", "monthly": "a month"}
+MY_USAGE_ENTRY = {"id": "_my_usage", "name": "OpenRouter: my usage"}
+
+
+class BudgetExceeded(AdmissionRejected):
+    """The user's budget for this period is used up; nothing was sent."""
+
+
+class KeyLimitError(PipeError):
+    """OpenRouter refused the user's own key or their provisioned budget key."""
+
+
+class SpendLedgerError(PipeError):
+    """The spend ledger could not be read or written."""
+
+
+# -- pure: periods ----------------------------------------------------------------------------
+
+
+def utc_day(ts: float) -> date:
+    return datetime.fromtimestamp(ts, UTC).date()
+
+
+def period_start(period: str, day: date) -> date:
+    """First UTC day of the calendar period containing `day`."""
+    if period == "daily":
+        return day
+    if period == "weekly":
+        return day - timedelta(days=day.weekday())
+    return day.replace(day=1)
+
+
+def next_period_start(period: str, day: date) -> date:
+    """First UTC day of the next period: when the budget resets (at 00:00 UTC)."""
+    start = period_start(period, day)
+    if period == "daily":
+        return start + timedelta(days=1)
+    if period == "weekly":
+        return start + timedelta(days=7)
+    return date(start.year + start.month // 12, start.month % 12 + 1, 1)
+
+
+def previous_period_start(period: str, day: date) -> date:
+    return period_start(period, period_start(period, day) - timedelta(days=1))
+
+
+# -- pure: settings and budgets ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetOverrides:
+    users: Mapping[str, float | None] = field(default_factory=dict)   # id/email -> $ (None: ∞)
+    groups: Mapping[str, float | None] = field(default_factory=dict)  # group name -> $
+
+
+def parse_overrides(text: str) -> tuple[BudgetOverrides, list[str]]:
+    """`a@x.org=25, group:Research=50, <id>=unlimited` -> overrides, plus entries not understood.
+    Names are matched case-insensitively."""
+    users: dict[str, float | None] = {}
+    groups: dict[str, float | None] = {}
+    bad: list[str] = []
+    for raw in text.split(","):
+        entry = raw.strip()
+        if not entry:
+            continue
+        who, sep, amount = (part.strip() for part in entry.rpartition("="))
+        try:
+            value = _override_amount(amount)
+        except ValueError:
+            sep = ""
+        name = who.lower()
+        if not sep or not name or name == "group:":
+            bad.append(entry)
+        elif name.startswith("group:"):
+            groups[name[6:].strip()] = value
+        else:
+            users[name] = value
+    return BudgetOverrides(users, groups), bad
+
+
+def _override_amount(text: str) -> float | None:
+    if text.lower() in ("unlimited", "none", "inf"):
+        return None
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise ValueError(text)
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    limit: float | None  # dollars per period; None = no limit
+    source: str          # "default", "your own budget", "group Research", "admin (exempt)"
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetState:
+    """A user's position in the current period when their turn was admitted."""
+
+    budget: Budget
+    spent: float
+    period: str
+    resets_on: date
+
+    @property
+    def over(self) -> bool:
+        return self.budget.limit is not None and self.spent >= self.budget.limit
+
+    def warn(self, percent: float) -> bool:
+        limit = self.budget.limit
+        return limit is not None and self.spent >= limit * percent / 100
+
+
+@dataclass(frozen=True, slots=True)
+class SpendSettings:
+    """The spend valves of one request (built once by `spend_settings`)."""
+
+    ledger: bool = True
+    budget_usd: float = 0.0
+    period: str = "monthly"
+    warn_percent: float = 80.0
+    overrides: BudgetOverrides = field(default_factory=BudgetOverrides)
+    exempt_admins: bool = True
+    on_ledger_error: str = "allow"
+    cache_seconds: float = 5.0
+    show_in_status: bool = True
+    management_key: str = ""
+    user_key: str = ""          # the user's own key when ALLOW_USER_API_KEYS, else ""
+    low_credit_usd: float = 0.0
+    balance_refresh: float = 300.0
+    currency: str = "USD"
+    rate: float = 1.0
+    # Filled in by SpendService.admit for the admitted turn:
+    key_source: str = KEY_PIPE
+    state: BudgetState | None = None
+
+    @property
+    def budgets_on(self) -> bool:
+        return self.budget_usd > 0 or bool(self.overrides.users or self.overrides.groups)
+
+
+def spend_settings(valves: Valves, user: UserValves) -> SpendSettings:
+    overrides, bad = parse_overrides(valves.BUDGET_OVERRIDES)
+    if bad:
+        LOG.error("BUDGET_OVERRIDES entries not understood (ignored): %s", "; ".join(bad))
+    management = _reveal_key(valves.MANAGEMENT_API_KEY, ConfigError(
+        "The stored MANAGEMENT_API_KEY can't be decrypted (WEBUI_SECRET_KEY changed).",
+        hint="An admin must re-enter MANAGEMENT_API_KEY in the pipe's valves."))
+    own = _reveal_key(getattr(user, "API_KEY", ""), ConfigError(
+        "Your own OpenRouter key can't be decrypted (the server's secret changed).",
+        hint="Enter API_KEY again in your user valves for this pipe.")) \
+        if valves.ALLOW_USER_API_KEYS else ""
+    return SpendSettings(
+        ledger=valves.SPEND_LEDGER, budget_usd=valves.BUDGET_USD, period=valves.BUDGET_PERIOD,
+        warn_percent=valves.BUDGET_WARN_PERCENT, overrides=overrides,
+        exempt_admins=valves.BUDGET_EXEMPT_ADMINS, on_ledger_error=valves.BUDGET_ON_LEDGER_ERROR,
+        cache_seconds=valves.BUDGET_CHECK_CACHE_SECONDS,
+        show_in_status=valves.SHOW_SPEND_IN_STATUS, management_key=management, user_key=own,
+        low_credit_usd=valves.LOW_CREDIT_WARNING_USD,
+        balance_refresh=valves.BALANCE_REFRESH_SECONDS,
+        currency=valves.CURRENCY_NAME.strip() or "USD", rate=valves.CURRENCY_RATE)
+
+
+def _reveal_key(value: str, unreadable: ConfigError) -> str:
+    try:
+        plain = EncryptedStr(value or "").reveal().strip()
+    except ConfigError:
+        raise unreadable from None
+    register_secret(plain)
+    return plain
+
+
+def resolve_budget(s: SpendSettings, user_id: str, email: str, role: str,
+                   groups: Iterable[str] = ()) -> Budget:
+    """user override (id, then email) > the highest budget among the user's groups >
+    BUDGET_USD; admins have none when BUDGET_EXEMPT_ADMINS."""
+    if role == "admin" and s.exempt_admins:
+        return Budget(None, "admin (exempt)")
+    for who in (user_id.lower(), email.lower()):
+        if who and who in s.overrides.users:
+            return Budget(s.overrides.users[who], "your own budget")
+    matched = [(s.overrides.groups[g.lower()], g) for g in groups
+               if g.lower() in s.overrides.groups]
+    if matched:
+        unlimited = [g for v, g in matched if v is None]
+        if unlimited:
+            return Budget(None, f"group {unlimited[0]}")
+        value, name = max(matched, key=lambda m: m[0] or 0.0)
+        return Budget(value, f"group {name}")
+    return Budget(s.budget_usd or None, "default")
+
+
+# -- pure: words ------------------------------------------------------------------------------
+
+
+def money(usd: float, currency: str = "USD", rate: float = 1.0) -> str:
+    """Dollars in the display currency: `$8.10`, `7.45 EUR`; tiny amounts keep 4 decimals."""
+    value = usd * rate
+    digits = 2 if value == 0 or abs(value) >= 0.01 else 4
+    text = f"{value:,.{digits}f}"
+    return f"${text}" if currency.upper() == "USD" else f"{text} {currency}"
+
+
+def reset_words(day: date) -> str:
+    return f"{day.day} {day.strftime('%B %Y')}, 00:00 UTC"
+
+
+def usage_note(state: BudgetState, s: SpendSettings) -> str:
+    """`$8.10 of $10.00 used this month` (or `$8.10 spent this month` without a budget)."""
+    spent = money(state.spent, s.currency, s.rate)
+    if state.budget.limit is None:
+        return f"{spent} spent {PERIOD_NOW[state.period]}"
+    limit = money(state.budget.limit, s.currency, s.rate)
+    return f"{spent} of {limit} used {PERIOD_NOW[state.period]}"
+
+
+def refusal(state: BudgetState, s: SpendSettings) -> BudgetExceeded:
+    limit = money(state.budget.limit or 0.0, s.currency, s.rate)
+    return BudgetExceeded(
+        f"Your OpenRouter budget is used up: {limit} {PERIOD_EACH[state.period]}, and you have "
+        f"spent {money(state.spent, s.currency, s.rate)} {PERIOD_NOW[state.period]}. Nothing "
+        f"was sent. It resets on {reset_words(state.resets_on)}.",
+        hint="An admin can raise your budget (BUDGET_USD or BUDGET_OVERRIDES).")
+
+
+def status_suffix(s: SpendSettings, turn_cost: float | None) -> str:
+    """` · you: $1.23 of $10.00 this month` for the final status line ("" when off)."""
+    state = s.state
+    if s.show_in_status and s.key_source == KEY_OWN:
+        return " · billed to your own key"
+    if not s.show_in_status or state is None:
+        return ""
+    spent = state.spent + (turn_cost or 0.0)
+    now = PERIOD_NOW[state.period]
+    if state.budget.limit is None:
+        return f" · you: {money(spent, s.currency, s.rate)} {now}"
+    left = max(state.budget.limit - spent, 0.0)
+    return (f" · you: {money(spent, s.currency, s.rate)} of "
+            f"{money(state.budget.limit, s.currency, s.rate)} {now}, "
+            f"{money(left, s.currency, s.rate)} left")
+
+
+def attribute_key_error(exc: Exception, s: SpendSettings) -> Exception:
+    """A 401/402/403 on the user's own key or their budget key names that key, not the
+    account's credit; anything else is returned unchanged."""
+    if not isinstance(exc, UpstreamStatusError) or exc.status not in (401, 402, 403):
+        return exc
+    said = exc.provider_message or f"HTTP {exc.status}"
+    if s.key_source == KEY_OWN:
+        what = {401: "was rejected", 402: "is out of credits or over its limit",
+                403: "was refused"}[exc.status]
+        return KeyLimitError(
+            f"Your own OpenRouter key (API_KEY in your user valves) {what} "
+            f"(HTTP {exc.status}): {said}",
+            hint="Fix or remove your key in your user valves; the shared key was not used.")
+    if s.key_source == KEY_PROVISIONED and exc.status in (402, 403) and s.state is not None:
+        state = s.state
+        limit = money(state.budget.limit or 0.0, s.currency, s.rate)
+        return KeyLimitError(
+            f"Your OpenRouter budget ({limit} {PERIOD_EACH[state.period]}) is used up: "
+            f"OpenRouter refused your budget key (HTTP {exc.status}): {said}. This is your own "
+            f"budget, not the account's credit. It resets on {reset_words(state.resets_on)}.",
+            hint="An admin can raise your budget (BUDGET_USD or BUDGET_OVERRIDES).")
+    return exc
+
+
+# -- pure: ledger rows and reports ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """One turn's spend (or the sum of several) for one user, UTC day, model and key."""
+
+    user_id: str
+    day: str        # YYYY-MM-DD (UTC)
+    model: str
+    key_source: str
+    cost: float
+    byok_cost: float = 0.0
+    requests: int = 1
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return self.user_id, self.day, self.model, self.key_source
+
+    @property
+    def total(self) -> float:
+        return self.cost + self.byok_cost
+
+
+def ledger_entry(user_id: str, model: str, key_source: str, usage: Usage | None,
+                 now: float) -> LedgerEntry | None:
+    """The ledger entry for one turn's summed usage; None when nothing was billed or used."""
+    if usage is None or (usage.cost is None and not usage.total_tokens):
+        return None
+    return LedgerEntry(user_id[:128], utc_day(now).isoformat(), model[:200], key_source,
+                       usage.cost or 0.0, usage.byok_cost, 1, usage.input_tokens,
+                       usage.output_tokens)
+
+
+def merge_entries(entries: Iterable[LedgerEntry]) -> list[LedgerEntry]:
+    """Entries summed per (user, day, model, key): one upsert row each."""
+    merged: dict[tuple[str, str, str, str], LedgerEntry] = {}
+    for e in entries:
+        old = merged.get(e.key)
+        merged[e.key] = e if old is None else dataclasses.replace(
+            old, cost=old.cost + e.cost, byok_cost=old.byok_cost + e.byok_cost,
+            requests=old.requests + e.requests, input_tokens=old.input_tokens + e.input_tokens,
+            output_tokens=old.output_tokens + e.output_tokens)
+    return list(merged.values())
+
+
+def budget_spend(entries: Iterable[LedgerEntry]) -> float:
+    """What counts against a budget: everything but the user's own key (BYOK included)."""
+    return sum(e.total for e in entries if e.key_source != KEY_OWN)
+
+
+CSV_COLUMNS = ("period", "user_id", "user", "model", "key", "requests", "input_tokens",
+               "output_tokens", "cost_usd", "byok_cost_usd")
+
+
+def spend_csv(rows: Iterable[Mapping[str, Any]]) -> str:
+    """Report rows -> CSV text (dollars; cells that could start a formula are quoted)."""
+    import csv
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for row in rows:
+        writer.writerow([_csv_cell(row.get(c, "")) for c in CSV_COLUMNS])
+    return buf.getvalue()
+
+
+def _csv_cell(value: Any) -> Any:
+    if isinstance(value, float):
+        return f"{value:.8f}".rstrip("0").rstrip(".") or "0"
+    text = str(value)
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+def report_rows(entries: Iterable[LedgerEntry], period: str, today: date,
+                names: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Ledger entries of this and the previous period, summed per period, user, model, key."""
+    current = period_start(period, today)
+    totals: dict[tuple[str, str, str, str], LedgerEntry] = {}
+    for e in entries:
+        label = "current" if date.fromisoformat(e.day) >= current else "previous"
+        key = (label, e.user_id, e.model, e.key_source)
+        old = totals.get(key)
+        totals[key] = dataclasses.replace(e, day=label) if old is None else merge_entries(
+            [old, dataclasses.replace(e, day=label)])[0]
+    return [{"period": p, "user_id": u, "user": names.get(u, ""), "model": m, "key": k,
+             "requests": e.requests, "input_tokens": e.input_tokens,
+             "output_tokens": e.output_tokens, "cost_usd": e.cost, "byok_cost_usd": e.byok_cost}
+            for (p, u, m, k), e in sorted(totals.items())]
+
+
+def spend_markdown(rows: list[dict[str, Any]], s: SpendSettings, title: str) -> str:
+    """Per-user and per-model sums for both periods, plus totals, as markdown tables."""
+    lines = [f"### {title}", f"Period: {s.period} (UTC), amounts in "
+             f"{'USD' if s.currency.upper() == 'USD' else s.currency}.", ""]
+    for label in ("current", "previous"):
+        part = [r for r in rows if r["period"] == label]
+        total = sum(r["cost_usd"] + r["byok_cost_usd"] for r in part)
+        lines.append(f"**{label.title()} period**: {money(total, s.currency, s.rate)} in "
+                     f"{sum(r['requests'] for r in part)} requests")
+        for col, head in (("user", "User"), ("model", "Model")):
+            sums: dict[str, float] = {}
+            for r in part:
+                name = (f"{r['user']} ({r['user_id']})" if r["user"] else r["user_id"]
+                        ) if col == "user" else r["model"]
+                if r["key"] == KEY_OWN:
+                    name += " (own key)"
+                sums[name] = sums.get(name, 0.0) + r["cost_usd"] + r["byok_cost_usd"]
+            if sums:
+                lines += ["", f"| {head} | Spent |", "|---|---:|", *(
+                    f"| {_cell(n)} | {money(v, s.currency, s.rate)} |"
+                    for n, v in sorted(sums.items(), key=lambda kv: -kv[1]))]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")[:120]
+
+
+# -- I/O: the ledger and the key vault (tables in Open WebUI's database) ----------------------
+
+
+def spend_table_name(kind: str, function_id: str) -> str:
+    """`orp_spend_<pipe>` / `orp_keys_<pipe>`, valid identifiers of at most 48 characters."""
+    base = re.sub(r"[^a-z0-9_]", "_", function_id.lower()).strip("_") or "pipe"
+    name = f"orp_{kind}_{base}"
+    if len(name) > 48 or base != function_id:
+        name = f"{name[:39]}_{hashlib.sha256(function_id.encode()).hexdigest()[:8]}"
+    return name
+
+
+class _Table:
+    """One SQLAlchemy Core table created on first use (safe when workers race to create it);
+    database failures surface as SpendLedgerError."""
+
+    def __init__(self, runner: DBRunner, table: Any) -> None:
+        self.runner, self.table = runner, table
+        self._ready = False
+        self._lock = asyncio.Lock()
+
+    async def run(self, fn: Callable[[Any], Any]) -> Any:
+        import sqlalchemy.exc as sa_exc
+
+        try:
+            if not self._ready:
+                async with self._lock:
+                    if not self._ready:
+                        await self._create()
+            return await self.runner.run(fn)
+        except (sa_exc.SQLAlchemyError, OSError) as exc:
+            raise SpendLedgerError(f"database: {type(exc).__name__}: {exc}"[:300]) from exc
+
+    async def _create(self) -> None:
+        import sqlalchemy.exc as sa_exc
+
+        def create(conn: Any) -> None:
+            self.table.metadata.create_all(conn, checkfirst=True)
+
+        try:
+            await self.runner.run(create)
+        except sa_exc.DBAPIError:  # another worker created it in between
+            await self.runner.run(create)
+        self._ready = True
+
+
+def _upsert(conn: Any, table: Any, rows: list[dict[str, Any]], keys: list[str],
+            add: Iterable[str] = (), replace: Iterable[str] = ()) -> None:
+    """One atomic INSERT … ON CONFLICT DO UPDATE: `add` columns are summed with what is stored
+    (no lost increments under concurrent writers), `replace` columns overwritten."""
+    dialect = "postgresql" if conn.dialect.name == "postgresql" else "sqlite"
+    insert = importlib.import_module(f"sqlalchemy.dialects.{dialect}").insert
+    stmt = insert(table).values(rows)
+    new = stmt.excluded
+    sets = {c: table.c[c] + new[c] for c in add} | {c: new[c] for c in replace}
+    conn.execute(stmt.on_conflict_do_update(index_elements=keys, set_=sets))
+
+
+class SpendLedger:
+    """Cost per user, UTC day, model and key source; the primary key starts with user and day,
+    so a budget check is one indexed range read."""
+
+    KEYS: typing.ClassVar[list[str]] = ["user_id", "day", "model", "key_source"]
+    SUMS = ("cost", "byok_cost", "requests", "input_tokens", "output_tokens")
+
+    def __init__(self, runner: DBRunner, name: str, schema: str | None = None) -> None:
+        import sqlalchemy as sa
+
+        table = sa.Table(
+            name, sa.MetaData(schema=schema),
+            sa.Column("user_id", sa.String(128), primary_key=True),
+            sa.Column("day", sa.String(10), primary_key=True),
+            sa.Column("model", sa.String(200), primary_key=True),
+            sa.Column("key_source", sa.String(16), primary_key=True),
+            sa.Column("cost", sa.Float, nullable=False, default=0.0),
+            sa.Column("byok_cost", sa.Float, nullable=False, default=0.0),
+            sa.Column("requests", sa.Integer, nullable=False, default=0),
+            sa.Column("input_tokens", sa.BigInteger, nullable=False, default=0),
+            sa.Column("output_tokens", sa.BigInteger, nullable=False, default=0),
+            sa.Column("updated_at", sa.Float, nullable=False, default=0.0),
+            sa.Index(f"{name}_day_ix", "day"))
+        self.db = _Table(runner, table)
+
+    async def add(self, entries: list[LedgerEntry], now: float) -> None:
+        rows = [{**{f: getattr(e, f) for f in (*self.KEYS, *self.SUMS)}, "updated_at": now}
+                for e in merge_entries(entries)]
+        if rows:
+            t = self.db.table
+            await self.db.run(lambda conn: _upsert(conn, t, rows, self.KEYS, self.SUMS,
+                                                   ("updated_at",)))
+
+    async def budget_spent(self, user_id: str, start: date, end: date) -> float:
+        """Sum of the user's spend from `start` to `end` (exclusive) not on their own key."""
+        import sqlalchemy as sa
+
+        t = self.db.table
+        query = sa.select(sa.func.coalesce(sa.func.sum(t.c.cost + t.c.byok_cost), 0.0)).where(
+            t.c.user_id == user_id, t.c.day >= start.isoformat(), t.c.day < end.isoformat(),
+            t.c.key_source != KEY_OWN)
+        return float(await self.db.run(lambda conn: conn.execute(query).scalar()) or 0.0)
+
+    async def entries(self, start: date, end: date, user_id: str | None = None
+                      ) -> list[LedgerEntry]:
+        t = self.db.table
+        query = t.select().where(t.c.day >= start.isoformat(), t.c.day < end.isoformat())
+        if user_id is not None:
+            query = query.where(t.c.user_id == user_id)
+
+        def work(conn: Any) -> list[LedgerEntry]:
+            return [LedgerEntry(r.user_id, r.day, r.model, r.key_source, float(r.cost),
+                                float(r.byok_cost), int(r.requests), int(r.input_tokens),
+                                int(r.output_tokens)) for r in conn.execute(query)]
+
+        result: list[LedgerEntry] = await self.db.run(work)
+        return result
+
+
+@dataclass(frozen=True, slots=True)
+class VaultKey:
+    """A provisioned per-user OpenRouter key; `secret` is `encrypted:…` (WEBUI_SECRET_KEY)."""
+
+    user_id: str
+    key_hash: str
+    secret: str
+    limit: float | None
+    limit_reset: str
+    disabled: bool = False
+
+
+class KeyVault:
+    """Provisioned keys, one row per user."""
+
+    def __init__(self, runner: DBRunner, name: str, schema: str | None = None) -> None:
+        import sqlalchemy as sa
+
+        self.db = _Table(runner, sa.Table(
+            name, sa.MetaData(schema=schema),
+            sa.Column("user_id", sa.String(128), primary_key=True),
+            sa.Column("key_hash", sa.String(128), nullable=False),
+            sa.Column("secret", sa.Text, nullable=False),
+            sa.Column("limit_usd", sa.Float, nullable=True),
+            sa.Column("limit_reset", sa.String(16), nullable=False, default=""),
+            sa.Column("disabled", sa.Boolean, nullable=False, default=False),
+            sa.Column("updated_at", sa.Float, nullable=False, default=0.0)))
+
+    async def get(self, user_id: str) -> VaultKey | None:
+        found = await self.all(user_id)
+        return found[0] if found else None
+
+    async def all(self, user_id: str | None = None) -> list[VaultKey]:
+        t = self.db.table
+        query = t.select() if user_id is None else t.select().where(t.c.user_id == user_id)
+        rows = await self.db.run(lambda conn: list(conn.execute(query)))
+        return [VaultKey(r.user_id, r.key_hash, r.secret, r.limit_usd, r.limit_reset,
+                         bool(r.disabled)) for r in rows]
+
+    async def put(self, key: VaultKey, now: float) -> None:
+        t = self.db.table
+        row = {"user_id": key.user_id, "key_hash": key.key_hash, "secret": key.secret,
+               "limit_usd": key.limit, "limit_reset": key.limit_reset,
+               "disabled": key.disabled, "updated_at": now}
+        await self.db.run(lambda conn: _upsert(conn, t, [row], ["user_id"], (), [
+            c for c in row if c != "user_id"]))
+
+
+# -- I/O: OpenRouter's key management API -----------------------------------------------------
+
+
+class KeysClient:
+    """GET /key, GET /credits and the /keys management API, each one request (no retries:
+    none of these is on a chat's path except a first-time key creation)."""
+
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
+
+    async def call(self, settings: RequestSettings, key: str, method: str, path: str,
+                   body: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {key}", "Accept": "application/json",
+                   "HTTP-Referer": settings.http_referer,
+                   "X-OpenRouter-Title": settings.app_title}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        resp = await self._transport.request(
+            method, settings.base_url + path, headers=headers,
+            body=None if body is None else _dumps(body),
+            connect_timeout=settings.connect_timeout, read_timeout=min(settings.read_timeout, 30))
+        data = await read_body(resp)
+        if resp.status >= 400:
+            raise parse_upstream_error(resp.status, data, resp.headers)
+        try:
+            parsed = _loads(data) if data else {}
+        except ValueError as exc:
+            raise UpstreamError(f"OpenRouter's {path} answer was not JSON.") from exc
+        return parsed if isinstance(parsed, dict) else {}
+
+    async def create_key(self, settings: RequestSettings, name: str, limit: float | None,
+                         reset: str) -> tuple[str, str]:
+        """POST /keys -> (hash, key); the key is shown only this once."""
+        body = {"name": name, "limit": limit, "limit_reset": reset}
+        data = await self.call(settings, settings.spend.management_key, "POST", "/keys", body)
+        created, key = data.get("data") or {}, data.get("key")
+        if not isinstance(key, str) or not created.get("hash"):
+            raise UpstreamError("OpenRouter created a key but returned no key or hash.")
+        return str(created["hash"]), key
+
+    async def update_key(self, settings: RequestSettings, key_hash: str,
+                         changes: Mapping[str, Any]) -> None:
+        await self.call(settings, settings.spend.management_key, "PATCH",
+                        f"/keys/{urllib.parse.quote(key_hash, safe='')}", changes)
+
+
+# -- I/O: the service Pipe calls --------------------------------------------------------------
+
+
+async def owui_group_names(user_id: str) -> list[str]:
+    """Names of the Open WebUI groups the user belongs to ([] outside Open WebUI)."""
+    try:
+        groups = importlib.import_module("open_webui.models.groups").Groups
+    except ImportError:
+        return []
+    found = await _owui_call(groups.get_groups_by_member_id, user_id)
+    return [str(getattr(g, "name", "") or "") for g in found or ()]
+
+
+async def owui_user(user_id: str) -> Mapping[str, Any] | None:
+    """{id, email, role} of an Open WebUI user; None when it doesn't exist (any more)."""
+    try:
+        users = importlib.import_module("open_webui.models.users").Users
+    except ImportError:
+        return {"id": user_id, "email": "", "role": "user"}
+    found = await _owui_call(users.get_user_by_id, user_id)
+    if found is None:
+        return None
+    return {"id": user_id, "email": str(getattr(found, "email", "") or ""),
+            "role": str(getattr(found, "role", "") or "")}
+
+
+class SpendService:
+    """Budget checks, key choice, the ledger's write-behind, provisioned keys and the balance.
+
+    Lives on the shared Pipe. Per user it caches the period's spend for
+    BUDGET_CHECK_CACHE_SECONDS; a finished turn's cost is added to that cache at once, so in
+    one worker only turns admitted while the budget still had room can overshoot it.
+    """
+
+    def __init__(self, api: KeysClient, clock: Callable[[], float],
+                 wall_clock: Callable[[], float],
+                 database: Callable[[], tuple[DBRunner | None, str | None]]) -> None:
+        self.api, self._clock, self._wall, self._database = api, clock, wall_clock, database
+        self.groups: Callable[[str], Awaitable[list[str]]] = owui_group_names
+        self.users: Callable[[str], Awaitable[Mapping[str, Any] | None]] = owui_user
+        self.errors: dict[str, int] = {}
+        self.balance: dict[str, Any] = {}
+        self._ledgers: dict[str, SpendLedger | None] = {}
+        self._vaults: dict[str, KeyVault | None] = {}
+        self._cache: dict[tuple[str, str], tuple[float, date, float, list[str]]] = {}
+        self._pending: list[tuple[SpendLedger, LedgerEntry]] = []
+        self._writing: list[tuple[SpendLedger, LedgerEntry]] = []
+        self._keys: dict[str, VaultKey] = {}
+        self._key_locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._flushing = False
+        self._balance_due = 0.0
+        self._balance_read = -1e18
+
+    # -- tables --
+
+    def _tables(self, function_id: str) -> tuple[SpendLedger | None, KeyVault | None]:
+        if function_id not in self._ledgers:
+            runner, schema = self._database()
+            self._ledgers[function_id] = None if runner is None else SpendLedger(
+                runner, spend_table_name("spend", function_id), schema)
+            self._vaults[function_id] = None if runner is None else KeyVault(
+                runner, spend_table_name("keys", function_id), schema)
+        return self._ledgers[function_id], self._vaults[function_id]
+
+    def ledger(self, turn: Turn) -> SpendLedger | None:
+        return self._tables(_function_id(turn))[0] if turn.settings.spend.ledger else None
+
+    def _count(self, what: str) -> None:
+        self.errors[what] = self.errors.get(what, 0) + 1
+
+    # -- step 1: admit --
+
+    async def admit(self, turn: Turn) -> Turn:
+        """Budget check and key choice for an admitted turn; raises BudgetExceeded."""
+        s = turn.settings.spend
+        self._maybe_refresh(turn)
+        if s.user_key:
+            return _with_key(turn, s.user_key, KEY_OWN, None)
+        state = await self.state(turn)
+        if state is not None and state.over:
+            raise refusal(state, s)
+        if state is not None and state.budget.limit is not None and state.warn(s.warn_percent):
+            await turn.emitter.status(usage_note(state, s), done=True)
+        if turn.req.user_role == "admin":
+            await self._low_credit_note(turn)
+        if s.management_key and state is not None and state.budget.limit is not None:
+            key = await self._provisioned_key(turn, state)
+            if key:
+                return _with_key(turn, key, KEY_PROVISIONED, state)
+        return _with_key(turn, turn.settings.api_key, KEY_PIPE, state)
+
+    async def state(self, turn: Turn) -> BudgetState | None:
+        """The user's budget and spend this period; None when there is nothing to check or
+        the ledger can't be read (then BUDGET_ON_LEDGER_ERROR decides)."""
+        s, req = turn.settings.spend, turn.req
+        ledger = self.ledger(turn)
+        if ledger is None or not (s.budgets_on or s.show_in_status):
+            return None
+        today = utc_day(self._wall())
+        start, end = period_start(s.period, today), next_period_start(s.period, today)
+        try:
+            spent, groups = await self._spent(ledger, turn, start, end)
+        except SpendLedgerError as exc:
+            self._count("ledger_read")
+            LOG.warning("Spend ledger unreadable (%s); BUDGET_ON_LEDGER_ERROR=%s", exc,
+                        s.on_ledger_error)
+            budget = resolve_budget(s, req.user_id, req.user_email, req.user_role)
+            if s.on_ledger_error == "deny" and budget.limit is not None:
+                raise BudgetExceeded("Your spending can't be checked right now, so this chat "
+                                     "was not sent.", hint="Retry in a while; an admin can "
+                                     "see the failure in the pipe health report.") from exc
+            return None
+        budget = resolve_budget(s, req.user_id, req.user_email, req.user_role, groups)
+        return BudgetState(budget, spent, s.period, end)
+
+    async def _spent(self, ledger: SpendLedger, turn: Turn, start: date, end: date
+                     ) -> tuple[float, list[str]]:
+        """This period's spend (one indexed read, cached) + the user's group names."""
+        s, user = turn.settings.spend, turn.req.user_id
+        key, now = (ledger.db.table.name, user), self._clock()
+        cached = self._cache.get(key)
+        if cached is not None and cached[1] == start and now - cached[0] < s.cache_seconds:
+            return cached[2], cached[3]
+        groups = await self._group_names(user) if s.overrides.groups else []
+        spent = await ledger.budget_spent(user, start, end)
+        spent += budget_spend(e for lg, e in (*self._pending, *self._writing)
+                              if lg is ledger and e.user_id == user and e.day >= start.isoformat())
+        self._cache[key] = (now, start, spent, groups)
+        return spent, groups
+
+    async def _group_names(self, user_id: str) -> list[str]:
+        try:
+            return await self.groups(user_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # Open WebUI's database; a group budget falls back to the default
+            self._count("group_lookup")
+            LOG.warning("Could not read the user's groups for budgets", exc_info=True)
+            return []
+
+    # -- after the turn: record --
+
+    def record(self, turn: Turn, usage: Usage | None) -> None:
+        """Queue this turn's summed usage for the ledger (background write, never raises)."""
+        s = turn.settings.spend
+        ledger = self.ledger(turn)
+        entry = ledger_entry(turn.req.user_id, turn.req.model_id, s.key_source, usage,
+                             self._wall())
+        if ledger is None or entry is None:
+            return
+        cached = self._cache.get((ledger.db.table.name, entry.user_id))
+        if cached is not None and entry.day >= cached[1].isoformat():
+            self._cache[(ledger.db.table.name, entry.user_id)] = (
+                cached[0], cached[1], cached[2] + budget_spend([entry]), cached[3])
+        self._pending.append((ledger, entry))
+        if not self._flushing:
+            self._flushing = True
+            self._spawn(self._flush())
+
+    async def _flush(self) -> None:
+        """Write queued entries until none are left; entries whose write failed stay queued
+        (at most 10,000) for the next turn's flush."""
+        try:
+            while self._pending:
+                self._writing, self._pending = self._pending, []
+                failed: list[tuple[SpendLedger, LedgerEntry]] = []
+                for ledger in {id(lg): lg for lg, _ in self._writing}.values():
+                    entries = [e for lg, e in self._writing if lg is ledger]
+                    try:
+                        await ledger.add(entries, self._wall())
+                    except SpendLedgerError as exc:
+                        self._count("ledger_write")
+                        LOG.warning("Could not record %d spend entries (kept for the next "
+                                    "try): %s", len(entries), exc)
+                        failed += [(ledger, e) for e in entries]
+                self._writing = []
+                if failed:
+                    self._pending[:0] = merge_queued(failed)[-10_000:]
+                    return
+        finally:
+            self._writing = []
+            self._flushing = False
+
+    async def drain(self) -> None:
+        """Wait for queued ledger writes and background checks (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        try:
+            task = asyncio.ensure_future(coro)
+        except RuntimeError:  # no running loop (interpreter shutdown): nothing to write with
+            if inspect.iscoroutine(coro):
+                coro.close()
+            self._flushing = False
+            self._count("ledger_write")
+            LOG.warning("No event loop to record spend on; %d entries stay queued",
+                        len(self._pending))
+            return
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_consume_task_exception)
+
+    # -- provisioned keys --
+
+    async def _provisioned_key(self, turn: Turn, state: BudgetState) -> str | None:
+        """The user's own OpenRouter key with their budget as its limit (created or updated
+        when needed); None when it can't be had (the ledger budget still applies)."""
+        user = turn.req.user_id
+        lock = self._key_locks.setdefault(user, asyncio.Lock())
+        try:
+            async with lock:
+                key = await self._sync_key(turn, state)
+        except (PipeError, ValueError) as exc:
+            self._count("key_provisioning")
+            LOG.warning("No provisioned key for this user (%s); using the pipe's key", exc)
+            return None
+        return _reveal_key(key.secret, ConfigError("A provisioned key can't be decrypted."))
+
+    async def _sync_key(self, turn: Turn, state: BudgetState) -> VaultKey:
+        settings, req = turn.settings, turn.req
+        vault = self._tables(_function_id(turn))[1]
+        if vault is None or _fernet_from_secret() is None:
+            raise ConfigError("no database or no WEBUI_SECRET_KEY to keep keys encrypted")
+        key = self._keys.get(req.user_id) or await vault.get(req.user_id)
+        want = (state.budget.limit, settings.spend.period, False)
+        if key is None:
+            name = f"Open WebUI {req.user_email or req.user_id}"[:100]
+            key_hash, secret = await self.api.create_key(settings, name, *want[:2])
+            key = VaultKey(req.user_id, key_hash, EncryptedStr._encrypt(secret), *want)
+            await vault.put(key, self._wall())
+            LOG.info("Provisioned an OpenRouter key for this user (limit %s %s)", *want[:2])
+        elif (key.limit, key.limit_reset, key.disabled) != want:
+            await self.api.update_key(settings, key.key_hash, {
+                "limit": want[0], "limit_reset": want[1], "disabled": False})
+            key = dataclasses.replace(key, limit=want[0], limit_reset=want[1], disabled=False)
+            await vault.put(key, self._wall())
+            LOG.info("Updated this user's OpenRouter key (limit %s %s)", *want[:2])
+        self._keys[req.user_id] = key
+        return key
+
+    async def disable_departed(self, settings: RequestSettings, function_id: str) -> int:
+        """Disable provisioned keys of users deleted or set to `pending`; returns how many."""
+        vault = self._tables(function_id)[1]
+        if vault is None or not settings.spend.management_key:
+            return 0
+        done = 0
+        for key in await vault.all():
+            if key.disabled:
+                continue
+            user = await self.users(key.user_id)
+            if user is not None and user.get("role") != "pending":
+                continue
+            await self.api.update_key(settings, key.key_hash, {"disabled": True})
+            await vault.put(dataclasses.replace(key, disabled=True), self._wall())
+            self._keys.pop(key.user_id, None)
+            LOG.info("Disabled the provisioned key of departed user %s", key.user_id)
+            done += 1
+        return done
+
+    # -- balance --
+
+    def _maybe_refresh(self, turn: Turn) -> None:
+        s = turn.settings.spend
+        if not (s.low_credit_usd or s.management_key) or self._clock() < self._balance_due:
+            return
+        self._balance_due = self._clock() + s.balance_refresh
+        self._spawn(self.refresh(turn.settings, _function_id(turn)))
+
+    async def refresh(self, settings: RequestSettings, function_id: str,
+                      max_age: float = 0.0) -> None:
+        """Read /key and /credits (unless read less than `max_age` seconds ago); disable keys
+        of departed users. Failures are recorded, never raised."""
+        if max_age and self._clock() - self._balance_read < max_age:
+            return
+        self._balance_read = self._clock()
+        out: dict[str, Any] = {"fetched_at": round(self._wall(), 1)}
+        for name, key, path in (("key", settings.api_key, "/key"),
+                                ("credits", settings.spend.management_key or settings.api_key,
+                                 "/credits")):
+            try:
+                out[name] = (await self.api.call(settings, key, "GET", path)).get("data")
+            except PipeError as exc:
+                out[name] = None
+                out[f"{name}_error"] = describe_error(exc).splitlines()[0][:200]
+        self.balance = out
+        try:
+            await self.disable_departed(settings, function_id)
+        except (PipeError, ValueError) as exc:
+            self._count("key_disable")
+            LOG.warning("Could not check provisioned keys of departed users: %s", exc)
+        except Exception:  # Open WebUI's user table failing must not end the background task
+            self._count("key_disable")
+            LOG.warning("Could not check provisioned keys of departed users", exc_info=True)
+
+    def remaining_credit(self) -> float | None:
+        credits = self.balance.get("credits")
+        if isinstance(credits, Mapping) and isinstance(credits.get("total_credits"), int | float):
+            return float(credits["total_credits"]) - float(credits.get("total_usage") or 0.0)
+        key = self.balance.get("key")
+        if isinstance(key, Mapping) and isinstance(key.get("limit_remaining"), int | float):
+            return float(key["limit_remaining"])
+        return None
+
+    async def _low_credit_note(self, turn: Turn) -> None:
+        s, left = turn.settings.spend, self.remaining_credit()
+        if s.low_credit_usd and left is not None and left < s.low_credit_usd:
+            await turn.emitter.status(
+                f"⚠️ OpenRouter credit is low: {money(left, s.currency, s.rate)} left "
+                f"(warning below {money(s.low_credit_usd, s.currency, s.rate)})", done=True)
+
+    # -- reports --
+
+    def health(self, turn: Turn) -> dict[str, Any]:
+        ledger = self.ledger(turn)
+        return {"ledger": "off" if not turn.settings.spend.ledger else
+                ("ready" if ledger is not None else "unavailable (no database)"),
+                "errors": dict(self.errors), "queued_writes": len(self._pending),
+                "remaining_credit_usd": self.remaining_credit(), "balance": self.balance}
+
+    async def report(self, turn: Turn, user_id: str | None = None
+                     ) -> list[dict[str, Any]]:
+        """Rows of this and the previous period (one user's when `user_id` is given)."""
+        ledger, s = self.ledger(turn), turn.settings.spend
+        if ledger is None:
+            raise SpendLedgerError("The spend ledger is off or there is no database.")
+        today = utc_day(self._wall())
+        start = previous_period_start(s.period, today)
+        entries = await ledger.entries(start, next_period_start(s.period, today), user_id)
+        names: dict[str, str] = {}
+        if user_id is None:
+            for uid in {e.user_id for e in entries}:
+                with contextlib.suppress(Exception):
+                    found = await self.users(uid)
+                    names[uid] = "(deleted user)" if found is None else str(
+                        found.get("email") or "")
+        return report_rows(entries, s.period, today, names)
+
+
+def merge_queued(queued: list[tuple[SpendLedger, LedgerEntry]]
+                 ) -> list[tuple[SpendLedger, LedgerEntry]]:
+    """Queued entries summed per ledger and key, so a long outage keeps one entry per user,
+    day, model and key instead of one per turn."""
+    out: list[tuple[SpendLedger, LedgerEntry]] = []
+    for ledger in {id(lg): lg for lg, _ in queued}.values():
+        out += [(ledger, e) for e in merge_entries(e for lg, e in queued if lg is ledger)]
+    return out
+
+
+def _function_id(turn: Turn) -> str:
+    return turn.req.owui_model_id.split(".", 1)[0] or "openrouter"
+
+
+def _with_key(turn: Turn, key: str, source: str, state: BudgetState | None) -> Turn:
+    spend = dataclasses.replace(turn.settings.spend, key_source=source, state=state)
+    return dataclasses.replace(turn, settings=dataclasses.replace(
+        turn.settings, api_key=key, spend=spend))
+
+
+def spend_health_lines(spend: Mapping[str, Any] | None) -> list[str]:
+    """The health report's spend line: ledger, its errors, the balance."""
+    if not spend:
+        return []
+    left = spend.get("remaining_credit_usd")
+    errors = ", ".join(f"{k}: {v}" for k, v in sorted(spend["errors"].items())) or "none"
+    return [f"- Spend: ledger {spend['ledger']}, {spend['queued_writes']} writes queued, "
+            f"errors {errors}; remaining credit "
+            f"{'unknown' if left is None else money(left)} (send `spend` or `spend csv` "
+            "for the report)"]
+
+
+def my_usage_text(rows: list[dict[str, Any]], state: BudgetState | None,
+                  s: SpendSettings) -> str:
+    """The 'my usage' answer: the user's own spend, budget and reset."""
+    text = spend_markdown(rows, s, "Your OpenRouter usage")
+    if state is None:
+        return text + "\nNo budget information is available right now."
+    if state.budget.limit is None:
+        return text + f"\nYou have no budget limit ({usage_note(state, s)})."
+    left = max(state.budget.limit - state.spent, 0.0)
+    return (text + f"\nBudget: {usage_note(state, s)}; {money(left, s.currency, s.rate)} "
+            f"left; resets on {reset_words(state.resets_on)}.")
 
 
 # ─────────────────────────────────────────────────────────────────────────────
@@ -7852,6 +8933,7 @@ def health_markdown(data: Mapping[str, Any]) -> str:
         _records_line(data.get("model_records")),
         f"- Breakers: {data['breakers'] or 'none'}; "
         f"artifact store: {_inline(data['artifact_store'])}; Redis: {_inline(data['redis'])}",
+        *spend_health_lines(data.get("spend")),  # issue #13
         "", "```json", json.dumps(data, indent=2), "```"]
     return "\n".join(lines)
 
@@ -7883,7 +8965,8 @@ def parse_chat_request(body: Any, user: Mapping[str, Any] | None, metadata: Any,
         chat_id=_str_or_none(meta.get("chat_id")),
         user_id=str((user or {}).get("id") or "anonymous"),
         user_role=str((user or {}).get("role") or "user"),
-        tools=parse_body_tools(body.get("tools")))
+        tools=parse_body_tools(body.get("tools")),
+        user_email=str((user or {}).get("email") or ""))
 
 
 MAX_INT_PARAM = 2**53  # larger whole numbers are not exact in JSON readers (and orjson stops
@@ -8110,6 +9193,9 @@ class Pipe:
         # ── end issue #12 ──
 
         # ── Spend control (issue #13) ──
+        self._spend = SpendService(
+            KeysClient(self._client._transport), clock, wall_clock,
+            lambda: (artifact_db, None) if artifact_db else (owui_db_runner(), owui_db_schema()))
         # ── end issue #13 ──
 
         # ── Image output (issue #14) ──
@@ -8129,12 +9215,14 @@ class Pipe:
             return [_status_entry("catalog", f"catalog unavailable: {exc}")]
         key = (snap, valves.MODEL_ID, valves.MODEL_NAME_PREFIX, valves.SHOW_HEALTH_MODEL,
                settings.records, self._function_id, settings.routing,
-               recent_refusals(time.time()))
+               recent_refusals(time.time()), valves.SPEND_LEDGER)
         if self._models_cache is None or self._models_cache[0] != key:
             models, selected = build_model_list(snap, valves.MODEL_ID, valves.MODEL_NAME_PREFIX,
                                                 settings.routing)
             if valves.SHOW_HEALTH_MODEL:
                 models.append(HEALTH_ENTRY)
+            if valves.SPEND_LEDGER:
+                models.append(MY_USAGE_ENTRY)  # every user's own spend (issue #13)
             self._models_cache = (key, models)
             self._sync_records(models, selected, settings.records)
         else:
@@ -8198,6 +9286,8 @@ class Pipe:
         self._logs.add(log)
         if req.model_id == HEALTH_ENTRY["id"]:
             return await self._health(turn)
+        if req.model_id == MY_USAGE_ENTRY["id"]:
+            return await self._my_usage(turn)
         if req.task == PROMPT_TOOL_TASK and settings.tools.mode == "pipe":
             return NO_PROMPT_TOOL_CALLS  # the pipe runs the tools itself (see §13)
         if req.task:
@@ -8230,10 +9320,12 @@ class Pipe:
         try:
             self._telemetry.requests += 1
             async with self._gate.admit(turn.req.user_id, turn.settings.admission):  # 1 admit
+                turn = await self._spend.admit(turn)                      # 1 budget, key
                 plan = await self._plan(turn)                                # 3 catalog, 6
                 for note in plan.notes:
                     await turn.emitter.notify(note)
                 data = await self._open(turn, plan.payload, self._client.complete)  # 7
+            self._spend.record(turn, Usage.from_json(data.get("usage")))  # spend ledger
             await self._after_turn(turn, plan)                  # 11 cleanup (tasks store nothing)
             return _final_text(data)
         except Exception as exc:  # the boundary: Open WebUI shows str() of what we raise
@@ -8251,6 +9343,7 @@ class Pipe:
         try:
             self._telemetry.requests += 1
             async with self._gate.admit(turn.req.user_id, turn.settings.admission):  # 1 admit
+                turn = await self._spend.admit(turn)                      # 1 budget, key
                 plan = await self._plan(turn)                           # 3 catalog, 6, tools
                 run.notes = plan.notes
                 for note in plan.notes:
@@ -8274,6 +9367,7 @@ class Pipe:
             yield (renderer.text_chunk(interruption_notice(failure, turn.reference) + untold)
                    if renderer.emitted_text else error_chunk(failure, turn.reference, untold))
         finally:
+            self._spend.record(turn, run.usage)  # every billed round, failed turns too
             _reset_context(CURRENT_LOG, token)
 
     async def _spent_before_failure(self, turn: Turn, run: TurnRun, timing: StreamTiming
@@ -8442,7 +9536,8 @@ class Pipe:
     async def _announce(self, turn: Turn, state: StreamState, timing: StreamTiming,
                         route: RouteReport = ((), None)) -> None:
         if turn.settings.show_final_status:
-            await turn.emitter.status(final_status_line(state.usage, timing, route[0]),
+            suffix = status_suffix(turn.settings.spend, state.usage.cost if state.usage else None)
+            await turn.emitter.status(final_status_line(state.usage, timing, route[0]) + suffix,
                                       done=True)
         if turn.settings.log_citation == "always":
             await turn.emitter.citation(f"Pipe log {turn.reference}",
@@ -8498,6 +9593,7 @@ class Pipe:
 
     async def _report_failure(self, turn: Turn, exc: Exception) -> PipeError:
         """Log and count a failure, attach the turn's log; returns the error to show."""
+        exc = attribute_key_error(exc, turn.settings.spend)  # the user's own/budget key
         if isinstance(exc, PipeError):
             status = f", HTTP {exc.status}" if isinstance(exc, UpstreamStatusError) else ""
             LOG.warning("Turn failed (%s%s): %s", type(exc).__name__, status, exc)
@@ -8550,8 +9646,13 @@ class Pipe:
                                   await self._storage_health()),
                 "breakers": self._tools.breakers.snapshot(),
                 "model_records": dict(self._records.status)}
-        text = health_reply(turn.req.messages[-1].text if turn.req.messages else "", data,
-                            self._logs)
+        prompt = turn.req.messages[-1].text if turn.req.messages else ""
+        if prompt.strip().split()[:1] == ["spend"]:  # `spend`, `spend csv` (issue #13)
+            text = await self._spend_report(turn, prompt.strip().split()[1:2] == ["csv"])
+        else:
+            await self._spend.refresh(turn.settings, _function_id(turn), max_age=30.0)
+            data["spend"] = self._spend.health(turn)
+            text = health_reply(prompt, data, self._logs)
         if turn.req.task or not turn.req.stream:
             return text
 
@@ -8564,6 +9665,7 @@ class Pipe:
 
     async def close(self) -> None:
         """Release pooled connections (Open WebUI never calls this; tests and tools do)."""
+        await self._spend.drain()
         await self._client.aclose()
         self._tools.close()
         for store in self._stores.values():
@@ -8688,6 +9790,38 @@ class Pipe:
             return f"{where} (no chat stored anything since start)", "not used"
         store = next(iter(self._stores.values()))
         return await store.health()
+
+    # -- spend (issue #13) ------------------------------------------------------------------
+
+    async def _spend_report(self, turn: Turn, as_csv: bool) -> str:
+        """Admins: everyone's spend this and the previous period (markdown or CSV)."""
+        try:
+            rows = await self._spend.report(turn)
+        except SpendLedgerError as exc:
+            return f"The spend report is unavailable: {exc}"
+        if as_csv:
+            return "```csv\n" + spend_csv(rows) + "```"
+        return spend_markdown(rows, turn.settings.spend, "OpenRouter spend")
+
+    async def _my_usage(self, turn: Turn) -> str | AsyncIterator[dict[str, Any]]:
+        """Any user: their own spend and budget, never anyone else's."""
+        if turn.req.task:  # no title/tags/follow-ups for this entry (nor their cost)
+            return ""
+        try:
+            rows = await self._spend.report(turn, user_id=turn.req.user_id)
+            state = await self._spend.state(turn)
+            text = my_usage_text(rows, state, turn.settings.spend)
+        except PipeError as exc:
+            text = f"Your usage can't be shown right now: {exc}"
+        if turn.req.task or not turn.req.stream:
+            return text
+
+        async def reply() -> AsyncIterator[dict[str, Any]]:
+            renderer = ChunkRenderer(turn.req.owui_model_id, int(time.time()))
+            yield renderer.text_chunk(text)
+            yield renderer.finish_chunk()
+
+        return reply()
 
 
 HEALTH_ENTRY = {"id": "_health", "name": "OpenRouter: pipe health (admins)"}

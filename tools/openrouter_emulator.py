@@ -14,6 +14,7 @@ Contents
   6. Event assembly         Plan -> ordered event dicts + final response object
   7. Errors & validation    HTTP error bodies, request checks
   8. SSE writer             framing quirks: comments, CRLF, split writes
+  9a. Keys & credits       GET /key, /credits; POST/GET/PATCH/DELETE /keys (issue #13)
   9. Emulator               aiohttp app, observability, EmulatorThread, CLI
  10. Routing (issue #12)    provider filters, `models` fallback, routers/aliases/presets,
                             prompt cache, router metadata, availability and free limits
@@ -53,7 +54,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from functools import cache
 from pathlib import Path
@@ -262,6 +263,7 @@ class Ctx:
     user_text: str  # last user text with [emu:…] directives removed
     scenario_key: str = ""  # stable across retries of the same request
     route: Any = None  # issue #12: how the request was routed (section 10, Route)
+    api_key: str = ""  # the caller's key: its usage is charged (issue #13)
 
     @property
     def vendor(self) -> str:
@@ -1345,10 +1347,252 @@ def sc_free_limit(emu: Emulator, ctx: Ctx, o: Opts) -> Plan:
 
 
 
+# =========================================================================== 9a. keys & credits
+# Spend control (issue #13): GET /key, GET /credits and the management API
+# POST/GET /keys, GET/PATCH/DELETE /keys/{hash}, shaped as the SDK's models. Provisioned keys
+# really stop: once a key's usage in its limit window reaches its limit, inference answers 402
+# with OpenRouter's message. Management keys can't call inference (403).
+
+KEY_LIMIT_MESSAGE = "Key limit exceeded ({reset} limit). Manage it using https://openrouter.ai/settings/keys"
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).strftime(
+        "%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _window_start(window: str, now: float) -> float:
+    """Start (epoch) of the UTC day / Monday week / month containing `now`; 0 for all time."""
+    day = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    if window == "daily":
+        return day.timestamp()
+    if window == "weekly":
+        return (day - timedelta(days=day.weekday())).timestamp()
+    if window == "monthly":
+        return day.replace(day=1).timestamp()
+    return 0.0
+
+
+@dataclass
+class EmuKey:
+    hash: str
+    secret: str
+    name: str
+    limit: float | None = None
+    limit_reset: str | None = None
+    include_byok_in_limit: bool = False
+    disabled: bool = False
+    created_at: float = field(default_factory=time.time)
+    updated_at: float | None = None
+    last_used_at: float | None = None
+    charges: list[tuple[float, float]] = field(default_factory=list)  # (time, cost)
+
+    def usage(self, window: str = "", now: float | None = None) -> float:
+        start = _window_start(window, time.time() if now is None else now)
+        return round(sum(c for t, c in self.charges if t >= start), 10)
+
+    def limit_remaining(self) -> float | None:
+        if self.limit is None:
+            return None
+        return max(round(self.limit - self.usage(self.limit_reset or ""), 10), 0.0)
+
+    def record(self) -> dict:
+        """The SDK's key record (CreateKeysData / GetKeyData / ListData / UpdateKeysData)."""
+        usage = {f"usage{w}": self.usage(n) for w, n in (("", ""), ("_daily", "daily"),
+                 ("_weekly", "weekly"), ("_monthly", "monthly"))}
+        return {"hash": self.hash, "name": self.name, "label": f"{self.secret[:11]}...",
+                "disabled": self.disabled, "limit": self.limit,
+                "limit_remaining": self.limit_remaining(), "limit_reset": self.limit_reset,
+                "include_byok_in_limit": self.include_byok_in_limit, **usage,
+                **{f"byok_usage{w}": 0.0 for w in ("", "_daily", "_weekly", "_monthly")},
+                "created_at": _iso(self.created_at), "updated_at": _iso(self.updated_at),
+                "last_used_at": _iso(self.last_used_at), "creator_user_id": USER_ID,
+                "external_user": None, "workspace_id": WORKSPACE_ID, "expires_at": None}
+
+
+WORKSPACE_ID = "00000000-0000-4000-8000-00000000e001"
+LIMIT_RESETS = (None, "daily", "weekly", "monthly")
+
+
+class KeyBook:
+    """The account: its credits, management keys and provisioned keys."""
+
+    def __init__(self, credits: float = 100.0) -> None:
+        self.total_credits = credits
+        self.total_usage = 0.0
+        self.management_keys: set[str] = set()
+        self.keys: dict[str, EmuKey] = {}      # by hash
+        self.by_secret: dict[str, str] = {}    # secret -> hash
+
+    def knows(self, secret: str) -> bool:
+        return secret in self.management_keys or secret in self.by_secret
+
+    def create(self, body: dict) -> EmuKey:
+        secret = "sk-or-v1-" + _rand("0123456789abcdef", 64)
+        key = EmuKey(_rand("0123456789abcdef", 64), secret, str(body["name"]),
+                     body.get("limit"), body.get("limit_reset"),
+                     bool(body.get("include_byok_in_limit", False)))
+        self.keys[key.hash], self.by_secret[secret] = key, key.hash
+        return key
+
+    def inference_refusal(self, secret: str) -> web.Response | None:
+        """Why this key may not call inference (management, disabled, limit reached)."""
+        if secret in self.management_keys:
+            return _json_response(403, _err(
+                403, "Management keys cannot be used for inference; use a regular API key."))
+        key = self.keys.get(self.by_secret.get(secret, ""))
+        if key is None:
+            return None
+        if key.disabled:
+            return _json_response(401, {"error": {"message": "User not found.", "code": 401}})
+        if key.limit is not None and key.limit_remaining() <= 0:
+            reset = key.limit_reset or "total"
+            return _json_response(402, _err(402, KEY_LIMIT_MESSAGE.format(reset=reset)))
+        return None
+
+    def charge(self, secret: str, cost: float) -> None:
+        self.total_usage += cost
+        key = self.keys.get(self.by_secret.get(secret, ""))
+        if key is not None:
+            key.charges.append((time.time(), cost))
+            key.last_used_at = time.time()
+
+    def current(self, secret: str, spent_all: float) -> dict:
+        """GET /key data (GetCurrentKeyData) for this key."""
+        key = self.keys.get(self.by_secret.get(secret, ""))
+        rec = key.record() if key else {
+            "limit": None, "limit_remaining": None, "limit_reset": None,
+            "include_byok_in_limit": False,
+            **{f"usage{w}": spent_all for w in ("", "_daily", "_weekly", "_monthly")},
+            **{f"byok_usage{w}": 0.0 for w in ("", "_daily", "_weekly", "_monthly")}}
+        keep = ("limit", "limit_remaining", "limit_reset", "include_byok_in_limit",
+                *(f"{p}usage{w}" for p in ("", "byok_") for w in ("", "_daily", "_weekly",
+                                                                  "_monthly")))
+        budgets = [self._budget(key)] if key and key.limit is not None else []
+        return {**{k: rec[k] for k in keep}, "label": f"{secret[:11]}...{secret[-3:]}",
+                "is_free_tier": False, "is_management_key": secret in self.management_keys,
+                "is_provisioning_key": secret in self.management_keys,
+                "creator_user_id": USER_ID, "organization_id": None,
+                "workspace_id": WORKSPACE_ID, "allowed_data_regions": ["global"],
+                "budgets": budgets, "effective_budget": budgets[0] if budgets else None,
+                "free_model_daily_requests": {"limit": 1000, "used": 0, "remaining": 1000},
+                "rate_limit": {"requests": -1, "interval": "10s", "note": "deprecated"},
+                "expires_at": None}
+
+    @staticmethod
+    def _budget(key: EmuKey) -> dict:
+        return {"scope": "api_key", "budget_id": None, "guardrail_id": None,
+                "include_byok": key.include_byok_in_limit, "limit_usd": key.limit,
+                "spend_usd": key.usage(key.limit_reset or ""),
+                "remaining_usd": key.limit_remaining(), "reset_interval": key.limit_reset,
+                "resets_at": None}
+
+
+def key_body_error(body: Any, *, create: bool) -> str | None:
+    """What OpenRouter would reject in a POST/PATCH /keys body (None when it is valid)."""
+    if not isinstance(body, dict):
+        return "Invalid JSON body"
+    allowed = ({"name", "limit", "limit_reset", "include_byok_in_limit", "expires_at",
+                "workspace_id", "external", "creator_user_id"} if create else
+               {"name", "disabled", "limit", "limit_reset", "include_byok_in_limit",
+                "workspace_id"})
+    if unknown := set(body) - allowed:
+        return f"Unrecognized key(s) in object: {', '.join(sorted(unknown))}"
+    if create and not (isinstance(body.get("name"), str) and body["name"].strip()):
+        return "name: Required"
+    limit = body.get("limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int | float)
+                              or limit < 0):
+        return "limit: Expected a non-negative number"
+    if body.get("limit_reset") not in LIMIT_RESETS:
+        return "limit_reset: Invalid enum value. Expected 'daily' | 'weekly' | 'monthly'"
+    return None
+
+
+class KeysRoutes:
+    """aiohttp handlers for the account endpoints, mixed into Emulator."""
+
+    keys: KeyBook
+    generations: dict[str, dict]
+
+    def add_keys_routes(self, app: web.Application) -> None:
+        app.router.add_get(f"{API_PREFIX}/credits", self._get_credits)
+        app.router.add_get(f"{API_PREFIX}/keys", self._list_keys)
+        app.router.add_post(f"{API_PREFIX}/keys", self._create_key)
+        app.router.add_route("*", f"{API_PREFIX}/keys/{{hash}}", self._one_key)
+
+    def _management_error(self, request: web.Request) -> web.Response | None:
+        auth = request.headers.get("Authorization", "")
+        secret = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+        if not secret:
+            return _json_response(401, {"error": {"message": "No auth credentials found",
+                                                  "code": 401}})
+        if secret not in self.keys.management_keys:
+            return _json_response(403, _err(403, "Only management keys can perform this "
+                                                 "operation"))
+        return None
+
+    async def _get_credits(self, request: web.Request) -> web.Response:
+        self._record(request)  # type: ignore[attr-defined]
+        if err := self._management_error(request):
+            return err
+        return _json_response(200, {"data": {"total_credits": self.keys.total_credits,
+                                             "total_usage": round(self.keys.total_usage, 10)}})
+
+    async def _list_keys(self, request: web.Request) -> web.Response:
+        self._record(request)  # type: ignore[attr-defined]
+        if err := self._management_error(request):
+            return err
+        show_disabled = request.query.get("include_disabled") == "true"
+        offset = int(request.query.get("offset") or 0)
+        rows = [k.record() for k in self.keys.keys.values() if show_disabled or not k.disabled]
+        return _json_response(200, {"data": rows[offset:offset + 100]})
+
+    async def _create_key(self, request: web.Request) -> web.Response:
+        rec = self._record(request)  # type: ignore[attr-defined]
+        if err := self._management_error(request):
+            return err
+        try:
+            body = rec["json"] = json.loads(await request.read())
+        except ValueError:
+            body = None
+        if problem := key_body_error(body, create=True):
+            return _json_response(400, _err(400, problem))
+        key = self.keys.create(body)
+        return _json_response(201, {"data": key.record(), "key": key.secret})
+
+    async def _one_key(self, request: web.Request) -> web.Response:
+        rec = self._record(request)  # type: ignore[attr-defined]
+        if err := self._management_error(request):
+            return err
+        key = self.keys.keys.get(request.match_info["hash"])
+        if key is None:
+            return _json_response(404, _err(404, "API key not found"))
+        if request.method == "GET":
+            return _json_response(200, {"data": key.record()})
+        if request.method == "DELETE":
+            self.keys.keys.pop(key.hash)
+            self.keys.by_secret.pop(key.secret, None)
+            return _json_response(200, {"deleted": True})
+        if request.method != "PATCH":
+            return _json_response(405, _err(405, "Method not allowed"))
+        try:
+            body = rec["json"] = json.loads(await request.read())
+        except ValueError:
+            body = None
+        if problem := key_body_error(body, create=False):
+            return _json_response(400, _err(400, problem))
+        for name in ("name", "disabled", "limit", "limit_reset", "include_byok_in_limit"):
+            if name in body:
+                setattr(key, name, body[name])
+        key.updated_at = time.time()
+        return _json_response(200, {"data": key.record()})
+
+
 # =========================================================================== 9. emulator
 
 
-class Emulator:
+class Emulator(KeysRoutes):
     """aiohttp server faithful to OpenRouter's ``/api/v1`` (see the module docstring).
 
     Observability: ``requests`` (every request: path, method, headers, json, scenario, time),
@@ -1361,6 +1605,7 @@ class Emulator:
         self.models = load_catalog(extra_models)
         self.catalog = {m["id"]: m for m in self.models}
         self.api_keys = set(api_keys) if api_keys else None
+        self.keys = KeyBook()  # issue #13: credits, management and provisioned keys
         self.requests: list[dict] = []
         self.disconnects: list[float] = []
         self.active_streams = 0
@@ -1413,6 +1658,7 @@ class Emulator:
         app.router.add_get(f"{API_PREFIX}/key", self._get_key)
         app.router.add_get(f"{API_PREFIX}/generation", self._get_generation)
         app.router.add_post(f"{API_PREFIX}/responses", self._post_responses)
+        self.add_keys_routes(app)
         app.router.add_route("*", "/{tail:.*}", self._not_found)
         return app
 
@@ -1430,7 +1676,7 @@ class Emulator:
         key = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
         if not key:
             message = "No auth credentials found"
-        elif self.api_keys is not None and key not in self.api_keys:
+        elif self.api_keys is not None and key not in self.api_keys and not self.keys.knows(key):
             message = "User not found."
         else:
             return None
@@ -1453,13 +1699,7 @@ class Emulator:
             return err
         key = request.headers["Authorization"][7:].strip()
         spent = round(sum(g["total_cost"] for g in self.generations.values()), 10)
-        windows = ("", "_daily", "_weekly", "_monthly")
-        return _json_response(200, {"data": {
-            "label": f"{key[:11]}...{key[-3:]}", "limit": None, "limit_remaining": None,
-            "limit_reset": None, "include_byok_in_limit": False,
-            **{f"usage{w}": spent for w in windows}, **{f"byok_usage{w}": 0 for w in windows},
-            "is_free_tier": False, "is_management_key": False, "is_provisioning_key": False,
-            "creator_user_id": USER_ID, "expires_at": None}})
+        return _json_response(200, {"data": self.keys.current(key, spent)})
 
     async def _get_generation(self, request: web.Request) -> web.Response:
         self._record(request)
@@ -1475,6 +1715,7 @@ class Emulator:
         self.responses.append(final)
         usage = final.get("usage") or {}
         cost = usage.get("cost", 0)
+        self.keys.charge(ctx.api_key, float(cost or 0))
         finish = {"completed": "stop", "incomplete": "length"}.get(final["status"], "error")
         reasoning = (usage.get("output_tokens_details") or {}).get("reasoning_tokens", 0)
         self.generations[ctx.gen_id] = {
@@ -1493,6 +1734,9 @@ class Emulator:
         rec = self._record(request)
         if err := self._auth_error(request):
             return err
+        secret = request.headers["Authorization"][7:].strip()
+        if err := self.keys.inference_refusal(secret):
+            return err
         try:
             body = rec["json"] = json.loads(await request.read())
         except ValueError:
@@ -1500,6 +1744,7 @@ class Emulator:
         if err := validation_error(body, self.catalog):
             return _json_response(err.status, err.body, err.headers)
         ctx, (name, opts) = self._context(request, body)
+        ctx.api_key = secret
         rec["scenario"] = name
         if err := route_request(self, ctx, request.headers):  # issue #12 (section 10)
             return _json_response(err.status, err.body, err.headers)

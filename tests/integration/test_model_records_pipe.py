@@ -20,6 +20,7 @@ from openrouter_responses_pipe import (
     StoredRecord,
     managed_from_record,
     record_meta,
+    record_wanted,
 )
 
 GPT4O = "openai/gpt-4o"
@@ -105,7 +106,8 @@ async def test_every_listed_entry_gets_one_record_following_model_access(emulato
     p = make_pipe(emulator, records, MODEL_ID=f"{GPT4O}, deepseek/deepseek-r1, typo/x")
     models = await synced(p)
     assert {m["id"] for m in models} >= {"_health", "_status-model-id"}
-    assert sorted(records.rows) == ["openrouter.deepseek/deepseek-r1", "openrouter.openai/gpt-4o"]
+    assert sorted(records.rows) == ["openrouter._my_usage", "openrouter.deepseek/deepseek-r1",
+                                    "openrouter.openai/gpt-4o"]  # every user's own spend too
     row = records.rows["openrouter.openai/gpt-4o"]
     assert row.managed.access == () and row.managed.is_active  # admins: Open WebUI's own rule
     assert dict(row.managed.capabilities)["vision"] is True
@@ -114,7 +116,7 @@ async def test_every_listed_entry_gets_one_record_following_model_access(emulato
         "builtin_tools": False, "usage": True, "citations": True}
 
     await synced(p)  # unchanged catalog and valves: nothing runs, nothing is written
-    assert len(records.inserts) == 2 and records.updates == []
+    assert len(records.inserts) == 3 and records.updates == []
 
     p.valves = p.valves.model_copy(update={"MODEL_ACCESS": "all"})
     await synced(p)
@@ -146,7 +148,7 @@ async def test_pipes_returns_before_the_sync_and_a_chat_never_waits(emulator):
     assert out.text and out.error is None
     records.gate.set()
     await p._records.wait()
-    assert list(records.rows) == ["openrouter.openai/gpt-4o"]
+    assert sorted(records.rows) == ["openrouter._my_usage", "openrouter.openai/gpt-4o"]
     await p.close()
 
 
@@ -155,7 +157,7 @@ async def test_two_workers_converge_on_one_record_each(emulator):
     workers = [make_pipe(emulator, records, MODEL_ACCESS="all") for _ in range(2)]
     await asyncio.gather(*(w.pipes() for w in workers))
     await asyncio.gather(*(w._records.wait() for w in workers))
-    listed = [m for m in await workers[0].pipes() if not m["id"].startswith("_")]
+    listed = [m for m in await workers[0].pipes() if record_wanted(m["id"])]
     assert len(records.rows) == len(listed) == len(set(records.inserts))
     assert records.duplicate_inserts > 0  # both raced; the loser re-read instead of failing
     assert all(w._records.status["state"] == "ok" for w in workers)

@@ -209,7 +209,7 @@ async def test_model_id_typo_is_reported_not_widened(pipe, emulator):
     pipe.valves = pipe.Valves(BASE_URL=emulator.base_url, API_KEY="k",
                               MODEL_ID=f"{GPT4O}, openai/gpt-4o-typo")
     models = await pipe.pipes()
-    assert [m["id"] for m in models][1:] == [GPT4O, "_health"]
+    assert [m["id"] for m in models][1:] == [GPT4O, "_health", "_my_usage"]
     assert "openai/gpt-4o-typo" in models[0]["name"]
     out = await stream(pipe, body(models[0]["id"], "hi"))
     assert "configuration problem" in out.error
