@@ -304,7 +304,8 @@ async def test_scenario_non_stream(emu, http, spec, model, terminal, done, statu
 
 
 def test_every_registered_scenario_is_covered():
-    covered = {c[0].split()[0] for c in CASES} | {"http_error", "hang"}
+    covered = {c[0].split()[0] for c in CASES} | {"http_error", "hang"} | {
+        "image", "image_refusal"}  # test_emulator_images.py (issue #14)
     assert set(SCENARIOS) == covered
 
 
