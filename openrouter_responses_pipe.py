@@ -3195,6 +3195,12 @@ _IMAGE_KEYS = ("result", "imageB64", "image_b64", "imageUrl", "image_url", "b64_
 _HEAVY_KEYS = frozenset(_IMAGE_KEYS) | {"partial_image_b64"}
 _GENERATED_LINK = re.compile(
     r"!\[[^\]\n]{0,200}\]\((/api/v1/files/[A-Za-z0-9][A-Za-z0-9_-]{0,127}/content)\)")
+# Open WebUI's own image tools (0.12 adds them with the Image toggle when its image engine is
+# on) and the note 0.6.28 adds after running its engine: OpenRouter's tool replaces both.
+OWUI_IMAGE_TOOLS = frozenset({"generate_image", "edit_image"})
+_OWUI_IMAGE_CONTEXT = re.compile(
+    r"<context>(?:User is shown the generated image|Unable to generate an image)[^<]{0,200}"
+    r"</context>")
 _REFUSAL_CODES = {
     "image_content_policy_violation": "policy", "content_policy_violation": "policy",
     "bio_policy": "policy", "cyber_policy": "policy", "refusal": "policy",
@@ -3318,7 +3324,11 @@ def with_images(plan: Transformed, entry: CatalogEntry, settings: ImageSettings,
     elif features.get("image_generation"):
         if settings.tool_model and entry.supports_tools:
             tool, more = image_tool(settings, options.get(settings.tool_model))
-            payload["tools"] = [*(payload.get("tools") or ()), tool]
+            payload["tools"] = [*(t for t in payload.get("tools") or ()
+                                  if t.get("name") not in OWUI_IMAGE_TOOLS), tool]
+            if payload.get("instructions"):
+                payload["instructions"] = _OWUI_IMAGE_CONTEXT.sub(
+                    "", payload["instructions"]).strip()
             notes.extend(more)
         else:
             notes.append("This model can't make pictures and no image model is set up for "

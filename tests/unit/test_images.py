@@ -133,8 +133,8 @@ def msg(role: str, *parts) -> ChatMessage:
 
 
 def test_follow_up_carries_the_latest_answers_pictures():
-    r = req(msg("user", "draw"), msg("assistant", f"old ![Generated image](/api/v1/files/old/"
-                                                  f"content)"),
+    r = req(msg("user", "draw"), msg("assistant", "old ![Generated image](/api/v1/files/old/"
+                                                  "content)"),
             msg("user", "again"), msg("assistant", f"Here\n\n![Generated image]({LINK})\n\n"),
             msg("user", "make the sky purple"))
     got = with_previous_images(r, TEXT_IMAGE, ImageSettings())
@@ -229,3 +229,16 @@ def test_reducer_turns_image_events_into_intents_and_keeps_no_base64():
 def test_status_segment():
     assert image_status_segment(1, 0.0) == "1 image"
     assert image_status_segment(2, 0.00003) == "2 images (list price $0.00003 per image unit)"
+
+
+def test_the_image_tool_replaces_open_webuis_own_image_tools_and_notes():
+    base = Transformed({"model": "a/m", "input": [], "instructions": (
+        "Be brief.\n<context>Unable to generate an image, tell the user that an error "
+        "occurred</context>"), "tools": [
+        {"type": "function", "name": "generate_image", "parameters": {}},
+        {"type": "function", "name": "weather", "parameters": {}}]})
+    got = with_images(base, CHAT, ImageSettings(tool_model="g/i"), {"image_generation": True},
+                      {})
+    assert [t.get("name") or t["type"] for t in got.payload["tools"]] == [
+        "weather", "openrouter:image_generation"]
+    assert got.payload["instructions"] == "Be brief."
