@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import re
+import sqlite3
 
 import pytest
 from openrouter_emulator import image_png
@@ -52,6 +53,12 @@ def turn_posts(emulator, since: int, prompt: str) -> list[dict]:
     return out
 
 
+def chat_files(owui, chat_id: str) -> list[tuple[str, str]]:
+    with sqlite3.connect(owui.server.data_dir / "data" / "webui.db") as db:
+        return db.execute("SELECT message_id, file_id FROM chat_file WHERE chat_id = ?",
+                          (chat_id,)).fetchall()
+
+
 def the_file(client, file_id: str) -> dict:
     return client.request("GET", f"/api/v1/files/{file_id}").json()
 
@@ -74,6 +81,8 @@ def test_a_generated_picture_is_the_users_file_and_a_follow_up_edits_it(owui):
         assert record["user_id"] == me["id"]
         assert record["meta"]["content_type"] == "image/png"
         assert record["meta"]["data"]["chat_id"] == chat["id"]
+        if not owui.legacy:  # 0.12: Open WebUI's own chat↔file link, as its image engine writes
+            assert chat_files(owui, chat["id"]) == [(answer["id"], file_id)]
 
         since = len(owui.emulator.requests)
         edit = user.chat_ui(owui.model(GEMINI_IMAGE), "make the sky purple", follow=chat)
