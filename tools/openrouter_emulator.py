@@ -825,27 +825,52 @@ def apply_event_quirks(events: list[dict], q: Quirks) -> list[dict]:
 IMAGE_TOKENS = 1290
 IMAGE_SHAPES = ("call", "data_url", "url", "b64", "tool_b64", "tool_url")
 IMAGE_TOOL_TYPE = "openrouter:image_generation"
-IMAGE_COLOURS = ((220, 60, 40), (40, 120, 220), (60, 180, 90), (150, 70, 200))
+IMAGE_COLOURS = ((70, 150, 70), (200, 170, 90), (60, 120, 110), (150, 110, 80))  # ground
 # url shapes point here; tests resolve this host to the emulator (GET /emu-images/<name>)
 IMAGE_URL_BASE = "http://images.emulator.test/api/v1"
 
 
 def png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
-    """A real, valid RGB PNG of one colour (what the tests compare byte for byte)."""
+    """A real, valid RGB PNG of one colour."""
+    return png_rows(width, height, [bytes(rgb) * width] * height)
 
+
+def image_png(index: int, edit: bool = False) -> bytes:
+    """Picture number `index` of a response: a small landscape (sky, sun, ground) whose sky
+    is blue, or purple when the request carried a picture to edit."""
+    return scene(256, 160, IMAGE_COLOURS[index % len(IMAGE_COLOURS)], edit)
+
+
+@cache
+def scene(width: int, height: int, ground: tuple[int, int, int], purple: bool) -> bytes:
+    sky_top, sky_low = ((90, 40, 150), (190, 120, 230)) if purple else ((40, 110, 210),
+                                                                         (150, 200, 250))
+    horizon, (cx, cy, r) = height * 5 // 8, (width * 3 // 4, height // 4, height // 8)
+    rows = []
+    for y in range(height):
+        t = min(y / max(horizon, 1), 1.0)
+        sky = bytes(round(a + (b - a) * t) for a, b in zip(sky_top, sky_low, strict=True))
+        line = bytearray()
+        for x in range(width):
+            if y >= horizon:
+                line += bytes(ground)
+            elif (x - cx) ** 2 + (y - cy) ** 2 <= r * r:
+                line += b"\xff\xd8\x40"
+            else:
+                line += sky
+        rows.append(bytes(line))
+    return png_rows(width, height, rows)
+
+
+def png_rows(width: int, height: int, rows: list[bytes]) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         body = kind + data
         return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
 
-    row = b"\x00" + bytes(rgb) * width
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-            + chunk(b"IDAT", zlib.compress(row * height, 9)) + chunk(b"IEND", b""))
-
-
-def image_png(index: int, edit: bool = False) -> bytes:
-    """The picture number `index` of a response (an edit gets another size)."""
-    return png(24 if edit else 16, 16, IMAGE_COLOURS[index % len(IMAGE_COLOURS)])
+    raw = b"".join(b"\x00" + row for row in rows)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, 9))
+            + chunk(b"IEND", b""))
 
 
 def partial_png(step: int) -> bytes:
