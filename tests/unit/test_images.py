@@ -242,3 +242,49 @@ def test_the_image_tool_replaces_open_webuis_own_image_tools_and_notes():
     assert [t.get("name") or t["type"] for t in got.payload["tools"]] == [
         "weather", "openrouter:image_generation"]
     assert got.payload["instructions"] == "Be brief."
+
+
+class _Store:
+    """Records saves (what the Open WebUI store would write), keeping only sizes."""
+
+    def __init__(self) -> None:
+        self.saved: list[tuple[str, int, bytes]] = []
+
+    async def save(self, file_id, user_id, name, mime, data, source, link=None) -> None:
+        self.saved.append((user_id, len(data), data[:8]))
+
+
+class _Emitter:
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+
+    async def emit(self, event: dict) -> None:
+        self.events.append(event)
+
+    async def status(self, description: str, *, done: bool, hidden: bool = False) -> None:
+        self.events.append({"type": "status", "description": description})
+
+
+async def test_four_big_pictures_are_decoded_and_written_one_at_a_time():
+    import tracemalloc
+
+    from openrouter_responses_pipe import Fetcher, ImageJob, ImageSink, intake_limits
+    from openrouter_responses_pipe import UserValves as UV
+    from openrouter_responses_pipe import Valves as V
+
+    size = 3 * 1024 * 1024
+    pictures = [PNG[:8] + bytes([i]) * (size - 8) for i in range(4)]
+    intents = [(IMAGE, base64.b64encode(p).decode()) for p in pictures]
+    store = _Store()
+    job = ImageJob("u1", "user", "c1", "m1", "a/m", 20 * 1024 * 1024,
+                   intake_limits(V(), UV()))
+    sink = ImageSink(job, _Emitter(), store, Fetcher())  # type: ignore[arg-type]
+    del pictures
+    tracemalloc.start()
+    out = await sink.resolve(intents)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert [s[1] for s in store.saved] == [size] * 4 and len(sink.saved) == 4
+    assert all(v == "" for _, v in intents)          # the base64 strings were let go
+    assert peak < 1.6 * size                         # one decoded picture at a time
+    assert [k for k, _ in out] == [TEXT] * 4 and "base64" not in "".join(t for _, t in out)
