@@ -127,3 +127,18 @@ def test_plain_api_clients_get_the_link(owui, stream):
         text = reply["choices"][0]["message"]["content"]
     (file_id,) = LINK.findall(text)
     assert user.get_file_content(file_id) == image_png(0)
+
+
+def test_partial_previews_replace_each_other_and_never_reach_the_stored_chat(owui):
+    user, access = chat_user(owui)
+    with valves(owui, **access):
+        chat = user.chat_ui(owui.model(GEMINI_IMAGE), "[emu:image partials=3] a slow fox",
+                            background_tasks={})
+    kinds = [(e["data"]["type"], e["data"]["data"]) for e in chat["_events"]]
+    previews = [d["files"] for k, d in kinds if k == "chat:message:files"]
+    assert [len(f) for f in previews] == [1, 1, 1, 0]  # each replaces the last, then cleared
+    assert all(f[0]["url"].startswith("data:image/png;base64,") for f in previews[:3])
+    assert [d["description"] for k, d in kinds if k == "status"][0] == "Generating image…"
+    answer = stored_message(chat)
+    assert len(LINK.findall(answer["content"])) == 1
+    assert "base64" not in str(chat["chat"]["history"]) and not answer.get("files")
