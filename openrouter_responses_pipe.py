@@ -6394,6 +6394,9 @@ class Pipe:
         try:
             self._telemetry.requests += 1
             async with self._gate.admit(turn.req.user_id, turn.settings.admission):  # 1 admit
+                entry = await self._resolve_entry(turn.req, turn.settings)
+                if "text" not in entry.output_modalities:
+                    return ""  # image-only models write no titles or tags (issue #14)
                 plan = await self._plan(turn)                                # 3 catalog, 6
                 for note in plan.notes:
                     await turn.emitter.notify(note)

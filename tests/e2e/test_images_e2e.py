@@ -138,7 +138,7 @@ def test_partial_previews_replace_each_other_and_never_reach_the_stored_chat(owu
     previews = [d["files"] for k, d in kinds if k == "chat:message:files"]
     assert [len(f) for f in previews] == [1, 1, 1, 0]  # each replaces the last, then cleared
     assert all(f[0]["url"].startswith("data:image/png;base64,") for f in previews[:3])
-    assert [d["description"] for k, d in kinds if k == "status"][0] == "Generating image…"
+    assert next(d["description"] for k, d in kinds if k == "status") == "Generating image…"
     answer = stored_message(chat)
     assert len(LINK.findall(answer["content"])) == 1
     assert "base64" not in str(chat["chat"]["history"]) and not answer.get("files")

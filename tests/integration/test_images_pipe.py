@@ -296,3 +296,12 @@ async def test_a_failed_image_tool_item_is_told_in_the_answer(pipe, emulator, ow
     assert links(out.text) == []
     assert ("⚠️ The picture was not made: the provider refused it under its content policy "
             "(Image blocked by moderation)") in out.text
+
+
+async def test_image_only_models_answer_tasks_with_nothing_and_send_nothing(pipe, emulator):
+    before = len(posts(emulator))
+    title = await pipe.pipe(body=body(FLUX, "### Task: title", stream=False), __user__=USER,
+                            __task__="title_generation")
+    assert title == "" and len(posts(emulator)) == before
+    listed = [m["id"] for m in await pipe.pipes()]
+    assert FLUX in listed and GEMINI_IMAGE in listed
