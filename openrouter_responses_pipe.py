@@ -3551,6 +3551,7 @@ class ImageSink:
             elif kind == IMAGE_FAILED:
                 reason, _, message = value.partition(":")
                 refused = ImageRefused(message, reason=reason)
+                await self._settle("No image was made")
                 out.append((TEXT, f"\n\n⚠️ {describe_error(refused)}\n\n"))
             else:
                 out.append((kind, value))
@@ -3560,6 +3561,12 @@ class ImageSink:
         if not self._generating:
             self._generating = True
             await self._emitter.status(GENERATING_IMAGE, done=False)
+
+    async def _settle(self, text: str) -> None:
+        """Close the "Generating image…" status with what happened."""
+        if self._generating:
+            self._generating = False
+            await self._emitter.status(text, done=True)
 
     async def _preview(self, partial: str) -> None:
         await self._status()
@@ -3584,14 +3591,13 @@ class ImageSink:
             file_id = await self._write(picture)
         except IntakeError as exc:
             LOG.warning("Generated image not saved: %s", exc)
+            await self._settle("The image could not be saved")
             return f"\n\n⚠️ The picture could not be saved: {describe_error(exc)}\n\n"
         finally:
             await self.finish()
         self.saved.append(file_id)
         count = len(self.saved)
-        await self._emitter.status(f"Generated {count} image{'s' if count > 1 else ''}",
-                                   done=True)
-        self._generating = False
+        await self._settle(f"Generated {count} image{'s' if count > 1 else ''}")
         return image_markdown(f"/api/v1/files/{file_id}/content", count)
 
     async def _download(self, url: str) -> DecodedImage:

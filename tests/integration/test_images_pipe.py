@@ -272,7 +272,7 @@ async def test_a_refusal_is_a_specific_sentence(pipe, emulator, owui, reason, se
     assert out.error is not None and out.error.startswith(sentence)
 
 
-async def test_a_failed_image_tool_item_is_told_in_the_answer(pipe, emulator, owui):
+async def test_a_failed_image_tool_item_is_told_in_the_answer(pipe, emulator, owui, events):
     import openrouter_emulator as emu_mod
 
     original = emu_mod.tool_image_events
@@ -289,13 +289,15 @@ async def test_a_failed_image_tool_item_is_told_in_the_answer(pipe, emulator, ow
     emu_mod.tool_image_events = failing
     pipe.valves = pipe.valves.model_copy(update={"IMAGE_TOOL_MODEL": GEMINI_IMAGE})
     try:
-        out = await stream(pipe, body(GPT4O, "draw"), __user__=USER,
+        out = await stream(pipe, body(GPT4O, "draw"), __user__=USER, __event_emitter__=events,
                            __metadata__={"features": {"image_generation": True}})
     finally:
         emu_mod.tool_image_events = original
     assert links(out.text) == []
     assert ("⚠️ The picture was not made: the provider refused it under its content policy "
             "(Image blocked by moderation)") in out.text
+    assert [(s["description"], s["done"]) for s in events.of("status")][:2] == [
+        ("Generating image…", False), ("No image was made", True)]
 
 
 async def test_image_only_models_answer_tasks_with_nothing_and_send_nothing(pipe, emulator):
