@@ -5,6 +5,7 @@ links them, follow-ups send them back, refusals read as sentences."""
 from __future__ import annotations
 
 import base64
+import json
 import re
 
 import pytest
@@ -307,3 +308,16 @@ async def test_image_only_models_answer_tasks_with_nothing_and_send_nothing(pipe
     assert title == "" and len(posts(emulator)) == before
     listed = [m["id"] for m in await pipe.pipes()]
     assert FLUX in listed and GEMINI_IMAGE in listed
+
+
+async def test_an_answer_carrying_image_parts_never_replays_their_base64(pipe, emulator):
+    big = "data:image/png;base64," + base64.b64encode(image_png(0) * 2000).decode()
+    payload = body(GEMINI_IMAGE, "and now?")
+    payload["messages"] = [
+        {"role": "user", "content": "draw"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Here it is."},
+                                          {"type": "image_url", "image_url": {"url": big}}]},
+        *payload["messages"]]
+    await stream(pipe, payload, __user__=USER)
+    sent = json.dumps(last_post(emulator)["input"])
+    assert "base64" not in sent and len(sent) < 1000 and "Here it is." in sent
