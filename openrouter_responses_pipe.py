@@ -3059,6 +3059,7 @@ def _on_completed(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) 
     resp = ev.get("response") or {}
     state.terminal = "completed"
     state.usage = Usage.from_json(resp.get("usage"))
+    late_images(state, resp.get("output"), out)  # §12: pictures only the final object carries
 
 
 def _on_incomplete(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> None:
@@ -3500,6 +3501,15 @@ def on_image_item_done(state: StreamState, index: int, item: Mapping[str, Any],
         out.append((IMAGE, picture))
     elif item.get("status") not in ("in_progress", "generating"):
         out.append((IMAGE_FAILED, "other:the model's image item held no picture"))
+
+
+def late_images(state: StreamState, output: Any, out: list[Intent]) -> None:
+    """Image items that only the final response object carries (no output_item.done for
+    them): handled like closed items, each once."""
+    for index, item in enumerate(output if isinstance(output, list) else ()):
+        if (isinstance(item, Mapping) and item.get("type") in IMAGE_ITEM_TYPES
+                and index not in state.done_items):
+            on_image_item_done(state, index, item, out)
 
 
 # -- I/O shell: saving pictures -----------------------------------------------------------

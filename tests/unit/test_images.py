@@ -288,3 +288,13 @@ async def test_four_big_pictures_are_decoded_and_written_one_at_a_time():
     assert all(v == "" for _, v in intents)          # the base64 strings were let go
     assert peak < 1.6 * size                         # one decoded picture at a time
     assert [k for k, _ in out] == [TEXT] * 4 and "base64" not in "".join(t for _, t in out)
+
+
+def test_pictures_only_in_the_final_response_object_are_taken_once():
+    state = StreamState()
+    item = {"id": "ig_1", "type": "image_generation_call", "status": "completed", "result": B64}
+    done = {"type": "response.output_item.done", "output_index": 0, "item": item}
+    final = {"type": "response.completed", "response": {"output": [item], "usage": None}}
+    assert reduce_events(state, events(final)) == [(IMAGE, B64)]
+    again = StreamState()
+    assert reduce_events(again, events(done, final)) == [(IMAGE, B64)]  # not twice
