@@ -3392,10 +3392,11 @@ def refusal_reason(code: str, message: str) -> str:
 
 
 def stream_failure(message: str, code: str, error_type: str) -> UpstreamStreamError:
-    """A failed response: an image refusal (content policy, size) when the code says so."""
-    if code in _REFUSAL_CODES or error_type in _REFUSAL_CODES:
-        return ImageRefused(message, reason=refusal_reason(code or error_type, message),
-                            code=code, error_type=error_type)
+    """A failed response: an image refusal when the code is one of the SDK's image codes
+    (`image_content_policy_violation`, `image_too_large`…); anything else as it was."""
+    if code.startswith("image_") and code in _REFUSAL_CODES:
+        return ImageRefused(message, reason=_REFUSAL_CODES[code], code=code,
+                            error_type=error_type)
     return UpstreamStreamError(message, code=code, error_type=error_type)
 
 
@@ -3416,12 +3417,12 @@ def refusal_text(reason: str, message: str) -> str:
     """The sentence a user reads when a picture was refused."""
     detail = message.strip().rstrip(".")
     if reason == "policy":
-        return (f"The picture was not made: the provider refused it under its content policy "
+        return (f"The image request was refused under the provider's content policy "
                 f"({detail}). Rephrase the request and try again.")
     if reason == "size":
-        return (f"The picture was not made: the model can't produce that size ({detail}). "
-                "Choose another size or aspect ratio (IMAGE_SIZE / IMAGE_ASPECT_RATIO in your "
-                "valves).")
+        return (f"The image was refused for its size ({detail}). For a new picture choose "
+                "another size or aspect ratio (IMAGE_SIZE / IMAGE_ASPECT_RATIO in your "
+                "valves); for an attached one send a smaller image.")
     return f"The picture was not made: {detail}."
 
 

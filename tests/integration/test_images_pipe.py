@@ -260,12 +260,13 @@ async def test_image_cost_is_in_the_usage_and_the_status_line(pipe, emulator, ow
 
 
 @pytest.mark.parametrize(("reason", "sentence"), [
-    ("policy", "The picture was not made: the provider refused it under its content policy "
-               "(Your request was rejected by the safety system). Rephrase the request and "
-               "try again."),
-    ("size", "The picture was not made: the model can't produce that size (The requested "
-             "image size is larger than this model supports). Choose another size or aspect "
-             "ratio (IMAGE_SIZE / IMAGE_ASPECT_RATIO in your valves)."),
+    ("policy", "The image request was refused under the provider's content policy (Your "
+               "request was rejected by the safety system). Rephrase the request and try "
+               "again."),
+    ("size", "The image was refused for its size (The requested image size is larger than "
+             "this model supports). For a new picture choose another size or aspect ratio "
+             "(IMAGE_SIZE / IMAGE_ASPECT_RATIO in your valves); for an attached one send a "
+             "smaller image."),
 ])
 async def test_a_refusal_is_a_specific_sentence(pipe, emulator, owui, reason, sentence):
     emulator.enqueue("image_refusal", reason=reason)
@@ -295,8 +296,8 @@ async def test_a_failed_image_tool_item_is_told_in_the_answer(pipe, emulator, ow
     finally:
         emu_mod.tool_image_events = original
     assert links(out.text) == []
-    assert ("⚠️ The picture was not made: the provider refused it under its content policy "
-            "(Image blocked by moderation)") in out.text
+    assert ("⚠️ The image request was refused under the provider's content policy (Image "
+            "blocked by moderation)") in out.text
     assert [(s["description"], s["done"]) for s in events.of("status")][:2] == [
         ("Generating image…", False), ("No image was made", True)]
 

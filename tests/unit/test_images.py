@@ -198,8 +198,8 @@ def test_refusal_reason(code, message, reason):
 
 def test_refusals_read_as_sentences():
     text = describe_error(ImageRefused("Flagged", reason="policy"))
-    assert text == ("The picture was not made: the provider refused it under its content "
-                    "policy (Flagged). Rephrase the request and try again.")
+    assert text == ("The image request was refused under the provider's content policy "
+                    "(Flagged). Rephrase the request and try again.")
 
 
 def events(*evs: dict) -> list[SSEEvent]:
@@ -298,3 +298,11 @@ def test_pictures_only_in_the_final_response_object_are_taken_once():
     assert reduce_events(state, events(final)) == [(IMAGE, B64)]
     again = StreamState()
     assert reduce_events(again, events(done, final)) == [(IMAGE, B64)]  # not twice
+
+
+def test_only_image_error_codes_become_image_refusals():
+    from openrouter_responses_pipe import UpstreamStreamError, stream_failure
+
+    assert isinstance(stream_failure("no", "image_too_large", ""), ImageRefused)
+    text_refusal = stream_failure("no", "content_policy_violation", "content_policy_violation")
+    assert type(text_refusal) is UpstreamStreamError
