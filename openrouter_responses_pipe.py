@@ -530,8 +530,8 @@ class Valves(BaseModel):
                     "a user turns on Open WebUI's Image toggle on a chat model that can't "
                     "make pictures itself: the pipe then offers OpenRouter's "
                     "`openrouter:image_generation` server tool with this model (the chat "
-                    "model must support tools). Empty: the toggle does nothing for such "
-                    "models.")
+                    "model must support tools). Empty: such models answer in text and the "
+                    "user is told why.")
     IMAGE_MAX_MB: float = Field(
         default=20.0, ge=1, le=200,
         description="Largest generated image saved to Open WebUI's file store; a larger one "
