@@ -2900,16 +2900,24 @@ def _with_attempts(err: UpstreamError, attempts: int) -> UpstreamError:
 class SSEDecoder:
     """Incremental Server-Sent-Events parser (WHATWG rules; no I/O, no JSON)."""
 
-    __slots__ = ("_buf", "_data", "_event", "_started")
+    __slots__ = ("_buf", "_data", "_event", "_held", "_started")
 
     def __init__(self) -> None:
         self._buf = b""
+        self._held: list[bytes] = []  # reads of one long line (a picture's base64), joined once
         self._data: list[str] = []
         self._event: str | None = None
         self._started = False
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
-        buf = self._buf + chunk if self._buf else chunk
+        if self._started and b"\n" not in chunk and b"\r" not in chunk:
+            if chunk:  # no line ends here: keep the read, copy nothing (linear in the line)
+                self._held.append(chunk)
+            return []
+        if self._held:
+            buf, self._held = b"".join((self._buf, *self._held, chunk)), []
+        else:
+            buf = self._buf + chunk if self._buf else chunk
         if not self._started:
             if len(buf) < 3 and b"\xef\xbb\xbf".startswith(buf):
                 self._buf = buf
@@ -2965,7 +2973,7 @@ class SSEDecoder:
 
     def finish(self) -> list[SSEEvent]:
         """End of stream: an event without its closing blank line is discarded (SSE rules)."""
-        self._buf, self._data, self._event = b"", [], None
+        self._buf, self._held, self._data, self._event = b"", [], [], None
         return []
 
 

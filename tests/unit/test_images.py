@@ -306,3 +306,20 @@ def test_only_image_error_codes_become_image_refusals():
     assert isinstance(stream_failure("no", "image_too_large", ""), ImageRefused)
     text_refusal = stream_failure("no", "content_policy_violation", "content_policy_violation")
     assert type(text_refusal) is UpstreamStreamError
+
+
+@given(st.lists(st.integers(min_value=1, max_value=5000), min_size=1, max_size=40),
+       st.sampled_from([b"\n", b"\r\n", b"\r"]))
+def test_long_lines_split_anywhere_decode_like_one_read(cuts, newline):
+    # a picture's event is one very long line; the decoder holds its reads and joins once
+    from openrouter_responses_pipe import SSEDecoder
+
+    long_line = b"data: " + b"A" * 20000
+    stream = newline.join([b": ok", long_line, b"", b"data: {\"x\": 1}", b"", b""])
+    whole = SSEDecoder().feed(stream)
+    decoder, got, pos = SSEDecoder(), [], 0
+    for cut in cuts:
+        got += decoder.feed(stream[pos:pos + cut])
+        pos += cut
+    got += decoder.feed(stream[pos:])
+    assert got == whole and [len(e.data) for e in got] == [20000, 8]
