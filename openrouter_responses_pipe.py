@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import contextlib
 import contextvars
 import dataclasses
@@ -109,7 +110,8 @@ _SAMPLING_PARAMS = ("temperature", "top_p", "top_k", "stop", "frequency_penalty"
 #   │   ├── UpstreamConnectionError network failure before any response
 #   │   │   └── UpstreamBodyError       a body that broke off while it was read
 #   │   ├── UpstreamUnexpectedBody  a 200 that is no stream (HTML page, plain JSON)
-#   │   └── UpstreamStreamError     failure after the first byte
+#   │   ├── UpstreamStreamError     failure after the first byte
+#   │   └── ImageRefused            an image model declined (content policy, size)
 #   ├── IntakeError             an attachment was refused
 #   │   ├── UnsafeURLError
 #   │   └── PayloadTooLargeError
@@ -199,6 +201,16 @@ class UpstreamStreamError(UpstreamError):
         super().__init__(message, hint=hint)
         self.code = code
         self.error_type = error_type
+
+
+class ImageRefused(UpstreamStreamError):
+    """A picture was refused or lost (issue #14): `reason` is `policy` (content policy),
+    `size` or `other`; describe_error says which in one sentence."""
+
+    def __init__(self, message: str, *, reason: str = "other", code: str = "",
+                 error_type: str = "") -> None:
+        super().__init__(message, code=code, error_type=error_type)
+        self.reason = reason
 
 
 class IntakeError(PipeError):
@@ -725,6 +737,35 @@ class Valves(BaseModel):
     # ── end issue #13 ──
 
     # ── Image output (issue #14) ──
+    IMAGE_ASPECT_RATIO: str = Field(
+        default="",
+        description="Aspect ratio asked of image models (e.g. `16:9`, `1:1`, `9:16`), sent as "
+                    "`image_config.aspect_ratio` only to models whose OpenRouter image listing "
+                    "offers that value; otherwise, or when empty, the model's own default is "
+                    "used. Users can override it.")
+    IMAGE_SIZE: str = Field(
+        default="",
+        description="Image size asked of image models (e.g. `1K`, `2K`, `4K`), sent as "
+                    "`image_config.image_size` only to models whose OpenRouter image listing "
+                    "offers it; otherwise, or when empty, the model's default. Users can "
+                    "override it.")
+    IMAGE_TOOL_MODEL: str = Field(
+        default="",
+        description="OpenRouter image model (e.g. `google/gemini-2.5-flash-image`) used when "
+                    "a user turns on Open WebUI's Image toggle on a chat model that can't "
+                    "make pictures itself: the pipe then offers OpenRouter's "
+                    "`openrouter:image_generation` server tool with this model (the chat "
+                    "model must support tools). Empty: such models answer in text and the "
+                    "user is told why.")
+    IMAGE_MAX_MB: float = Field(
+        default=20.0, ge=1, le=200,
+        description="Largest generated image saved to Open WebUI's file store; a larger one "
+                    "is not saved and the answer says so.")
+    IMAGE_EDIT_FOLLOW_UPS: bool = Field(
+        default=True,
+        description="On a follow-up (\"make the sky purple\"), send the last picture the "
+                    "model made in this chat back to image models that read images, so "
+                    "they edit it. Read from Open WebUI's file store with the user's access.")
     # ── end issue #14 ──
 
 
@@ -785,6 +826,14 @@ class UserValves(BaseModel):
     # ── end issue #13 ──
 
     # ── Image output (issue #14) ──
+    IMAGE_ASPECT_RATIO: str = Field(
+        default="inherit",
+        description="Your aspect ratio for generated pictures (e.g. `16:9`; `inherit` = "
+                    "admin default). Used only where the model offers it.")
+    IMAGE_SIZE: str = Field(
+        default="inherit",
+        description="Your picture size (e.g. `1K`, `2K`, `4K`; `inherit` = admin default). "
+                    "Used only where the model offers it.")
     # ── end issue #14 ──
 
     LOG_LEVEL: Literal["inherit", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
@@ -916,6 +965,7 @@ class RequestSettings:
     # ── end issue #13 ──
 
     # ── Image output (issue #14) ──
+    images: ImageSettings = field(default_factory=lambda: ImageSettings())
     # ── end issue #14 ──
 
 
@@ -984,6 +1034,7 @@ class RequestSettings:
             # ── end issue #13 ──
 
             # ── Image output (issue #14) ──
+            images=image_settings(valves, user),
             # ── end issue #14 ──
 
         )
@@ -1014,6 +1065,7 @@ class Pricing:
     input_cache_read: float = 0.0
     input_cache_write: float = 0.0     # issue #12: what the cache saved
     input_cache_write_1h: float = 0.0
+    image_output: float = 0.0  # per generated-image unit, as OpenRouter lists it (issue #14)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1233,7 +1285,8 @@ def _parse_pricing(raw: Mapping[str, Any] | None) -> Pricing:
         internal_reasoning=_price(raw, "internal_reasoning"),
         input_cache_read=_price(raw, "input_cache_read"),
         input_cache_write=_price(raw, "input_cache_write"),
-        input_cache_write_1h=_price(raw, "input_cache_write_1h"))
+        input_cache_write_1h=_price(raw, "input_cache_write_1h"),
+        image_output=_price(raw, "image_output"))
 
 
 def _parse_reasoning(raw: Any, params: frozenset[str]) -> ReasoningSpec | None:
@@ -1267,8 +1320,13 @@ def parse_catalog_entry(raw: Mapping[str, Any]) -> CatalogEntry:
         created=int(raw.get("created") or 0))
 
 
+CHAT_OUTPUTS = frozenset({"text", "image"})
+CATALOG_QUERY = "?output_modalities=text,image"  # /models lists text-only models by default
+
+
 def parse_catalog(payload: Any) -> tuple[CatalogEntry, ...]:
-    """`/models` JSON -> entries that can produce text, sorted by name; malformed ones skipped."""
+    """`/models` JSON -> entries that produce text or images, sorted by name; malformed ones
+    skipped."""
     rows = payload.get("data") if isinstance(payload, Mapping) else None
     if not isinstance(rows, list):
         raise UpstreamError("OpenRouter's model list had an unexpected shape.")
@@ -1279,7 +1337,7 @@ def parse_catalog(payload: Any) -> tuple[CatalogEntry, ...]:
         except (KeyError, TypeError, ValueError, AttributeError):
             LOG.warning("Skipping a malformed catalog entry: %.200r", row)
             continue
-        if "text" in entry.output_modalities:
+        if entry.output_modalities & CHAT_OUTPUTS:  # text, or pictures (issue #14)
             entries.append(entry)
     entries.sort(key=lambda e: (e.name.lower(), e.id))
     return tuple(entries)
@@ -3834,8 +3892,9 @@ class OwuiFileStore:
         return await _shared_with(record.id, user_id, name)
 
     async def save(self, file_id: str, user_id: str, name: str, mime: str, data: bytes,
-                   source: str) -> None:
-        """Store `data` as a file owned by the user (the way Open WebUI's upload does)."""
+                   source: str, link: Mapping[str, str] | None = None) -> None:
+        """Store `data` as a file owned by the user (the way Open WebUI's upload does);
+        `link` (chat_id, message_id) goes into `meta.data` as Open WebUI's uploads put it."""
         files = _owui_module("open_webui.models.files")
         storage = _owui_module("open_webui.storage.provider").Storage
         tags = {"OpenWebUI-User-Id": user_id, "OpenWebUI-File-Id": file_id}
@@ -3847,7 +3906,8 @@ class OwuiFileStore:
                 from exc
         form = files.FileForm(id=file_id, hash=hashlib.sha256(data).hexdigest(), filename=name,
                               path=path, data={}, meta={"name": name, "content_type": mime,
-                                                        "size": len(data), "source_url": source})
+                                                        "size": len(data), "source_url": source,
+                                                        **({"data": dict(link)} if link else {})})
         if await _owui_db(f"record the saved file '{name}'", files.Files.insert_new_file,
                           user_id, form) is None:
             raise IntakeError("Open WebUI refused to record the saved file.")
@@ -3940,6 +4000,14 @@ class Intake:
                  ) -> None:
         self._fetcher = fetcher or Fetcher()
         self._store = store or OwuiFileStore()
+
+    @property
+    def fetcher(self) -> Fetcher:
+        return self._fetcher
+
+    @property
+    def store(self) -> OwuiFileStore:
+        return self._store
 
     async def prepare(self, req: ChatRequest, job: IntakeJob,
                       files: Iterable[Mapping[str, Any]] = (), request: Any = None
@@ -4530,7 +4598,7 @@ class OpenRouterClient:
         return headers
 
     async def fetch_models(self, settings: RequestSettings) -> Any:
-        return await self._send("GET", "/models", None, settings, stream=False,
+        return await self._send("GET", "/models" + CATALOG_QUERY, None, settings, stream=False,
                                 take=_json_answer)
 
     async def complete(self, payload: Mapping[str, Any], settings: RequestSettings) -> Any:
@@ -4538,6 +4606,11 @@ class OpenRouterClient:
         settings.require_api_key()
         return await self._send("POST", "/responses", encode_payload(payload), settings,
                                 stream=False, take=_json_answer)
+
+    async def fetch_image_models(self, settings: RequestSettings) -> Any:
+        """GET /images/models: the values each image model offers (issue #14)."""
+        return await self._send("GET", "/images/models", None, settings, stream=False,
+                                take=_json_answer)
 
     async def open_response(self, payload: Mapping[str, Any], settings: RequestSettings
                             ) -> TransportResponse:
@@ -4872,12 +4945,17 @@ def _on_summary_part_added(state: StreamState, ev: Mapping[str, Any], out: list[
 def _on_item_added(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> None:
     item = ev.get("item") or {}
     state.open_items[int(ev.get("output_index", len(state.open_items)))] = item.get("type", "")
+    if item.get("type") in IMAGE_ITEM_TYPES:
+        out.append((IMAGE_STATUS, GENERATING_IMAGE))
 
 
 def _on_item_done(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> None:
     item = ev.get("item") or {}
     index = int(ev.get("output_index", -1))
     state.open_items.pop(index, None)
+    if item.get("type") in IMAGE_ITEM_TYPES:  # §12: the picture leaves as an intent
+        on_image_item_done(state, index, item, out)
+        return
     state.done_items[index] = item
     if item.get("id") in state.streamed_items:
         return
@@ -4912,6 +4990,7 @@ def _on_completed(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) 
     state.terminal = "completed"
     state.usage = Usage.from_json(resp.get("usage"))
     _final_routing(state, resp)
+    late_images(state, resp.get("output"), out)  # §12: pictures only the final object carries
 
 
 def _on_incomplete(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> None:
@@ -4927,9 +5006,9 @@ def _on_failed(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> 
     err = resp.get("error") or {}
     state.terminal = "failed"
     state.usage = Usage.from_json(resp.get("usage"))
-    state.error = UpstreamStreamError(
+    state.error = stream_failure(  # §12: an image refusal gets its own sentence
         str(err.get("message") or "OpenRouter reported that the response failed."),
-        code=str(err.get("code") or ""), error_type=str(resp.get("error_type") or ""))
+        str(err.get("code") or ""), str(resp.get("error_type") or ""))
 
 
 def _on_error(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> None:
@@ -4944,8 +5023,8 @@ def _on_error(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> N
         name = meta.get("provider_name") if isinstance(meta, Mapping) else None
         message += f" Provider said ({name or 'provider'}): {raw}"
     state.terminal = "failed"
-    state.error = UpstreamStreamError(
-        message, code=str(nested.get("code") or ""), error_type=str(ev.get("error_type") or ""))
+    state.error = stream_failure(
+        message, str(nested.get("code") or ""), str(ev.get("error_type") or ""))
 
 
 def _handler_for(event: Any) -> Handler | None:
@@ -4954,6 +5033,18 @@ def _handler_for(event: Any) -> Handler | None:
             event.get("error"), Mapping):
         return _on_error  # chat-completions style in-band error (no `type`)
     return HANDLERS.get(event["type"])
+
+
+def _on_image_progress(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> None:
+    """An image is being made (§12 turns this into one "Generating image…" status)."""
+    out.append((IMAGE_STATUS, GENERATING_IMAGE))
+
+
+def _on_image_partial(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> None:
+    """A partial image: shown as a preview that the next one replaces (§12)."""
+    partial = ev.get("partial_image_b64")
+    if isinstance(partial, str) and partial:
+        out.append((IMAGE_PARTIAL, partial))
 
 
 HANDLERS: dict[str, Handler] = {
@@ -4971,6 +5062,9 @@ HANDLERS: dict[str, Handler] = {
     "response.failed": _on_failed,
     "response.error": _on_error,
     "error": _on_error,
+    "response.image_generation_call.in_progress": _on_image_progress,   # §12
+    "response.image_generation_call.generating": _on_image_progress,    # §12
+    "response.image_generation_call.partial_image": _on_image_partial,  # §12
 }
 
 
@@ -5022,9 +5116,500 @@ def finish_stream(state: StreamState) -> None:
 # §12 Image output
 #
 # Images out (issue #14).
+#
+#   request  image model             -> modalities ["image"] (image-only) | ["image", "text"],
+#                                       image_config with only the values the model offers
+#            chat model + Image toggle -> the openrouter:image_generation server tool
+#                                       (IMAGE_TOOL_MODEL); nothing when that valve is empty
+#            follow-up to an image     -> the last generated picture as input_image (§9 reads it)
+#   stream   image items / events (§11) -> IMAGE intents carrying the item's own string
+#            (base64, data URL or URL); partial images and status as their own intents
+#   shell    ImageSink: one decode, one write to Open WebUI's file store (the user's file,
+#            linked to the chat) -> a markdown image of /api/v1/files/<id>/content in the
+#            answer. The base64 never enters the text stream or the stored message.
 # ─────────────────────────────────────────────────────────────────────────────
 
-# (issue #14: filled in by its branch)
+IMAGE_ITEM_TYPES = frozenset({"image_generation_call", "openrouter:image_generation"})
+IMAGE, IMAGE_PARTIAL, IMAGE_STATUS, IMAGE_FAILED = (
+    "image", "image_partial", "image_status", "image_failed")
+IMAGE_INTENTS = frozenset({IMAGE, IMAGE_PARTIAL, IMAGE_STATUS, IMAGE_FAILED})
+IMAGE_TOOL = "openrouter:image_generation"
+GENERATING_IMAGE = "Generating image…"
+IMAGE_ALT = "Generated image"
+MAX_EDIT_IMAGES = 4
+# Where an item keeps its picture, in order of preference (SDK names, then camelCase wire
+# names of the openrouter:image_generation item, then other documented shapes).
+_IMAGE_KEYS = ("result", "imageB64", "image_b64", "imageUrl", "image_url", "b64_json", "url")
+_HEAVY_KEYS = frozenset(_IMAGE_KEYS) | {"partial_image_b64"}
+_GENERATED_LINK = re.compile(
+    r"!\[[^\]\n]{0,200}\]\((/api/v1/files/[A-Za-z0-9][A-Za-z0-9_-]{0,127}/content)\)")
+# Open WebUI's own image tools (0.12 adds them with the Image toggle when its image engine is
+# on) and the note 0.6.28 adds after running its engine: OpenRouter's tool replaces both.
+OWUI_IMAGE_TOOLS = frozenset({"generate_image", "edit_image"})
+_OWUI_IMAGE_CONTEXT = re.compile(
+    r"<context>(?:User is shown the generated image|Unable to generate an image)[^<]{0,200}"
+    r"</context>")
+_REFUSAL_CODES = {
+    "image_content_policy_violation": "policy", "content_policy_violation": "policy",
+    "bio_policy": "policy", "cyber_policy": "policy", "refusal": "policy",
+    "misalignment_policy_violation": "policy", "image_too_large": "size",
+    "image_too_small": "size", "image_file_too_large": "size"}
+_REFUSAL_WORDS = (("policy", "policy"), ("safety", "policy"), ("moderation", "policy"),
+                  ("flagged", "policy"), ("aspect ratio", "size"), ("too large", "size"),
+                  ("size", "size"))
+
+
+@dataclass(frozen=True, slots=True)
+class ImageSettings:
+    """Image valves resolved for one request (built by `image_settings`)."""
+
+    aspect_ratio: str = ""
+    size: str = ""
+    tool_model: str = ""
+    max_bytes: int = 20 * MB
+    edit_follow_ups: bool = True
+
+
+def image_settings(valves: Valves, user: UserValves) -> ImageSettings:
+    return ImageSettings(
+        aspect_ratio=str(_pick(user.IMAGE_ASPECT_RATIO, valves.IMAGE_ASPECT_RATIO)).strip(),
+        size=str(_pick(user.IMAGE_SIZE, valves.IMAGE_SIZE)).strip(),
+        tool_model=valves.IMAGE_TOOL_MODEL.strip(),
+        max_bytes=int(valves.IMAGE_MAX_MB * MB), edit_follow_ups=valves.IMAGE_EDIT_FOLLOW_UPS)
+
+
+# -- pure core: what to ask for ------------------------------------------------------------
+
+
+def makes_images(entry: CatalogEntry) -> bool:
+    return "image" in entry.output_modalities
+
+
+def image_modalities(entry: CatalogEntry) -> list[str] | None:
+    """`["image"]` for image-only models (they reject "text"), `["image", "text"]` for
+    models that answer with both, None for models that can't output pictures."""
+    if not makes_images(entry):
+        return None
+    return ["image", "text"] if "text" in entry.output_modalities else ["image"]
+
+
+def can_output_images(entry: CatalogEntry, settings: RequestSettings | ImageSettings) -> bool:
+    """Whether a chat with this model can end with a picture: the model makes images, or it
+    can call tools and IMAGE_TOOL_MODEL names the image model of OpenRouter's image tool.
+    (Model records use it for Open WebUI's `image_generation` capability.)"""
+    images = settings.images if isinstance(settings, RequestSettings) else settings
+    return makes_images(entry) or bool(images.tool_model and entry.supports_tools)
+
+
+ImageOptions = Mapping[str, tuple[str, ...]]  # request parameter -> values a model offers
+
+
+def parse_image_models(payload: Any) -> dict[str, dict[str, tuple[str, ...]]]:
+    """`GET /images/models` -> {model id: {parameter: offered values}} (enum descriptors)."""
+    rows = payload.get("data") if isinstance(payload, Mapping) else None
+    out: dict[str, dict[str, tuple[str, ...]]] = {}
+    for row in rows if isinstance(rows, list) else ():
+        if not isinstance(row, Mapping) or not isinstance(row.get("id"), str):
+            continue
+        params = row.get("supported_parameters")
+        out[row["id"]] = {
+            str(name): tuple(str(v) for v in desc["values"])
+            for name, desc in (params.items() if isinstance(params, Mapping) else ())
+            if isinstance(desc, Mapping) and desc.get("type") == "enum"
+            and isinstance(desc.get("values"), list)}
+    return out
+
+
+_CONFIG_PARAMS = (("aspect_ratio", "aspect ratio", ("aspect_ratio",)),
+                  ("image_size", "size", ("image_size", "resolution", "size")))
+
+
+def image_config(settings: ImageSettings, options: ImageOptions | None
+                 ) -> tuple[dict[str, str], list[str]]:
+    """(`image_config`, notes): each wanted value only when the model's listing offers it
+    (matched case-insensitively); unknown listings send nothing (the model's default)."""
+    config: dict[str, str] = {}
+    notes: list[str] = []
+    wanted = {"aspect_ratio": settings.aspect_ratio, "image_size": settings.size}
+    for key, label, names in _CONFIG_PARAMS:
+        value = wanted[key]
+        if not value:
+            continue
+        offered = next((options[n] for n in names if options and options.get(n)), None)
+        match = next((v for v in offered or () if v.lower() == value.lower()), None)
+        if match is not None:
+            config[key] = match
+        elif offered:
+            notes.append(f"The image {label} {value} was not used: this model offers "
+                         f"{', '.join(offered[:16])}.")
+        else:
+            LOG.info("Image %s %s not sent: the model's offered values are unknown", label,
+                     value)
+    return config, notes
+
+
+def image_tool(settings: ImageSettings, options: ImageOptions | None
+               ) -> tuple[dict[str, Any], list[str]]:
+    """OpenRouter's image-generation server tool for IMAGE_TOOL_MODEL (SDK
+    `ImageGenerationServerTool_OpenRouter`: image_config keys sit beside `model`)."""
+    config, notes = image_config(settings, options)
+    return {"type": IMAGE_TOOL, "parameters": {"model": settings.tool_model, **config}}, notes
+
+
+def with_images(plan: Transformed, entry: CatalogEntry, settings: ImageSettings,
+                features: Mapping[str, Any],
+                options: Mapping[str, ImageOptions]) -> Transformed:
+    """The request for pictures: modalities + image_config for image models; the image tool
+    for a chat model when the user turned on Open WebUI's Image toggle."""
+    payload, notes = dict(plan.payload), list(plan.notes)
+    modalities = image_modalities(entry)
+    if modalities is not None:
+        payload["modalities"] = modalities
+        config, more = image_config(settings, options.get(entry.id))
+        if config:
+            payload["image_config"] = config
+        notes.extend(more)
+    elif features.get("image_generation"):
+        if settings.tool_model and entry.supports_tools:
+            tool, more = image_tool(settings, options.get(settings.tool_model))
+            payload["tools"] = [*(t for t in payload.get("tools") or ()
+                                  if t.get("name") not in OWUI_IMAGE_TOOLS), tool]
+            if payload.get("instructions"):
+                payload["instructions"] = _OWUI_IMAGE_CONTEXT.sub(
+                    "", payload["instructions"]).strip()
+            notes.extend(more)
+        else:
+            notes.append("This model can't make pictures and no image model is set up for "
+                         "Open WebUI's Image button (IMAGE_TOOL_MODEL), so it answers in text.")
+    return dataclasses.replace(plan, payload=payload, notes=tuple(notes))
+
+
+def generated_image_links(text: str) -> list[str]:
+    """The Open WebUI file links of the pictures the pipe put into an answer."""
+    return _GENERATED_LINK.findall(text) if "![" in text else []
+
+
+def with_previous_images(req: ChatRequest, entry: CatalogEntry, settings: ImageSettings
+                         ) -> ChatRequest:
+    """A follow-up to a picture ("make the sky purple"): the pictures of the latest answer
+    that has any ride along on the last user message, for image models that read images
+    (and only when that message brings no picture of its own). §9 then reads each file
+    under the user's access rules; other models keep only the short link text."""
+    if not (settings.edit_follow_ups and makes_images(entry) and entry.accepts("image")):
+        return req
+    last = next((i for i in range(len(req.messages) - 1, -1, -1)
+                 if req.messages[i].role == "user"), None)
+    if last is None or any(isinstance(p, ImagePart) for p in req.messages[last].parts):
+        return req
+    links = next((found for m in reversed(req.messages[:last]) if m.role == "assistant"
+                  for found in (generated_image_links(m.text),) if found), [])
+    if not links:
+        return req
+    msg = req.messages[last]
+    parts = (*msg.parts, *(ImagePart(url) for url in links[-MAX_EDIT_IMAGES:]))
+    return dataclasses.replace(req, messages=(
+        *req.messages[:last], dataclasses.replace(msg, parts=parts), *req.messages[last + 1:]))
+
+
+# -- pure core: what came back --------------------------------------------------------------
+
+
+def item_image(item: Mapping[str, Any]) -> str | None:
+    """The picture an output item carries: base64, a data URL or a URL (any documented key)."""
+    for key in _IMAGE_KEYS:
+        value = item.get(key)
+        if isinstance(value, Mapping):
+            value = value.get("url")
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def light_item(item: Mapping[str, Any]) -> dict[str, Any]:
+    """The item without its picture: what the stream state keeps (never megabytes)."""
+    return {k: v for k, v in item.items() if k not in _HEAVY_KEYS}
+
+
+def refusal_reason(code: str, message: str) -> str:
+    """`policy`, `size` or `other`, from an error code (SDK names) or its wording."""
+    if code in _REFUSAL_CODES:
+        return _REFUSAL_CODES[code]
+    text = message.lower()
+    return next((reason for word, reason in _REFUSAL_WORDS if word in text), "other")
+
+
+def stream_failure(message: str, code: str, error_type: str) -> UpstreamStreamError:
+    """A failed response: an image refusal when the code is one of the SDK's image codes
+    (`image_content_policy_violation`, `image_too_large`…); anything else as it was."""
+    if code.startswith("image_") and code in _REFUSAL_CODES:
+        return ImageRefused(message, reason=_REFUSAL_CODES[code], code=code,
+                            error_type=error_type)
+    return UpstreamStreamError(message, code=code, error_type=error_type)
+
+
+def item_failure(item: Mapping[str, Any]) -> str | None:
+    """`reason:message` for a failed image item (its `error`), else None."""
+    err = item.get("error")
+    if item.get("status") != "failed" and not err:
+        return None
+    if isinstance(err, Mapping):
+        code, message = str(err.get("code") or ""), str(err.get("message") or "")
+    else:
+        code, message = "", str(err or "")
+    message = message or "the image model returned no picture"
+    return f"{refusal_reason(code, message)}:{message}"
+
+
+def refusal_text(reason: str, message: str) -> str:
+    """The sentence a user reads when a picture was refused."""
+    detail = message.strip().rstrip(".")
+    if reason == "policy":
+        return (f"The image request was refused under the provider's content policy "
+                f"({detail}). Rephrase the request and try again.")
+    if reason == "size":
+        return (f"The image was refused for its size ({detail}). For a new picture choose "
+                "another size or aspect ratio (IMAGE_SIZE / IMAGE_ASPECT_RATIO in your "
+                "valves); for an attached one send a smaller image.")
+    return f"The picture was not made: {detail}."
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedImage:
+    """A picture as bytes, or (`url`) a remote picture still to download."""
+
+    data: bytes = b""
+    mime: str = ""
+    url: str = ""
+
+
+def decode_image(source: str, cap: int) -> DecodedImage:
+    """Base64, data URL or http(s) URL -> bytes decoded exactly once (size checked on the
+    encoded length first), or the URL. IntakeError/PayloadTooLargeError when unusable."""
+    if source.startswith(("https://", "http://")):
+        return DecodedImage(url=source)
+    if source.startswith("data:"):
+        parsed = parse_data_url(source, "image", cap)
+        data = (binascii.a2b_base64(parsed.payload) if parsed.is_base64
+                else urllib.parse.unquote_to_bytes(parsed.payload))
+    else:
+        check_payload_size(source, 0, True, "image", cap)
+        try:
+            data = binascii.a2b_base64(source)
+        except (binascii.Error, ValueError) as exc:
+            raise IntakeError("The picture's base64 is not valid.") from exc
+    check_size("image", len(data), cap)
+    return DecodedImage(data, _picture_mime(data))
+
+
+def _picture_mime(data: bytes) -> str:
+    mime = sniff_mime(data[:48])
+    if mime not in IMAGE_MIMES:
+        raise IntakeError("The model sent something that is not a PNG, JPEG, WebP or GIF "
+                          "picture.")
+    return mime
+
+
+def preview_url(partial_b64: str) -> str | None:
+    """A partial image as a data URL for a live preview, or None when it isn't a picture."""
+    head = partial_b64[:64]
+    try:
+        mime = sniff_mime(binascii.a2b_base64(head[: len(head) - len(head) % 4]))
+    except (binascii.Error, ValueError):
+        return None
+    return f"data:{mime};base64,{partial_b64}" if mime in IMAGE_MIMES else None
+
+
+def image_markdown(url: str, number: int) -> str:
+    label = IMAGE_ALT if number == 1 else f"{IMAGE_ALT} {number}"
+    return f"\n\n![{label}]({url})\n\n"
+
+
+def image_status_segment(count: int, unit_price: float) -> str:
+    """`2 images (list price $0.00003 per image unit)` for the final status line."""
+    noun = "image" if count == 1 else "images"
+    if unit_price <= 0:
+        return f"{count} {noun}"
+    return f"{count} {noun} (list price ${unit_price:.6f}".rstrip("0").rstrip(".") + \
+        " per image unit)"
+
+
+# -- the image item closing (§11's _on_item_done hands it here) ----------------------------
+
+
+def on_image_item_done(state: StreamState, index: int, item: Mapping[str, Any],
+                       out: list[Intent]) -> None:
+    """An image item closed: its picture (or why there is none) becomes one intent; the
+    state keeps the item without the picture."""
+    state.done_items[index] = light_item(item)
+    failure = item_failure(item)
+    picture = None if failure else item_image(item)
+    if failure is not None:
+        out.append((IMAGE_FAILED, failure))
+    elif picture is not None:
+        out.append((IMAGE, picture))
+    elif item.get("status") not in ("in_progress", "generating"):
+        out.append((IMAGE_FAILED, "other:the model's image item held no picture"))
+
+
+def late_images(state: StreamState, output: Any, out: list[Intent]) -> None:
+    """Image items that only the final response object carries (no output_item.done for
+    them): handled like closed items, each once."""
+    for index, item in enumerate(output if isinstance(output, list) else ()):
+        if (isinstance(item, Mapping) and item.get("type") in IMAGE_ITEM_TYPES
+                and index not in state.done_items):
+            on_image_item_done(state, index, item, out)
+
+
+# -- I/O shell: saving pictures -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ImageJob:
+    """Who a turn's pictures belong to and where they go."""
+
+    user_id: str
+    user_role: str
+    chat_id: str
+    message_id: str
+    model: str
+    max_bytes: int
+    limits: IntakeLimits
+
+
+class ImageSink:
+    """One turn's pictures: a "Generating image…" status, partial previews that replace each
+    other (`chat:message:files`), then each picture decoded once, written once to Open
+    WebUI's storage as the user's file linked to the chat, and a markdown link in the text."""
+
+    def __init__(self, job: ImageJob, emitter: Emitter, store: OwuiFileStore,
+                 fetcher: Fetcher) -> None:
+        self._job, self._emitter, self._store, self._fetcher = job, emitter, store, fetcher
+        self.saved: list[str] = []  # file ids, in order
+        self.unit_price = 0.0
+        self._generating = False
+        self._previewing = False
+
+    async def resolve(self, intents: list[Intent]) -> list[Intent]:
+        """Image intents -> side effects and text; every other intent passes unchanged. Each
+        slot is cleared once used, so a picture's base64 is dropped right after its decode."""
+        if not any(kind in IMAGE_INTENTS for kind, _ in intents):
+            return intents
+        out: list[Intent] = []
+        for i in range(len(intents)):  # by index: each slot is cleared as it is used
+            kind, value = intents[i]
+            intents[i] = (kind, "")
+            if kind == IMAGE:
+                box = [value]
+                del value  # the box holds the only reference; _save drops it after decoding
+                out.append((TEXT, await self._save(box)))
+            elif kind == IMAGE_STATUS:
+                await self._status()
+            elif kind == IMAGE_PARTIAL:
+                await self._preview(value)
+            elif kind == IMAGE_FAILED:
+                reason, _, message = value.partition(":")
+                refused = ImageRefused(message, reason=reason)
+                await self._settle("No image was made")
+                out.append((TEXT, f"\n\n⚠️ {describe_error(refused)}\n\n"))
+            else:
+                out.append((kind, value))
+        return out
+
+    async def _status(self) -> None:
+        if not self._generating:
+            self._generating = True
+            await self._emitter.status(GENERATING_IMAGE, done=False)
+
+    async def _settle(self, text: str) -> None:
+        """Close the "Generating image…" status with what happened."""
+        if self._generating:
+            self._generating = False
+            await self._emitter.status(text, done=True)
+
+    async def _preview(self, partial: str) -> None:
+        await self._status()
+        url = preview_url(partial)
+        if url is not None:
+            self._previewing = True
+            await self._emitter.emit({"type": "chat:message:files",
+                                      "data": {"files": [{"type": "image", "url": url}]}})
+
+    async def finish(self) -> None:
+        """Remove the last partial preview (the saved picture is in the text now)."""
+        if self._previewing:
+            self._previewing = False
+            await self._emitter.emit({"type": "chat:message:files", "data": {"files": []}})
+
+    async def _save(self, box: list[str]) -> str:
+        await self._status()
+        try:
+            picture = decode_image(box.pop(), self._job.max_bytes)  # the string dies here
+            if picture.url:
+                picture = await self._download(picture.url)
+            file_id = await self._write(picture)
+        except IntakeError as exc:
+            LOG.warning("Generated image not saved: %s", exc)
+            await self._settle("The image could not be saved")
+            return f"\n\n⚠️ The picture could not be saved: {describe_error(exc)}\n\n"
+        finally:
+            await self.finish()
+        self.saved.append(file_id)
+        count = len(self.saved)
+        await self._settle(f"Generated {count} image{'s' if count > 1 else ''}")
+        return image_markdown(f"/api/v1/files/{file_id}/content", count)
+
+    async def _download(self, url: str) -> DecodedImage:
+        got = await self._fetcher.fetch(url, self._job.limits, self._job.max_bytes)
+        return DecodedImage(got.data, _picture_mime(got.data))
+
+    async def _write(self, picture: DecodedImage) -> str:
+        job, file_id = self._job, str(uuid.uuid4())
+        name = f"generated-image-{len(self.saved) + 1}" + (
+            mimetypes.guess_extension(picture.mime) or ".png")
+        await self._store.save(file_id, job.user_id, name, picture.mime, picture.data,
+                               f"openrouter:{job.model}", link={
+                                   "chat_id": job.chat_id, "message_id": job.message_id})
+        await link_to_chat(job, file_id)
+        LOG.info("Saved a generated image (%s) as file %s", megabytes(len(picture.data)),
+                 file_id)
+        return file_id
+
+
+async def link_to_chat(job: ImageJob, file_id: str) -> None:
+    """0.12+: Open WebUI's chat↔file link (what its own image generation writes). 0.6.28 has
+    no such table; there the file's `meta.data` names the chat and message."""
+    if not job.chat_id or not job.message_id or ":" in job.chat_id:
+        return  # API calls without a chat, local/temporary chats
+    try:
+        chats = getattr(_owui_module("open_webui.models.chats"), "Chats", None)
+        insert = getattr(chats, "insert_chat_files", None)
+        if insert is not None:
+            await _owui_call(insert, job.chat_id, job.message_id, [file_id], job.user_id)
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # the picture is saved and linked from the message either way
+        LOG.warning("Could not link file %s to chat %s", file_id, job.chat_id, exc_info=True)
+
+
+class ImageOptionsCache:
+    """`GET /images/models` parsed, refreshed at the catalog's pace; {} while unknown."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._value: dict[str, dict[str, tuple[str, ...]]] = {}
+        self._fetched_at: float | None = None
+
+    async def get(self, fetch: Callable[[RequestSettings], Awaitable[Any]],
+                  settings: RequestSettings) -> Mapping[str, ImageOptions]:
+        now = self._clock()
+        if self._fetched_at is not None and now - self._fetched_at < settings.catalog_ttl:
+            return self._value
+        self._fetched_at = now
+        try:
+            self._value = parse_image_models(await fetch(settings))
+        except PipeError as exc:
+            LOG.info("OpenRouter's image model list is unavailable: %s", exc)
+        return self._value
 
 
 # ─────────────────────────────────────────────────────────────────────────────
@@ -7223,6 +7808,8 @@ _STATUS_ADVICE: dict[int, tuple[str, str]] = {
 
 def describe_error(exc: PipeError) -> str:
     """The one translation point: any PipeError -> what the user reads (markdown)."""
+    if isinstance(exc, ImageRefused):
+        return refusal_text(exc.reason, exc.message)
     text = _describe_status(exc) if isinstance(exc, UpstreamStatusError) else str(exc)
     if isinstance(exc, UpstreamError) and exc.attempts > 1:
         text += f"\nTried {exc.attempts} times."
@@ -9101,6 +9688,7 @@ class Turn:
     emitter: Emitter
     log: RequestLog
     context: CallContext = field(default_factory=lambda: CallContext())
+    images: ImageSink | None = None  # this turn's generated pictures (issue #14)
 
     @property
     def reference(self) -> str:
@@ -9127,7 +9715,8 @@ class TurnRun:
 def round_items(items: Iterable[Mapping[str, Any]], outcomes: Iterable[ToolOutcome]
                 ) -> list[dict[str, Any]]:
     """A round's reasoning + function_call items, then its function_call_output items."""
-    return [*(dict(i) for i in items if i.get("type") != "message"),
+    return [*(dict(i) for i in items
+              if i.get("type") != "message" and i.get("type") not in IMAGE_ITEM_TYPES),
             *(o.item() for o in outcomes)]
 
 
@@ -9199,6 +9788,7 @@ class Pipe:
         # ── end issue #13 ──
 
         # ── Image output (issue #14) ──
+        self._image_options = ImageOptionsCache(clock)
         # ── end issue #14 ──
 
 
@@ -9320,6 +9910,9 @@ class Pipe:
         try:
             self._telemetry.requests += 1
             async with self._gate.admit(turn.req.user_id, turn.settings.admission):  # 1 admit
+                entry = await self._resolve_entry(turn.req, turn.settings)
+                if "text" not in entry.output_modalities:
+                    return ""  # image-only models write no titles or tags (issue #14)
                 turn = await self._spend.admit(turn)                      # 1 budget, key
                 plan = await self._plan(turn)                                # 3 catalog, 6
                 for note in plan.notes:
@@ -9340,6 +9933,7 @@ class Pipe:
         timing = StreamTiming(started=self._clock())
         renderer = ChunkRenderer(turn.req.owui_model_id, int(time.time()))
         run = TurnRun()
+        turn = dataclasses.replace(turn, images=self._image_sink(turn))       # issue #14
         try:
             self._telemetry.requests += 1
             async with self._gate.admit(turn.req.user_id, turn.settings.admission):  # 1 admit
@@ -9360,6 +9954,8 @@ class Pipe:
             await self._announce(turn, run.state, timing, route)
         except Exception as exc:  # the boundary: every failure becomes words for the user
             failure = await self._report_failure(turn, exc)
+            if turn.images is not None:
+                await turn.images.finish()
             if run.usage is not None:  # rounds that completed were billed: say so
                 for chunk in await self._spent_before_failure(turn, run, timing):
                     yield chunk
@@ -9390,6 +9986,7 @@ class Pipe:
             plan = with_tools(plan, req, entry, turn.context.tools,
                               _mapping(turn.context.metadata.get("features")),
                               turn.settings.tools)
+            plan = await self._with_images(turn, plan, entry)                # issue #14
         plan = dataclasses.replace(plan, replayed_reasoning=sent_reasoning_ids(
             plan.payload.get("input") or (), artifacts))
         LOG.info("Turn: model=%s stream=%s task=%s messages=%d", entry.id,
@@ -9468,7 +10065,8 @@ class Pipe:
         resp = await self._open(turn, payload, self._client.open_response)          # 7 send
         done = False
         try:
-            async for chunks in self._pump(resp, state, renderer, timing):          # 8-9
+            async for chunks in self._pump(resp, state, renderer, timing,           # 8-9
+                                           turn.images):
                 for chunk in chunks:                                                 # 12
                     yield chunk
             done = state.finished
@@ -9502,18 +10100,48 @@ class Pipe:
         """Attachments -> inline parts (size caps, SSRF-safe downloads, Open WebUI files)."""
         if turn.req.task:
             return turn.req
+        req = with_previous_images(turn.req, entry, turn.settings.images)  # issue #14
         job = IntakeJob(entry, turn.settings.intake, turn.req.user_id, turn.req.user_role,
                         turn.emitter, request_origin(turn.context.request))
-        return await self._intake.prepare(turn.req, job, turn.context.files,
-                                          turn.context.request)
+        return await self._intake.prepare(req, job, turn.context.files, turn.context.request)
+
+    # -- image output (issue #14) --------------------------------------------------------
+
+    def _image_sink(self, turn: Turn) -> ImageSink:
+        job = ImageJob(turn.req.user_id, turn.req.user_role, turn.req.chat_id or "",
+                       str(turn.context.metadata.get("message_id") or ""),
+                       turn.req.model_id, turn.settings.images.max_bytes, turn.settings.intake)
+        return ImageSink(job, turn.emitter, self._intake.store, self._intake.fetcher)
+
+    async def _with_images(self, turn: Turn, plan: Transformed, entry: CatalogEntry
+                           ) -> Transformed:
+        """Modalities/image_config for image models, the image tool for the Image toggle."""
+        images, features = turn.settings.images, _mapping(turn.context.metadata.get("features"))
+        tool = bool(features.get("image_generation")) and not makes_images(entry)
+        if not makes_images(entry) and not tool:
+            return plan
+        options: Mapping[str, ImageOptions] = {}
+        if images.aspect_ratio or images.size:
+            options = await self._image_options.get(self._client.fetch_image_models,
+                                                    turn.settings)
+        priced = entry if makes_images(entry) else (await self._catalog.get(
+            turn.settings, turn.settings.catalog_ttl)).find(images.tool_model)
+        if turn.images is not None and priced is not None:
+            turn.images.unit_price = priced.pricing.image_output
+        return with_images(plan, entry, images, features, options)
 
     async def _pump(self, resp: TransportResponse, state: StreamState,
-                    renderer: ChunkRenderer, timing: StreamTiming
-                    ) -> AsyncIterator[list[dict[str, Any]]]:
-        """Network reads -> decoded events -> reduced intents -> rendered chunk lists."""
+                    renderer: ChunkRenderer, timing: StreamTiming,
+                    images: ImageSink | None = None) -> AsyncIterator[list[dict[str, Any]]]:
+        """Network reads -> decoded events -> reduced intents -> (pictures saved, §12) ->
+        rendered chunk lists."""
         decoder = SSEDecoder()
         async for raw in resp.iter_chunks():
             intents = reduce_events(state, decoder.feed(raw))
+            if images is not None:
+                intents = await images.resolve(intents)
+            else:
+                intents = [i for i in intents if i[0] not in IMAGE_INTENTS]
             if intents:
                 chunks = renderer.render(intents)
                 if chunks:
@@ -9536,9 +10164,12 @@ class Pipe:
     async def _announce(self, turn: Turn, state: StreamState, timing: StreamTiming,
                         route: RouteReport = ((), None)) -> None:
         if turn.settings.show_final_status:
+            line = final_status_line(state.usage, timing, route[0])
+            if turn.images is not None and turn.images.saved:  # issue #14: pictures + price
+                line += " · " + image_status_segment(len(turn.images.saved),
+                                                     turn.images.unit_price)
             suffix = status_suffix(turn.settings.spend, state.usage.cost if state.usage else None)
-            await turn.emitter.status(final_status_line(state.usage, timing, route[0]) + suffix,
-                                      done=True)
+            await turn.emitter.status(line + suffix, done=True)
         if turn.settings.log_citation == "always":
             await turn.emitter.citation(f"Pipe log {turn.reference}",
                                         turn.log.text(admin=turn.req.user_role == "admin"))

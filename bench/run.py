@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import gc
 import json
@@ -94,12 +95,16 @@ from openrouter_responses_pipe import (  # noqa: E402
     ArtifactStore,
     Pipe,
     RequestSettings,
+    SSEDecoder,
+    StreamState,
     SyncEngineRunner,
     Valves,
     build_responses_request,
+    decode_image,
     marker_block,
     parse_catalog_entry,
     parse_chat_request,
+    reduce_events,
     tool_card,
 )
 
@@ -593,6 +598,36 @@ def bench_codec(reps: Reps) -> dict[str, Any]:
     return out
 
 
+def image_event(mib: int) -> bytes:
+    """One `output_item.done` SSE event carrying a `mib` MiB picture as base64 (issue #14)."""
+    data = b"\x89PNG\r\n\x1a\n" + random.Random(7).randbytes(mib * 1024 * 1024 - 8)
+    b64 = base64.b64encode(data).decode()
+    item = {"id": "ig_1", "type": "image_generation_call", "status": "completed", "result": b64}
+    return b"data: " + json.dumps({"type": "response.output_item.done", "output_index": 0,
+                                   "item": item}).encode() + b"\n\n"
+
+
+def bench_image_event(reps: Reps) -> dict[str, Any]:
+    """(i) A 10 MiB picture event in 16 KiB reads: SSEDecoder + reducer + the one base64
+    decode, vs a baseline that joins the reads once, splits, json.loads and decodes."""
+    event = image_event(10)
+    reads = [event[i:i + 16384] for i in range(0, len(event), 16384)]
+
+    def pipe() -> Any:
+        decoder, state = SSEDecoder(), StreamState()
+        intents = [i for r in reads for i in reduce_events(state, decoder.feed(r))]
+        return decode_image(intents[0][1], 64 * 1024 * 1024)
+
+    def raw() -> Any:
+        line = b"".join(reads).split(b"\n", 1)[0]
+        return base64.b64decode(json.loads(line[6:])["item"]["result"])
+
+    us = per_call_us({"pipe": pipe, "raw": raw}, 1, max(3, reps.codec_repeats // 2))
+    return {"event_mib": round(len(event) / 1048576, 1), "reads": len(reads),
+            "pipe_ms": us["pipe"] / 1000, "raw_ms": us["raw"] / 1000,
+            "ratio": us["pipe"] / us["raw"]}
+
+
 REPLAY_TURNS = 50
 
 
@@ -825,6 +860,7 @@ async def run_in_process(url: str, reps: Reps) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="orp-bench-") as tmp:
         out["tool_round"] = await bench_tool_round(url, reps, Path(tmp))
         out["codec"] = bench_codec(reps)
+        out["image_event"] = bench_image_event(reps)
         out["replay"] = bench_replay(reps)
         out["store"] = await bench_store(reps, Path(tmp))
         out["record_sync"] = await bench_record_sync(url, reps, Path(tmp))

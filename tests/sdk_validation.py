@@ -52,6 +52,13 @@ RELAXATIONS = {
 }
 
 
+#: SDK classes whose docstring says they take extra keys (pydantic `extra="allow"` with
+#: `additional_properties`); their extras are part of the schema, not typos.
+OPEN_CLASSES = frozenset({
+    "ImageGenerationServerToolConfig",  # "Accepts all image_config params … plus a model field"
+})
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -71,7 +78,7 @@ def _walk(raw: Any, val: Any, path: str) -> None:
     if isinstance(val, pydantic.BaseModel) and isinstance(raw, dict):
         cls = type(val)
         extra = set(raw) - _wire_keys(cls)
-        if extra:
+        if extra and cls.__name__ not in OPEN_CLASSES:
             raise SchemaError(f"{path}: unknown key(s) {sorted(extra)} for {cls.__name__}")
         for name, field in cls.model_fields.items():
             key = field.alias or name

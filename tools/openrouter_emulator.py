@@ -42,6 +42,7 @@ import asyncio
 import base64
 import contextlib
 import copy
+import hashlib
 import itertools
 import json
 import math
@@ -50,8 +51,10 @@ import re
 import shlex
 import signal
 import string
+import struct
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -684,6 +687,8 @@ def usage_for(ctx: Ctx, items: list[Item]) -> dict:
     out = reasoning + sum(_tokens(i.text) for i in items if i.kind != "reasoning")
     price = ctx.entry["pricing"]
     cin, cout = Decimal(price["prompt"]) * inp, Decimal(price["completion"]) * out
+    image_tokens, image_cost = images_cost(ctx, items)  # 6b: pictures (issue #14)
+    out, cout = out + image_tokens, cout + image_cost
     cost = float(cin + cout)
     return {"input_tokens": inp, "input_tokens_details": {"cached_tokens": 0},
             "output_tokens": out, "output_tokens_details": {"reasoning_tokens": reasoning},
@@ -848,6 +853,257 @@ def apply_event_quirks(events: list[dict], q: Quirks) -> list[dict]:
     return events
 
 
+# =========================================================================== 6b. images (issue #14)
+#
+# Image models stream `image_generation_call` items (the OpenAI shape the SDK defines) with a
+# real PNG made here (zlib + struct), optional partial images, or the other documented
+# shapes (selectable: `shape=`); the openrouter:image_generation server tool answers with its
+# own item; refusals end as `response.failed` with the SDK's image error codes.
+#   [emu:image shape=call|data_url|url|b64 n=1 partials=0 text=…]
+#   [emu:image_refusal reason=policy|size]
+# A request with `modalities` containing "image", or with the image tool, uses `image` by
+# default. Cost: IMAGE_TOKENS output tokens per picture at the model's `image_output` price.
+
+IMAGE_TOKENS = 1290
+IMAGE_SHAPES = ("call", "data_url", "url", "b64", "tool_b64", "tool_url")
+IMAGE_TOOL_TYPE = "openrouter:image_generation"
+IMAGE_COLOURS = ((70, 150, 70), (200, 170, 90), (60, 120, 110), (150, 110, 80))  # ground
+# url shapes point here; tests resolve this host to the emulator (GET /emu-images/<name>)
+IMAGE_URL_BASE = "http://images.emulator.test/api/v1"
+
+
+def png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
+    """A real, valid RGB PNG of one colour."""
+    return png_rows(width, height, [bytes(rgb) * width] * height)
+
+
+def image_png(index: int, edit: bool = False) -> bytes:
+    """Picture number `index` of a response: a small landscape (sky, sun, ground) whose sky
+    is blue, or purple when the request carried a picture to edit."""
+    return scene(256, 160, IMAGE_COLOURS[index % len(IMAGE_COLOURS)], edit)
+
+
+@cache
+def scene(width: int, height: int, ground: tuple[int, int, int], purple: bool) -> bytes:
+    sky_top, sky_low = ((90, 40, 150), (190, 120, 230)) if purple else ((40, 110, 210),
+                                                                         (150, 200, 250))
+    horizon, (cx, cy, r) = height * 5 // 8, (width * 3 // 4, height // 4, height // 8)
+    rows = []
+    for y in range(height):
+        t = min(y / max(horizon, 1), 1.0)
+        sky = bytes(round(a + (b - a) * t) for a, b in zip(sky_top, sky_low, strict=True))
+        line = bytearray()
+        for x in range(width):
+            if y >= horizon:
+                line += bytes(ground)
+            elif (x - cx) ** 2 + (y - cy) ** 2 <= r * r:
+                line += b"\xff\xd8\x40"
+            else:
+                line += sky
+        rows.append(bytes(line))
+    return png_rows(width, height, rows)
+
+
+def png_rows(width: int, height: int, rows: list[bytes]) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    raw = b"".join(b"\x00" + row for row in rows)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, 9))
+            + chunk(b"IEND", b""))
+
+
+def partial_png(step: int) -> bytes:
+    return png(4 + step, 4 + step, (200, 200, 200 - 40 * (step % 4)))
+
+
+@dataclass
+class ImageItem(Item):
+    image: str = ""  # base64, data URL or URL as the item carries it
+    partials: list[str] = field(default_factory=list)
+
+
+def _image_source(shape: str, data: bytes, base: str) -> str:
+    b64 = base64.b64encode(data).decode()
+    if shape == "data_url":
+        return "data:image/png;base64," + b64
+    if shape in ("url", "tool_url"):
+        return f"{base}/emu-images/{hashlib_hex(data)}.png"
+    return b64
+
+
+def hashlib_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+SERVED_IMAGES: dict[str, bytes] = {}  # url shapes: what GET /emu-images/<name>.png serves
+
+
+def image_item(ctx: Ctx, index: int, shape: str, partials: int) -> ImageItem:
+    edit = has_input_image(ctx.body)
+    data = image_png(index, edit)
+    SERVED_IMAGES[hashlib_hex(data)] = data
+    kind = "tool_image" if shape.startswith("tool_") else "image"
+    prefix = "ig_" if kind == "image" else "or_ig_"
+    return ImageItem(kind, prefix + _rand(_B36, 20), style=shape,
+                     image=_image_source(shape, data, IMAGE_URL_BASE),
+                     partials=[base64.b64encode(partial_png(s)).decode()
+                               for s in range(partials)])
+
+
+def has_input_image(body: dict) -> bool:
+    items = body.get("input") if isinstance(body.get("input"), list) else []
+    return any(isinstance(p, dict) and p.get("type") == "input_image"
+               for it in items if isinstance(it, dict)
+               for p in (it.get("content") if isinstance(it.get("content"), list) else ()))
+
+
+def wants_images(body: dict) -> bool:
+    return "image" in (body.get("modalities") or ()) or any(
+        isinstance(t, dict) and t.get("type") == IMAGE_TOOL_TYPE for t in body.get("tools") or ())
+
+
+def default_scenario(body: dict) -> str:
+    """The scenario when none is chosen: pictures for image requests, else `default`."""
+    return "image" if wants_images(body) else "default"
+
+
+@scenario("image", "shape", "n", "partials", "text")
+def sc_image(emu: Emulator, ctx: Ctx, o: Opts) -> Plan:
+    tool = any(t.get("type") == IMAGE_TOOL_TYPE for t in ctx.body.get("tools") or ())
+    shape = o.get_str("shape", "tool_b64" if tool else "call")
+    if shape not in IMAGE_SHAPES:
+        raise ScenarioError(f"shape must be one of {', '.join(IMAGE_SHAPES)}")
+    images = [image_item(ctx, i, shape, o.get_int("partials", 0))
+              for i in range(o.get_int("n", 1))]
+    text_only = "text" not in (ctx.body.get("modalities") or ("text",)) and not tool
+    edit = "Edited your picture." if has_input_image(ctx.body) else "Here is your picture."
+    text = o.get_str("text", "" if text_only else edit)
+    items: list[Item] = [*images, *([message(text)] if text else [])]
+    return Plan(items, auto_reasoning=False)
+
+
+@scenario("image_refusal", "reason")
+def sc_image_refusal(emu: Emulator, ctx: Ctx, o: Opts) -> Plan:
+    reason = o.get_str("reason", "policy")
+    code, error_type, text = {
+        "policy": ("image_content_policy_violation", "content_policy_violation",
+                   "Your request was rejected by the safety system"),
+        "size": ("image_too_large", "image_too_large",
+                 "The requested image size is larger than this model supports"),
+    }[reason]
+    return Plan([], status="failed", error={"code": code, "message": text},
+                error_type=error_type, auto_reasoning=False)
+
+
+def image_events(ctx: Ctx, idx: int, it: Item, plan: Plan) -> ItemEvents:
+    assert isinstance(it, ImageItem)
+    if it.kind == "tool_image":
+        return tool_image_events(ctx, idx, it)
+    ref = {"output_index": idx, "item_id": it.id}
+    head = {"id": it.id, "type": "image_generation_call"}
+    opening = [_ev("response.output_item.added", output_index=idx,
+                   item={**head, "status": "in_progress", "result": None}),
+               _ev("response.image_generation_call.in_progress", **ref),
+               _ev("response.image_generation_call.generating", **ref)]
+    opening += [_ev("response.image_generation_call.partial_image", **ref,
+                    partial_image_b64=p, partial_image_index=i)
+                for i, p in enumerate(it.partials)]
+    final = {**head, "status": "completed", "result": it.image}
+    closing = [_ev("response.image_generation_call.completed", **ref),
+               _ev("response.output_item.done", output_index=idx, item=final)]
+    return ItemEvents(opening, closing, final)
+
+
+def tool_image_events(ctx: Ctx, idx: int, it: ImageItem) -> ItemEvents:
+    """The openrouter:image_generation server tool: added -> done, camelCase keys."""
+    head = {"type": IMAGE_TOOL_TYPE, "id": it.id}
+    key = "imageUrl" if it.style == "tool_url" else "imageB64"
+    final = {**head, "status": "completed", key: it.image, "prompt": ctx.user_text[:200]}
+    opening = [_ev("response.output_item.added", output_index=idx,
+                   item={**head, "status": "in_progress"})]
+    return ItemEvents(opening, [_ev("response.output_item.done", output_index=idx,
+                                    item=final)], final)
+
+
+ITEM_EVENTS["image"] = image_events
+ITEM_EVENTS["tool_image"] = image_events
+
+
+def images_cost(ctx: Ctx, items: list[Item]) -> tuple[int, Decimal]:
+    """(output tokens, cost) of the pictures: IMAGE_TOKENS each at the image model's
+    `image_output` price (the tool's model for the server tool)."""
+    pictures = [i for i in items if isinstance(i, ImageItem)]
+    if not pictures:
+        return 0, Decimal(0)
+    tool = next((t for t in ctx.body.get("tools") or () if t.get("type") == IMAGE_TOOL_TYPE),
+                None)
+    model = ((tool or {}).get("parameters") or {}).get("model") if tool else None
+    entry = _catalog_by_id().get(model or "", ctx.entry) if model else ctx.entry
+    price = Decimal((entry.get("pricing") or {}).get("image_output") or "0")
+    return IMAGE_TOKENS * len(pictures), price * IMAGE_TOKENS * len(pictures)
+
+
+def output_modality_error(body: dict, entry: dict) -> HttpError | None:
+    """`modalities` the model can't produce: image-only models reject "text" (docs), text
+    models have no endpoint for "image"."""
+    wanted = set(body.get("modalities") or ())
+    offered = set((entry.get("architecture") or {}).get("output_modalities") or ("text",))
+    if missing := sorted(wanted - offered):
+        return HttpError(404, _err(404, f"No endpoints found that support "
+                                        f"{' and '.join(missing)} output"))
+    return None
+
+
+@cache
+def _catalog_by_id() -> dict[str, dict]:
+    return {m["id"]: m for m in load_catalog()}
+
+
+#: What GET /images/models says each image model offers (SDK `ImageModelListItem`; enum
+#: capability descriptors). Models absent here are unknown: the pipe sends no image_config.
+IMAGE_MODEL_OPTIONS: dict[str, dict[str, list[str]]] = {
+    "google/gemini-2.5-flash-image": {
+        "aspect_ratio": ["1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9",
+                         "21:9"],
+        "resolution": ["1K", "2K", "4K"]},
+    "black-forest-labs/flux.2-pro": {"aspect_ratio": ["1:1", "16:9", "9:16", "4:3", "3:4"]},
+}
+
+
+def image_models_listing() -> dict:
+    rows = []
+    for model_id, options in IMAGE_MODEL_OPTIONS.items():
+        entry = _catalog_by_id()[model_id]
+        arch = entry["architecture"]
+        rows.append({
+            "id": model_id, "name": entry["name"], "created": entry["created"],
+            "description": entry["description"],
+            "architecture": {"input_modalities": arch["input_modalities"],
+                             "output_modalities": ["image"]},
+            "endpoints": f"/api/v1/images/models/{model_id}/endpoints",
+            "supported_parameters": {k: {"type": "enum", "values": v}
+                                     for k, v in options.items()},
+            "supports_streaming": False})
+    return {"data": rows}
+
+
+def add_image_routes(app: web.Application) -> None:
+    async def listing(request: web.Request) -> web.Response:
+        return _json_response(200, image_models_listing())
+
+    async def serve(request: web.Request) -> web.Response:
+        data = SERVED_IMAGES.get(request.match_info["name"].removesuffix(".png"))
+        if data is None:
+            return _json_response(404, {"error": {"code": 404, "message": "Not found"}})
+        return web.Response(body=data, content_type="image/png")
+
+    app.router.add_get(f"{API_PREFIX}/emu-images/{{name}}", serve)
+    app.router.add_get(f"{API_PREFIX}/images/models", listing)
+
+
 # =========================================================================== 7. errors
 
 
@@ -945,7 +1201,7 @@ def validation_error(body: Any, catalog: dict[str, dict]) -> HttpError | None:
     if mandatory and _reasoning_off(body.get("reasoning") or {}):
         return HttpError(400, _err(
             400, "Reasoning is mandatory for this endpoint and cannot be disabled."))
-    return modality_error(body, entry)
+    return modality_error(body, entry) or output_modality_error(body, entry)  # 6b
 
 
 #: Content part type -> the input modality a model must list to get it. `input_file` is not
@@ -1659,6 +1915,7 @@ class Emulator(KeysRoutes):
         app.router.add_get(f"{API_PREFIX}/generation", self._get_generation)
         app.router.add_post(f"{API_PREFIX}/responses", self._post_responses)
         self.add_keys_routes(app)
+        add_image_routes(app)  # 6b (issue #14)
         app.router.add_route("*", "/{tail:.*}", self._not_found)
         return app
 
@@ -1772,7 +2029,7 @@ class Emulator(KeysRoutes):
         elif header:
             spec = parse_spec(header)
         else:
-            spec = parse_spec(directive.group(1)) if directive else ("default", {})
+            spec = parse_spec(directive.group(1)) if directive else (default_scenario(body), {})
         model_id = body["model"]
         ctx = Ctx(body, model_id, lookup_model(self.catalog, model_id) or {}, new_gen_id(),
                   int(time.time()), _DIRECTIVE.sub("", raw_text).strip(),

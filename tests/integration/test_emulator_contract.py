@@ -308,6 +308,7 @@ def test_every_registered_scenario_is_covered():
     covered = {c[0].split()[0] for c in CASES} | {"http_error", "hang", "wrong_body"}
     covered |= {"primary_down", "provider_retry", "unavailable",
                 "free_limit"}  # issue #12: test_emulator_routing.py
+    covered |= {"image", "image_refusal"}  # test_emulator_images.py (issue #14)
     assert set(SCENARIOS) == covered
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.parse
 import math
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -56,7 +57,7 @@ class CannedTransport:
     async def request(self, method: str, url: str, *, headers: Mapping[str, str],
                       body: bytes | None, connect_timeout: float, read_timeout: float
                       ) -> CannedResponse:
-        if url.endswith("/models"):
+        if urllib.parse.urlsplit(url).path.endswith("/models"):  # any catalog query
             return CannedResponse(200, CATALOG, "application/json")
         self.sent.append(body or b"")
         if json.loads(body or b"{}").get("stream"):

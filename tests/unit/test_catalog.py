@@ -55,11 +55,14 @@ def test_variants_and_dated_ids_keep_their_own_entries_and_route_to_themselves()
         assert openrouter_model_id(f"openrouter.{i}") == i
 
 
-def test_image_only_and_malformed_models_are_skipped():
+def test_image_models_are_kept_and_embeddings_and_malformed_rows_skipped():
+    # issue #14: image-only models make pictures in the chat, so they are listed
     payload = {"data": [row("a/text"), {"name": "no id"},
                         row("b/image-only", architecture={"input_modalities": ["text"],
-                                                          "output_modalities": ["image"]})]}
-    assert [e.id for e in parse_catalog(payload)] == ["a/text"]
+                                                          "output_modalities": ["image"]}),
+                        row("c/embed", architecture={"input_modalities": ["text"],
+                                                     "output_modalities": ["embeddings"]})]}
+    assert [e.id for e in parse_catalog(payload)] == ["a/text", "b/image-only"]
 
 
 def test_unexpected_shape_is_an_upstream_error():
