@@ -1512,6 +1512,7 @@ class RecordSettings:
 def record_settings(valves: Valves) -> RecordSettings:
     return RecordSettings(access=parse_model_access(valves.MODEL_ACCESS),
                           web_search=valves.WEB_SEARCH != "off",
+                          image_tool=bool(valves.IMAGE_TOOL_MODEL.strip()),
                           enabled=valves.SYNC_MODEL_RECORDS)
 
 

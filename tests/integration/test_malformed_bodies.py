@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.parse
 import math
+import urllib.parse
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 

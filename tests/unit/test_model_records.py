@@ -13,9 +13,12 @@ from openrouter_responses_pipe import (
     AccessSpec,
     Managed,
     RecordSettings,
+    RequestSettings,
     StoredRecord,
+    Valves,
     access_control_from_grants,
     access_grants,
+    can_output_images,
     describe_model,
     desired_record,
     function_id_from_module,
@@ -29,6 +32,7 @@ from openrouter_responses_pipe import (
     plan_record,
     plan_retirements,
     record_meta,
+    record_settings,
     record_wanted,
 )
 
@@ -99,6 +103,15 @@ CAPS = ("vision", "file_upload", "web_search", "image_generation", "builtin_tool
 ])
 def test_capabilities(e, rs, expected):
     assert model_capabilities(e, rs) == tuple(zip(CAPS, expected, strict=True))
+
+
+@pytest.mark.parametrize("e", [entry(), entry(params=()), entry(outputs=("text", "image"))])
+@pytest.mark.parametrize("tool_model", ["", "google/gemini-2.5-flash-image"])
+def test_image_button_follows_what_the_chat_can_output(e, tool_model):
+    """Open WebUI shows its Image button exactly where the pipe can return a picture."""
+    valves = Valves(IMAGE_TOOL_MODEL=tool_model)
+    caps = dict(model_capabilities(e, record_settings(valves)))
+    assert caps["image_generation"] is can_output_images(e, RequestSettings.merge(valves, None))
 
 
 @pytest.mark.parametrize(("e", "tags"), [
