@@ -565,7 +565,6 @@ class Valves(BaseModel):
                     "description, tags from OpenRouter). Fields an admin edited are never "
                     "overwritten. Off: records are neither created nor changed, so ordinary "
                     "users see only models an admin opened by hand.")
-    # ── end issue #10 ──
 
     # ── Hardening (issue #11) ──
     # (faults: Redis queue bound and breaker)
@@ -581,7 +580,6 @@ class Valves(BaseModel):
                     "this long: stored items are written to and read from the database "
                     "directly, so a hung Redis costs one timeout, not one per turn. Then "
                     "Redis is tried again. The health report shows when it is skipped.")
-    # ── end issue #11 ──
 
     # ── Routing, fallbacks, caching (issue #12) ──
     PROVIDER_ROUTING: str = Field(
@@ -668,7 +666,6 @@ class Valves(BaseModel):
         if problems:
             raise ValueError("; ".join(problems))
         return value
-    # ── end issue #12 ──
 
     # ── Spend control (issue #13) ──
     SPEND_LEDGER: bool = Field(
@@ -734,7 +731,6 @@ class Valves(BaseModel):
     CURRENCY_RATE: float = Field(
         default=1.0, gt=0, le=1_000_000,
         description="Fixed units of CURRENCY_NAME per US dollar (no network lookup).")
-    # ── end issue #13 ──
 
     # ── Image output (issue #14) ──
     IMAGE_ASPECT_RATIO: str = Field(
@@ -766,7 +762,6 @@ class Valves(BaseModel):
         description="On a follow-up (\"make the sky purple\"), send the last picture the "
                     "model made in this chat back to image models that read images, so "
                     "they edit it. Read from Open WebUI's file store with the user's access.")
-    # ── end issue #14 ──
 
 
 
@@ -795,12 +790,6 @@ class UserValves(BaseModel):
         default="inherit",
         description="Send the model's earlier reasoning back (`inherit` = admin default).")
 
-    # ── Team access and model records (issue #10) ──
-    # ── end issue #10 ──
-
-    # ── Hardening (issue #11) ──
-    # ── end issue #11 ──
-
     # ── Routing, fallbacks, caching (issue #12) ──
     PROVIDER_SORT: Literal["inherit", "price", "throughput", "latency", "exacto"] = Field(
         default="inherit",
@@ -815,7 +804,6 @@ class UserValves(BaseModel):
         default="inherit", description="Your service tier (`inherit` = admin default).")
     TEXT_VERBOSITY: Literal["inherit", "default", "low", "medium", "high"] = Field(
         default="inherit", description="Your answer length hint (`inherit` = admin default).")
-    # ── end issue #12 ──
 
     # ── Spend control (issue #13) ──
     API_KEY: EncryptedStr = Field(
@@ -823,7 +811,6 @@ class UserValves(BaseModel):
         description="Your own OpenRouter API key (optional). Your chats then use and are billed "
                     "to it, not the shared key; stored encrypted, never shown back.",
         json_schema_extra=_PASSWORD)
-    # ── end issue #13 ──
 
     # ── Image output (issue #14) ──
     IMAGE_ASPECT_RATIO: str = Field(
@@ -834,7 +821,6 @@ class UserValves(BaseModel):
         default="inherit",
         description="Your picture size (e.g. `1K`, `2K`, `4K`; `inherit` = admin default). "
                     "Used only where the model offers it.")
-    # ── end issue #14 ──
 
     LOG_LEVEL: Literal["inherit", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         default="inherit",
@@ -950,24 +936,18 @@ class RequestSettings:
     # ── Team access and model records (issue #10) ──
     records: RecordSettings = field(default_factory=lambda: RecordSettings())
     model_ids: str = "auto"  # MODEL_ID, enforced per request
-    # ── end issue #10 ──
 
     # ── Hardening (issue #11) ──
     faults: FaultSettings = field(default_factory=lambda: FaultSettings())
-    # ── end issue #11 ──
 
     # ── Routing, fallbacks, caching (issue #12) ──
     routing: RoutingSettings = field(default_factory=lambda: RoutingSettings())
-    # ── end issue #12 ──
 
     # ── Spend control (issue #13) ──
     spend: SpendSettings = field(default_factory=lambda: SpendSettings())
-    # ── end issue #13 ──
 
     # ── Image output (issue #14) ──
     images: ImageSettings = field(default_factory=lambda: ImageSettings())
-    # ── end issue #14 ──
-
 
     @classmethod
     def merge(cls, valves: Valves, user: UserValves | None, user_role: str = "user",
@@ -1019,23 +999,18 @@ class RequestSettings:
             # ── Team access and model records (issue #10) ──
             records=record_settings(valves),
             model_ids=valves.MODEL_ID,
-            # ── end issue #10 ──
 
             # ── Hardening (issue #11) ──
             faults=fault_settings(valves),
-            # ── end issue #11 ──
 
             # ── Routing, fallbacks, caching (issue #12) ──
             routing=routing_settings(valves, user, model_params, body_provider),
-            # ── end issue #12 ──
 
             # ── Spend control (issue #13) ──
             spend=spend_settings(valves, user),
-            # ── end issue #13 ──
 
             # ── Image output (issue #14) ──
             images=image_settings(valves, user),
-            # ── end issue #14 ──
 
         )
 
@@ -9771,27 +9746,19 @@ class Pipe:
         self._records = RecordSync(model_records or OwuiModelRecords, clock,
                                    busy=lambda: self._gate.active > 0)
         self._selected: tuple[Any, frozenset[str]] | None = None
-        # ── end issue #10 ──
-
-        # ── Hardening (issue #11) ──
-        # ── end issue #11 ──
 
         # ── Routing, fallbacks, caching (issue #12) ──
         # the model editor's per-model settings (an I/O edge: tests replace it)
         self._model_params: Callable[[str], Awaitable[Mapping[str, Any] | None]] = \
             owui_model_params
-        # ── end issue #12 ──
 
         # ── Spend control (issue #13) ──
         self._spend = SpendService(
             KeysClient(self._client._transport), clock, wall_clock,
             lambda: (artifact_db, None) if artifact_db else (owui_db_runner(), owui_db_schema()))
-        # ── end issue #13 ──
 
         # ── Image output (issue #14) ──
         self._image_options = ImageOptionsCache(clock)
-        # ── end issue #14 ──
-
 
     # -- model list ----------------------------------------------------------------------
 
