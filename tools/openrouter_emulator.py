@@ -1876,6 +1876,7 @@ def generation_record(ctx: Ctx, final: dict, streamed: bool) -> dict:
             "native_tokens_prompt": usage.get("input_tokens", 0),
             "native_tokens_completion": usage.get("output_tokens", 0),
             "native_tokens_reasoning": reasoning, "is_byok": False, "origin": "",
+            "data_region": "global",
             "external_user": ctx.body.get("user"), "session_id": ctx.body.get("session_id")}
 
 

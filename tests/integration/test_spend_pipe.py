@@ -672,3 +672,41 @@ async def test_background_work_writes_nothing_into_a_users_log(emulator, db, sle
     assert cites and "Pipe log" in repr(cites)
     assert victim not in repr(cites) and "Disabled" not in repr(cites)
     await p.close()
+
+
+async def test_emulator_generation_records_match_the_sdk(emulator):
+    import aiohttp
+    from openrouter.components.generationresponse import (
+        GenerationResponse,
+        GenerationResponseData,
+    )
+
+    auth = {"Authorization": "Bearer sk-or-test"}
+    url = f"{emulator.base_url}/generation"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{emulator.base_url}/responses", headers=auth, json={
+                "model": GPT4O, "input": "hi", "stream": False}) as r:
+            done, gen_id = await r.json(), r.headers["X-Generation-Id"]
+        async with http.get(url, params={"id": gen_id}, headers=auth) as r:
+            record = await r.json()
+        strict(GenerationResponse, record)
+        strict(GenerationResponseData, record["data"])
+        assert record["data"]["total_cost"] == done["usage"]["cost"]
+        async with http.post(f"{emulator.base_url}/responses", headers={
+                **auth, "X-Emulator-Scenario": "slow delay_ms=50 deltas=20"},
+                json={"model": GPT4O, "input": "hi", "stream": True}) as r:
+            live_id = r.headers["X-Generation-Id"]
+            await r.content.readuntil(b"output_text.delta")
+            async with http.get(url, params={"id": live_id}, headers=auth) as live:
+                assert live.status == 404  # written when the generation ends
+        for _ in range(100):
+            if live_id not in emulator.live_generations:
+                break
+            await asyncio.sleep(0.02)
+        async with http.get(url, params={"id": live_id}, headers=auth) as r:
+            stopped = (await r.json())["data"]
+    strict(GenerationResponseData, stopped)
+    full = emulator.responses[-1]["usage"]["cost"]
+    assert stopped["cancelled"] is True and 0 < stopped["total_cost"] < full
+    assert emulator.keys.total_usage == pytest.approx(done["usage"]["cost"]
+                                                      + stopped["total_cost"])
