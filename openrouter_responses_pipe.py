@@ -8421,9 +8421,9 @@ def attribute_key_error(exc: Exception, s: SpendSettings) -> Exception:
             hint="Fix or remove your key in your user valves; the shared key was not used.")
     if s.key_source == KEY_PROVISIONED and exc.status == 401:
         return KeyLimitError(
-            f"Your budget key (the OpenRouter key this pipe made for you) was rejected "
-            f"(HTTP 401): {said.rstrip('.')}. It was probably deleted or revoked on OpenRouter; a new one "
-            "is made for your next message.",
+            "Your budget key (the OpenRouter key this pipe made for you) was rejected "
+            f"(HTTP 401): {said.rstrip('.')}. It was probably deleted or revoked on "
+            "OpenRouter; a new one is made for your next message.",
             hint="Send your message again; if this repeats, an admin should check "
                  "MANAGEMENT_API_KEY.")
     if s.key_source == KEY_PROVISIONED and exc.status in (402, 403) and s.state is not None:
@@ -9084,7 +9084,8 @@ class SpendService:
             self._count("key_provisioning")
             LOG.warning("No provisioned key for this user (%s); using the pipe's key", exc)
             if key is not None and isinstance(exc, ConfigError):  # unreadable: make a new one
-                await self.forget_key(turn.settings, _function_id(turn), user, key.key_hash)
+                await self.forget_key(turn.settings, _function_id(turn), user,
+                                      key.key_hash)
             return None
 
     async def key_rejected(self, turn: Turn) -> None:
@@ -10143,7 +10144,7 @@ class Pipe:
 
     async def _rounds(self, turn: Turn, plan: Transformed, run: TurnRun,
                       renderer: ChunkRenderer, timing: StreamTiming
-                      ) -> AsyncIterator[dict[str, Any]]:
+                      ) -> AsyncGenerator[dict[str, Any], None]:
         """Steps 7-12 of a streamed turn, repeated while the model calls tools.
 
         Each round: (a) send the request and stream its text and reasoning as they arrive;
@@ -10210,7 +10211,7 @@ class Pipe:
 
     async def _send_round(self, turn: Turn, payload: Mapping[str, Any], state: StreamState,
                           renderer: ChunkRenderer, timing: StreamTiming
-                          ) -> AsyncIterator[dict[str, Any]]:
+                          ) -> AsyncGenerator[dict[str, Any], None]:
         resp = await self._open(turn, payload, self._client.open_response)          # 7 send
         state.response_id = str(resp.headers.get("X-Generation-Id")
                                 or resp.headers.get("x-generation-id") or "")

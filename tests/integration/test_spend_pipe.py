@@ -597,7 +597,9 @@ async def test_a_cancelled_task_is_recorded_and_cancellation_goes_on(emulator, d
     p = make_pipe(emulator, db, short_sleep)
     body = b(fid, GPT4O, "[emu:text first_byte_delay_ms=5000] title please", stream=False)
     task = asyncio.create_task(p.pipe(body, __user__=user(), __task__="title_generation"))
-    while not posts(emulator):
+    for _ in range(500):  # until the request reached OpenRouter
+        if posts(emulator):
+            break
         await asyncio.sleep(0.01)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
