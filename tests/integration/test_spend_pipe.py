@@ -577,6 +577,32 @@ async def test_a_stopped_answer_is_billed_and_the_budget_still_stops(emulator, d
     await p.close()
 
 
+async def test_a_stop_that_cancels_the_task_is_billed_and_cancellation_goes_on(
+        emulator, db, fid):
+    """Open WebUI's Stop button cancels the task that reads the stream (CancelledError)."""
+    p = make_pipe(emulator, db, short_sleep)
+    first = asyncio.Event()
+
+    async def read():
+        gen = await p.pipe(b(fid, GPT4O, "[emu:slow delay_ms=40 deltas=30] long"),
+                           __user__=user())
+        async for chunk in gen:
+            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                first.set()
+
+    task = asyncio.create_task(read())
+    await asyncio.wait_for(first.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await p._spend.drain()
+    [row] = ledger_rows(db, fid)
+    [gen] = emulator.generations.values()
+    assert gen["cancelled"] and row["requests"] == 1
+    assert row["cost"] == pytest.approx(gen["total_cost"]) and row["cost"] > 0
+    await p.close()
+
+
 async def test_a_stopped_answer_without_a_generation_record_records_the_estimate(
         emulator, db, fid):
     p = make_pipe(emulator, db, short_sleep)
