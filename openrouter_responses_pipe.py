@@ -1486,6 +1486,15 @@ def parse_model_access(raw: str) -> AccessSpec:
     return AccessSpec("groups", tuple(n for n in names if n.lower() != "admins"))
 
 
+def may_use_models(role: str, groups: Iterable[str], access: AccessSpec) -> bool:
+    """Whether MODEL_ACCESS lets this Open WebUI user use the pipe's models (admins always;
+    group names compare case-insensitively, as the record sync matches them)."""
+    if role == "admin" or access.mode == "all":
+        return True
+    wanted = {g.lower() for g in access.groups}
+    return access.mode == "groups" and any(g.lower() in wanted for g in groups)
+
+
 @dataclass(frozen=True, slots=True)
 class RecordSettings:
     """What the model records depend on besides the listing (resolved from valves)."""
@@ -9148,7 +9157,9 @@ class SpendService:
         return key
 
     async def disable_departed(self, settings: RequestSettings, function_id: str) -> int:
-        """Disable provisioned keys of users deleted or set to `pending`; returns how many."""
+        """Disable provisioned keys of users deleted, set to `pending`, or no longer allowed
+        the models by MODEL_ACCESS; returns how many. (A user who can still chat, e.g. through
+        a model an admin shared by hand, gets the key back on their next chat.)"""
         vault = self._tables(function_id)[1]
         if vault is None or not settings.spend.management_key:
             return 0
@@ -9157,7 +9168,8 @@ class SpendService:
             if key.disabled:
                 continue
             user = await self.users(key.user_id)
-            if user is not None and user.get("role") != "pending":
+            if user is not None and await self._still_allowed(key.user_id, user,
+                                                              settings.records.access):
                 continue
             await self.api.update_key(settings, key.key_hash, {"disabled": True})
             await vault.put(dataclasses.replace(key, disabled=True), self._wall())
@@ -9165,6 +9177,24 @@ class SpendService:
             LOG.info("Disabled the provisioned key of departed user %s", key.user_id)
             done += 1
         return done
+
+    async def _still_allowed(self, user_id: str, user: Mapping[str, Any], access: AccessSpec
+                             ) -> bool:
+        role = str(user.get("role") or "")
+        if role == "pending":
+            return False
+        if access.mode != "groups" or role == "admin":
+            return may_use_models(role, (), access)
+        try:
+            groups = await self.groups(user_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # Open WebUI's database: keep the key rather than guess
+            self._count("group_lookup")
+            LOG.warning("Could not read a user's groups; their budget key stays on",
+                        exc_info=True)
+            return True
+        return may_use_models(role, groups, access)
 
     # -- balance --
 

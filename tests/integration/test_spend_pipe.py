@@ -349,6 +349,37 @@ async def test_provisioned_key_limit_follows_budget_changes_and_departures(emula
     await p.close()
 
 
+async def test_a_user_who_loses_model_access_loses_the_budget_key(emulator, db, sleeps, fid):
+    """MODEL_ACCESS=<group>: a member moved out of the group has their key disabled at the
+    next background check; a failed group lookup never disables anyone's key."""
+    emulator.keys.management_keys.add(MGMT)
+    p = make_pipe(emulator, db, sleeps, MANAGEMENT_API_KEY=MGMT, BUDGET_USD=5,
+                  MODEL_ACCESS="Team")
+    member_of: dict[str, list[str]] = {"u1": ["team"]}
+
+    async def users(uid):
+        return {"id": uid, "role": "user"}
+
+    async def groups(uid):
+        if uid not in member_of:
+            raise RuntimeError("database is locked")
+        return member_of[uid]
+
+    p._spend.users, p._spend.groups = users, groups
+    assert (await chat(p, fid, who=user("u1"))).error is None
+    key = next(iter(emulator.keys.keys.values()))
+    settings = (await _turn(p, fid)).settings
+    await p._spend.refresh(settings, fid)
+    assert not key.disabled  # still in the group
+    member_of.pop("u1")
+    await p._spend.refresh(settings, fid)
+    assert not key.disabled  # the lookup failed: keep the key rather than guess
+    member_of["u1"] = ["Marketing"]
+    await p._spend.refresh(settings, fid)
+    assert key.disabled  # out of the group: no longer one of the pipe's users
+    await p.close()
+
+
 async def test_management_key_failure_falls_back_to_the_ledger_budget(emulator, db, sleeps, fid):
     p = make_pipe(emulator, db, sleeps, MANAGEMENT_API_KEY="sk-or-not-management", BUDGET_USD=5)
     assert (await chat(p, fid)).error is None

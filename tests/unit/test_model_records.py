@@ -23,6 +23,7 @@ from openrouter_responses_pipe import (
     desired_record,
     function_id_from_module,
     grants_from_access_control,
+    may_use_models,
     merge_record,
     model_capabilities,
     model_tags,
@@ -260,3 +261,15 @@ def test_parse_model_access_never_fails_and_never_widens(raw):
 def test_a_mangled_mark_is_read_or_ignored_never_raises(raw):
     mark = Managed.from_mark(raw)
     assert mark is None or isinstance(mark, Managed)
+
+
+@pytest.mark.parametrize(("role", "groups", "access", "allowed"), [
+    ("admin", (), "admins", True),
+    ("user", (), "admins", False),
+    ("user", (), "all", True),
+    ("user", ("Team",), "team, ops", True),
+    ("user", ("marketing",), "team, ops", False),
+    ("pending", (), "admins", False),
+])
+def test_who_may_use_the_models(role, groups, access, allowed):
+    assert may_use_models(role, groups, parse_model_access(access)) is allowed
