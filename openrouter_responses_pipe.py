@@ -5146,6 +5146,18 @@ class ImageSettings:
     edit_follow_ups: bool = True
 
 
+# The final `response.completed` event repeats the whole output, pictures included (base64:
+# 4/3 of the bytes), on one stream line: the decoder's cap grows with the image limit.
+IMAGES_PER_TURN = 4  # pictures one answer may carry before its final line is too long
+
+
+def stream_line_cap(max_image_bytes: int) -> int:
+    """The SSE line cap for a turn whose pictures may each reach `max_image_bytes`: room for
+    IMAGES_PER_TURN base64 pictures plus 1 MB of text, never below SSE_MAX_LINE_BYTES."""
+    per_picture = -(-max_image_bytes * 4 // 3)  # ceil
+    return max(SSE_MAX_LINE_BYTES, per_picture * IMAGES_PER_TURN + MB)
+
+
 def image_settings(valves: Valves, user: UserValves) -> ImageSettings:
     return ImageSettings(
         aspect_ratio=str(_pick(user.IMAGE_ASPECT_RATIO, valves.IMAGE_ASPECT_RATIO)).strip(),
@@ -5462,6 +5474,7 @@ class ImageSink:
         self._job, self._emitter, self._store, self._fetcher = job, emitter, store, fetcher
         self.saved: list[str] = []  # file ids, in order
         self.unit_price = 0.0
+        self.line_cap = stream_line_cap(job.max_bytes)  # the turn's SSE line cap (§11)
         self._generating = False
         self._previewing = False
 
@@ -10103,7 +10116,7 @@ class Pipe:
                     images: ImageSink | None = None) -> AsyncIterator[list[dict[str, Any]]]:
         """Network reads -> decoded events -> reduced intents -> (pictures saved, §12) ->
         rendered chunk lists."""
-        decoder = SSEDecoder()
+        decoder = SSEDecoder(images.line_cap if images is not None else SSE_MAX_LINE_BYTES)
         async for raw in resp.iter_chunks():
             intents = reduce_events(state, decoder.feed(raw))
             if images is not None:

@@ -322,3 +322,26 @@ async def test_an_answer_carrying_image_parts_never_replays_their_base64(pipe, e
     await stream(pipe, payload, __user__=USER)
     sent = json.dumps(last_post(emulator)["input"])
     assert "base64" not in sent and len(sent) < 1000 and "Here it is." in sent
+
+
+# ------------------------------------------------------------------ 8. large pictures
+
+
+async def test_two_seven_mb_pictures_are_saved_and_the_turn_keeps_its_usage(
+        pipe, emulator, owui, events, monkeypatch):
+    """The final event repeats both pictures (~19 MB of base64 on one line, over the 16 MiB
+    text cap): the turn's line cap follows IMAGE_MAX_MB, so both are saved and billed."""
+    import os
+
+    import openrouter_emulator as emu_mod
+
+    big = [image_png(i)[:33] + os.urandom(7 * 1024 * 1024) + bytes([i]) for i in range(2)]
+    monkeypatch.setattr(emu_mod, "image_png", lambda index, edit=False: big[index])
+    emulator.enqueue("image", n=2)
+    out = await stream(pipe, body(GEMINI_IMAGE, "two big foxes"), __user__=USER,
+                       __metadata__=META, __event_emitter__=events)
+    assert out.error is None and "over 16 MB" not in out.text
+    ids = links(out.text)
+    assert len(ids) == 2 and [stored(owui, i)[2] for i in ids] == big
+    assert out.usage["cost"] > 0 and out.usage["completion_tokens"] >= 2 * IMAGE_TOKENS
+    assert "· 2 images" in statuses(events)[-1]

@@ -323,3 +323,13 @@ def test_long_lines_split_anywhere_decode_like_one_read(cuts, newline):
         pos += cut
     got += decoder.feed(stream[pos:])
     assert got == whole and [len(e.data) for e in got] == [20000, 8]
+
+
+@pytest.mark.parametrize(("image_mb", "cap_mb"), [
+    (1, 16),                          # small pictures: the text cap stands
+    (7, 4 * 28 / 3 + 1),              # 4 pictures of 7 MB in base64 + 1 MB of text
+    (20, 4 * 80 / 3 + 1)])
+def test_the_stream_line_cap_follows_the_image_limit(image_mb, cap_mb):
+    from openrouter_responses_pipe import MB, stream_line_cap
+
+    assert stream_line_cap(int(image_mb * MB)) == pytest.approx(cap_mb * MB, abs=4)
