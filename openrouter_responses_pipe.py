@@ -3802,6 +3802,10 @@ class StoredFile:
     data: bytes
 
 
+FILE_UNAVAILABLE = ("An attached file is not available: it no longer exists in Open WebUI, "
+                    "or you don't have access to it.")
+
+
 async def _owui_call(fn: Callable[..., Any], *args: Any) -> Any:
     """Call an Open WebUI API that is sync (≤0.8: off the loop) or async (≥0.9)."""
     if inspect.iscoroutinefunction(fn):
@@ -3842,12 +3846,10 @@ class OwuiFileStore:
     async def read(self, file_id: str, user_id: str, user_role: str, cap: int,
                    kind: str) -> StoredFile:
         record = await self.find(file_id)
-        if record is None:
-            raise IntakeError(f"The attached file {file_id} no longer exists in Open WebUI.")
-        meta = record.meta or {}
-        name = str(meta.get("name") or record.filename or file_id)
-        if not await self._may_read(record, user_id, user_role, name):
-            raise IntakeError(f"You don't have access to the attached file '{name}'.")
+        meta = (record.meta or {}) if record is not None else {}
+        name = str(meta.get("name") or getattr(record, "filename", "") or file_id)
+        if record is None or not await self._may_read(record, user_id, user_role, name):
+            raise IntakeError(FILE_UNAVAILABLE)  # one sentence: never whose file, or if it exists
         if not record.path:
             raise IntakeError(f"The original of '{name}' is no longer stored.")
         storage = _owui_module("open_webui.storage.provider").Storage

@@ -244,7 +244,7 @@ async def test_another_users_picture_is_not_sent(pipe, emulator, owui, events):
                  __event_emitter__=events)
     parts = [i for i in last_post(emulator)["input"] if i.get("role") == "user"][-1]["content"]
     assert [p["type"] for p in parts] == ["input_text"]
-    assert any("You don't have access to the attached file" in n["content"]
+    assert any("or you don't have access to it" in n["content"]
                for n in events.of("notification"))
 
 

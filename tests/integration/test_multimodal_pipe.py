@@ -348,8 +348,13 @@ async def test_someone_elses_file_is_refused(pipe, emulator, owui, events):
     await stream(pipe, chat(GPT4O, image(f"/api/v1/files/{file_id}/content")), __user__=USER,
                  __event_emitter__=events)
     assert of_type(sent_parts(emulator), "input_image") == []
-    assert notes(events) == ["An image was left out: You don't have access to the attached "
-                             "file 'secret.png'."]
+    deleted = await stream(pipe, chat(GPT4O, image("/api/v1/files/gone-123/content")),
+                           __user__=USER, __event_emitter__=events)
+    assert deleted.error is None
+    # one sentence for "not yours" and "gone": neither the name nor whether it exists leaks
+    assert notes(events) == ["An image was left out: An attached file is not available: it "
+                             "no longer exists in Open WebUI, or you don't have access to it."
+                             ] * 2
 
 
 async def test_an_admin_may_read_any_users_file(pipe, emulator, owui):
