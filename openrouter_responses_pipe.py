@@ -40,6 +40,7 @@ import base64
 import binascii
 import contextlib
 import contextvars
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -6435,6 +6436,56 @@ def request_mcp_tools(ts: ToolSettings, notes: list[str]) -> list[dict[str, Any]
         return []
 
 
+# -- features a user may switch on ---------------------------------------------------------
+# `__metadata__["features"]` comes from the client: any user can set `image_generation` or
+# `web_search` by hand. Like Open WebUI's own middleware, the pipe honours them for a non-admin
+# only when Open WebUI's permission `features.<name>` allows it (paid tools, real money).
+
+GATED_FEATURES = {"image_generation": "Image generation", "web_search": "Web search"}
+
+
+def permitted_features(features: Mapping[str, Any], allowed: Mapping[str, bool]
+                       ) -> tuple[dict[str, Any], list[str]]:
+    """`features` with each gated one that is on but not `allowed` turned off, and a note
+    for each one turned off."""
+    out, notes = dict(features), []
+    for key, label in GATED_FEATURES.items():
+        if out.get(key) and not allowed.get(key, False):
+            out[key] = False
+            notes.append(f"{label} isn't enabled for your account in Open WebUI, so this "
+                         "answer was made without it.")
+    return out, notes
+
+
+async def owui_default_permissions(request: Any) -> Any:
+    """Open WebUI's default user permissions: `Config.get("user.permissions")` (0.10+);
+    before, `request.app.state.config.USER_PERMISSIONS` (what its routers pass), or without
+    a request this worker's `open_webui.config.USER_PERMISSIONS` PersistentConfig."""
+    try:
+        config = importlib.import_module("open_webui.models.config").Config
+    except ImportError:
+        live = getattr(getattr(getattr(request, "app", None), "state", None), "config", None)
+        value = (live.USER_PERMISSIONS if live is not None else
+                 importlib.import_module("open_webui.config").USER_PERMISSIONS.value)
+        return copy.deepcopy(value)  # 0.6's has_permission fills the dict in place
+    return await config.get("user.permissions")
+
+
+async def owui_features_allowed(user_id: str, keys: Iterable[str], request: Any
+                                ) -> dict[str, bool]:
+    """Open WebUI's own `has_permission(user_id, "features.<key>", defaults)` for each key
+    (async from 0.9, sync before). Any failure of the lookup denies them all (logged)."""
+    try:
+        access = importlib.import_module("open_webui.utils.access_control")
+        defaults = await owui_default_permissions(request)
+        return {key: bool(await _owui_call(access.has_permission, user_id, f"features.{key}",
+                                           defaults or {})) for key in keys}
+    except Exception as exc:  # another product's lookup: whatever breaks, deny (not a crash)
+        LOG.warning("Open WebUI's permission check failed (%s: %s); features left off: %s",
+                    type(exc).__name__, exc, ", ".join(keys))
+        return {}
+
+
 def with_tools(plan: Transformed, req: ChatRequest, entry: CatalogEntry,
                owui_tools: Mapping[str, Any], features: Mapping[str, Any],
                ts: ToolSettings) -> Transformed:
@@ -9959,6 +10010,19 @@ class Pipe:
             await turn.emitter.status(f"Failed · {line}", done=True)
         return [{"choices": [], "usage": usage_payload(run.usage, timing)}]
 
+    async def _features(self, turn: Turn) -> tuple[dict[str, Any], list[str]]:
+        """The chat's feature switches, the paid ones only as Open WebUI permits them (admins
+        may use all); each one refused is told (a note, also in the answer for API clients)."""
+        features = _mapping(turn.context.metadata.get("features"))
+        wanted = [k for k in GATED_FEATURES if features.get(k)]
+        if not wanted or turn.req.user_role == "admin":
+            return dict(features), []
+        allowed = await owui_features_allowed(turn.req.user_id, wanted, turn.context.request)
+        permitted, notes = permitted_features(features, allowed)
+        for note in notes:
+            LOG.info("%s", note)
+        return permitted, notes
+
     async def _plan(self, turn: Turn) -> Transformed:
         entry = await self._resolve_entry(turn.req, turn.settings)
         await self._routing_notes(turn)
@@ -9966,10 +10030,11 @@ class Pipe:
         req = await self._take_in(turn, entry)                               # 5 intake
         plan = build_responses_request(req, entry, turn.settings, artifacts)  # 6 transform
         if not req.task:  # chats loop over tool rounds; tasks never call tools
-            plan = with_tools(plan, req, entry, turn.context.tools,
-                              _mapping(turn.context.metadata.get("features")),
+            features, refused = await self._features(turn)
+            plan = dataclasses.replace(plan, notes=(*plan.notes, *refused))
+            plan = with_tools(plan, req, entry, turn.context.tools, features,
                               turn.settings.tools)
-            plan = await self._with_images(turn, plan, entry)                # issue #14
+            plan = await self._with_images(turn, plan, entry, features)      # issue #14
         plan = dataclasses.replace(plan, replayed_reasoning=sent_reasoning_ids(
             plan.payload.get("input") or (), artifacts))
         LOG.info("Turn: model=%s stream=%s task=%s messages=%d", entry.id,
@@ -10096,10 +10161,10 @@ class Pipe:
                        turn.req.model_id, turn.settings.images.max_bytes, turn.settings.intake)
         return ImageSink(job, turn.emitter, self._intake.store, self._intake.fetcher)
 
-    async def _with_images(self, turn: Turn, plan: Transformed, entry: CatalogEntry
-                           ) -> Transformed:
+    async def _with_images(self, turn: Turn, plan: Transformed, entry: CatalogEntry,
+                           features: Mapping[str, Any]) -> Transformed:
         """Modalities/image_config for image models, the image tool for the Image toggle."""
-        images, features = turn.settings.images, _mapping(turn.context.metadata.get("features"))
+        images = turn.settings.images
         tool = bool(features.get("image_generation")) and not makes_images(entry)
         if not makes_images(entry) and not tool:
             return plan

@@ -333,3 +333,18 @@ def test_the_stream_line_cap_follows_the_image_limit(image_mb, cap_mb):
     from openrouter_responses_pipe import MB, stream_line_cap
 
     assert stream_line_cap(int(image_mb * MB)) == pytest.approx(cap_mb * MB, abs=4)
+
+
+@pytest.mark.parametrize(("features", "allowed", "kept", "told"), [
+    ({"image_generation": True}, {"image_generation": True}, True, 0),
+    ({"image_generation": True}, {}, False, 1),                    # lookup failed: denied
+    ({"image_generation": True, "web_search": True}, {"web_search": True}, False, 1),
+    ({"image_generation": False, "code_interpreter": True}, {}, False, 0)])  # not gated
+def test_permitted_features_turns_off_what_open_webui_forbids(features, allowed, kept, told):
+    from openrouter_responses_pipe import permitted_features
+
+    out, notes = permitted_features(features, allowed)
+    assert bool(out.get("image_generation")) is kept and len(notes) == told
+    assert bool(out.get("web_search")) is bool(features.get("web_search")
+                                               and allowed.get("web_search"))
+    assert out.get("code_interpreter") == features.get("code_interpreter")
