@@ -4012,7 +4012,8 @@ class Intake:
                            ) -> tuple[set[str], list[ContentPart]]:
         """Documents that reach the model only through Open WebUI's retrieval (native
         sending off) when that retrieval had nothing for them (processing failed, no text):
-        their links, to send natively if the model reads files; else a note for the user."""
+        their links, to send natively if the model reads files; a note for the user either
+        way (notes reach API clients too, at the end of the answer)."""
         if job.limits.send_files:
             return set(), []
         rescued: set[str] = set()
@@ -4029,11 +4030,11 @@ class Intake:
             if why is None:
                 continue
             name = getattr(part, "filename", "") or file_id
-            if job.entry.accepts("file"):
+            if job.entry.accepts("file"):  # told as a note: API clients read it in the answer
                 rescued.add(part_source(part) or "")
-                await job.emitter.notify(f"Open WebUI's document search got nothing from "
-                                         f"'{name}' ({why}), so it was sent to the model as "
-                                         "a file.", "info")
+                untold.append(RefusedPart("file", (
+                    f"Open WebUI's document search got nothing from '{name}' ({why}), so it "
+                    "was sent to the model as a file.")))
             else:
                 untold.append(RefusedPart("file", (
                     f"'{name}' did not reach the model: Open WebUI's document search got "

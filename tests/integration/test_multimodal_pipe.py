@@ -560,13 +560,16 @@ NOTHING_RETRIEVED = [
 async def test_a_document_retrieval_got_nothing_from_goes_natively_to_a_file_model(
         pipe, emulator, owui, events, processed, why):
     file_id = store_file(owui, "u1", "scan.pdf", PDF, "application/pdf", processed)
-    await stream(pipe, chat(GPT4O, text="Summarise"), __user__=USER, __event_emitter__=events,
-                 __files__=[files_entry(file_id, "scan.pdf", "application/pdf")])
+    out = await stream(pipe, chat(GPT4O, text="Summarise"), __user__=USER,
+                       __event_emitter__=events, __metadata__={},  # an API client: no socket
+                       __files__=[files_entry(file_id, "scan.pdf", "application/pdf")])
     assert of_type(sent_parts(emulator), "input_file") == [
         {"type": "input_file", "filename": "scan.pdf",
          "file_data": durl("application/pdf", PDF)}]
-    assert notes(events) == [f"Open WebUI's document search got nothing from 'scan.pdf' "
-                             f"({why}), so it was sent to the model as a file."]
+    said = (f"Open WebUI's document search got nothing from 'scan.pdf' ({why}), so it was "
+            "sent to the model as a file.")
+    assert notes(events) == [said]
+    assert out.text.endswith(f"ℹ️ {said}")  # the toast reaches no one without a socket
 
 
 @pytest.mark.parametrize(("processed", "why"), NOTHING_RETRIEVED[:2])
