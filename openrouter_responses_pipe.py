@@ -4051,7 +4051,7 @@ class Intake:
             for part in msg.parts if msg.role == "user" else ():
                 source, kind = part_source(part), part_kind(part)
                 if source is None or kind is None or source in sizes \
-                        or not job.entry.accepts(kind):
+                        or not takes_part(job.entry, part):  # every part `_part` will read
                     continue
                 file_id = owui_file_id(source, job.origin)
                 if file_id is not None:

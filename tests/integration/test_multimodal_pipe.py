@@ -601,3 +601,28 @@ async def test_the_upload_error_on_the_files_item_counts_too(pipe, emulator, owu
                  __files__=[item])
     assert len(of_type(sent_parts(emulator), "input_file")) == 1
     assert "processing failed: Extraction failed" in notes(events)[0]
+
+
+async def test_a_stored_pdf_for_a_model_without_file_input_is_sized_before_it_is_read(
+        pipe, emulator, owui, events, monkeypatch):
+    # QWEN_VL reads no files, yet a PDF goes to it (OpenRouter's file-parser): its stored size
+    # must count in the attachment total before anything is read from storage.
+    file_id = store_file(owui, "u1", "big.pdf", PDF + bytes(40_000), "application/pdf")
+    pipe.valves = pipe.valves.model_copy(update={"MAX_REQUEST_ATTACHMENTS_MB": 0.01})
+    reads: list[str] = []
+    store = pipe._intake.store
+    original = store.read
+
+    async def counted(file_id: str, *args, **kwargs):
+        reads.append(file_id)
+        return await original(file_id, *args, **kwargs)
+
+    monkeypatch.setattr(store, "read", counted)
+    part = {"type": "file", "file": {"filename": "big.pdf",
+                                     "file_data": f"/api/v1/files/{file_id}/content"}}
+    await stream(pipe, chat(QWEN_VL, part), __user__=USER, __event_emitter__=events)
+    assert reads == []  # refused from its stored size: never read
+    assert of_type(sent_parts(emulator), "input_file") == []
+    assert notes(events) == [
+        "A file (52.2 KB as sent) was left out: one request carries at most 10.2 KB of "
+        "attachments, newest first (MAX_REQUEST_ATTACHMENTS_MB)."]
