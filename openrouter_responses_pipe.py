@@ -4778,6 +4778,15 @@ class SSEDecoder:
         self._data_len = 0
         self._event: str | None = None
 
+    @property
+    def max_bytes(self) -> int:
+        return self._max
+
+    @max_bytes.setter
+    def max_bytes(self, value: int) -> None:
+        """A new cap from the next `feed` on (§12 grows it with the pictures streamed)."""
+        self._max = value
+
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         if self._head is not None:
             chunk = self._strip_bom(chunk)
@@ -5478,9 +5487,16 @@ class ImageSink:
         self._job, self._emitter, self._store, self._fetcher = job, emitter, store, fetcher
         self.saved: list[str] = []  # file ids, in order
         self.unit_price = 0.0
-        self.line_cap = stream_line_cap(job.max_bytes)  # the turn's SSE line cap (§11)
-        self._generating = False
+        self._base_cap = stream_line_cap(job.max_bytes)
+        self._streamed = 0  # characters of the pictures seen so far (the final event repeats
+        self._generating = False  # them all on one line)
         self._previewing = False
+
+    @property
+    def line_cap(self) -> int:
+        """The SSE line cap (§11) for the rest of the stream: room for the pictures already
+        streamed (repeated by `response.completed`) plus IMAGES_PER_TURN more."""
+        return self._base_cap + self._streamed
 
     async def resolve(self, intents: list[Intent]) -> list[Intent]:
         """Image intents -> side effects and text; every other intent passes unchanged. Each
@@ -5492,6 +5508,7 @@ class ImageSink:
             kind, value = intents[i]
             intents[i] = (kind, "")
             if kind == IMAGE:
+                self._streamed += len(value)
                 box = [value]
                 del value  # the box holds the only reference; _save drops it after decoding
                 out.append((TEXT, await self._save(box)))
@@ -10189,6 +10206,7 @@ class Pipe:
             intents = reduce_events(state, decoder.feed(raw))
             if images is not None:
                 intents = await images.resolve(intents)
+                decoder.max_bytes = images.line_cap  # the final event repeats every picture
             else:
                 intents = [i for i in intents if i[0] not in IMAGE_INTENTS]
             if intents:
