@@ -52,6 +52,7 @@ import io
 import ipaddress
 import json
 import logging
+import math
 import mimetypes
 import os
 import random
@@ -1402,7 +1403,7 @@ class CatalogRegistry:
     def _start_refresh(self, settings: RequestSettings) -> asyncio.Task[CatalogSnapshot]:
         task = self._inflight
         if task is None or task.done():
-            task = asyncio.get_running_loop().create_task(self._refresh(settings))
+            task = background_task(self._refresh(settings), "orp-catalog-refresh")
             task.add_done_callback(_consume_task_exception)
             self._inflight = task
         return task
@@ -1429,6 +1430,17 @@ class CatalogRegistry:
 def _consume_task_exception(task: asyncio.Task[Any]) -> None:
     if not task.cancelled():
         task.exception()  # marks it retrieved; the failure was already logged
+
+
+def background_task(coro: typing.Coroutine[Any, Any, Any], name: str | None = None
+                    ) -> asyncio.Task[Any]:
+    """A task that belongs to no request. asyncio copies the caller's context into a task, so
+    without this a background job started by a user's turn would write its lines (other
+    users' ids, keys it disabled) into that user's request log and log citation; here the
+    request log is unset, so they reach only the server log."""
+    context = contextvars.copy_context()
+    context.run(CURRENT_LOG.set, None)
+    return asyncio.get_running_loop().create_task(coro, name=name, context=context)
 
 
 # ─────────────────────────────────────────────────────────────────────────────
@@ -1900,7 +1912,7 @@ class RecordSync:
         if self._next is None or (self._task is not None and not self._task.done()):
             return
         job, self._next = self._next, None
-        self._task = asyncio.get_running_loop().create_task(self._run(job))
+        self._task = background_task(self._run(job), "orp-record-sync")
         self._task.add_done_callback(_consume_task_exception)
 
     async def wait(self) -> None:
@@ -2119,7 +2131,8 @@ def _max_price(value: Any) -> dict[str, str]:
 
 def _percentiles(value: Any) -> Any:
     def number(v: Any) -> float:
-        if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not (
+                math.isfinite(v) and v > 0):
             raise ValueError("must be a positive number or {p50, p75, p90, p99}")
         return float(v)
 
@@ -2156,6 +2169,8 @@ def load_json_setting(raw: Any) -> Any:
             return json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"is not valid JSON ({exc.msg} at position {exc.pos})") from None
+        except (RecursionError, ValueError):  # nested too deep, or a number too large
+            raise ValueError("is not usable JSON (nested too deeply or too large)") from None
     return raw
 
 
@@ -4892,6 +4907,7 @@ class StreamState:
     response_id: str = ""
     model: str = ""
     streamed_items: set[str] = field(default_factory=set)
+    streamed_chars: int = 0  # text + reasoning shown so far (a stopped answer's estimate)
     open_items: dict[int, str] = field(default_factory=dict)
     done_items: dict[int, Mapping[str, Any]] = field(default_factory=dict)
     usage: Usage | None = None
@@ -4919,11 +4935,13 @@ def _on_created(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) ->
 def _on_text_delta(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> None:
     state.streamed_items.add(ev.get("item_id", ""))
     out.append((TEXT, ev.get("delta") or ""))
+    state.streamed_chars += len(out[-1][1])
 
 
 def _on_reasoning_delta(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> None:
     state.streamed_items.add(ev.get("item_id", ""))
     out.append((REASONING, ev.get("delta") or ""))
+    state.streamed_chars += len(out[-1][1])
 
 
 def _on_summary_part_added(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> None:
@@ -7621,7 +7639,7 @@ class ArtifactStore:
         if not self.auto_flush or self.redis is None:
             return
         if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self.drain(), name="orp-artifact-flush")
+            self._flusher = background_task(self.drain(), "orp-artifact-flush")
             self._flusher.add_done_callback(_log_task_failure)
 
     async def drain(self, *, max_wait: float = 30.0,
@@ -7645,10 +7663,9 @@ class ArtifactStore:
                 await sleep(delay)
                 delay = min(delay * 2, max_wait)
 
-    def spawn(self, work: Awaitable[Any]) -> None:
+    def spawn(self, work: typing.Coroutine[Any, Any, Any]) -> None:
         """Run housekeeping in the background (a turn never waits for it)."""
-        task = asyncio.ensure_future(work)
-        task.set_name(f"orp-artifact-{getattr(work, '__name__', 'housekeeping')}")
+        task = background_task(work, f"orp-artifact-{getattr(work, '__name__', 'housekeeping')}")
         self._background.add(task)  # a strong reference until done; close() cancels it
         task.add_done_callback(self._background.discard)
         task.add_done_callback(_log_task_failure)
@@ -8486,6 +8503,13 @@ def attribute_key_error(exc: Exception, s: SpendSettings) -> Exception:
             f"Your own OpenRouter key (API_KEY in your user valves) {what} "
             f"(HTTP {exc.status}): {said}",
             hint="Fix or remove your key in your user valves; the shared key was not used.")
+    if s.key_source == KEY_PROVISIONED and exc.status == 401:
+        return KeyLimitError(
+            "Your budget key (the OpenRouter key this pipe made for you) was rejected "
+            f"(HTTP 401): {said.rstrip('.')}. It was probably deleted or revoked on "
+            "OpenRouter; a new one is made for your next message.",
+            hint="Send your message again; if this repeats, an admin should check "
+                 "MANAGEMENT_API_KEY.")
     if s.key_source == KEY_PROVISIONED and exc.status in (402, 403) and s.state is not None:
         state = s.state
         limit = money(state.budget.limit or 0.0, s.currency, s.rate)
@@ -8531,6 +8555,42 @@ def ledger_entry(user_id: str, model: str, key_source: str, usage: Usage | None,
     return LedgerEntry(user_id[:128], utc_day(now).isoformat(), model[:200], key_source,
                        usage.cost or 0.0, usage.byok_cost, 1, usage.input_tokens,
                        usage.output_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class UnfinishedRound:
+    """A request OpenRouter accepted that ended without its usage (the user pressed Stop, the
+    client went away, the stream broke off): OpenRouter still bills the prompt and what was
+    generated. `estimate` (USD) is recorded when the generation record can't be read."""
+
+    generation_id: str  # "" when unknown (a task cancelled before its answer arrived)
+    estimate: float
+
+
+UNFINISHED_LOOKUP_DELAYS = (0.5, 1.0, 2.0, 3.0)  # the generation record may lag the stream
+
+
+def estimate_prompt_tokens(payload: Mapping[str, Any]) -> int:
+    """Roughly 4 characters a token over the request's text (inline file data left out)."""
+    chars, todo, seen = 0, [payload.get("instructions"), payload.get("input")], 0
+    while todo and seen < 100_000:
+        value, seen = todo.pop(), seen + 1
+        if isinstance(value, str):
+            chars += len(value)
+        elif isinstance(value, Mapping):
+            todo += [v for k, v in value.items()
+                     if k not in ("file_data", "image_url", "data", "id", "type", "role")]
+        elif isinstance(value, list):
+            todo += value
+    return chars // 4
+
+
+def unfinished_estimate(prompt_tokens: int, output_chars: int, pricing: Pricing | None
+                        ) -> float:
+    """USD for a round stopped early: the prompt plus ~4 characters a token streamed."""
+    if pricing is None:
+        return 0.0
+    return prompt_tokens * pricing.prompt + output_chars / 4 * pricing.completion
 
 
 def merge_entries(entries: Iterable[LedgerEntry]) -> list[LedgerEntry]:
@@ -8775,6 +8835,13 @@ class KeyVault:
         return [VaultKey(r.user_id, r.key_hash, r.secret, r.limit_usd, r.limit_reset,
                          bool(r.disabled)) for r in rows]
 
+    async def delete(self, user_id: str, key_hash: str) -> None:
+        """Drop the user's row if it still holds `key_hash` (another worker may have made a
+        new key meanwhile)."""
+        t = self.db.table
+        query = t.delete().where(t.c.user_id == user_id, t.c.key_hash == key_hash)
+        await self.db.run(lambda conn: conn.execute(query))
+
     async def put(self, key: VaultKey, now: float) -> None:
         t = self.db.table
         row = {"user_id": key.user_id, "key_hash": key.key_hash, "secret": key.secret,
@@ -8829,6 +8896,21 @@ class KeysClient:
         await self.call(settings, settings.spend.management_key, "PATCH",
                         f"/keys/{urllib.parse.quote(key_hash, safe='')}", changes)
 
+    async def delete_key(self, settings: RequestSettings, key_hash: str) -> None:
+        await self.call(settings, settings.spend.management_key, "DELETE",
+                        f"/keys/{urllib.parse.quote(key_hash, safe='')}")
+
+    async def generation_cost(self, settings: RequestSettings, generation_id: str
+                              ) -> float | None:
+        """GET /generation?id= -> its `total_cost` (USD); None when not (yet) known."""
+        query = urllib.parse.urlencode({"id": generation_id})
+        data = (await self.call(settings, settings.api_key, "GET",
+                                f"/generation?{query}")).get("data")
+        cost = data.get("total_cost") if isinstance(data, Mapping) else None
+        if isinstance(cost, bool) or not isinstance(cost, int | float) or not 0 <= cost < 1e6:
+            return None
+        return float(cost)
+
 
 # -- I/O: the service Pipe calls --------------------------------------------------------------
 
@@ -8870,6 +8952,7 @@ class SpendService:
         self.api, self._clock, self._wall, self._database = api, clock, wall_clock, database
         self.groups: Callable[[str], Awaitable[list[str]]] = owui_group_names
         self.users: Callable[[str], Awaitable[Mapping[str, Any] | None]] = owui_user
+        self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
         self.errors: dict[str, int] = {}
         self.balance: dict[str, Any] = {}
         self._ledgers: dict[str, SpendLedger | None] = {}
@@ -9014,17 +9097,51 @@ class SpendService:
             self._writing = []
             self._flushing = False
 
+    def settle(self, turn: Turn, rounds: Iterable[UnfinishedRound]) -> None:
+        """Record rounds that ended without usage, in the background (a stopped turn's
+        cancellation is never held up): the generation record's cost, else the estimate."""
+        if self.ledger(turn) is None:
+            return
+        for unfinished in rounds:
+            self._spawn(self._settle(turn, unfinished))
+
+    async def _settle(self, turn: Turn, unfinished: UnfinishedRound) -> None:
+        cost = await self._generation_cost(turn, unfinished.generation_id)
+        if cost is None:
+            self._count("generation_lookup")
+            LOG.warning("No generation record for a stopped answer (%s); recording the "
+                        "estimate $%.6f", unfinished.generation_id or "no id",
+                        unfinished.estimate)
+            cost = unfinished.estimate
+        else:
+            LOG.info("A stopped answer cost $%.6f (generation record)", cost)
+        self.record(turn, Usage(cost=cost))
+
+    async def _generation_cost(self, turn: Turn, generation_id: str) -> float | None:
+        if not generation_id:
+            return None
+        for delay in (0.0, *UNFINISHED_LOOKUP_DELAYS):
+            if delay:
+                await self.sleep(delay)
+            try:
+                cost = await self.api.generation_cost(turn.settings, generation_id)
+            except PipeError as exc:  # 404 until OpenRouter has stored the record
+                LOG.debug("Generation record not readable yet: %s", exc)
+                continue
+            if cost is not None:
+                return cost
+        return None
+
     async def drain(self) -> None:
         """Wait for queued ledger writes and background checks (tests, shutdown)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
+    def _spawn(self, coro: typing.Coroutine[Any, Any, Any]) -> None:
         try:
-            task = asyncio.ensure_future(coro)
+            task = background_task(coro, "orp-spend")
         except RuntimeError:  # no running loop (interpreter shutdown): nothing to write with
-            if inspect.iscoroutine(coro):
-                coro.close()
+            coro.close()
             self._flushing = False
             self._count("ledger_write")
             LOG.warning("No event loop to record spend on; %d entries stay queued",
@@ -9041,14 +9158,56 @@ class SpendService:
         when needed); None when it can't be had (the ledger budget still applies)."""
         user = turn.req.user_id
         lock = self._key_locks.setdefault(user, asyncio.Lock())
+        key: VaultKey | None = None
         try:
             async with lock:
                 key = await self._sync_key(turn, state)
+            return _reveal_key(key.secret, ConfigError(
+                "the stored key can't be decrypted (WEBUI_SECRET_KEY changed)"))
         except (PipeError, ValueError) as exc:
             self._count("key_provisioning")
             LOG.warning("No provisioned key for this user (%s); using the pipe's key", exc)
+            if key is not None and isinstance(exc, ConfigError):  # unreadable: make a new one
+                await self.forget_key(turn.settings, _function_id(turn), user,
+                                      key.key_hash)
             return None
-        return _reveal_key(key.secret, ConfigError("A provisioned key can't be decrypted."))
+
+    async def key_rejected(self, turn: Turn) -> None:
+        """OpenRouter answered 401 to the user's provisioned key: forget it."""
+        key = self._keys.get(turn.req.user_id)
+        if key is not None:
+            await self.forget_key(turn.settings, _function_id(turn), key.user_id, key.key_hash)
+
+    async def forget_key(self, settings: RequestSettings, function_id: str, user_id: str,
+                         key_hash: str) -> None:
+        """A provisioned key that can't be used (undecryptable, or 401: deleted or revoked
+        on OpenRouter): drop it here and, best effort, on OpenRouter; the user's next turn
+        provisions a new one. Never raises."""
+        cached = self._keys.get(user_id)
+        if cached is not None and cached.key_hash == key_hash:
+            del self._keys[user_id]
+        vault = self._tables(function_id)[1]
+        try:
+            if vault is not None:
+                await vault.delete(user_id, key_hash)
+        except SpendLedgerError as exc:
+            self._count("key_forget")
+            LOG.warning("Could not drop the unusable provisioned key: %s", exc)
+            return
+        LOG.warning("Dropped this user's unusable provisioned key; a new one will be made")
+        self._spawn(self._delete_key(settings, key_hash))
+
+    async def _delete_key(self, settings: RequestSettings, key_hash: str) -> None:
+        """Best effort: delete a dropped key on OpenRouter (it may be gone already)."""
+        try:
+            await self.api.delete_key(settings, key_hash)
+        except UpstreamStatusError as exc:
+            if exc.status != 404:
+                self._count("key_forget")
+                LOG.warning("Could not delete the dropped key on OpenRouter: %s", exc)
+        except (PipeError, ValueError) as exc:
+            self._count("key_forget")
+            LOG.warning("Could not delete the dropped key on OpenRouter: %s", exc)
 
     async def _sync_key(self, turn: Turn, state: BudgetState) -> VaultKey:
         settings, req = turn.settings, turn.req
@@ -9764,6 +9923,7 @@ class TurnRun:
     state: StreamState = field(default_factory=StreamState)
     usage: Usage | None = None
     notes: tuple[str, ...] = ()  # what was left out of the request (toasts)
+    unfinished: list[UnfinishedRound] = field(default_factory=list)  # stopped: no usage
 
     def add_usage(self, usage: Usage | None) -> None:
         if usage is not None:
@@ -9840,6 +10000,7 @@ class Pipe:
         self._spend = SpendService(
             KeysClient(self._client._transport), clock, wall_clock,
             lambda: (artifact_db, None) if artifact_db else (owui_db_runner(), owui_db_schema()))
+        self._spend.sleep = sleep  # generation-record retries for stopped answers
 
         # ── Image output (issue #14) ──
         self._image_options = ImageOptionsCache(clock)
@@ -9959,6 +10120,7 @@ class Pipe:
     async def _complete(self, turn: Turn) -> str:
         """Tasks: one non-streamed request, the answer as a string."""
         token = CURRENT_LOG.set(turn.log)
+        sent: Mapping[str, Any] | None = None
         try:
             self._telemetry.requests += 1
             async with self._gate.admit(turn.req.user_id, turn.settings.admission):  # 1 admit
@@ -9969,10 +10131,15 @@ class Pipe:
                 plan = await self._plan(turn)                                # 3 catalog, 6
                 for note in plan.notes:
                     await turn.emitter.notify(note)
+                sent = plan.payload
                 data = await self._open(turn, plan.payload, self._client.complete)  # 7
             self._spend.record(turn, Usage.from_json(data.get("usage")))  # spend ledger
             await self._after_turn(turn, plan)                  # 11 cleanup (tasks store nothing)
             return _final_text(data)
+        except asyncio.CancelledError:  # the request may have been billed: record it
+            if sent is not None:
+                self._spend.settle(turn, [self._unfinished(sent, StreamState())])
+            raise
         except Exception as exc:  # the boundary: Open WebUI shows str() of what we raise
             failure = await self._report_failure(turn, exc)
             raise PipeError(f"{describe_error(failure)}\n(reference {turn.reference})") from exc
@@ -9994,8 +10161,10 @@ class Pipe:
                 run.notes = plan.notes
                 for note in plan.notes:
                     await turn.emitter.notify(note)
-                async for chunk in self._rounds(turn, plan, run, renderer, timing):  # 7-12
-                    yield chunk
+                async with contextlib.aclosing(  # Stop closes the rounds at once (their usage)
+                        self._rounds(turn, plan, run, renderer, timing)) as rounds:  # 7-12
+                    async for chunk in rounds:
+                        yield chunk
             if untold := untold_notes(turn.context.metadata, run.notes):
                 yield renderer.text_chunk(untold)
             run.state.usage = run.usage
@@ -10016,7 +10185,16 @@ class Pipe:
                    if renderer.emitted_text else error_chunk(failure, turn.reference, untold))
         finally:
             self._spend.record(turn, run.usage)  # every billed round, failed turns too
+            self._spend.settle(turn, run.unfinished)  # rounds stopped before their usage
             _reset_context(CURRENT_LOG, token)
+
+    def _unfinished(self, payload: Mapping[str, Any], state: StreamState) -> UnfinishedRound:
+        """A round that ended without usage, with what it probably cost (catalog prices)."""
+        snap = self._catalog.snapshot
+        entry = snap.find(str(payload.get("model") or "")) if snap else None
+        return UnfinishedRound(state.response_id, unfinished_estimate(
+            estimate_prompt_tokens(payload), state.streamed_chars,
+            entry.pricing if entry else None))
 
     async def _spent_before_failure(self, turn: Turn, run: TurnRun, timing: StreamTiming
                                     ) -> list[dict[str, Any]]:
@@ -10064,7 +10242,7 @@ class Pipe:
 
     async def _rounds(self, turn: Turn, plan: Transformed, run: TurnRun,
                       renderer: ChunkRenderer, timing: StreamTiming
-                      ) -> AsyncIterator[dict[str, Any]]:
+                      ) -> AsyncGenerator[dict[str, Any], None]:
         """Steps 7-12 of a streamed turn, repeated while the model calls tools.
 
         Each round: (a) send the request and stream its text and reasoning as they arrive;
@@ -10079,10 +10257,14 @@ class Pipe:
         while True:
             run.state = state = StreamState()
             try:
-                async for chunk in self._send_round(turn, payload, state, renderer, timing):  # a
-                    yield chunk
+                async with contextlib.aclosing(self._send_round(
+                        turn, payload, state, renderer, timing)) as sent:  # a (Stop: closed)
+                    async for chunk in sent:
+                        yield chunk
             finally:  # a failed round may still report (billed) usage
                 run.add_usage(state.usage)
+                if state.usage is None and state.response_id:  # stopped: billed all the same
+                    run.unfinished.append(self._unfinished(payload, state))
             items = output_items(state)
             cited = await self._cite(turn, items, book)                                 # b
             if cited:
@@ -10127,8 +10309,10 @@ class Pipe:
 
     async def _send_round(self, turn: Turn, payload: Mapping[str, Any], state: StreamState,
                           renderer: ChunkRenderer, timing: StreamTiming
-                          ) -> AsyncIterator[dict[str, Any]]:
+                          ) -> AsyncGenerator[dict[str, Any], None]:
         resp = await self._open(turn, payload, self._client.open_response)          # 7 send
+        state.response_id = str(resp.headers.get("X-Generation-Id")
+                                or resp.headers.get("x-generation-id") or "")
         done = False
         try:
             async for chunks in self._pump(resp, state, renderer, timing,           # 8-9
@@ -10291,6 +10475,9 @@ class Pipe:
 
     async def _report_failure(self, turn: Turn, exc: Exception) -> PipeError:
         """Log and count a failure, attach the turn's log; returns the error to show."""
+        if (isinstance(exc, UpstreamStatusError) and exc.status == 401
+                and turn.settings.spend.key_source == KEY_PROVISIONED):
+            await self._spend.key_rejected(turn)  # deleted or revoked: a new one next turn
         exc = attribute_key_error(exc, turn.settings.spend)  # the user's own/budget key
         if isinstance(exc, PipeError):
             status = f", HTTP {exc.status}" if isinstance(exc, UpstreamStatusError) else ""

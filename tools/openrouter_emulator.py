@@ -1845,6 +1845,63 @@ class KeysRoutes:
         return _json_response(200, {"data": key.record()})
 
 
+# =========================================================================== 9b. generation records
+# GET /generation?id= answers as OpenRouter does (SDK GenerationResponse, every field): 404
+# while the generation is still streaming (the record is written when it ends), then its cost.
+# A stream the client stopped is billed for the prompt plus what had been streamed, and the
+# record says `cancelled: true` (issue #13: stopped answers are still billed).
+
+GENERATION_NULLABLE = (
+    "app_id", "cache_discount", "external_user", "generation_time", "http_referer", "latency",
+    "moderation_latency", "native_finish_reason", "native_tokens_cached",
+    "native_tokens_completion", "native_tokens_completion_images", "native_tokens_prompt",
+    "native_tokens_reasoning", "num_fetches", "num_input_audio_prompt",
+    "num_media_completion", "num_media_prompt", "num_search_results", "preset_id",
+    "provider_responses", "router", "service_tier", "upstream_id", "upstream_inference_cost",
+    "user_agent", "web_search_engine", "workspace_id")
+
+
+def generation_record(ctx: Ctx, final: dict, streamed: bool) -> dict:
+    """The GET /generation data of a finished response (GenerationResponseData)."""
+    usage = final.get("usage") or {}
+    cost = float(usage.get("cost") or 0)
+    finish = {"completed": "stop", "incomplete": "length"}.get(final["status"], "error")
+    reasoning = (usage.get("output_tokens_details") or {}).get("reasoning_tokens", 0)
+    return {**dict.fromkeys(GENERATION_NULLABLE), "id": ctx.gen_id, "total_cost": cost,
+            "usage": cost, "created_at": datetime.fromtimestamp(ctx.created, UTC).isoformat(),
+            "model": ctx.model_id, "provider_name": ctx.vendor.title(), "api_type": "responses",
+            "streamed": streamed, "cancelled": False, "finish_reason": finish,
+            "native_finish_reason": finish, "tokens_prompt": usage.get("input_tokens", 0),
+            "tokens_completion": usage.get("output_tokens", 0),
+            "native_tokens_prompt": usage.get("input_tokens", 0),
+            "native_tokens_completion": usage.get("output_tokens", 0),
+            "native_tokens_reasoning": reasoning, "is_byok": False, "origin": "",
+            "data_region": "global",
+            "external_user": ctx.body.get("user"), "session_id": ctx.body.get("session_id")}
+
+
+def streamed_tokens(ev: dict) -> int:
+    """Output tokens an event carried to the client (text and reasoning deltas)."""
+    if ev.get("type") in ("response.output_text.delta", "response.reasoning_text.delta",
+                          "response.reasoning_summary_text.delta"):
+        return _tokens(str(ev.get("delta") or ""))
+    return 0
+
+
+def stopped_generation(gen: dict, ctx: Ctx, sent_tokens: int) -> float:
+    """Bill a stopped stream: prompt + the tokens already streamed; returns the refund."""
+    price = ctx.entry.get("pricing") or {}
+    prompt = int(gen.get("tokens_prompt") or 0)
+    cost = float(Decimal(str(price.get("prompt", "0"))) * prompt
+                 + Decimal(str(price.get("completion", "0"))) * sent_tokens)
+    cost = min(cost, float(gen["total_cost"]))
+    refund = float(gen["total_cost"]) - cost
+    gen.update(total_cost=cost, usage=cost, cancelled=True, finish_reason=None,
+               native_finish_reason=None, tokens_completion=sent_tokens,
+               native_tokens_completion=sent_tokens)
+    return refund
+
+
 # =========================================================================== 9. emulator
 
 
@@ -1867,6 +1924,7 @@ class Emulator(KeysRoutes):
         self.active_streams = 0
         self.fail_counts: dict[str, int] = {}
         self.generations: dict[str, dict] = {}
+        self.live_generations: dict[str, int] = {}  # 9b: streaming now -> tokens streamed
         self.responses: list[dict] = []  # every final response object sent, oldest first
         self.base_url = ""
         self._queue: list[tuple[str, dict]] = []
@@ -1905,7 +1963,7 @@ class Emulator(KeysRoutes):
 
     def reset(self) -> None:
         for store in (self.requests, self.disconnects, self.fail_counts, self.generations,
-                      self._queue, self.responses, self.route_cache):
+                      self._queue, self.responses, self.route_cache, self.live_generations):
             store.clear()
 
     def app(self) -> web.Application:
@@ -1962,7 +2020,8 @@ class Emulator(KeysRoutes):
         self._record(request)
         if err := self._auth_error(request):
             return err
-        gen = self.generations.get(request.query.get("id", ""))
+        gen_id = request.query.get("id", "")
+        gen = None if gen_id in self.live_generations else self.generations.get(gen_id)
         if gen is None:
             return _json_response(404, _err(404, "Generation not found"))
         return _json_response(200, {"data": gen})
@@ -1970,21 +2029,8 @@ class Emulator(KeysRoutes):
     def _remember(self, ctx: Ctx, final: dict, streamed: bool) -> None:
         """Record what GET /generation?id= returns for this id (§2.5 subset)."""
         self.responses.append(final)
-        usage = final.get("usage") or {}
-        cost = usage.get("cost", 0)
-        self.keys.charge(ctx.api_key, float(cost or 0))
-        finish = {"completed": "stop", "incomplete": "length"}.get(final["status"], "error")
-        reasoning = (usage.get("output_tokens_details") or {}).get("reasoning_tokens", 0)
-        self.generations[ctx.gen_id] = {
-            "id": ctx.gen_id, "total_cost": cost, "usage": cost,
-            "created_at": datetime.fromtimestamp(ctx.created, UTC).isoformat(),
-            "model": ctx.model_id, "provider_name": ctx.vendor.title(),
-            "api_type": "responses", "streamed": streamed, "cancelled": False,
-            "finish_reason": finish, "native_finish_reason": finish,
-            "tokens_prompt": usage.get("input_tokens", 0),
-            "tokens_completion": usage.get("output_tokens", 0),
-            "native_tokens_reasoning": reasoning, "is_byok": False,
-            "external_user": ctx.body.get("user"), "session_id": ctx.body.get("session_id")}
+        self.generations[ctx.gen_id] = gen = generation_record(ctx, final, streamed)  # 9b
+        self.keys.charge(ctx.api_key, gen["total_cost"])
 
     # ------------------------------------------------------------------ POST /responses
     async def _post_responses(self, request: web.Request) -> web.StreamResponse:
@@ -2087,17 +2133,20 @@ class Emulator(KeysRoutes):
         except (ConnectionError, asyncio.CancelledError):
             if plan.ending != "hang":  # (hang already recorded it)
                 self.disconnects.append(time.time())
-                if gen := self.generations.get(ctx.gen_id):
-                    gen["cancelled"] = True
+                if gen := self.generations.get(ctx.gen_id):  # 9b: billed what was streamed
+                    sent = self.live_generations.get(ctx.gen_id, 0)
+                    self.keys.charge(ctx.api_key, -stopped_generation(gen, ctx, sent))
             raise
         finally:
             self.active_streams -= 1
+            self.live_generations.pop(ctx.gen_id, None)
         return resp
 
     async def _write_events(self, ctx: Ctx, plan: Plan, q: Quirks, writer: SSEWriter) -> None:
         events, final = assemble(ctx, plan, q)
         finish_route(self, ctx, final)  # issue #12 (section 10): same dict as the last event
         self._remember(ctx, final, streamed=True)
+        self.live_generations[ctx.gen_id] = 0  # 9b
         for _ in range(q.leading):
             await writer.comment()
         for i, ev in enumerate(events):
@@ -2105,6 +2154,7 @@ class Emulator(KeysRoutes):
                 await writer.flush()
                 await asyncio.sleep(plan.delay_ms / 1000)
             await writer.event(ev)
+            self.live_generations[ctx.gen_id] += streamed_tokens(ev)  # 9b
         if plan.tail_delay_ms:
             await writer.flush()
             await asyncio.sleep(plan.tail_delay_ms / 1000)

@@ -141,8 +141,9 @@ def test_admin_downloads_the_spend_report_as_csv(owui, valves):
     valves()
     stored_message(owui.member.chat_ui(owui.model(GPT4O), "for the report"))
     rows = report_rows(owui)
-    member = [r for r in rows if r["user_id"] == owui.member.user_id]
-    assert member and member[0]["user"] == MEMBER_EMAIL and member[0]["model"] == GPT4O
+    member = [r for r in rows if r["user_id"] == owui.member.user_id
+              and r["model"] == GPT4O and r["period"] == "current"]
+    assert member and member[0]["user"] == MEMBER_EMAIL
     assert int(member[0]["requests"]) >= 1 and float(member[0]["cost_usd"]) > 0
     status, body = owui.client.chat(owui.model("_health"),
                                     [{"role": "user", "content": "spend"}], stream=False)

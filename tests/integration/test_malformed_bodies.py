@@ -124,6 +124,19 @@ async def test_each_bad_shape_gets_a_specific_message(pipe: Pipe, patch: dict[st
             await call(pipe, {**body, "stream": False}, **kwargs)
 
 
+@pytest.mark.parametrize("provider", [
+    "[" * 200_000, '{"a":' * 100_000, {"preferred_max_latency": {"p50": math.nan}},
+    {"preferred_min_throughput": math.inf}, '{"preferred_max_latency": 1e999}'])
+async def test_unusable_routing_in_the_body_is_ignored_not_raised(pipe: Pipe,
+                                                                  provider: Any) -> None:
+    body = {"model": f"openrouter.{MODEL}", "stream": True, "provider": provider,
+            "messages": [{"role": "user", "content": "hi"}]}
+    text, error = await call(pipe, body)
+    assert error is None and text
+    sent = json.loads(pipe._client._transport.sent[-1])
+    assert "provider" not in sent  # the bad setting was left out, never sent as null/NaN
+
+
 async def test_features_as_a_list_and_odd_metadata_still_answer(pipe: Pipe) -> None:
     body = {"model": f"openrouter.{MODEL}", "stream": True,
             "messages": [{"role": "user", "content": "hi"}]}
@@ -152,8 +165,14 @@ messages = st.lists(st.one_of(
 body_keys = st.sampled_from(["messages", "max_tokens", "max_completion_tokens", "temperature",
                              "top_p", "seed", "stop", "tools", "response_format", "metadata",
                              "reasoning_effort", "parallel_tool_calls", "features", "stream"])
+deep_json = st.integers(min_value=1, max_value=300_000).flatmap(
+    lambda n: st.sampled_from(["[" * n, '{"a":' * n, "[" * n + "]" * n]))
 bodies = st.one_of(
     json_values,
+    st.fixed_dictionaries({"model": st.just(f"openrouter.{MODEL}"), "stream": st.booleans(),
+                           "messages": st.just([{"role": "user", "content": "hi"}]),
+                           "provider": st.one_of(json_values, deep_json, st.fixed_dictionaries(
+                               {"preferred_max_latency": json_values}))}),
     st.builds(lambda extra, msgs, stream_: {"model": f"openrouter.{MODEL}", "stream": stream_,
                                             "messages": msgs, **extra},
               st.dictionaries(body_keys, json_values, max_size=4), messages, st.booleans())

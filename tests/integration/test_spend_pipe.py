@@ -534,3 +534,207 @@ async def test_two_workers_on_postgres_record_every_turn(emulator, sleeps, fid):
             await w.close()
         engine.dispose()
         drop_table(spend_table_name("spend", fid))
+
+
+# -- stopped answers, unusable provisioned keys, background logs (review fixes) ------------
+
+
+async def short_sleep(seconds):
+    """Real but short waits: the emulator must see the client go away between lookups."""
+    await asyncio.sleep(min(seconds, 0.05))
+
+
+async def stopped_turn(p, fid, who=None, text="[emu:slow delay_ms=40 deltas=30] long answer"):
+    """The browser's Stop (or an API client going away) after the first text chunk."""
+    gen = await p.pipe(b(fid, GPT4O, text), __user__=who or user())
+    seen = []
+    async for chunk in gen:
+        seen.append(chunk)
+        if "error" in chunk or (chunk.get("choices") and
+                                chunk["choices"][0]["delta"].get("content")):
+            break
+    await gen.aclose()
+    await p._spend.drain()
+    return seen
+
+
+async def test_a_stopped_answer_is_billed_and_the_budget_still_stops(emulator, db, fid):
+    p = make_pipe(emulator, db, short_sleep, BUDGET_USD=100, BUDGET_CHECK_CACHE_SECONDS=0)
+    await stopped_turn(p, fid)
+    gen = next(iter(emulator.generations.values()))
+    assert gen["cancelled"] is True and 0 < gen["total_cost"] < emulator.responses[0][
+        "usage"]["cost"]  # OpenRouter bills the prompt and what was streamed
+    [row] = ledger_rows(db, fid)
+    assert row["requests"] == 1 and row["cost"] == pytest.approx(gen["total_cost"])
+    lookups = [r for r in emulator.requests if r["path"].endswith("/generation")]
+    assert lookups and lookups[-1]["headers"]["Authorization"] == "Bearer sk-or-test"
+    # a budget of 2.5 stopped answers: the fourth is refused, nothing more is sent
+    p.valves = p.Valves(**{**p.valves.model_dump(), "BUDGET_USD": gen["total_cost"] * 2.5})
+    results = [await stopped_turn(p, fid) for _ in range(3)]
+    assert not any("error" in c for c in results[0] + results[1])
+    assert "budget is used up" in results[2][-1]["error"]["message"]
+    assert len(posts(emulator)) == 3
+    await p.close()
+
+
+async def test_a_stop_that_cancels_the_task_is_billed_and_cancellation_goes_on(
+        emulator, db, fid):
+    """Open WebUI's Stop button cancels the task that reads the stream (CancelledError)."""
+    p = make_pipe(emulator, db, short_sleep)
+    first = asyncio.Event()
+
+    async def read():
+        gen = await p.pipe(b(fid, GPT4O, "[emu:slow delay_ms=40 deltas=30] long"),
+                           __user__=user())
+        async for chunk in gen:
+            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                first.set()
+
+    task = asyncio.create_task(read())
+    await asyncio.wait_for(first.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await p._spend.drain()
+    [row] = ledger_rows(db, fid)
+    [gen] = emulator.generations.values()
+    assert gen["cancelled"] and row["requests"] == 1
+    assert row["cost"] == pytest.approx(gen["total_cost"]) and row["cost"] > 0
+    await p.close()
+
+
+async def test_a_stopped_answer_without_a_generation_record_records_the_estimate(
+        emulator, db, fid):
+    p = make_pipe(emulator, db, short_sleep)
+
+    async def unknown(settings, generation_id):  # OpenRouter never stored the record
+        return None
+
+    p._spend.api.generation_cost = unknown
+    await stopped_turn(p, fid, text="[emu:slow delay_ms=40 deltas=30] " + "word " * 400)
+    [row] = ledger_rows(db, fid)
+    price = emulator.catalog[GPT4O]["pricing"]
+    assert row["requests"] == 1 and row["cost"] >= 400 * 5 / 4 * float(price["prompt"])
+    assert p._spend.errors["generation_lookup"] == 1
+    await p.close()
+
+
+async def test_a_cancelled_task_is_recorded_and_cancellation_goes_on(emulator, db, fid):
+    p = make_pipe(emulator, db, short_sleep)
+    body = b(fid, GPT4O, "[emu:text first_byte_delay_ms=5000] title please", stream=False)
+    task = asyncio.create_task(p.pipe(body, __user__=user(), __task__="title_generation"))
+    for _ in range(500):  # until the request reached OpenRouter
+        if posts(emulator):
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await p._spend.drain()
+    [row] = ledger_rows(db, fid)
+    assert row["requests"] == 1 and row["cost"] > 0  # the prompt's estimate
+    await p.close()
+
+
+async def test_an_undecryptable_provisioned_key_is_replaced(emulator, db, sleeps, fid,
+                                                            monkeypatch):
+    emulator.keys.management_keys.add(MGMT)
+    p = make_pipe(emulator, db, sleeps, MANAGEMENT_API_KEY=MGMT, BUDGET_USD=5)
+    assert (await chat(p, fid)).error is None
+    [old] = emulator.keys.keys.values()
+    await p.close()
+    monkeypatch.setenv("WEBUI_SECRET_KEY", "rotated-secret")  # the admin changed the secret
+    p = make_pipe(emulator, db, sleeps, MANAGEMENT_API_KEY=MGMT, BUDGET_USD=5)
+    out = await chat(p, fid)
+    assert out.error is None and out.text  # this turn: the pipe's key, the ledger budget
+    assert posts(emulator)[-1]["headers"]["Authorization"] == "Bearer sk-or-test"
+    assert old.hash not in emulator.keys.keys  # the unreadable key was deleted on OpenRouter
+    assert (await chat(p, fid)).error is None  # the next turn: a fresh budget key
+    [new] = emulator.keys.keys.values()
+    assert new.hash != old.hash
+    assert posts(emulator)[-1]["headers"]["Authorization"] == f"Bearer {new.secret}"
+    await p.close()
+
+
+async def test_a_deleted_provisioned_key_is_named_then_replaced(emulator, db, sleeps, fid):
+    emulator.keys.management_keys.add(MGMT)
+    emulator.api_keys = {"sk-or-test"}
+    p = make_pipe(emulator, db, sleeps, MANAGEMENT_API_KEY=MGMT, BUDGET_USD=5)
+    assert (await chat(p, fid)).error is None
+    [old] = emulator.keys.keys.values()
+    del emulator.keys.keys[old.hash]  # deleted in OpenRouter's dashboard
+    del emulator.keys.by_secret[old.secret]
+    out = await chat(p, fid)
+    assert "Your budget key" in out.error and "HTTP 401" in out.error
+    assert "API_KEY" not in out.error.replace("MANAGEMENT_API_KEY", "")
+    again = await chat(p, fid)
+    assert again.error is None and again.text
+    [new] = emulator.keys.keys.values()
+    assert posts(emulator)[-1]["headers"]["Authorization"] == f"Bearer {new.secret}"
+    # a worker that starts now reads the new key, not the deleted one
+    p2 = make_pipe(emulator, db, sleeps, MANAGEMENT_API_KEY=MGMT, BUDGET_USD=5)
+    assert (await chat(p2, fid)).error is None
+    await p.close()
+    await p2.close()
+
+
+async def test_background_work_writes_nothing_into_a_users_log(emulator, db, sleeps, fid):
+    emulator.keys.management_keys.add(MGMT)
+    p = make_pipe(emulator, db, sleeps, MANAGEMENT_API_KEY=MGMT, BUDGET_USD=5,
+                  BALANCE_REFRESH_SECONDS=30)
+    victim = "victim-user-7f3a"
+    assert (await chat(p, fid, who=user(victim))).error is None
+
+    async def users(uid):  # the victim's account was deleted in Open WebUI
+        return None if uid == victim else {"id": uid, "email": "", "role": "user"}
+
+    p._spend.users = users
+    p._spend._balance_due = 0  # the next turn starts a balance refresh
+    events = Events()
+    out = await chat(p, fid, "[emu:mid_stream_failure delay_ms=50] hello",
+                     who=user("member"), events=events)
+    assert out.error or "interrupted" in out.text.lower() or out.text
+    [key] = [k for k in emulator.keys.keys.values() if k.name.endswith(victim + "@example.com")]
+    assert key.disabled  # the refresh ran during the member's turn
+    cites = [e for e in events.events if e["type"] in ("citation", "source")]
+    assert cites and "Pipe log" in repr(cites)
+    assert victim not in repr(cites) and "Disabled" not in repr(cites)
+    await p.close()
+
+
+async def test_emulator_generation_records_match_the_sdk(emulator):
+    import aiohttp
+    from openrouter.components.generationresponse import (
+        GenerationResponse,
+        GenerationResponseData,
+    )
+
+    auth = {"Authorization": "Bearer sk-or-test"}
+    url = f"{emulator.base_url}/generation"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{emulator.base_url}/responses", headers=auth, json={
+                "model": GPT4O, "input": "hi", "stream": False}) as r:
+            done, gen_id = await r.json(), r.headers["X-Generation-Id"]
+        async with http.get(url, params={"id": gen_id}, headers=auth) as r:
+            record = await r.json()
+        strict(GenerationResponse, record)
+        strict(GenerationResponseData, record["data"])
+        assert record["data"]["total_cost"] == done["usage"]["cost"]
+        async with http.post(f"{emulator.base_url}/responses", headers={
+                **auth, "X-Emulator-Scenario": "slow delay_ms=50 deltas=20"},
+                json={"model": GPT4O, "input": "hi", "stream": True}) as r:
+            live_id = r.headers["X-Generation-Id"]
+            await r.content.readuntil(b"output_text.delta")
+            async with http.get(url, params={"id": live_id}, headers=auth) as live:
+                assert live.status == 404  # written when the generation ends
+        for _ in range(100):
+            if live_id not in emulator.live_generations:
+                break
+            await asyncio.sleep(0.02)
+        async with http.get(url, params={"id": live_id}, headers=auth) as r:
+            stopped = (await r.json())["data"]
+    strict(GenerationResponseData, stopped)
+    full = emulator.responses[-1]["usage"]["cost"]
+    assert stopped["cancelled"] is True and 0 < stopped["total_cost"] < full
+    assert emulator.keys.total_usage == pytest.approx(done["usage"]["cost"]
+                                                      + stopped["total_cost"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from hypothesis import given
@@ -102,10 +103,23 @@ def test_max_price_is_typed_in_dollars_per_million_and_sent_as_a_string(typed, s
                                               "only have the keys p50"),
     ('["sort"]', "PROVIDER_ROUTING must be a JSON object"),
     ('{"sort": price}', "PROVIDER_ROUTING is not valid JSON"),
+    ("[" * 200_000, "PROVIDER_ROUTING is not usable JSON (nested too deeply"),
+    ('{"preferred_max_latency": NaN}', "PROVIDER_ROUTING: preferred_max_latency must be a "
+                                       "positive number"),
+    ('{"preferred_min_throughput": {"p90": Infinity}}', "PROVIDER_ROUTING: "
+     "preferred_min_throughput must be a positive number"),
+    ({"preferred_max_latency": {"p50": float("nan")}}, "PROVIDER_ROUTING: "
+     "preferred_max_latency must be a positive number"),
 ])
 def test_bad_values_are_named(raw, message):
     _, problems = check_provider(raw, "PROVIDER_ROUTING")
     assert problems and problems[0].startswith(message), problems
+
+
+@given(st.integers(min_value=1, max_value=300_000), st.sampled_from(["[", '{"a":', "[1,"]))
+def test_json_nested_beyond_the_parser_is_a_named_problem(depth, opener):
+    clean, problems = check_provider(opener * depth, "X")
+    assert clean == {} and len(problems) == 1 and problems[0].startswith("X ")
 
 
 def test_valve_save_refuses_a_bad_key_with_its_name():
@@ -136,6 +150,10 @@ def test_full_valid_policy_passes_the_check_unchanged():
                     | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=12))
 def test_check_provider_never_raises_and_only_keeps_known_keys(value):
     clean, problems = check_provider(value, "X")
+    for key in ("preferred_max_latency", "preferred_min_throughput"):  # finite or left out
+        kept = clean.get(key)
+        numbers = list(kept.values()) if isinstance(kept, dict) else [kept]
+        assert all(n is None or math.isfinite(n) for n in numbers)
     assert set(clean) <= {"order", "only", "ignore", "allow_fallbacks", "require_parameters",
                           "zdr", "enforce_distillable_text", "data_collection",
                           "quantizations", "sort", "max_price", "preferred_max_latency",

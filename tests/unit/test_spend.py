@@ -19,6 +19,7 @@ from openrouter_responses_pipe import (
     BudgetState,
     KeyLimitError,
     LedgerEntry,
+    Pricing,
     RequestSettings,
     SpendSettings,
     UpstreamStatusError,
@@ -27,6 +28,7 @@ from openrouter_responses_pipe import (
     Valves,
     attribute_key_error,
     describe_error,
+    estimate_prompt_tokens,
     ledger_entry,
     merge_entries,
     money,
@@ -39,6 +41,7 @@ from openrouter_responses_pipe import (
     resolve_budget,
     spend_csv,
     status_suffix,
+    unfinished_estimate,
     usage_note,
     utc_day,
 )
@@ -168,6 +171,11 @@ def test_key_errors_name_the_users_key_not_the_account():
                                                        state=state(5, 5)))
     assert "your own budget, not the account's credit" in str(prov)
     assert "$5.00 a month" in str(prov)
+    gone = attribute_key_error(err(401), SpendSettings(key_source=KEY_PROVISIONED,
+                                                       state=state(5, 1)))
+    assert isinstance(gone, KeyLimitError) and "Your budget key" in str(gone)
+    assert "a new one is made for your next message" in str(gone)
+    assert "check API_KEY" not in describe_error(gone)
     shared = err(402)
     assert attribute_key_error(shared, SpendSettings(key_source=KEY_PIPE)) is shared
     assert "out of credits" in describe_error(shared)  # the account's credit, as before
@@ -211,3 +219,29 @@ def test_user_key_valve_is_stored_encrypted_and_kept_verbatim(monkeypatch):
     assert merged.spend.user_key == "sk-or-MixedCase-Key"
     assert RequestSettings.merge(Valves(ALLOW_USER_API_KEYS=False), uv).spend.user_key == ""
     assert "MixedCase" not in repr(uv)
+
+
+@pytest.mark.parametrize(("payload", "tokens"), [
+    ({"input": "x" * 400}, 100),
+    ({"instructions": "y" * 40, "input": [{"role": "user", "content": [
+        {"type": "input_text", "text": "z" * 40},
+        {"type": "input_file", "file_data": "data:application/pdf;base64," + "A" * 10**6},
+        {"type": "input_image", "image_url": "data:image/png;base64," + "B" * 10**6}]}]}, 20),
+    ({"input": [{"type": "function_call_output", "output": "o" * 80}]}, 20),
+    ({}, 0),
+])
+def test_prompt_estimate_counts_text_not_inline_files(payload, tokens):
+    assert estimate_prompt_tokens(payload) == tokens
+
+
+def test_a_stopped_rounds_estimate_uses_catalog_prices():
+    price = Pricing(prompt=0.000002, completion=0.00001)
+    assert unfinished_estimate(1000, 400, price) == pytest.approx(0.002 + 100 * 0.00001)
+    assert unfinished_estimate(1000, 400, None) == 0.0  # unknown model: nothing to go on
+
+
+@given(st.recursive(st.none() | st.text(max_size=20) | st.integers(),
+                    lambda inner: st.lists(inner, max_size=4)
+                    | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=30))
+def test_prompt_estimate_never_raises(value):
+    assert estimate_prompt_tokens({"input": value}) >= 0
