@@ -40,6 +40,7 @@ import base64
 import binascii
 import contextlib
 import contextvars
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -3826,6 +3827,10 @@ class StoredFile:
     data: bytes
 
 
+FILE_UNAVAILABLE = ("An attached file is not available: it no longer exists in Open WebUI, "
+                    "or you don't have access to it.")
+
+
 async def _owui_call(fn: Callable[..., Any], *args: Any) -> Any:
     """Call an Open WebUI API that is sync (≤0.8: off the loop) or async (≥0.9)."""
     if inspect.iscoroutinefunction(fn):
@@ -3866,12 +3871,10 @@ class OwuiFileStore:
     async def read(self, file_id: str, user_id: str, user_role: str, cap: int,
                    kind: str) -> StoredFile:
         record = await self.find(file_id)
-        if record is None:
-            raise IntakeError(f"The attached file {file_id} no longer exists in Open WebUI.")
-        meta = record.meta or {}
-        name = str(meta.get("name") or record.filename or file_id)
-        if not await self._may_read(record, user_id, user_role, name):
-            raise IntakeError(f"You don't have access to the attached file '{name}'.")
+        meta = (record.meta or {}) if record is not None else {}
+        name = str(meta.get("name") or getattr(record, "filename", "") or file_id)
+        if record is None or not await self._may_read(record, user_id, user_role, name):
+            raise IntakeError(FILE_UNAVAILABLE)  # one sentence: never whose file, or if it exists
         if not record.path:
             raise IntakeError(f"The original of '{name}' is no longer stored.")
         storage = _owui_module("open_webui.storage.provider").Storage
@@ -4033,7 +4036,8 @@ class Intake:
                            ) -> tuple[set[str], list[ContentPart]]:
         """Documents that reach the model only through Open WebUI's retrieval (native
         sending off) when that retrieval had nothing for them (processing failed, no text):
-        their links, to send natively if the model reads files; else a note for the user."""
+        their links, to send natively if the model reads files; a note for the user either
+        way (notes reach API clients too, at the end of the answer)."""
         if job.limits.send_files:
             return set(), []
         rescued: set[str] = set()
@@ -4050,11 +4054,11 @@ class Intake:
             if why is None:
                 continue
             name = getattr(part, "filename", "") or file_id
-            if job.entry.accepts("file"):
+            if job.entry.accepts("file"):  # told as a note: API clients read it in the answer
                 rescued.add(part_source(part) or "")
-                await job.emitter.notify(f"Open WebUI's document search got nothing from "
-                                         f"'{name}' ({why}), so it was sent to the model as "
-                                         "a file.", "info")
+                untold.append(RefusedPart("file", (
+                    f"Open WebUI's document search got nothing from '{name}' ({why}), so it "
+                    "was sent to the model as a file.")))
             else:
                 untold.append(RefusedPart("file", (
                     f"'{name}' did not reach the model: Open WebUI's document search got "
@@ -4071,7 +4075,7 @@ class Intake:
             for part in msg.parts if msg.role == "user" else ():
                 source, kind = part_source(part), part_kind(part)
                 if source is None or kind is None or source in sizes \
-                        or not job.entry.accepts(kind):
+                        or not takes_part(job.entry, part):  # every part `_part` will read
                     continue
                 file_id = owui_file_id(source, job.origin)
                 if file_id is not None:
@@ -4798,6 +4802,15 @@ class SSEDecoder:
         self._data_len = 0
         self._event: str | None = None
 
+    @property
+    def max_bytes(self) -> int:
+        return self._max
+
+    @max_bytes.setter
+    def max_bytes(self, value: int) -> None:
+        """A new cap from the next `feed` on (§12 grows it with the pictures streamed)."""
+        self._max = value
+
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         if self._head is not None:
             chunk = self._strip_bom(chunk)
@@ -5173,6 +5186,18 @@ class ImageSettings:
     edit_follow_ups: bool = True
 
 
+# The final `response.completed` event repeats the whole output, pictures included (base64:
+# 4/3 of the bytes), on one stream line: the decoder's cap grows with the image limit.
+IMAGES_PER_TURN = 4  # pictures one answer may carry before its final line is too long
+
+
+def stream_line_cap(max_image_bytes: int) -> int:
+    """The SSE line cap for a turn whose pictures may each reach `max_image_bytes`: room for
+    IMAGES_PER_TURN base64 pictures plus 1 MB of text, never below SSE_MAX_LINE_BYTES."""
+    per_picture = -(-max_image_bytes * 4 // 3)  # ceil
+    return max(SSE_MAX_LINE_BYTES, per_picture * IMAGES_PER_TURN + MB)
+
+
 def image_settings(valves: Valves, user: UserValves) -> ImageSettings:
     return ImageSettings(
         aspect_ratio=str(_pick(user.IMAGE_ASPECT_RATIO, valves.IMAGE_ASPECT_RATIO)).strip(),
@@ -5489,8 +5514,16 @@ class ImageSink:
         self._job, self._emitter, self._store, self._fetcher = job, emitter, store, fetcher
         self.saved: list[str] = []  # file ids, in order
         self.unit_price = 0.0
-        self._generating = False
+        self._base_cap = stream_line_cap(job.max_bytes)
+        self._streamed = 0  # characters of the pictures seen so far (the final event repeats
+        self._generating = False  # them all on one line)
         self._previewing = False
+
+    @property
+    def line_cap(self) -> int:
+        """The SSE line cap (§11) for the rest of the stream: room for the pictures already
+        streamed (repeated by `response.completed`) plus IMAGES_PER_TURN more."""
+        return self._base_cap + self._streamed
 
     async def resolve(self, intents: list[Intent]) -> list[Intent]:
         """Image intents -> side effects and text; every other intent passes unchanged. Each
@@ -5502,6 +5535,7 @@ class ImageSink:
             kind, value = intents[i]
             intents[i] = (kind, "")
             if kind == IMAGE:
+                self._streamed += len(value)
                 box = [value]
                 del value  # the box holds the only reference; _save drops it after decoding
                 out.append((TEXT, await self._save(box)))
@@ -6445,6 +6479,56 @@ def request_mcp_tools(ts: ToolSettings, notes: list[str]) -> list[dict[str, Any]
         LOG.warning("Remote MCP servers are off: %s", exc)
         notes.append(f"Remote MCP servers are off for this answer: {describe_error(exc)}")
         return []
+
+
+# -- features a user may switch on ---------------------------------------------------------
+# `__metadata__["features"]` comes from the client: any user can set `image_generation` or
+# `web_search` by hand. Like Open WebUI's own middleware, the pipe honours them for a non-admin
+# only when Open WebUI's permission `features.<name>` allows it (paid tools, real money).
+
+GATED_FEATURES = {"image_generation": "Image generation", "web_search": "Web search"}
+
+
+def permitted_features(features: Mapping[str, Any], allowed: Mapping[str, bool]
+                       ) -> tuple[dict[str, Any], list[str]]:
+    """`features` with each gated one that is on but not `allowed` turned off, and a note
+    for each one turned off."""
+    out, notes = dict(features), []
+    for key, label in GATED_FEATURES.items():
+        if out.get(key) and not allowed.get(key, False):
+            out[key] = False
+            notes.append(f"{label} isn't enabled for your account in Open WebUI, so this "
+                         "answer was made without it.")
+    return out, notes
+
+
+async def owui_default_permissions(request: Any) -> Any:
+    """Open WebUI's default user permissions: `Config.get("user.permissions")` (0.10+);
+    before, `request.app.state.config.USER_PERMISSIONS` (what its routers pass), or without
+    a request this worker's `open_webui.config.USER_PERMISSIONS` PersistentConfig."""
+    try:
+        config = importlib.import_module("open_webui.models.config").Config
+    except ImportError:
+        live = getattr(getattr(getattr(request, "app", None), "state", None), "config", None)
+        value = (live.USER_PERMISSIONS if live is not None else
+                 importlib.import_module("open_webui.config").USER_PERMISSIONS.value)
+        return copy.deepcopy(value)  # 0.6's has_permission fills the dict in place
+    return await config.get("user.permissions")
+
+
+async def owui_features_allowed(user_id: str, keys: Iterable[str], request: Any
+                                ) -> dict[str, bool]:
+    """Open WebUI's own `has_permission(user_id, "features.<key>", defaults)` for each key
+    (async from 0.9, sync before). Any failure of the lookup denies them all (logged)."""
+    try:
+        access = importlib.import_module("open_webui.utils.access_control")
+        defaults = await owui_default_permissions(request)
+        return {key: bool(await _owui_call(access.has_permission, user_id, f"features.{key}",
+                                           defaults or {})) for key in keys}
+    except Exception as exc:  # another product's lookup: whatever breaks, deny (not a crash)
+        LOG.warning("Open WebUI's permission check failed (%s: %s); features left off: %s",
+                    type(exc).__name__, exc, ", ".join(keys))
+        return {}
 
 
 def with_tools(plan: Transformed, req: ChatRequest, entry: CatalogEntry,
@@ -10152,6 +10236,19 @@ class Pipe:
             await turn.emitter.status(f"Failed · {line}", done=True)
         return [{"choices": [], "usage": usage_payload(run.usage, timing)}]
 
+    async def _features(self, turn: Turn) -> tuple[dict[str, Any], list[str]]:
+        """The chat's feature switches, the paid ones only as Open WebUI permits them (admins
+        may use all); each one refused is told (a note, also in the answer for API clients)."""
+        features = _mapping(turn.context.metadata.get("features"))
+        wanted = [k for k in GATED_FEATURES if features.get(k)]
+        if not wanted or turn.req.user_role == "admin":
+            return dict(features), []
+        allowed = await owui_features_allowed(turn.req.user_id, wanted, turn.context.request)
+        permitted, notes = permitted_features(features, allowed)
+        for note in notes:
+            LOG.info("%s", note)
+        return permitted, notes
+
     async def _plan(self, turn: Turn) -> Transformed:
         entry = await self._resolve_entry(turn.req, turn.settings)
         await self._routing_notes(turn)
@@ -10159,10 +10256,11 @@ class Pipe:
         req = await self._take_in(turn, entry)                               # 5 intake
         plan = build_responses_request(req, entry, turn.settings, artifacts)  # 6 transform
         if not req.task:  # chats loop over tool rounds; tasks never call tools
-            plan = with_tools(plan, req, entry, turn.context.tools,
-                              _mapping(turn.context.metadata.get("features")),
+            features, refused = await self._features(turn)
+            plan = dataclasses.replace(plan, notes=(*plan.notes, *refused))
+            plan = with_tools(plan, req, entry, turn.context.tools, features,
                               turn.settings.tools)
-            plan = await self._with_images(turn, plan, entry)                # issue #14
+            plan = await self._with_images(turn, plan, entry, features)      # issue #14
         plan = dataclasses.replace(plan, replayed_reasoning=sent_reasoning_ids(
             plan.payload.get("input") or (), artifacts))
         LOG.info("Turn: model=%s stream=%s task=%s messages=%d", entry.id,
@@ -10295,10 +10393,10 @@ class Pipe:
                        turn.req.model_id, turn.settings.images.max_bytes, turn.settings.intake)
         return ImageSink(job, turn.emitter, self._intake.store, self._intake.fetcher)
 
-    async def _with_images(self, turn: Turn, plan: Transformed, entry: CatalogEntry
-                           ) -> Transformed:
+    async def _with_images(self, turn: Turn, plan: Transformed, entry: CatalogEntry,
+                           features: Mapping[str, Any]) -> Transformed:
         """Modalities/image_config for image models, the image tool for the Image toggle."""
-        images, features = turn.settings.images, _mapping(turn.context.metadata.get("features"))
+        images = turn.settings.images
         tool = bool(features.get("image_generation")) and not makes_images(entry)
         if not makes_images(entry) and not tool:
             return plan
@@ -10317,11 +10415,12 @@ class Pipe:
                     images: ImageSink | None = None) -> AsyncIterator[list[dict[str, Any]]]:
         """Network reads -> decoded events -> reduced intents -> (pictures saved, §12) ->
         rendered chunk lists."""
-        decoder = SSEDecoder()
+        decoder = SSEDecoder(images.line_cap if images is not None else SSE_MAX_LINE_BYTES)
         async for raw in resp.iter_chunks():
             intents = reduce_events(state, decoder.feed(raw))
             if images is not None:
                 intents = await images.resolve(intents)
+                decoder.max_bytes = images.line_cap  # the final event repeats every picture
             else:
                 intents = [i for i in intents if i[0] not in IMAGE_INTENTS]
             if intents:

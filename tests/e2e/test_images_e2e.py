@@ -114,6 +114,28 @@ def test_image_toggle_on_a_chat_model_uses_openrouters_image_tool(owui):
         assert "1 image (list price $0.00003 per image unit)" in final
 
 
+def test_the_image_toggle_needs_open_webuis_permission_for_a_member(owui):
+    """`features` is client-supplied: with Open WebUI's default permission
+    `features.image_generation` off, a member sending the flag by hand gets no image tool."""
+    user, access = chat_user(owui)
+    if user is owui.client:
+        pytest.skip("ordinary users see pipe models only with MODEL_ACCESS (issue #10)")
+    perms = owui.client.request("GET", "/api/v1/users/default/permissions").json()
+    off = {**perms, "features": {**perms["features"], "image_generation": False}}
+    owui.client.request("POST", "/api/v1/users/default/permissions", json=off)
+    try:
+        with valves(owui, IMAGE_TOOL_MODEL=GEMINI_IMAGE, **access):
+            since = len(owui.emulator.requests)
+            chat = user.chat_ui(owui.model(GPT4O), "paint a red square",
+                                features={"image_generation": True})
+    finally:
+        owui.client.request("POST", "/api/v1/users/default/permissions", json=perms)
+    (sent,) = turn_posts(owui.emulator, since, "paint a red square")
+    assert "openrouter:image_generation" not in [t.get("type") for t in sent.get("tools") or []]
+    answer = stored_message(chat)
+    assert not answer.get("error") and LINK.findall(answer["content"]) == []
+
+
 @pytest.mark.parametrize("stream", [True, False])
 def test_plain_api_clients_get_the_link(owui, stream):
     user, access = chat_user(owui)

@@ -244,7 +244,7 @@ async def test_another_users_picture_is_not_sent(pipe, emulator, owui, events):
                  __event_emitter__=events)
     parts = [i for i in last_post(emulator)["input"] if i.get("role") == "user"][-1]["content"]
     assert [p["type"] for p in parts] == ["input_text"]
-    assert any("You don't have access to the attached file" in n["content"]
+    assert any("or you don't have access to it" in n["content"]
                for n in events.of("notification"))
 
 
@@ -322,3 +322,46 @@ async def test_an_answer_carrying_image_parts_never_replays_their_base64(pipe, e
     await stream(pipe, payload, __user__=USER)
     sent = json.dumps(last_post(emulator)["input"])
     assert "base64" not in sent and len(sent) < 1000 and "Here it is." in sent
+
+
+# ------------------------------------------------------------------ 8. large pictures
+
+
+async def test_two_seven_mb_pictures_are_saved_and_the_turn_keeps_its_usage(
+        pipe, emulator, owui, events, monkeypatch):
+    """The final event repeats both pictures (~19 MB of base64 on one line, over the 16 MiB
+    text cap): the turn's line cap follows IMAGE_MAX_MB, so both are saved and billed."""
+    import os
+
+    import openrouter_emulator as emu_mod
+
+    big = [image_png(i)[:33] + os.urandom(7 * 1024 * 1024) + bytes([i]) for i in range(2)]
+    monkeypatch.setattr(emu_mod, "image_png", lambda index, edit=False: big[index])
+    emulator.enqueue("image", n=2)
+    out = await stream(pipe, body(GEMINI_IMAGE, "two big foxes"), __user__=USER,
+                       __metadata__=META, __event_emitter__=events)
+    assert out.error is None and "over 16 MB" not in out.text
+    ids = links(out.text)
+    assert len(ids) == 2 and [stored(owui, i)[2] for i in ids] == big
+    assert out.usage["cost"] > 0 and out.usage["completion_tokens"] >= 2 * IMAGE_TOKENS
+    assert "· 2 images" in statuses(events)[-1]
+
+
+async def test_more_pictures_than_the_base_cap_holds_still_end_with_their_usage(
+        pipe, emulator, owui, events, monkeypatch):
+    """Six 3.5 MB pictures under IMAGE_MAX_MB=4: the final line (~28 MB) is over the base cap
+    (4 pictures + 1 MB ≈ 22 MB); the cap grows with the pictures already streamed."""
+    import os
+
+    import openrouter_emulator as emu_mod
+
+    pipe.valves = pipe.valves.model_copy(update={"IMAGE_MAX_MB": 4})
+    big = [image_png(0)[:33] + os.urandom(3_500_000) + bytes([i]) for i in range(6)]
+    monkeypatch.setattr(emu_mod, "image_png", lambda index, edit=False: big[index])
+    emulator.enqueue("image", n=6)
+    out = await stream(pipe, body(GEMINI_IMAGE, "six foxes"), __user__=USER,
+                       __metadata__=META, __event_emitter__=events)
+    assert out.error is None and "stream line" not in out.text
+    assert len(links(out.text)) == 6
+    assert out.usage["completion_tokens"] >= 6 * IMAGE_TOKENS and out.usage["cost"] > 0
+    assert "· 6 images" in statuses(events)[-1]

@@ -348,8 +348,13 @@ async def test_someone_elses_file_is_refused(pipe, emulator, owui, events):
     await stream(pipe, chat(GPT4O, image(f"/api/v1/files/{file_id}/content")), __user__=USER,
                  __event_emitter__=events)
     assert of_type(sent_parts(emulator), "input_image") == []
-    assert notes(events) == ["An image was left out: You don't have access to the attached "
-                             "file 'secret.png'."]
+    deleted = await stream(pipe, chat(GPT4O, image("/api/v1/files/gone-123/content")),
+                           __user__=USER, __event_emitter__=events)
+    assert deleted.error is None
+    # one sentence for "not yours" and "gone": neither the name nor whether it exists leaks
+    assert notes(events) == ["An image was left out: An attached file is not available: it "
+                             "no longer exists in Open WebUI, or you don't have access to it."
+                             ] * 2
 
 
 async def test_an_admin_may_read_any_users_file(pipe, emulator, owui):
@@ -555,13 +560,16 @@ NOTHING_RETRIEVED = [
 async def test_a_document_retrieval_got_nothing_from_goes_natively_to_a_file_model(
         pipe, emulator, owui, events, processed, why):
     file_id = store_file(owui, "u1", "scan.pdf", PDF, "application/pdf", processed)
-    await stream(pipe, chat(GPT4O, text="Summarise"), __user__=USER, __event_emitter__=events,
-                 __files__=[files_entry(file_id, "scan.pdf", "application/pdf")])
+    out = await stream(pipe, chat(GPT4O, text="Summarise"), __user__=USER,
+                       __event_emitter__=events, __metadata__={},  # an API client: no socket
+                       __files__=[files_entry(file_id, "scan.pdf", "application/pdf")])
     assert of_type(sent_parts(emulator), "input_file") == [
         {"type": "input_file", "filename": "scan.pdf",
          "file_data": durl("application/pdf", PDF)}]
-    assert notes(events) == [f"Open WebUI's document search got nothing from 'scan.pdf' "
-                             f"({why}), so it was sent to the model as a file."]
+    said = (f"Open WebUI's document search got nothing from 'scan.pdf' ({why}), so it was "
+            "sent to the model as a file.")
+    assert notes(events) == [said]
+    assert out.text.endswith(f"ℹ️ {said}")  # the toast reaches no one without a socket
 
 
 @pytest.mark.parametrize(("processed", "why"), NOTHING_RETRIEVED[:2])
@@ -593,3 +601,28 @@ async def test_the_upload_error_on_the_files_item_counts_too(pipe, emulator, owu
                  __files__=[item])
     assert len(of_type(sent_parts(emulator), "input_file")) == 1
     assert "processing failed: Extraction failed" in notes(events)[0]
+
+
+async def test_a_stored_pdf_for_a_model_without_file_input_is_sized_before_it_is_read(
+        pipe, emulator, owui, events, monkeypatch):
+    # QWEN_VL reads no files, yet a PDF goes to it (OpenRouter's file-parser): its stored size
+    # must count in the attachment total before anything is read from storage.
+    file_id = store_file(owui, "u1", "big.pdf", PDF + bytes(40_000), "application/pdf")
+    pipe.valves = pipe.valves.model_copy(update={"MAX_REQUEST_ATTACHMENTS_MB": 0.01})
+    reads: list[str] = []
+    store = pipe._intake.store
+    original = store.read
+
+    async def counted(file_id: str, *args, **kwargs):
+        reads.append(file_id)
+        return await original(file_id, *args, **kwargs)
+
+    monkeypatch.setattr(store, "read", counted)
+    part = {"type": "file", "file": {"filename": "big.pdf",
+                                     "file_data": f"/api/v1/files/{file_id}/content"}}
+    await stream(pipe, chat(QWEN_VL, part), __user__=USER, __event_emitter__=events)
+    assert reads == []  # refused from its stored size: never read
+    assert of_type(sent_parts(emulator), "input_file") == []
+    assert notes(events) == [
+        "A file (52.2 KB as sent) was left out: one request carries at most 10.2 KB of "
+        "attachments, newest first (MAX_REQUEST_ATTACHMENTS_MB)."]

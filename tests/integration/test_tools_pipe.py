@@ -13,6 +13,7 @@ from helpers import body, posts, stream
 GPT4O = "openai/gpt-4o"
 NANO = "openai/gpt-5-nano"
 NO_TOOLS = "mistralai/mistral-7b-instruct"
+ADMIN = {"id": "admin-1", "role": "admin", "valves": None}
 CARD = re.compile(r'<details type="tool_calls" done="true" id="([^"]*)" name="([^"]*)" '
                   r'arguments="([^"]*)" result="([^"]*)" files="">\n<summary>Tool Executed'
                   r'</summary>\n</details>\n')
@@ -271,7 +272,7 @@ async def test_openrouter_search_replaces_open_webuis_own_web_tools(pipe, emulat
             **{n: builtin(n) for n in ("search_web", "fetch_url", "search_chats")}}
     meta = {"features": {"web_search": True}}
     await stream(pipe, body(GPT4O, "news?", tools=as_body_tools(owui)), __tools__=owui,
-                 __metadata__=meta)
+                 __metadata__=meta, __user__=ADMIN)  # outside Open WebUI only admins search
     sent = posts(emulator)[-1]["json"]["tools"]
     assert [t.get("name") or t["type"] for t in sent] == [
         "search_chats", "weather", "openrouter:web_search"]
@@ -281,7 +282,7 @@ async def test_openrouter_search_replaces_open_webuis_own_web_tools(pipe, emulat
     pipe.valves = pipe.Valves(**{**pipe.valves.model_dump(),
                                  "TOOL_EXECUTION_MODE": "open_webui"})
     await stream(pipe, body(GPT4O, "news?", tools=as_body_tools(owui)), __tools__=owui,
-                 __metadata__=meta)
+                 __metadata__=meta, __user__=ADMIN)
     assert [t.get("name") or t["type"] for t in posts(emulator)[-1]["json"]["tools"]] == [
         "search_chats", "weather", "openrouter:web_search"]
 
@@ -292,7 +293,7 @@ async def test_web_search_only_when_the_user_turns_it_on(pipe, emulator, events)
     assert "tools" not in posts(emulator)[-1]["json"]
     out = await stream(pipe, body(GPT4O, "[emu:web_search] capital?"),
                        __metadata__={"features": {"web_search": True}},
-                       __event_emitter__=events)
+                       __event_emitter__=events, __user__=ADMIN)
     assert posts(emulator)[-1]["json"]["tools"] == [
         {"type": "openrouter:web_search", "parameters": {"max_results": 5}}]
     sources = events.of("citation")

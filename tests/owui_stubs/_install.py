@@ -10,6 +10,7 @@ environment at import time; ``install()`` sets those and ``uninstall()`` restore
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.abc
 import importlib.util
@@ -43,6 +44,7 @@ STUB_MODULES = {
         "open_webui.storage.provider",
         "open_webui.routers.files",
         "open_webui.utils.misc",
+        "open_webui.utils.access_control",
     ),
     "async": (
         "open_webui",
@@ -255,7 +257,9 @@ class StubHandle:
         """
         app_state = SimpleNamespace(**state)
         if self.flavour == "sync":
-            cfg = {"ALLOWED_FILE_EXTENSIONS": [], "FILE_MAX_SIZE": None}
+            cfg = {"ALLOWED_FILE_EXTENSIONS": [], "FILE_MAX_SIZE": None,
+                   "USER_PERMISSIONS": copy.deepcopy(
+                       self.modules["open_webui.config"].USER_PERMISSIONS.value)}
             cfg.update(config or {})
             app_state.config = SimpleNamespace(**cfg)
         elif config:

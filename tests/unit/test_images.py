@@ -323,3 +323,28 @@ def test_long_lines_split_anywhere_decode_like_one_read(cuts, newline):
         pos += cut
     got += decoder.feed(stream[pos:])
     assert got == whole and [len(e.data) for e in got] == [20000, 8]
+
+
+@pytest.mark.parametrize(("image_mb", "cap_mb"), [
+    (1, 16),                          # small pictures: the text cap stands
+    (7, 4 * 28 / 3 + 1),              # 4 pictures of 7 MB in base64 + 1 MB of text
+    (20, 4 * 80 / 3 + 1)])
+def test_the_stream_line_cap_follows_the_image_limit(image_mb, cap_mb):
+    from openrouter_responses_pipe import MB, stream_line_cap
+
+    assert stream_line_cap(int(image_mb * MB)) == pytest.approx(cap_mb * MB, abs=4)
+
+
+@pytest.mark.parametrize(("features", "allowed", "kept", "told"), [
+    ({"image_generation": True}, {"image_generation": True}, True, 0),
+    ({"image_generation": True}, {}, False, 1),                    # lookup failed: denied
+    ({"image_generation": True, "web_search": True}, {"web_search": True}, False, 1),
+    ({"image_generation": False, "code_interpreter": True}, {}, False, 0)])  # not gated
+def test_permitted_features_turns_off_what_open_webui_forbids(features, allowed, kept, told):
+    from openrouter_responses_pipe import permitted_features
+
+    out, notes = permitted_features(features, allowed)
+    assert bool(out.get("image_generation")) is kept and len(notes) == told
+    assert bool(out.get("web_search")) is bool(features.get("web_search")
+                                               and allowed.get("web_search"))
+    assert out.get("code_interpreter") == features.get("code_interpreter")

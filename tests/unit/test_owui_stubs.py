@@ -302,6 +302,7 @@ SIGNATURES = {
         ("utils/misc.py", "sanitize_text_for_db"),
         ("utils/misc.py", "sanitize_data_for_db"),
         ("utils/access_control/files.py", "has_access_to_file"),
+        ("utils/access_control/__init__.py", "has_permission"),
         ("constants.py", "_error_message"),
         *_COMMON_STORAGE,
     ],
@@ -334,13 +335,14 @@ SIGNATURES = {
         ("utils/misc.py", "openai_chat_message_template"),
         ("utils/misc.py", "openai_chat_chunk_message_template"),
         ("utils/misc.py", "openai_chat_completion_message_template"),
+        ("utils/access_control.py", "has_permission"),
         *_COMMON_STORAGE,
     ],
 }
 
 
 def _module_name(relpath: str) -> str:
-    return "open_webui." + relpath[:-3].replace("/", ".")
+    return "open_webui." + relpath[:-3].removesuffix("/__init__").replace("/", ".")
 
 
 def _live_callable(flavour: str, relpath: str, qualname: str) -> Any:

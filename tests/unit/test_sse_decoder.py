@@ -217,3 +217,15 @@ def test_a_line_over_the_cap_is_a_specific_stream_error_not_unbounded_memory():
             many.feed(b"data: 0123456789\n")
     assert SSE_MAX_LINE_BYTES == 16 * 1024 * 1024
     assert SSEDecoder()._max == SSE_MAX_LINE_BYTES
+
+
+def test_a_raised_cap_applies_from_the_next_feed():
+    """§12 grows the cap as pictures stream: a line over the old cap then decodes whole."""
+    decoder = SSEDecoder(max_bytes=100)
+    assert decoder.feed(b"data: " + b"x" * 60) == []
+    decoder.max_bytes = 1000
+    (event,) = decoder.feed(b"x" * 300 + b"\n\n")
+    assert event.data == "x" * 360
+    decoder.max_bytes = 100
+    with pytest.raises(UpstreamStreamError, match="over"):
+        decoder.feed(b"data: " + b"y" * 200 + b"\n\n")

@@ -27,7 +27,21 @@ RAG_ALLOWED_FILE_EXTENSIONS = [  # OW config.py:1005-1007
     ext.strip() for ext in os.getenv("RAG_ALLOWED_FILE_EXTENSIONS", "").split(",") if ext.strip()
 ]
 
+# OW config.py:1946-1950 and DEFAULT_USER_PERMISSIONS (only the "features" the pipe asks about)
+USER_PERMISSIONS_FEATURES_WEB_SEARCH = (
+    os.getenv("USER_PERMISSIONS_FEATURES_WEB_SEARCH", "True").lower() == "true")
+USER_PERMISSIONS_FEATURES_IMAGE_GENERATION = (
+    os.getenv("USER_PERMISSIONS_FEATURES_IMAGE_GENERATION", "True").lower() == "true")
+DEFAULT_USER_PERMISSIONS = {
+    "features": {
+        "web_search": USER_PERMISSIONS_FEATURES_WEB_SEARCH,
+        "image_generation": USER_PERMISSIONS_FEATURES_IMAGE_GENERATION,
+    },
+}
+USER_PERMISSIONS = DEFAULT_USER_PERMISSIONS
+
 DEFAULT_CONFIG = {
+    "user.permissions": USER_PERMISSIONS,  # OW config.py:3212
     "rag.file.max_size": RAG_FILE_MAX_SIZE,
     "rag.file.allowed_extensions": RAG_ALLOWED_FILE_EXTENSIONS,
 }

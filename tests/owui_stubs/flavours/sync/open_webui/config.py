@@ -47,3 +47,20 @@ RAG_FILE_MAX_SIZE = PersistentConfig(
     "rag.file.max_size",
     int(os.environ["RAG_FILE_MAX_SIZE"]) if os.environ.get("RAG_FILE_MAX_SIZE") else None,
 )
+
+# W06 config.py:1271-1278, 1290-1338 (only the "features" the pipe asks about). The live
+# value is ``request.app.state.config.USER_PERMISSIONS`` (see ``StubHandle.make_request``).
+USER_PERMISSIONS_FEATURES_WEB_SEARCH = (
+    os.environ.get("USER_PERMISSIONS_FEATURES_WEB_SEARCH", "True").lower() == "true"
+)
+USER_PERMISSIONS_FEATURES_IMAGE_GENERATION = (
+    os.environ.get("USER_PERMISSIONS_FEATURES_IMAGE_GENERATION", "True").lower() == "true"
+)
+DEFAULT_USER_PERMISSIONS = {
+    "features": {
+        "web_search": USER_PERMISSIONS_FEATURES_WEB_SEARCH,
+        "image_generation": USER_PERMISSIONS_FEATURES_IMAGE_GENERATION,
+    },
+}
+USER_PERMISSIONS = PersistentConfig("USER_PERMISSIONS", "user.permissions",
+                                    DEFAULT_USER_PERMISSIONS)
