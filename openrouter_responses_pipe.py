@@ -9241,9 +9241,9 @@ class SpendService:
         return key
 
     async def disable_departed(self, settings: RequestSettings, function_id: str) -> int:
-        """Disable provisioned keys of users deleted, set to `pending`, or no longer allowed
-        the models by MODEL_ACCESS; returns how many. (A user who can still chat, e.g. through
-        a model an admin shared by hand, gets the key back on their next chat.)"""
+        """Disable provisioned keys of users deleted, set to `pending`, or outside every group
+        MODEL_ACCESS names; returns how many. (A user who can still chat, e.g. through a model
+        an admin shared by hand, gets the key back on their next chat.)"""
         vault = self._tables(function_id)[1]
         if vault is None or not settings.spend.management_key:
             return 0
@@ -9268,7 +9268,7 @@ class SpendService:
         if role == "pending":
             return False
         if access.mode != "groups" or role == "admin":
-            return may_use_models(role, (), access)
+            return True  # `admins`: ordinary users chat only through records shared by hand
         try:
             groups = await self.groups(user_id)
         except asyncio.CancelledError:
