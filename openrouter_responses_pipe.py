@@ -2350,23 +2350,73 @@ def _owui_models() -> Any:
         return None
 
 
-async def owui_model_params(owui_model_id: str) -> Mapping[str, Any] | None:
-    """The admin's per-model settings from Open WebUI's model record (the model editor's
-    Advanced Params → Custom Parameters); None outside Open WebUI."""
+async def owui_model_record(owui_model_id: str) -> tuple[Any, bool] | None:
+    """(Open WebUI's model record for this id or None, whether its Models API is the
+    synchronous one of 0.6-0.8); None outside Open WebUI. A database error is logged and
+    reads as "no record"."""
     models = _owui_models()
     if models is None:
         return None
     import sqlalchemy.exc as sa_exc
 
     getter = models.get_model_by_id
+    legacy = not inspect.iscoroutinefunction(getter)
     try:
-        record = (await getter(owui_model_id) if inspect.iscoroutinefunction(getter)
-                  else await asyncio.to_thread(getter, owui_model_id))
+        record = (await asyncio.to_thread(getter, owui_model_id) if legacy
+                  else await getter(owui_model_id))
     except (sa_exc.SQLAlchemyError, OSError, ValueError) as exc:
         LOG.warning("Could not read the model record of %s: %s", owui_model_id, exc)
+        return (None, legacy)
+    return (record, legacy)
+
+
+async def _owned_by_admin(record: Any) -> bool:
+    """Per-model routing is the admin's: a record an ordinary user made under a pipe model's
+    id (Open WebUI lets anyone with workspace access create one) must not loosen it."""
+    try:
+        users = importlib.import_module("open_webui.models.users").Users
+        owner = await _owui_call(users.get_user_by_id, str(getattr(record, "user_id", "")))
+    except (ImportError, AttributeError):
+        return False
+    return str(getattr(owner, "role", "")) == "admin"
+
+
+async def owui_model_params(owui_model_id: str) -> Mapping[str, Any] | None:
+    """The admin's per-model settings from Open WebUI's model record (the model editor's
+    Advanced Params → Custom Parameters); None outside Open WebUI, {} when the record is
+    missing or not an admin's."""
+    found = await owui_model_record(owui_model_id)
+    if found is None:
+        return None
+    record = found[0]
+    if record is None:
+        return {}
+    if not await _owned_by_admin(record):
+        LOG.warning("Ignoring the routing settings of %s: its record belongs to a non-admin",
+                    owui_model_id)
         return {}
     params = getattr(record, "params", None)
     return routing_params(params.model_dump() if isinstance(params, BaseModel) else params)
+
+
+async def owui_may_read_model(owui_model_id: str, user_id: str) -> bool:
+    """Open WebUI 0.6-0.8 checks only a workspace model's own access, then hands the pipe its
+    base model id: the pipe checks the base model's record itself there, with Open WebUI's own
+    rule (owner, or `has_access(read)`). From 0.9 Open WebUI checks base models itself."""
+    found = await owui_model_record(owui_model_id)
+    if found is None or not found[1]:
+        return True
+    record = found[0]
+    if record is None:
+        return False
+    if str(getattr(record, "user_id", "")) == user_id:
+        return True
+    try:
+        has_access = importlib.import_module("open_webui.utils.access_control").has_access
+    except (ImportError, AttributeError):
+        return False
+    return bool(await asyncio.to_thread(has_access, user_id, "read",
+                                        getattr(record, "access_control", None)))
 
 
 def _user_provider(user: UserValves, body_provider: Any) -> tuple[dict[str, Any], list[str]]:
@@ -10025,6 +10075,7 @@ class Pipe:
         # the model editor's per-model settings (an I/O edge: tests replace it)
         self._model_params: Callable[[str], Awaitable[Mapping[str, Any] | None]] = \
             owui_model_params
+        self._may_read_model: Callable[[str, str], Awaitable[bool]] = owui_may_read_model
 
         # ── Spend control (issue #13) ──
         self._spend = SpendService(
@@ -10101,6 +10152,14 @@ class Pipe:
             return _refuse(body, __metadata__, __task__, exc)
         if not self._function_id and "." in req.owui_model_id:  # loaded under an odd name
             self._function_id = req.owui_model_id.split(".", 1)[0]
+        if req.user_role != "admin" and not await self._may_read_model(req.owui_model_id,
+                                                                       req.user_id):
+            LOG.warning("Refused %s to user %s: no read access to its model record",
+                        req.owui_model_id, req.user_id)
+            return _fail_fast(req, ModelNotAvailable(
+                "This model is not available to you.",
+                hint="Pick a model from your model selector; an admin decides who sees which "
+                     "models (MODEL_ACCESS)."))
         model_params = await self._model_params(req.owui_model_id)      # per-model (#12)
         if model_params is None:
             model_params = model_custom_params(__metadata__, req.owui_model_id)

@@ -14,6 +14,9 @@ SOURCE = (Path(__file__).resolve().parents[2] / "openrouter_responses_pipe.py").
 def loaded(request, tmp_path, emulator):
     handle = install(request.param, data_dir=tmp_path)
     handle.add_user("u1", role="user", name="Ann", email="ann@example.com")
+    if request.param == "sync":  # 0.6.28: the pipe checks the model record's access itself
+        for model in ("openai/gpt-4o", "deepseek/deepseek-r1:free", "openai/gpt-5-nano"):
+            handle.share_model(f"openrouter.{model}")
     pipe, meta = load_function(SOURCE, "openrouter", request.param)
     valves = {"BASE_URL": emulator.base_url, "API_KEY": "sk-or-test"}
     yield request.param, pipe, meta, valves

@@ -182,6 +182,17 @@ class StubHandle:
             session.commit()
         return model
 
+    def share_model(self, model_id: str, owner: str = "admin-0") -> None:
+        """0.6.28 flavour: a model record every user may read (`access_control` None), as an
+        admin makes in Admin → Models; ordinary users reach a pipe model only through one."""
+        if self.flavour != "sync":
+            raise NotImplementedError("the async Models API is awaited: seed it in the test")
+        models = self.modules["open_webui.models.models"]
+        form = models.ModelForm(id=model_id, base_model_id=None, name=model_id,
+                                meta=models.ModelMeta(), params=models.ModelParams(),
+                                access_control=None)
+        models.Models.insert_new_model(form, owner)
+
     def add_chat(self, id: str | None = None, user_id: str = "user-1", title: str = "New Chat",
                  messages: list[dict] | None = None, chat: dict | None = None,
                  **fields: Any) -> Any:

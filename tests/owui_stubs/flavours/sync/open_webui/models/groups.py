@@ -1,5 +1,6 @@
 """Stub of ``open_webui.models.groups`` for the "sync" flavour (0.6.28): the ``group``
-table's id/name/description and ``Groups.get_groups()`` (W06 :122-127, synchronous)."""
+table's id/name/description, ``Groups.get_groups()`` (W06 :122-127, synchronous) and
+``get_groups_by_member_id`` (W06 :129)."""
 
 import time
 
@@ -30,9 +31,19 @@ class GroupModel(BaseModel):
 
 
 class GroupTable:
+    def __init__(self) -> None:
+        self._STUB_members: dict[str, set[str]] = {}  # group id -> user ids (`user_ids`)
+
     def get_groups(self) -> list[GroupModel]:
         with get_db() as db:
             return [GroupModel.model_validate(g) for g in db.query(Group).all()]
+
+    def get_groups_by_member_id(self, user_id: str) -> list[GroupModel]:
+        """W06 :129: the groups whose `user_ids` hold the user."""
+        return [g for g in self.get_groups() if user_id in self._STUB_members.get(g.id, set())]
+
+    def STUB_add_member(self, group_id: str, user_id: str) -> None:
+        self._STUB_members.setdefault(group_id, set()).add(user_id)
 
     def STUB_add(self, id: str, name: str, user_id: str = "admin") -> None:
         now = int(time.time())

@@ -7,7 +7,7 @@ stub's groups carry no permissions, so only the defaults decide: 0.6.28 callers 
 ``request.app.state.config.USER_PERMISSIONS`` (see ``StubHandle.make_request``).
 """
 
-from typing import Any, Dict  # noqa: UP035 -- as the real module
+from typing import Any, Dict, Optional, Set  # noqa: UP035 -- as the real module
 
 from open_webui.config import DEFAULT_USER_PERMISSIONS
 
@@ -38,3 +38,22 @@ def has_permission(
 ) -> bool:
     defaults = fill_missing_permissions(default_permissions, DEFAULT_USER_PERMISSIONS)
     return _STUB_get(defaults, permission_key.split("."))
+
+
+def has_access(
+    user_id: str,
+    type: str = "write",
+    access_control: Optional[dict] = None,  # noqa: UP045
+    user_group_ids: Optional[Set[str]] = None,  # noqa: UP006, UP045
+) -> bool:
+    """W06 utils/access_control.py:108: None = everyone may read; else the user's id or one of
+    their groups in `access_control[type]`."""
+    if access_control is None:
+        return type == "read"
+    if user_group_ids is None:
+        from open_webui.models.groups import Groups
+
+        user_group_ids = {g.id for g in Groups.get_groups_by_member_id(user_id)}
+    allowed = access_control.get(type, {})
+    return user_id in allowed.get("user_ids", []) or bool(
+        set(allowed.get("group_ids", [])) & set(user_group_ids))
