@@ -4605,11 +4605,13 @@ class OpenRouterClient:
         return await self._send("GET", "/models" + CATALOG_QUERY, None, settings, stream=False,
                                 take=_json_answer)
 
-    async def complete(self, payload: Mapping[str, Any], settings: RequestSettings) -> Any:
-        """POST /responses without streaming; the parsed JSON answer (body read retried)."""
+    async def complete(self, payload: Mapping[str, Any], settings: RequestSettings,
+                       flight: Flight | None = None) -> Any:
+        """POST /responses without streaming; the parsed JSON answer (body read retried).
+        `flight` follows whether an HTTP call is outstanding (what a cancel may have cost)."""
         settings.require_api_key()
         return await self._send("POST", "/responses", encode_payload(payload), settings,
-                                stream=False, take=_json_answer)
+                                stream=False, take=_json_answer, flight=flight)
 
     async def fetch_image_models(self, settings: RequestSettings) -> Any:
         """GET /images/models: the values each image model offers (issue #14)."""
@@ -4625,25 +4627,32 @@ class OpenRouterClient:
 
     async def _send(self, method: str, path: str, body: bytes | None,
                     settings: RequestSettings, *, stream: bool,
-                    take: Callable[[TransportResponse], Awaitable[Any]]) -> Any:
+                    take: Callable[[TransportResponse], Awaitable[Any]],
+                    flight: Flight | None = None) -> Any:
         """Send, then `take` the 200 answer (read it, or check it is a stream); failures
-        before any byte reached the user (statuses, network, a broken body) are retried."""
+        before any byte reached the user (statuses, network, a broken body) are retried.
+        `flight` is in flight only while a call is outstanding or its 200 is being read
+        (never during an error answer or a retry's wait: those are not billed)."""
         url, headers = settings.base_url + path, self.headers(settings, stream=stream)
-        attempt = 0
+        flight, attempt = flight or Flight(), 0
         while True:
             started = self._clock()
             try:
+                flight.begin()
                 resp = await self._transport.request(
                     method, url, headers=headers, body=body,
                     connect_timeout=settings.connect_timeout,
                     read_timeout=settings.read_timeout)
                 self._observe(resp.status, self._clock() - started)
                 if resp.status < 400:
+                    flight.generation_id = generation_id_of(resp.headers)
                     return await take(resp)
+                flight.land()
                 err: UpstreamError = await self._error_from(resp)
             except UpstreamConnectionError as exc:
                 self._observe("network", None)
                 err = exc
+            flight.land()
             delay = retry_delay(err, attempt, settings)
             if delay is None:
                 raise _with_attempts(err, attempt + 1)
@@ -4655,6 +4664,27 @@ class OpenRouterClient:
     @staticmethod
     async def _error_from(resp: TransportResponse) -> UpstreamStatusError:
         return parse_upstream_error(resp.status, await read_body(resp), resp.headers)
+
+
+@dataclass(slots=True)
+class Flight:
+    """One request's billing exposure for a task that may be cancelled: `active` while an
+    HTTP call is outstanding or its 200 answer is being read (a cancel then may have been
+    billed), off once the answer failed, during a retry's wait, and once its usage is
+    recorded; `generation_id` is the answer's `X-Generation-Id` ("" before headers)."""
+
+    active: bool = False
+    generation_id: str = ""
+
+    def begin(self) -> None:
+        self.active, self.generation_id = True, ""
+
+    def land(self) -> None:
+        self.active = False
+
+
+def generation_id_of(headers: Mapping[str, str]) -> str:
+    return str(headers.get("X-Generation-Id") or headers.get("x-generation-id") or "")
 
 
 async def read_body(resp: TransportResponse) -> bytes:
@@ -10150,7 +10180,8 @@ class Pipe:
     async def _complete(self, turn: Turn) -> str:
         """Tasks: one non-streamed request, the answer as a string."""
         token = CURRENT_LOG.set(turn.log)
-        sent: Mapping[str, Any] | None = None
+        sent: Mapping[str, Any] = {}
+        flight = Flight()  # in flight only while the call is out (a cancel may be billed)
         try:
             self._telemetry.requests += 1
             async with self._gate.admit(turn.req.user_id, turn.settings.admission):  # 1 admit
@@ -10162,13 +10193,16 @@ class Pipe:
                 for note in plan.notes:
                     await turn.emitter.notify(note)
                 sent = plan.payload
-                data = await self._open(turn, plan.payload, self._client.complete)  # 7
+                data = await self._open(turn, plan.payload, functools.partial(
+                    self._client.complete, flight=flight))                          # 7
             self._spend.record(turn, Usage.from_json(data.get("usage")))  # spend ledger
+            flight.land()  # recorded: a later cancel (e.g. in _after_turn) costs nothing more
             await self._after_turn(turn, plan)                  # 11 cleanup (tasks store nothing)
             return _final_text(data)
         except asyncio.CancelledError:  # the request may have been billed: record it
-            if sent is not None:
-                self._spend.settle(turn, [self._unfinished(sent, StreamState())])
+            if flight.active:
+                self._spend.settle(turn, [self._unfinished(
+                    sent, StreamState(response_id=flight.generation_id))])
             raise
         except Exception as exc:  # the boundary: Open WebUI shows str() of what we raise
             failure = await self._report_failure(turn, exc)
@@ -10341,8 +10375,7 @@ class Pipe:
                           renderer: ChunkRenderer, timing: StreamTiming
                           ) -> AsyncGenerator[dict[str, Any], None]:
         resp = await self._open(turn, payload, self._client.open_response)          # 7 send
-        state.response_id = str(resp.headers.get("X-Generation-Id")
-                                or resp.headers.get("x-generation-id") or "")
+        state.response_id = generation_id_of(resp.headers)
         done = False
         try:
             async for chunks in self._pump(resp, state, renderer, timing,           # 8-9
