@@ -42,6 +42,7 @@ import contextlib
 import contextvars
 import copy
 import dataclasses
+import errno
 import functools
 import hashlib
 import hmac
@@ -58,6 +59,7 @@ import os
 import random
 import re
 import socket
+import ssl
 import sys
 import time
 import typing
@@ -3690,7 +3692,8 @@ async def system_resolve(host: str, port: int) -> list[str]:
     try:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
-        raise IntakeError(f"{host} could not be resolved ({_exc_text(exc)}).") from exc
+        log_failure_detail(f"{host} could not be resolved", exc)
+        raise IntakeError(f"{host} could not be resolved (DNS failure).") from exc
     return [str(info[4][0]) for info in infos]
 
 
@@ -3785,10 +3788,12 @@ class Fetcher:
                                   "seconds and was stopped.") from None
             raise _Retryable("timed out") from None
         except aiohttp.ClientSSLError as exc:  # a bad certificate won't get better on retry
-            raise IntakeError(f"The secure connection failed ({_exc_text(exc)}).",
+            log_failure_detail("The download's secure connection failed", exc)
+            raise IntakeError("The secure connection failed (TLS error).",
                               hint="The site's certificate isn't valid for its name.") from exc
         except (aiohttp.ClientError, OSError) as exc:
-            raise _Retryable(f"network error: {_exc_text(exc)}") from exc
+            log_failure_detail("The download failed", exc)
+            raise _Retryable(failure_reason(exc)) from exc
 
     async def _follow(self, url: str, limits: IntakeLimits, cap: int) -> Fetched:
         target = check_url(url, limits)
@@ -3934,8 +3939,11 @@ class OwuiFileStore:
         except IntakeError:
             raise
         except Exception as exc:  # any storage backend (disk, S3, GCS, Azure) failing
+            log_failure_detail(f"Open WebUI's storage failed to read '{name}'", exc)
             raise IntakeError(f"The stored copy of '{name}' can't be read "
-                              f"({_exc_text(exc)}).") from exc
+                              f"({failure_reason(exc, 'storage error')}).",
+                              hint="Upload the file again; if that fails too, tell an admin."
+                              ) from exc
         mime = normalise_mime(str(meta.get("content_type") or "")) or _guess_mime(name)
         return StoredFile(record.id, name, mime, data)
 
@@ -3955,8 +3963,9 @@ class OwuiFileStore:
             _, path = await asyncio.to_thread(storage.upload_file, io.BytesIO(data),
                                               f"{file_id}_{name}", tags)
         except Exception as exc:  # any storage backend failing; the chat goes on without it
-            raise IntakeError(f"Open WebUI's storage refused the file ({_exc_text(exc)}).") \
-                from exc
+            log_failure_detail(f"Open WebUI's storage failed to save '{name}'", exc)
+            raise IntakeError("Open WebUI's storage refused the file "
+                              f"({failure_reason(exc, 'storage error')}).") from exc
         form = files.FileForm(id=file_id, hash=hashlib.sha256(data).hexdigest(), filename=name,
                               path=path, data={}, meta={"name": name, "content_type": mime,
                                                         "size": len(data), "source_url": source,
@@ -4483,8 +4492,10 @@ class _AiohttpResponse:
                 code="read_timeout", hint="The provider may be overloaded; retry, or raise "
                 "HTTP_READ_TIMEOUT_SECONDS for very slow models.") from exc
         except aiohttp.ClientError as exc:
-            raise UpstreamStreamError(f"The connection to OpenRouter broke ({_exc_text(exc)}).",
-                                      code="network_error") from exc
+            log_failure_detail("The connection to OpenRouter broke", exc)
+            raise UpstreamStreamError(
+                f"The connection to OpenRouter broke ({failure_reason(exc)}).",
+                code="network_error") from exc
 
     async def close(self) -> None:
         self._resp.close()
@@ -4511,6 +4522,61 @@ class _AiohttpResponse:
 
 def _exc_text(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
+
+
+# What users read of a network or storage failure: a short kind, never the exception's
+# text (it names hosts, addresses, paths, buckets). The detail goes to an admin-only line.
+_ERRNO_REASONS = {errno.ECONNREFUSED: "connection refused", errno.ECONNRESET: "connection reset",
+                  errno.EHOSTUNREACH: "host unreachable", errno.ENETUNREACH: "network unreachable",
+                  errno.ETIMEDOUT: "timed out", errno.ENOENT: "file missing",
+                  errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                  errno.ENOSPC: "storage full"}
+_NAMED_REASONS = (("SSL", "TLS error"), ("Certificate", "TLS error"), ("DNS", "DNS failure"),
+                  ("Proxy", "proxy failure"), ("Timeout", "timed out"),
+                  ("Disconnected", "connection closed"), ("Payload", "answer broke off"))
+
+
+def _failure_chain(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo and len(chain) < 8:
+        cur = todo.pop(0)
+        if cur is None or any(cur is seen for seen in chain):
+            continue
+        chain.append(cur)
+        todo += [getattr(cur, "os_error", None), cur.__cause__, cur.__context__]
+    return chain
+
+
+def _one_reason(exc: BaseException) -> str | None:
+    if isinstance(exc, ssl.SSLError):
+        return "TLS error"
+    if isinstance(exc, socket.gaierror):
+        return "DNS failure"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    names = [k.__name__ for k in type(exc).__mro__]
+    for part, reason in _NAMED_REASONS:
+        if any(part in name for name in names):
+            return reason
+    if isinstance(exc, OSError) and exc.errno in _ERRNO_REASONS:
+        return _ERRNO_REASONS[exc.errno]
+    return None
+
+
+def failure_reason(exc: BaseException, default: str = "network error") -> str:
+    """A short, user-safe kind of failure (timed out, connection refused, DNS failure, TLS
+    error…), from the exception and its causes; `default` when none is recognised."""
+    for cur in _failure_chain(exc):
+        if reason := _one_reason(cur):
+            return reason
+    return default
+
+
+def log_failure_detail(what: str, exc: BaseException) -> None:
+    """The raw detail of a failure users read only as a kind: one admin-only log line."""
+    LOG.warning("%s: %s: %s", what, type(exc).__name__, _exc_text(exc),
+                extra={"orp_private": True})
 
 
 class AiohttpTransport:
@@ -4546,8 +4612,9 @@ class AiohttpTransport:
             resp = await self._get_session().request(method, url, headers=dict(headers),
                                                      data=body, timeout=timeout)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            log_failure_detail("Couldn't reach OpenRouter", exc)
             raise UpstreamConnectionError(
-                f"Couldn't reach OpenRouter ({_exc_text(exc)}).",
+                f"Couldn't reach OpenRouter ({failure_reason(exc)}).",
                 hint="Check the server's network and BASE_URL, then retry.") from exc
         return _AiohttpResponse(resp, read_timeout)
 
@@ -4655,11 +4722,13 @@ class OpenRouterClient:
         return await self._send("GET", "/models" + CATALOG_QUERY, None, settings, stream=False,
                                 take=_json_answer)
 
-    async def complete(self, payload: Mapping[str, Any], settings: RequestSettings) -> Any:
-        """POST /responses without streaming; the parsed JSON answer (body read retried)."""
+    async def complete(self, payload: Mapping[str, Any], settings: RequestSettings,
+                       flight: Flight | None = None) -> Any:
+        """POST /responses without streaming; the parsed JSON answer (body read retried).
+        `flight` follows whether an HTTP call is outstanding (what a cancel may have cost)."""
         settings.require_api_key()
         return await self._send("POST", "/responses", encode_payload(payload), settings,
-                                stream=False, take=_json_answer)
+                                stream=False, take=_json_answer, flight=flight)
 
     async def fetch_image_models(self, settings: RequestSettings) -> Any:
         """GET /images/models: the values each image model offers (issue #14)."""
@@ -4675,25 +4744,32 @@ class OpenRouterClient:
 
     async def _send(self, method: str, path: str, body: bytes | None,
                     settings: RequestSettings, *, stream: bool,
-                    take: Callable[[TransportResponse], Awaitable[Any]]) -> Any:
+                    take: Callable[[TransportResponse], Awaitable[Any]],
+                    flight: Flight | None = None) -> Any:
         """Send, then `take` the 200 answer (read it, or check it is a stream); failures
-        before any byte reached the user (statuses, network, a broken body) are retried."""
+        before any byte reached the user (statuses, network, a broken body) are retried.
+        `flight` is in flight only while a call is outstanding or its 200 is being read
+        (never during an error answer or a retry's wait: those are not billed)."""
         url, headers = settings.base_url + path, self.headers(settings, stream=stream)
-        attempt = 0
+        flight, attempt = flight or Flight(), 0
         while True:
             started = self._clock()
             try:
+                flight.begin()
                 resp = await self._transport.request(
                     method, url, headers=headers, body=body,
                     connect_timeout=settings.connect_timeout,
                     read_timeout=settings.read_timeout)
                 self._observe(resp.status, self._clock() - started)
                 if resp.status < 400:
+                    flight.generation_id = generation_id_of(resp.headers)
                     return await take(resp)
+                flight.land()
                 err: UpstreamError = await self._error_from(resp)
             except UpstreamConnectionError as exc:
                 self._observe("network", None)
                 err = exc
+            flight.land()
             delay = retry_delay(err, attempt, settings)
             if delay is None:
                 raise _with_attempts(err, attempt + 1)
@@ -4705,6 +4781,27 @@ class OpenRouterClient:
     @staticmethod
     async def _error_from(resp: TransportResponse) -> UpstreamStatusError:
         return parse_upstream_error(resp.status, await read_body(resp), resp.headers)
+
+
+@dataclass(slots=True)
+class Flight:
+    """One request's billing exposure for a task that may be cancelled: `active` while an
+    HTTP call is outstanding or its 200 answer is being read (a cancel then may have been
+    billed), off once the answer failed, during a retry's wait, and once its usage is
+    recorded; `generation_id` is the answer's `X-Generation-Id` ("" before headers)."""
+
+    active: bool = False
+    generation_id: str = ""
+
+    def begin(self) -> None:
+        self.active, self.generation_id = True, ""
+
+    def land(self) -> None:
+        self.active = False
+
+
+def generation_id_of(headers: Mapping[str, str]) -> str:
+    return str(headers.get("X-Generation-Id") or headers.get("x-generation-id") or "")
 
 
 async def read_body(resp: TransportResponse) -> bytes:
@@ -4720,8 +4817,9 @@ async def read_body(resp: TransportResponse) -> bytes:
             raise UpstreamBodyError("OpenRouter stopped sending its answer (read timeout).",
                                     hint="Retry in a moment.") from exc
         if isinstance(exc, aiohttp.ClientError | OSError):
+            log_failure_detail("OpenRouter's answer broke off", exc)
             raise UpstreamBodyError(f"The connection to OpenRouter broke while its answer was "
-                                    f"read ({_exc_text(exc)}).", hint="Retry in a moment.") \
+                                    f"read ({failure_reason(exc)}).", hint="Retry in a moment.") \
                 from exc
         raise
     await resp.release()
@@ -7945,11 +8043,11 @@ _STATUS_ADVICE: dict[int, tuple[str, str]] = {
 def describe_error(exc: PipeError) -> str:
     """The one translation point: any PipeError -> what the user reads (markdown)."""
     if isinstance(exc, ImageRefused):
-        return refusal_text(exc.reason, exc.message)
+        return redact(refusal_text(exc.reason, exc.message))
     text = _describe_status(exc) if isinstance(exc, UpstreamStatusError) else str(exc)
     if isinstance(exc, UpstreamError) and exc.attempts > 1:
         text += f"\nTried {exc.attempts} times."
-    return text
+    return redact(text)  # the last line of defence: no credential reaches a user
 
 
 def _describe_status(exc: UpstreamStatusError) -> str:
@@ -10209,7 +10307,8 @@ class Pipe:
     async def _complete(self, turn: Turn) -> str:
         """Tasks: one non-streamed request, the answer as a string."""
         token = CURRENT_LOG.set(turn.log)
-        sent: Mapping[str, Any] | None = None
+        sent: Mapping[str, Any] = {}
+        flight = Flight()  # in flight only while the call is out (a cancel may be billed)
         try:
             self._telemetry.requests += 1
             async with self._gate.admit(turn.req.user_id, turn.settings.admission):  # 1 admit
@@ -10221,13 +10320,16 @@ class Pipe:
                 for note in plan.notes:
                     await turn.emitter.notify(note)
                 sent = plan.payload
-                data = await self._open(turn, plan.payload, self._client.complete)  # 7
+                data = await self._open(turn, plan.payload, functools.partial(
+                    self._client.complete, flight=flight))                          # 7
             self._spend.record(turn, Usage.from_json(data.get("usage")))  # spend ledger
+            flight.land()  # recorded: a later cancel (e.g. in _after_turn) costs nothing more
             await self._after_turn(turn, plan)                  # 11 cleanup (tasks store nothing)
             return _final_text(data)
         except asyncio.CancelledError:  # the request may have been billed: record it
-            if sent is not None:
-                self._spend.settle(turn, [self._unfinished(sent, StreamState())])
+            if flight.active:
+                self._spend.settle(turn, [self._unfinished(
+                    sent, StreamState(response_id=flight.generation_id))])
             raise
         except Exception as exc:  # the boundary: Open WebUI shows str() of what we raise
             failure = await self._report_failure(turn, exc)
@@ -10400,8 +10502,7 @@ class Pipe:
                           renderer: ChunkRenderer, timing: StreamTiming
                           ) -> AsyncGenerator[dict[str, Any], None]:
         resp = await self._open(turn, payload, self._client.open_response)          # 7 send
-        state.response_id = str(resp.headers.get("X-Generation-Id")
-                                or resp.headers.get("x-generation-id") or "")
+        state.response_id = generation_id_of(resp.headers)
         done = False
         try:
             async for chunks in self._pump(resp, state, renderer, timing,           # 8-9
@@ -10571,6 +10672,8 @@ class Pipe:
         if isinstance(exc, PipeError):
             status = f", HTTP {exc.status}" if isinstance(exc, UpstreamStatusError) else ""
             LOG.warning("Turn failed (%s%s): %s", type(exc).__name__, status, exc)
+            if exc.__cause__ is not None:  # the raw detail (hosts, paths): admins only
+                log_failure_detail("Turn failure detail", exc.__cause__)
             failure = exc
         else:  # a bug: keep the traceback for the admin, give the user a reference
             LOG.exception("Turn failed with an unexpected %s", type(exc).__name__)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from conftest import Events
 from helpers import posts, stream
 from owui_stubs import install
 
@@ -369,6 +370,54 @@ async def test_a_deleted_file_is_reported(pipe, emulator, owui, events):
     await stream(pipe, chat(GPT4O, image("/api/v1/files/gone-123/content")), __user__=USER,
                  __event_emitter__=events)
     assert "no longer exists in Open WebUI" in notes(events)[0]
+
+
+def log_citation(events) -> str:
+    (doc,) = [d["document"][0] for d in events.of("citation")
+              if d["source"]["name"].startswith("Pipe log")]
+    return doc
+
+
+@pytest.mark.parametrize("owui", ["async"], indirect=True)
+async def test_an_unreadable_stored_copy_is_named_without_the_servers_path(
+        emulator, sleeps, owui):
+    file_id = store_file(owui, "u1", "plan.png", PNG, "image/png")
+    (owui.upload_dir / f"{file_id}_plan.png").unlink()  # the stored copy is gone
+    p = Pipe(sleep=sleeps)
+    p.valves = p.Valves(BASE_URL=emulator.base_url, API_KEY="sk-or-test",
+                        REQUEST_LOG_CITATION="always")
+    seen = {}
+    for who in ("user", "admin"):
+        events = Events()
+        await stream(p, chat(GPT4O, image(f"/api/v1/files/{file_id}/content")),
+                     __user__={**USER, "role": who}, __event_emitter__=events)
+        seen[who] = (notes(events), log_citation(events))
+    (note,), user_log = seen["user"]
+    assert note == ("An image was left out: The stored copy of 'plan.png' can't be read "
+                    "(file missing). Upload the file again; if that fails too, tell an admin.")
+    assert str(owui.upload_dir) not in note + user_log
+    assert f"No such file or directory: '{owui.upload_dir}" in seen["admin"][1]
+    await p.close()
+
+
+async def test_a_storage_that_refuses_a_download_is_named_without_its_endpoint(
+        mpipe, emulator, owui, events):
+    def refuse(*args, **kwargs):
+        raise OSError(13, "Permission denied", "/srv/owui/uploads/secret-bucket/cat.png")
+
+    owui.modules["open_webui.storage.provider"].Storage.upload_file = refuse
+    mpipe.valves = mpipe.Valves(**{**mpipe.valves.model_dump(),
+                                   "REQUEST_LOG_CITATION": "always"})
+    out = await stream(mpipe, chat(GPT4O, image("http://cdn.example.com/cat.png")),
+                       __user__=USER, __event_emitter__=events)
+    assert out.error is None  # the chat goes on; the user's log says why nothing was saved
+    text = log_citation(events)
+    assert "Open WebUI's storage refused the file (permission denied)" in text
+    assert "/srv/owui" not in text and "secret-bucket" not in text
+    admin = Events()
+    await stream(mpipe, chat(GPT4O, image("http://cdn.example.com/cat.png")),
+                 __user__={**USER, "role": "admin"}, __event_emitter__=admin)
+    assert "/srv/owui/uploads/secret-bucket/cat.png" in log_citation(admin)
 
 
 def files_entry(file_id: str, name: str, mime: str) -> dict:

@@ -10,6 +10,7 @@ import types
 from pathlib import Path
 
 import pytest
+from conftest import Events
 from helpers import body, stream
 
 from openrouter_responses_pipe import Pipe, Usage, flush_logs
@@ -225,4 +226,23 @@ async def test_health_counts_network_failures(sleeps):
     data = json.loads(await health(pipe, "json"))
     assert data["upstream"]["responses_by_status"] == {"network": 2}
     assert data["catalog"]["last_error"] is not None
+    await pipe.close()
+
+
+async def test_an_unreachable_openrouter_is_named_without_its_address(sleeps):
+    """An ordinary user reads the kind of failure; the host and port are for the admin."""
+    pipe = Pipe(sleep=sleeps)
+    pipe.valves = pipe.Valves(BASE_URL="http://127.0.0.1:9/internal-gw/api/v1", API_KEY=KEY,
+                              MAX_RETRIES=0, REQUEST_LOG_CITATION="always")
+    seen = {}
+    for role in ("user", "admin"):
+        events = Events()
+        out = await stream(pipe, body(GPT4O, "hi"), __event_emitter__=events,
+                           __user__={"id": "u1", "role": role, "valves": None})
+        (citation,) = log_citations(events)
+        seen[role] = (out.error, citation["document"][0])
+    error, user_log = seen["user"]
+    assert error.startswith("Couldn't reach OpenRouter (connection refused).")
+    assert "127.0.0.1" not in error + user_log and "internal-gw" not in error + user_log
+    assert "Cannot connect to host 127.0.0.1:9" in seen["admin"][1]
     await pipe.close()

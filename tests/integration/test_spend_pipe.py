@@ -667,6 +667,51 @@ async def test_a_cancelled_task_is_recorded_and_cancellation_goes_on(emulator, d
     await p.close()
 
 
+async def test_a_task_cancelled_after_its_usage_was_recorded_is_charged_once(emulator, db,
+                                                                              fid):
+    p = make_pipe(emulator, db, short_sleep)
+    tidying = asyncio.Event()
+
+    async def slow_after_turn(turn, plan):  # the answer (with usage) is back; still tidying
+        tidying.set()
+        await asyncio.sleep(30)
+
+    p._after_turn = slow_after_turn
+    body = b(fid, GPT4O, "title please", stream=False)
+    task = asyncio.create_task(p.pipe(body, __user__=user(), __task__="title_generation"))
+    await asyncio.wait_for(tidying.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await p._spend.drain()
+    [row] = ledger_rows(db, fid)
+    assert len(posts(emulator)) == 1
+    assert row["requests"] == 1 and row["output_tokens"] > 0  # the real usage, no estimate
+    await p.close()
+
+
+async def test_a_task_cancelled_while_waiting_to_retry_a_429_is_not_charged(emulator, db,
+                                                                            fid):
+    waiting = asyncio.Event()
+
+    async def retry_wait(seconds):  # the pipe waits to retry after OpenRouter's 429
+        waiting.set()
+        await asyncio.sleep(30)
+
+    p = make_pipe(emulator, db, retry_wait)
+    body = b(fid, GPT4O, "[emu:http_error status=429 retry_after=5] title please",
+             stream=False)
+    task = asyncio.create_task(p.pipe(body, __user__=user(), __task__="title_generation"))
+    await asyncio.wait_for(waiting.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await p._spend.drain()
+    assert len(posts(emulator)) == 1
+    assert ledger_rows(db, fid) == []  # a 429 is never billed, nor is the wait
+    await p.close()
+
+
 async def test_an_undecryptable_provisioned_key_is_replaced(emulator, db, sleeps, fid,
                                                             monkeypatch):
     emulator.keys.management_keys.add(MGMT)

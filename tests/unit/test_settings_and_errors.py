@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import socket
+import ssl
+
 import pytest
 
 from openrouter_responses_pipe import (
     ConfigError,
+    PipeError,
     RequestSettings,
     UpstreamConnectionError,
     UpstreamStatusError,
     UserValves,
     Valves,
     describe_error,
+    failure_reason,
     parse_retry_after,
     parse_upstream_error,
     retry_delay,
@@ -118,3 +123,41 @@ def test_retry_after_header_forms():
     err = parse_upstream_error(503, b'{"error":{"code":503,"message":"busy","availability":'
                                     b'{"retryable":true,"retry_after":7}}}', {})
     assert err.retry_after == 7
+
+
+def _caused(outer: BaseException, cause: BaseException) -> BaseException:
+    outer.__cause__ = cause
+    return outer
+
+
+@pytest.mark.parametrize(("exc", "reason"), [
+    (TimeoutError(), "timed out"),
+    (ConnectionRefusedError(111, "Connect call failed ('10.0.0.5', 443)"), "connection refused"),
+    (_caused(RuntimeError("Cannot connect to host 10.0.0.5:443"),
+             ConnectionRefusedError(111, "refused")), "connection refused"),
+    (socket.gaierror(-2, "Name or service not known"), "DNS failure"),
+    (ssl.SSLCertVerificationError(1, "certificate verify failed: db.internal"), "TLS error"),
+    (FileNotFoundError(2, "No such file or directory", "/app/backend/data/uploads/x"),
+     "file missing"),
+    (PermissionError(13, "Permission denied", "/srv/x"), "permission denied"),
+    (OSError(113, "No route to host"), "host unreachable"),
+    (ValueError("postgresql://admin@10.0.0.5/owui SELECT * FROM file"), "network error"),
+])
+def test_a_failure_is_named_by_its_kind_never_its_text(exc, reason):
+    assert failure_reason(exc) == reason
+
+
+def test_aiohttp_connector_errors_are_named_by_kind():
+    import aiohttp
+
+    key = aiohttp.client_reqrep.ConnectionKey("10.0.0.5", 443, True, True, None, None, None)
+    refused = aiohttp.ClientConnectorError(key, ConnectionRefusedError(111, "refused"))
+    assert failure_reason(refused) == "connection refused"
+    assert failure_reason(aiohttp.ServerDisconnectedError()) == "connection closed"
+    assert failure_reason(aiohttp.ClientPayloadError("x")) == "answer broke off"
+    assert failure_reason(OSError("odd"), "storage error") == "storage error"
+
+
+def test_describe_error_redacts_what_it_returns():
+    text = describe_error(PipeError("It failed with key sk-or-zq9x8w7v6u5t attached."))
+    assert text == "It failed with key sk-or-[redacted] attached."
