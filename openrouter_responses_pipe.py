@@ -2393,22 +2393,24 @@ async def owui_model_params(owui_model_id: str) -> Mapping[str, Any] | None:
     record = found[0]
     if record is None:
         return {}
-    if not await _owned_by_admin(record):
+    params = getattr(record, "params", None)
+    wanted = routing_params(params.model_dump() if isinstance(params, BaseModel) else params)
+    if wanted and not await _owned_by_admin(record):
         LOG.warning("Ignoring the routing settings of %s: its record belongs to a non-admin",
                     owui_model_id)
         return {}
-    params = getattr(record, "params", None)
-    return routing_params(params.model_dump() if isinstance(params, BaseModel) else params)
+    return wanted
 
 
 async def owui_may_read_model(owui_model_id: str, user_id: str) -> bool:
     """Open WebUI 0.6-0.8 checks only a workspace model's own access, then hands the pipe its
     base model id: the pipe checks the base model's record itself there, with Open WebUI's own
     rule (owner, or `has_access(read)`). From 0.9 Open WebUI checks base models itself."""
+    models = _owui_models()
+    if models is None or inspect.iscoroutinefunction(models.get_model_by_id):
+        return True  # outside Open WebUI, or 0.9+ (which checks base models itself)
     found = await owui_model_record(owui_model_id)
-    if found is None or not found[1]:
-        return True
-    record = found[0]
+    record = found[0] if found else None
     if record is None:
         return False
     if str(getattr(record, "user_id", "")) == user_id:
@@ -10166,7 +10168,8 @@ class Pipe:
         # ── Team access and model records (issue #10) ──
         self._function_id = function_id or function_id_from_module(__name__)
         self._records = RecordSync(model_records or OwuiModelRecords, clock,
-                                   busy=lambda: self._gate.active > 0)
+                                   busy=lambda: self._gate.active > 0 or self._arriving > 0)
+        self._arriving = 0  # chats reading their model record before admission
         self._selected: tuple[Any, frozenset[str]] | None = None
 
         # ── Routing, fallbacks, caching (issue #12) ──
@@ -10250,17 +10253,10 @@ class Pipe:
             return _refuse(body, __metadata__, __task__, exc)
         if not self._function_id and "." in req.owui_model_id:  # loaded under an odd name
             self._function_id = req.owui_model_id.split(".", 1)[0]
-        if req.user_role != "admin" and not await self._may_read_model(req.owui_model_id,
-                                                                       req.user_id):
-            LOG.warning("Refused %s to user %s: no read access to its model record",
-                        req.owui_model_id, req.user_id)
-            return _fail_fast(req, ModelNotAvailable(
-                "This model is not available to you.",
-                hint="Pick a model from your model selector; an admin decides who sees which "
-                     "models (MODEL_ACCESS)."))
-        model_params = await self._model_params(req.owui_model_id)      # per-model (#12)
-        if model_params is None:
-            model_params = model_custom_params(__metadata__, req.owui_model_id)
+        try:
+            model_params = await self._model_context(req, __metadata__)  # access, per-model
+        except ModelNotAvailable as exc:
+            return _fail_fast(req, exc)
         try:                                                               # 2 settings
             settings = RequestSettings.merge(
                 self.valves, _as_user_valves((__user__ or {}).get("valves")), req.user_role,
@@ -10285,6 +10281,24 @@ class Pipe:
         if not req.stream:
             return await self._collect(turn)
         return self._stream(turn)
+
+    async def _model_context(self, req: ChatRequest, metadata: Any) -> Mapping[str, Any]:
+        """Open WebUI's record of the model: may this user read it (0.6.x), and the admin's
+        per-model routing (#12). The record sync yields while these reads run."""
+        self._arriving += 1
+        try:
+            if req.user_role != "admin" and not await self._may_read_model(req.owui_model_id,
+                                                                           req.user_id):
+                LOG.warning("Refused %s to user %s: no read access to its model record",
+                            req.owui_model_id, req.user_id)
+                raise ModelNotAvailable(
+                    "This model is not available to you.",
+                    hint="Pick a model from your model selector; an admin decides who sees "
+                         "which models (MODEL_ACCESS).")
+            params = await self._model_params(req.owui_model_id)
+        finally:
+            self._arriving -= 1
+        return model_custom_params(metadata, req.owui_model_id) if params is None else params
 
     async def _collect(self, turn: Turn) -> str:
         """`stream: false` chats (e.g. "Stream Chat Response" off): the streamed turn, web

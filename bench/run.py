@@ -87,6 +87,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from openrouter_responses_pipe import (  # noqa: E402
+    CATALOG_QUERY,
     HEALTH_ENTRY,
     MY_USAGE_ENTRY,
     ArtifactCodec,
@@ -317,7 +318,7 @@ async def bench_first_token_budget(url: str, reps: Reps, tmp: Path) -> dict[str,
 
 async def cold_raw(url: str) -> Sample:
     async def fetch() -> list[dict[str, Any]]:
-        async with session.get(url + "/models", headers=JSON_HEADERS) as resp:
+        async with session.get(url + "/models" + CATALOG_QUERY, headers=JSON_HEADERS) as resp:
             resp.raise_for_status()
             return json.loads(await resp.read())["data"]
 
