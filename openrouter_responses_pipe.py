@@ -10170,6 +10170,7 @@ class Pipe:
         self._records = RecordSync(model_records or OwuiModelRecords, clock,
                                    busy=lambda: self._gate.active > 0 or self._arriving > 0)
         self._arriving = 0  # chats reading their model record before admission
+        self._merged: dict[Any, RequestSettings] = {}  # recent merges (see _settings)
         self._selected: tuple[Any, frozenset[str]] | None = None
 
         # ── Routing, fallbacks, caching (issue #12) ──
@@ -10226,6 +10227,30 @@ class Pipe:
                       for m in models if record_wanted(m["id"]))
         self._records.submit(RecordJob(f"{self._function_id}.", items, rs))
 
+    def _settings(self, user: BaseModel | None, role: str, model_params: Mapping[str, Any],
+                  body_provider: Any) -> RequestSettings:
+        """RequestSettings.merge, remembered for the last few distinct inputs: the same valves,
+        user valves, role and per-model settings give the same frozen settings (the merge
+        reads a dozen JSON valves; most turns repeat one of a few combinations)."""
+        try:
+            key: Any = (tuple(self.valves.__dict__.values()),
+                        tuple(user.__dict__.values()) if user else None, role,
+                        tuple(sorted((str(k), str(v)) for k, v in model_params.items())),
+                        None if body_provider is None else _dumps(body_provider),
+                        os.environ.get("WEBUI_SECRET_KEY"))
+            hash(key)
+        except (TypeError, ValueError, RecursionError):  # unhashable or odd input: no cache
+            return RequestSettings.merge(self.valves, typing.cast(Any, user), role,
+                                         model_params, body_provider)
+        found = self._merged.get(key)
+        if found is None:
+            found = RequestSettings.merge(self.valves, typing.cast(Any, user), role,
+                                          model_params, body_provider)
+            if len(self._merged) >= 64:
+                self._merged.pop(next(iter(self._merged)))
+            self._merged[key] = found
+        return found
+
     def _listing_settings(self, valves: BaseModel) -> RequestSettings:
         """Admin settings for the model list, merged again only when a valve changed (Open
         WebUI hands `pipes()` a fresh Valves object on every call, with the same values)."""
@@ -10258,9 +10283,8 @@ class Pipe:
         except ModelNotAvailable as exc:
             return _fail_fast(req, exc)
         try:                                                               # 2 settings
-            settings = RequestSettings.merge(
-                self.valves, _as_user_valves((__user__ or {}).get("valves")), req.user_role,
-                model_params, body.get("provider"))
+            settings = self._settings(_as_user_valves((__user__ or {}).get("valves")),
+                                      req.user_role, model_params, body.get("provider"))
         except PipeError as exc:
             return _fail_fast(req, exc)
         log = RequestLog(uuid.uuid4().hex[:12], req.user_id, req.chat_id or "-",

@@ -221,6 +221,19 @@ async def test_user_valves_arrive_as_an_instance_and_override_admin_defaults(pip
     assert posts(emulator)[-1]["json"]["reasoning"]["effort"] == "low"
 
 
+async def test_each_turn_follows_the_valves_in_force_when_it_starts(pipe, emulator):
+    """Settings are remembered per distinct input, never across a change of any input."""
+    efforts = []
+    for user_effort, admin_effort in (("low", "high"), ("low", "high"), ("high", "high"),
+                                      ("inherit", "high"), ("inherit", "minimal")):
+        pipe.valves = pipe.Valves(**{**pipe.valves.model_dump(),
+                                     "REASONING_EFFORT": admin_effort})
+        user = {"id": "u", "valves": Pipe.UserValves(REASONING_EFFORT=user_effort)}
+        await stream(pipe, body(NANO, "hi"), __user__=user)
+        efforts.append(posts(emulator)[-1]["json"]["reasoning"]["effort"])
+    assert efforts == ["low", "low", "high", "high", "minimal"]
+
+
 async def test_silent_upstream_times_out_with_a_specific_message(pipe, emulator):
     # model_construct: a sub-second timeout the valve's validation (>= 5 s) wouldn't allow
     pipe.valves = pipe.Valves.model_construct(
