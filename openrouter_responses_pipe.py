@@ -9151,7 +9151,8 @@ class SpendService:
         self._maybe_refresh(turn)
         if s.user_key:
             return _with_key(turn, s.user_key, KEY_OWN, None)
-        state = await self.state(turn)
+        # no budget: nothing to check before the first byte (the status line reads it later)
+        state = await self.state(turn) if s.budgets_on else None
         if state is not None and state.over:
             raise refusal(state, s)
         if state is not None and state.budget.limit is not None and state.warn(s.warn_percent):
@@ -9163,6 +9164,14 @@ class SpendService:
             if key:
                 return _with_key(turn, key, KEY_PROVISIONED, state)
         return _with_key(turn, turn.settings.api_key, KEY_PIPE, state)
+
+    async def status_suffix(self, turn: Turn, turn_cost: float | None) -> str:
+        """The final status line's spend part; without budgets the ledger is read only now,
+        after the answer, never before the first byte."""
+        s = turn.settings.spend
+        if s.show_in_status and s.state is None and s.key_source != KEY_OWN:
+            s = dataclasses.replace(s, state=await self.state(turn))
+        return status_suffix(s, turn_cost)
 
     async def state(self, turn: Turn) -> BudgetState | None:
         """The user's budget and spend this period; None when there is nothing to check or
@@ -10647,7 +10656,8 @@ class Pipe:
             if turn.images is not None and turn.images.saved:  # issue #14: pictures + price
                 line += " · " + image_status_segment(len(turn.images.saved),
                                                      turn.images.unit_price)
-            suffix = status_suffix(turn.settings.spend, state.usage.cost if state.usage else None)
+            suffix = await self._spend.status_suffix(turn, state.usage.cost if state.usage
+                                                     else None)
             await turn.emitter.status(line + suffix, done=True)
         if turn.settings.log_citation == "always":
             await turn.emitter.citation(f"Pipe log {turn.reference}",

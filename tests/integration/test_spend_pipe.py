@@ -90,10 +90,42 @@ async def chat(p, fid, text="hi", who=None, events=None):
 
 
 def ledger_rows(db, fid):
+    """The ledger's rows; none when nothing was ever recorded (the table is made on first use)."""
     t = spend_table_name("spend", fid)
+    if not sa.inspect(db.engine).has_table(t):
+        return []
     with db.engine.begin() as conn:
         return [dict(r._mapping) for r in conn.execute(sa.text(
             f'SELECT * FROM "{t}" ORDER BY user_id, key_source'))]
+
+
+class GatedRunner:
+    """A database that answers only once the test opens the gate."""
+
+    def __init__(self, inner):
+        self.inner, self.gate, self.calls = inner, asyncio.Event(), 0
+
+    async def run(self, fn):
+        self.calls += 1
+        await self.gate.wait()
+        return await self.inner.run(fn)
+
+
+async def test_without_a_budget_the_first_byte_never_waits_for_the_ledger(emulator, db,
+                                                                          sleeps, fid):
+    """The spend in the status line is read after the answer, not before its first byte."""
+    gated = GatedRunner(db)
+    p = make_pipe(emulator, gated, sleeps)
+    events = Events()
+    gen = await p.pipe(body=b(fid, GPT4O, "hello"), __user__=user(), __event_emitter__=events)
+    first = await asyncio.wait_for(anext(gen), 5)  # the database is still closed
+    assert first["choices"][0]["delta"].get("content"), first
+    gated.gate.set()
+    async for _ in gen:
+        pass
+    await p._spend.drain()
+    assert "you:" in [s["description"] for s in events.of("status")][-1]
+    await p.close()
 
 
 async def test_turn_cost_is_recorded_per_user_model_day_without_text(emulator, db, sleeps, fid):
