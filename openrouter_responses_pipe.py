@@ -2375,12 +2375,8 @@ async def owui_model_record(owui_model_id: str) -> tuple[Any, bool] | None:
 async def _owned_by_admin(record: Any) -> bool:
     """Per-model routing is the admin's: a record an ordinary user made under a pipe model's
     id (Open WebUI lets anyone with workspace access create one) must not loosen it."""
-    try:
-        users = importlib.import_module("open_webui.models.users").Users
-        owner = await _owui_call(users.get_user_by_id, str(getattr(record, "user_id", "")))
-    except (ImportError, AttributeError):
-        return False
-    return str(getattr(owner, "role", "")) == "admin"
+    owner = await owui_user(str(getattr(record, "user_id", "")))  # §17's user lookup
+    return owner is not None and owner.get("role") == "admin"
 
 
 async def owui_model_params(owui_model_id: str) -> Mapping[str, Any] | None:
