@@ -201,10 +201,11 @@ class UpstreamStreamError(UpstreamError):
     """The stream failed after it started: `response.failed`, an error event, or a cut-off."""
 
     def __init__(self, message: str, *, code: str = "", error_type: str = "",
-                 hint: str = "") -> None:
+                 hint: str = "", availability: Mapping[str, Any] | None = None) -> None:
         super().__init__(message, hint=hint)
         self.code = code
         self.error_type = error_type
+        self.availability: Mapping[str, Any] = availability or {}  # issue #12, mid-stream
 
 
 class ImageRefused(UpstreamStreamError):
@@ -2343,13 +2344,17 @@ def model_custom_params(metadata: Any, owui_model_id: str) -> Mapping[str, Any]:
     return routing_params(info.get("params")) if isinstance(info, Mapping) else {}
 
 
-@functools.cache
 def _owui_models() -> Any:
-    """Open WebUI's `Models` table API, or None outside Open WebUI (looked up once)."""
-    try:
-        return importlib.import_module("open_webui.models.models").Models
-    except (ImportError, AttributeError):
-        return None
+    """Open WebUI's `Models` table API, or None outside Open WebUI. Read from `sys.modules`
+    on every call (a dictionary lookup): a failed import would search the path on every turn,
+    and a remembered answer would outlive the Open WebUI it came from (tests swap them)."""
+    module = sys.modules.get("open_webui.models.models")
+    if module is None and "open_webui" in sys.modules:  # Open WebUI that hasn't loaded it yet
+        try:
+            module = importlib.import_module("open_webui.models.models")
+        except ImportError:
+            return None
+    return getattr(module, "Models", None)
 
 
 async def owui_model_record(owui_model_id: str) -> tuple[Any, bool] | None:
@@ -2493,10 +2498,11 @@ def describe_policy(provider: Mapping[str, Any]) -> str:
     return "; ".join(parts)
 
 
+@functools.lru_cache(maxsize=4096)  # a user's or chat's id is hashed again every turn
 def stable_hash(secret: str, purpose: str, value: str) -> str:
     """HMAC-SHA256 of `value` keyed by the server secret, per purpose; not reversible."""
     key = (secret or "openrouter-responses-pipe").encode()
-    return hmac.new(key, f"{purpose}:{value}".encode(), hashlib.sha256).hexdigest()[:32]
+    return hmac.digest(key, f"{purpose}:{value}".encode(), "sha256").hex()[:32]
 
 
 def takes_cache_control(entry: CatalogEntry) -> bool:
@@ -4577,13 +4583,38 @@ def log_failure_detail(what: str, exc: BaseException) -> None:
                 extra={"orp_private": True})
 
 
+@functools.cache
+def _env_proxy_lookup() -> Callable[[str], tuple[Any, Any]] | None:
+    """aiohttp's own environment proxy rule (HTTP(S)_PROXY, ALL_PROXY, NO_PROXY, .netrc
+    credentials) as a plain function of a URL, or None when this aiohttp lacks it."""
+    try:
+        from aiohttp.helpers import get_env_proxy_for_url
+        from yarl import URL
+    except ImportError:
+        return None
+
+    def lookup(url: str) -> tuple[Any, Any]:
+        try:
+            return get_env_proxy_for_url(URL(url))
+        except LookupError:  # no proxy for this scheme, or NO_PROXY names the host
+            return None, None
+
+    return lookup
+
+
 class AiohttpTransport:
-    """Pooled aiohttp client; one session per event loop, created on first use."""
+    """Pooled aiohttp client; one session per event loop, created on first use.
+
+    HTTPS_PROXY / HTTP_PROXY / NO_PROXY (and .netrc proxy credentials) apply, as corporate
+    installs need; remote media downloads (§9) never use them, on purpose. The proxy of a
+    scheme and host is looked up once per session: aiohttp's own `trust_env` repeats that
+    lookup in a worker thread on every request, a thread hop before every first byte."""
 
     def __init__(self, *, limit: int = 256) -> None:
         self._limit = limit
         self._session: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._proxies: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     def _get_session(self) -> Any:
         import aiohttp
@@ -4592,12 +4623,22 @@ class AiohttpTransport:
         if self._session is None or self._session.closed or self._loop is not loop:
             connector = aiohttp.TCPConnector(limit=self._limit, ttl_dns_cache=300,
                                              keepalive_timeout=60)
-            # trust_env: HTTPS_PROXY / HTTP_PROXY / NO_PROXY (and .netrc) apply, as corporate
-            # installs need; remote media downloads (§9) keep trust_env=False on purpose.
             self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True,
-                                                  trust_env=True)
-            self._loop = loop
+                                                  trust_env=_env_proxy_lookup() is None)
+            self._loop, self._proxies = loop, {}
         return self._session
+
+    async def _proxy(self, url: str) -> tuple[Any, Any]:
+        """(proxy URL, proxy credentials) for this URL from the environment, or (None, None)."""
+        lookup = _env_proxy_lookup()
+        if lookup is None:  # an aiohttp without the helper: its trust_env does it
+            return None, None
+        target = urllib.parse.urlsplit(url)
+        key = (target.scheme, target.hostname or "")
+        found = self._proxies.get(key)
+        if found is None:  # the lookup may read ~/.netrc: off the loop, once
+            found = self._proxies[key] = await asyncio.to_thread(lookup, url)
+        return found
 
     async def request(self, method: str, url: str, *, headers: Mapping[str, str],
                       body: bytes | None, connect_timeout: float, read_timeout: float
@@ -4607,8 +4648,10 @@ class AiohttpTransport:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout,
                                         connect=connect_timeout, sock_read=read_timeout)
         try:
-            resp = await self._get_session().request(method, url, headers=dict(headers),
-                                                     data=body, timeout=timeout)
+            session = self._get_session()
+            proxy, proxy_auth = await self._proxy(url)
+            resp = await session.request(method, url, headers=dict(headers), data=body,
+                                         timeout=timeout, proxy=proxy, proxy_auth=proxy_auth)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             log_failure_detail("Couldn't reach OpenRouter", exc)
             raise UpstreamConnectionError(
@@ -5072,6 +5115,7 @@ class StreamState:
     saw_done_marker: bool = False
     bad_events: int = 0
     router: Mapping[str, Any] | None = None  # openrouter_metadata of the final event (#12)
+    image_intents: int = 0  # image intents produced so far (§12 resolves only those batches)
 
     @property
     def finished(self) -> bool:
@@ -5088,15 +5132,17 @@ def _on_created(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) ->
 
 
 def _on_text_delta(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> None:
+    delta = ev.get("delta") or ""
     state.streamed_items.add(ev.get("item_id", ""))
-    out.append((TEXT, ev.get("delta") or ""))
-    state.streamed_chars += len(out[-1][1])
+    out.append((TEXT, delta))
+    state.streamed_chars += len(delta)
 
 
 def _on_reasoning_delta(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> None:
+    delta = ev.get("delta") or ""
     state.streamed_items.add(ev.get("item_id", ""))
-    out.append((REASONING, ev.get("delta") or ""))
-    state.streamed_chars += len(out[-1][1])
+    out.append((REASONING, delta))
+    state.streamed_chars += len(delta)
 
 
 def _on_summary_part_added(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> None:
@@ -5108,7 +5154,7 @@ def _on_item_added(state: StreamState, ev: Mapping[str, Any], out: list[Intent])
     item = ev.get("item") or {}
     state.open_items[int(ev.get("output_index", len(state.open_items)))] = item.get("type", "")
     if item.get("type") in IMAGE_ITEM_TYPES:
-        out.append((IMAGE_STATUS, GENERATING_IMAGE))
+        image_intent(state, out, IMAGE_STATUS, GENERATING_IMAGE)
 
 
 def _on_item_done(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> None:
@@ -5170,7 +5216,8 @@ def _on_failed(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> 
     state.usage = Usage.from_json(resp.get("usage"))
     state.error = stream_failure(  # §12: an image refusal gets its own sentence
         str(err.get("message") or "OpenRouter reported that the response failed."),
-        str(err.get("code") or ""), str(resp.get("error_type") or ""))
+        str(err.get("code") or ""), str(resp.get("error_type") or ""),
+        err.get("availability"))
 
 
 def _on_error(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> None:
@@ -5186,27 +5233,27 @@ def _on_error(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> N
         message += f" Provider said ({name or 'provider'}): {raw}"
     state.terminal = "failed"
     state.error = stream_failure(
-        message, str(nested.get("code") or ""), str(ev.get("error_type") or ""))
+        message, str(nested.get("code") or ""), str(ev.get("error_type") or ""),
+        nested.get("availability"))
 
 
-def _handler_for(event: Any) -> Handler | None:
-    """The handler of a decoded event; KeyError/TypeError when it is not an event at all."""
-    if isinstance(event, Mapping) and "type" not in event and isinstance(
-            event.get("error"), Mapping):
-        return _on_error  # chat-completions style in-band error (no `type`)
-    return HANDLERS.get(event["type"])
+def _untyped_handler(event: Any) -> Handler:
+    """An event without `type`: a chat-completions style in-band error, else KeyError."""
+    if isinstance(event, Mapping) and isinstance(event.get("error"), Mapping):
+        return _on_error
+    raise KeyError("type")
 
 
 def _on_image_progress(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> None:
     """An image is being made (§12 turns this into one "Generating image…" status)."""
-    out.append((IMAGE_STATUS, GENERATING_IMAGE))
+    image_intent(state, out, IMAGE_STATUS, GENERATING_IMAGE)
 
 
 def _on_image_partial(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> None:
     """A partial image: shown as a preview that the next one replaces (§12)."""
     partial = ev.get("partial_image_b64")
     if isinstance(partial, str) and partial:
-        out.append((IMAGE_PARTIAL, partial))
+        image_intent(state, out, IMAGE_PARTIAL, partial)
 
 
 HANDLERS: dict[str, Handler] = {
@@ -5240,8 +5287,11 @@ def reduce_events(state: StreamState, events: Iterable[SSEEvent]) -> list[Intent
             break
         try:
             event = _loads(data)
-            handler = _handler_for(event)
-        except (ValueError, KeyError, TypeError):
+            try:
+                handler = HANDLERS.get(event["type"])
+            except KeyError:
+                handler = _untyped_handler(event)
+        except (ValueError, KeyError, TypeError):  # not JSON, or not an event
             state.bad_events += 1
             LOG.warning("Ignoring an unreadable stream event: %.200r", data)
             continue
@@ -5295,6 +5345,13 @@ IMAGE_ITEM_TYPES = frozenset({"image_generation_call", "openrouter:image_generat
 IMAGE, IMAGE_PARTIAL, IMAGE_STATUS, IMAGE_FAILED = (
     "image", "image_partial", "image_status", "image_failed")
 IMAGE_INTENTS = frozenset({IMAGE, IMAGE_PARTIAL, IMAGE_STATUS, IMAGE_FAILED})
+
+
+def image_intent(state: StreamState, out: list[Intent], kind: str, value: str) -> None:
+    """Every image intent leaves the reducer through here: the count tells the shell which
+    batches hold one, so text batches skip the image step (§19 `_pump`)."""
+    state.image_intents += 1
+    out.append((kind, value))
 IMAGE_TOOL = "openrouter:image_generation"
 GENERATING_IMAGE = "Generating image…"
 IMAGE_ALT = "Generated image"
@@ -5512,13 +5569,17 @@ def refusal_reason(code: str, message: str) -> str:
     return next((reason for word, reason in _REFUSAL_WORDS if word in text), "other")
 
 
-def stream_failure(message: str, code: str, error_type: str) -> UpstreamStreamError:
+def stream_failure(message: str, code: str, error_type: str,
+                   availability: Any = None) -> UpstreamStreamError:
     """A failed response: an image refusal when the code is one of the SDK's image codes
-    (`image_content_policy_violation`, `image_too_large`…); anything else as it was."""
+    (`image_content_policy_violation`, `image_too_large`…); anything else as it was, with
+    OpenRouter's `availability` object when it sent one (a provider lost mid-stream)."""
     if code.startswith("image_") and code in _REFUSAL_CODES:
         return ImageRefused(message, reason=_REFUSAL_CODES[code], code=code,
                             error_type=error_type)
-    return UpstreamStreamError(message, code=code, error_type=error_type)
+    return UpstreamStreamError(message, code=code, error_type=error_type,
+                               availability=dict(availability)
+                               if isinstance(availability, Mapping) else None)
 
 
 def item_failure(item: Mapping[str, Any]) -> str | None:
@@ -5618,11 +5679,11 @@ def on_image_item_done(state: StreamState, index: int, item: Mapping[str, Any],
     failure = item_failure(item)
     picture = None if failure else item_image(item)
     if failure is not None:
-        out.append((IMAGE_FAILED, failure))
+        image_intent(state, out, IMAGE_FAILED, failure)
     elif picture is not None:
-        out.append((IMAGE, picture))
+        image_intent(state, out, IMAGE, picture)
     elif item.get("status") not in ("in_progress", "generating"):
-        out.append((IMAGE_FAILED, "other:the model's image item held no picture"))
+        image_intent(state, out, IMAGE_FAILED, "other:the model's image item held no picture")
 
 
 def late_images(state: StreamState, output: Any, out: list[Intent]) -> None:
@@ -8042,7 +8103,13 @@ def describe_error(exc: PipeError) -> str:
     """The one translation point: any PipeError -> what the user reads (markdown)."""
     if isinstance(exc, ImageRefused):
         return redact(refusal_text(exc.reason, exc.message))
-    text = _describe_status(exc) if isinstance(exc, UpstreamStatusError) else str(exc)
+    if isinstance(exc, UpstreamStatusError):
+        text = _describe_status(exc)
+    elif isinstance(exc, UpstreamStreamError) and describe_availability(exc.availability, ""):
+        text = "\n".join([*describe_availability(exc.availability, ""),  # issue #12
+                          f"OpenRouter said: {exc.message}"])
+    else:
+        text = str(exc)
     if isinstance(exc, UpstreamError) and exc.attempts > 1:
         text += f"\nTried {exc.attempts} times."
     return redact(text)  # the last line of defence: no credential reaches a user
@@ -9529,7 +9596,10 @@ def _function_id(turn: Turn) -> str:
 
 
 def _with_key(turn: Turn, key: str, source: str, state: BudgetState | None) -> Turn:
-    spend = dataclasses.replace(turn.settings.spend, key_source=source, state=state)
+    s = turn.settings
+    if s.api_key == key and s.spend.key_source == source and s.spend.state is state:
+        return turn  # the common turn: the pipe's key, no budget read
+    spend = dataclasses.replace(s.spend, key_source=source, state=state)
     return dataclasses.replace(turn, settings=dataclasses.replace(
         turn.settings, api_key=key, spend=spend))
 
@@ -9647,10 +9717,18 @@ def register_secret(value: str) -> None:
         _SECRETS.add(value)
 
 
+# Every match of a _REDACTIONS pattern contains one of these words: a line without any of
+# them (most log lines) is scanned once instead of once per pattern.
+_REDACTION_TRIGGER = re.compile(r"(?i)sk-or-|bearer|authoriz|gAAAAA|data:|token|secret|key|"
+                                r"cookie")
+
+
 def redact(text: str) -> str:
     for secret in _SECRETS:
         if secret in text:
             text = text.replace(secret, "[secret]")
+    if _REDACTION_TRIGGER.search(text) is None:
+        return text
     for pattern, replacement in _REDACTIONS:
         text = pattern.sub(replacement, text)
     return text
@@ -9717,8 +9795,7 @@ class _RequestContextFilter(logging.Filter):
             full = _LINE_FORMAT.format(record)
             private = record.levelno < logging.INFO or getattr(record, "orp_private", False)
             public = None if private else \
-                f"{_LINE_FORMAT.formatTime(record, _LINE_FORMAT.datefmt)} " \
-                f"{record.levelname:<7} {record.msg}" \
+                f"{record.asctime} {record.levelname:<7} {record.msg}" \
                 f"{' [traceback: admin only]' if record.exc_text else ''}"
             ctx.lines.append((full, public))
             record.msg = f"[req={ctx.request_id} user={ctx.user_id} chat={ctx.chat_id}] " \
@@ -10619,13 +10696,16 @@ class Pipe:
         """Network reads -> decoded events -> reduced intents -> (pictures saved, §12) ->
         rendered chunk lists."""
         decoder = SSEDecoder(images.line_cap if images is not None else SSE_MAX_LINE_BYTES)
+        image_intents = 0
         async for raw in resp.iter_chunks():
             intents = reduce_events(state, decoder.feed(raw))
-            if images is not None:
-                intents = await images.resolve(intents)
-                decoder.max_bytes = images.line_cap  # the final event repeats every picture
-            else:
-                intents = [i for i in intents if i[0] not in IMAGE_INTENTS]
+            if state.image_intents != image_intents:  # this batch holds image intents
+                image_intents = state.image_intents
+                if images is not None:
+                    intents = await images.resolve(intents)
+                    decoder.max_bytes = images.line_cap  # the final event repeats them all
+                else:
+                    intents = [i for i in intents if i[0] not in IMAGE_INTENTS]
             if intents:
                 chunks = renderer.render(intents)
                 if chunks:

@@ -56,3 +56,15 @@ async def stream(pipe: Pipe, payload: dict[str, Any], **kwargs: Any) -> Streamed
 def posts(emulator: Any) -> list[dict[str, Any]]:
     """The POST /responses requests the emulator received, oldest first."""
     return [r for r in emulator.requests if r["path"].endswith("/responses")]
+
+
+def share_catalog(handle: Any) -> None:
+    """0.6.28 flavour: a model record every user may read for each catalog model, as the
+    pipe's record sync with MODEL_ACCESS=all leaves them; 0.6 has the pipe check them for
+    ordinary users on every request (0.12 checks them itself)."""
+    if handle.flavour != "sync":
+        return
+    from openrouter_emulator import load_catalog
+
+    for row in load_catalog():
+        handle.share_model(f"openrouter.{row['id']}")

@@ -7,7 +7,7 @@ async check with `Config.get("user.permissions")`, 0.6's sync one with
 from __future__ import annotations
 
 import pytest
-from helpers import body, posts, stream
+from helpers import body, posts, share_catalog, stream
 from owui_stubs import install
 
 GEMINI_IMAGE = "google/gemini-2.5-flash-image"
@@ -24,6 +24,7 @@ SEARCH_NOTE = ("Web search isn't enabled for your account in Open WebUI, so this
 @pytest.fixture(params=["async", "sync"])
 def owui(request, tmp_path):
     handle = install(request.param, data_dir=tmp_path)
+    share_catalog(handle)  # the records the pipe's sync makes (0.6 checks them per turn)
     handle.add_user("u1", role="user")
     handle.add_user("a1", role="admin")
     yield handle

@@ -9,7 +9,7 @@ import json
 import re
 
 import pytest
-from helpers import body, posts, stream
+from helpers import body, posts, share_catalog, stream
 from openrouter_emulator import IMAGE_TOKENS, image_png, partial_png
 from owui_stubs import install
 
@@ -27,6 +27,7 @@ META = {"chat_id": "chat-1", "message_id": "msg-1"}
 @pytest.fixture(params=["async", "sync"])
 def owui(request, tmp_path):
     handle = install(request.param, data_dir=tmp_path)
+    share_catalog(handle)  # the records the pipe's sync makes (0.6 checks them per turn)
     handle.add_user("u1", role="user")
     handle.add_user("u2", role="user")
     yield handle

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from conftest import Events
-from helpers import posts, stream
+from helpers import posts, share_catalog, stream
 from owui_stubs import install
 
 from openrouter_responses_pipe import Fetcher, Intake, IntakeError, Pipe
@@ -130,6 +130,7 @@ async def mpipe(emulator, sleeps, media):
 @pytest.fixture(params=["async", "sync"])
 def owui(request, tmp_path):
     handle = install(request.param, data_dir=tmp_path)
+    share_catalog(handle)  # the records the pipe's sync makes (0.6 checks them per turn)
     handle.add_user("u1", role="user")
     handle.add_user("u2", role="user")
     yield handle

@@ -98,6 +98,28 @@ async def test_no_proxy_hosts_are_reached_directly(proxy, monkeypatch):
     assert proxy.heads == []
 
 
+async def test_one_client_proxies_each_host_by_its_own_rule(proxy, monkeypatch, odd_server):
+    """The proxy is looked up once per scheme and host, not once per client: a NO_PROXY
+    host and a proxied host through the same client, each twice, each the right way."""
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    transport = AiohttpTransport()
+    try:
+        for _ in range(2):
+            direct = await transport.request("GET", f"http://127.0.0.1:{odd_server}/empty",
+                                             headers={}, body=None, connect_timeout=3,
+                                             read_timeout=3)
+            assert direct.status == 204  # the server itself answered, not the proxy
+            await direct.release()
+            via = await transport.request("GET", "http://openrouter.invalid/api/v1/models",
+                                          headers={}, body=None, connect_timeout=3,
+                                          read_timeout=3)
+            assert await via.read() == b'{"data": []}'
+    finally:
+        await transport.aclose()
+    assert proxy.heads == ["GET http://openrouter.invalid/api/v1/models HTTP/1.1"] * 2
+
+
 # -- the downloader: 204 and non-redirect 3xx are failed downloads ---------------------------
 
 

@@ -17,6 +17,7 @@ from openrouter_responses_pipe import (
     SurrogateCarry,
     UpstreamStreamError,
     Usage,
+    describe_error,
     finish_stream,
     reduce_events,
 )
@@ -136,6 +137,41 @@ def test_failure_events_surface_the_provider_message(payload):
     assert intents == [(TEXT, "kept")]
     with pytest.raises(UpstreamStreamError, match="Provider disconnected"):
         finish_stream(state)
+
+
+_LOST = {"code": "capacity_exhausted", "retryable": True,
+         "requested_models": ["anthropic/claude-sonnet-4.5"],
+         "fallback_models": ["openai/gpt-5.2", "google/gemini-2.5-pro"]}
+
+
+@pytest.mark.parametrize("payload", [
+    {"type": "response.failed", "response": {
+        "error": {"code": "server_error", "message": "No capacity", "availability": _LOST},
+        "error_type": "provider_overloaded"}},
+    {"type": "error", "error": {"code": "server_error", "message": "No capacity",
+                                "availability": _LOST}},
+])
+def test_a_provider_lost_mid_stream_is_told_in_openrouters_availability_terms(payload):
+    """Issue #12 item 6, mid-stream: the same sentences as before the first byte, with the
+    models OpenRouter suggests, and its own words kept."""
+    state = StreamState()
+    reduce_events(state, [ev({"type": "response.output_text.delta", "item_id": "m",
+                              "delta": "kept"}), ev(payload)])
+    with pytest.raises(UpstreamStreamError) as info:
+        finish_stream(state)
+    assert describe_error(info.value).split("\n") == [
+        "Every provider of anthropic/claude-sonnet-4.5 is at capacity right now.",
+        "OpenRouter suggests: openai/gpt-5.2, google/gemini-2.5-pro.",
+        "OpenRouter said: No capacity"]
+
+
+def test_a_mid_stream_failure_without_availability_reads_as_before():
+    state = StreamState()
+    reduce_events(state, [ev({"type": "error", "error": {
+        "code": "server_error", "message": "Provider disconnected", "availability": "odd"}})])
+    with pytest.raises(UpstreamStreamError) as info:
+        finish_stream(state)
+    assert describe_error(info.value) == "Provider disconnected"
 
 
 def test_unknown_and_malformed_events_are_ignored():
