@@ -201,11 +201,13 @@ class UpstreamStreamError(UpstreamError):
     """The stream failed after it started: `response.failed`, an error event, or a cut-off."""
 
     def __init__(self, message: str, *, code: str = "", error_type: str = "",
-                 hint: str = "", availability: Mapping[str, Any] | None = None) -> None:
+                 hint: str = "", availability: Mapping[str, Any] | None = None,
+                 model: str = "") -> None:
         super().__init__(message, hint=hint)
         self.code = code
         self.error_type = error_type
         self.availability: Mapping[str, Any] = availability or {}  # issue #12, mid-stream
+        self.model = model  # the model that was answering, for the availability sentence
 
 
 class ImageRefused(UpstreamStreamError):
@@ -2770,15 +2772,21 @@ def describe_availability(availability: Mapping[str, Any], model: str) -> list[s
     template = AVAILABILITY_TEXT.get(code)
     if template is None:
         return []
-    requested = availability.get("requested_models") or [model]
-    lines = [template.format(model=requested[0] if requested else model or "this model")]
-    excluded = availability.get("excluded_by")
-    if isinstance(excluded, list) and excluded:
-        lines.append("Excluded by: " + ", ".join(map(str, excluded)) + ".")
-    fallbacks = availability.get("fallback_models")
-    if isinstance(fallbacks, list) and fallbacks:
-        lines.append("OpenRouter suggests: " + ", ".join(map(str, fallbacks)) + ".")
+    requested = _names(availability.get("requested_models"))
+    lines = [template.format(model=(requested or [model])[0] or "this model")]
+    if excluded := _names(availability.get("excluded_by")):
+        lines.append("Excluded by: " + ", ".join(excluded) + ".")
+    if fallbacks := _names(availability.get("fallback_models")):
+        lines.append("OpenRouter suggests: " + ", ".join(fallbacks) + ".")
     return lines
+
+
+def _names(value: Any) -> list[str]:
+    """A list of model/provider names from an error body; anything else is no names (the
+    body is the provider's, not a contract: odd shapes must not break the error message)."""
+    if not isinstance(value, list):
+        return []
+    return [str(v)[:200] for v in value[:20] if isinstance(v, str | int | float) and str(v)]
 
 
 def describe_rate_limit(message: str, limits: Mapping[str, str], now: float) -> list[str]:
@@ -4596,8 +4604,8 @@ def _env_proxy_lookup() -> Callable[[str], tuple[Any, Any]] | None:
     def lookup(url: str) -> tuple[Any, Any]:
         try:
             return get_env_proxy_for_url(URL(url))
-        except LookupError:  # no proxy for this scheme, or NO_PROXY names the host
-            return None, None
+        except (LookupError, ValueError):  # no proxy (NO_PROXY, none set), or a bad URL
+            return None, None  # (which aiohttp itself then refuses as a ClientError)
 
     return lookup
 
@@ -4607,8 +4615,9 @@ class AiohttpTransport:
 
     HTTPS_PROXY / HTTP_PROXY / NO_PROXY (and .netrc proxy credentials) apply, as corporate
     installs need; remote media downloads (§9) never use them, on purpose. The proxy of a
-    scheme and host is looked up once per session: aiohttp's own `trust_env` repeats that
-    lookup in a worker thread on every request, a thread hop before every first byte."""
+    scheme and host is looked up once per transport (the process environment is read at the
+    first request to that host): aiohttp's own `trust_env` repeats that lookup in a worker
+    thread on every request, a thread hop before every first byte."""
 
     def __init__(self, *, limit: int = 256) -> None:
         self._limit = limit
@@ -4625,7 +4634,7 @@ class AiohttpTransport:
                                              keepalive_timeout=60)
             self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True,
                                                   trust_env=_env_proxy_lookup() is None)
-            self._loop, self._proxies = loop, {}
+            self._loop = loop
         return self._session
 
     async def _proxy(self, url: str) -> tuple[Any, Any]:
@@ -4633,8 +4642,11 @@ class AiohttpTransport:
         lookup = _env_proxy_lookup()
         if lookup is None:  # an aiohttp without the helper: its trust_env does it
             return None, None
-        target = urllib.parse.urlsplit(url)
-        key = (target.scheme, target.hostname or "")
+        try:
+            target = urllib.parse.urlsplit(url)
+            key = (target.scheme, target.hostname or "")
+        except ValueError:  # a malformed BASE_URL: aiohttp refuses it as a ClientError
+            return None, None
         found = self._proxies.get(key)
         if found is None:  # the lookup may read ~/.netrc: off the loop, once
             found = self._proxies[key] = await asyncio.to_thread(lookup, url)
@@ -4648,10 +4660,12 @@ class AiohttpTransport:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout,
                                         connect=connect_timeout, sock_read=read_timeout)
         try:
-            session = self._get_session()
             proxy, proxy_auth = await self._proxy(url)
-            resp = await session.request(method, url, headers=dict(headers), data=body,
-                                         timeout=timeout, proxy=proxy, proxy_auth=proxy_auth)
+            # proxy_auth, not proxy_headers: only it reaches a plain-HTTP proxy (aiohttp 3.14
+            # marks the argument deprecated, with no replacement that does both yet)
+            resp = await self._get_session().request(
+                method, url, headers=dict(headers), data=body, timeout=timeout, proxy=proxy,
+                proxy_auth=proxy_auth)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             log_failure_detail("Couldn't reach OpenRouter", exc)
             raise UpstreamConnectionError(
@@ -5217,7 +5231,7 @@ def _on_failed(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> 
     state.error = stream_failure(  # §12: an image refusal gets its own sentence
         str(err.get("message") or "OpenRouter reported that the response failed."),
         str(err.get("code") or ""), str(resp.get("error_type") or ""),
-        err.get("availability"))
+        err.get("availability"), str(resp.get("model") or state.model))
 
 
 def _on_error(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> None:
@@ -5234,7 +5248,7 @@ def _on_error(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> N
     state.terminal = "failed"
     state.error = stream_failure(
         message, str(nested.get("code") or ""), str(ev.get("error_type") or ""),
-        nested.get("availability"))
+        nested.get("availability"), state.model)
 
 
 def _untyped_handler(event: Any) -> Handler:
@@ -5352,6 +5366,8 @@ def image_intent(state: StreamState, out: list[Intent], kind: str, value: str) -
     batches hold one, so text batches skip the image step (§19 `_pump`)."""
     state.image_intents += 1
     out.append((kind, value))
+
+
 IMAGE_TOOL = "openrouter:image_generation"
 GENERATING_IMAGE = "Generating image…"
 IMAGE_ALT = "Generated image"
@@ -5570,14 +5586,14 @@ def refusal_reason(code: str, message: str) -> str:
 
 
 def stream_failure(message: str, code: str, error_type: str,
-                   availability: Any = None) -> UpstreamStreamError:
+                   availability: Any = None, model: str = "") -> UpstreamStreamError:
     """A failed response: an image refusal when the code is one of the SDK's image codes
     (`image_content_policy_violation`, `image_too_large`…); anything else as it was, with
     OpenRouter's `availability` object when it sent one (a provider lost mid-stream)."""
     if code.startswith("image_") and code in _REFUSAL_CODES:
         return ImageRefused(message, reason=_REFUSAL_CODES[code], code=code,
                             error_type=error_type)
-    return UpstreamStreamError(message, code=code, error_type=error_type,
+    return UpstreamStreamError(message, code=code, error_type=error_type, model=model,
                                availability=dict(availability)
                                if isinstance(availability, Mapping) else None)
 
@@ -8103,11 +8119,12 @@ def describe_error(exc: PipeError) -> str:
     """The one translation point: any PipeError -> what the user reads (markdown)."""
     if isinstance(exc, ImageRefused):
         return redact(refusal_text(exc.reason, exc.message))
+    lost = (describe_availability(exc.availability, exc.model)  # issue #12, mid-stream
+            if isinstance(exc, UpstreamStreamError) else [])
     if isinstance(exc, UpstreamStatusError):
         text = _describe_status(exc)
-    elif isinstance(exc, UpstreamStreamError) and describe_availability(exc.availability, ""):
-        text = "\n".join([*describe_availability(exc.availability, ""),  # issue #12
-                          f"OpenRouter said: {exc.message}"])
+    elif lost:
+        text = "\n".join([*lost, f"OpenRouter said: {exc.message}"])
     else:
         text = str(exc)
     if isinstance(exc, UpstreamError) and exc.attempts > 1:

@@ -4,6 +4,7 @@ are no download; admission limits say they are per worker (issue #11 item 14 c, 
 from __future__ import annotations
 
 import asyncio
+import base64
 
 import pytest
 from aiohttp import web
@@ -28,6 +29,7 @@ class TinyProxy:
 
     def __init__(self) -> None:
         self.heads: list[str] = []
+        self.auth: list[str] = []  # each request's Proxy-Authorization ("" when none)
         self.server: asyncio.base_events.Server | None = None
         self.port = 0
 
@@ -43,6 +45,8 @@ class TinyProxy:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
         self.heads.append(head.split("\r\n", 1)[0])
+        self.auth.append(next((line.split(":", 1)[1].strip() for line in head.split("\r\n")
+                               if line.lower().startswith("proxy-authorization:")), ""))
         if head.startswith("CONNECT"):
             writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
         else:
@@ -118,6 +122,18 @@ async def test_one_client_proxies_each_host_by_its_own_rule(proxy, monkeypatch, 
     finally:
         await transport.aclose()
     assert proxy.heads == ["GET http://openrouter.invalid/api/v1/models HTTP/1.1"] * 2
+
+
+async def test_proxy_credentials_in_the_environment_are_sent_to_the_proxy(proxy, monkeypatch):
+    monkeypatch.setenv("HTTP_PROXY", f"http://corp:s3cret@127.0.0.1:{proxy.port}")
+    assert await fetch_models("http://openrouter.invalid/api/v1") == b'{"data": []}'
+    assert proxy.auth == ["Basic " + base64.b64encode(b"corp:s3cret").decode()]
+
+
+@pytest.mark.parametrize("base_url", ["http://[bad/api/v1", "http://openrouter.test:99999/api"])
+async def test_a_malformed_base_url_is_a_connection_error_that_names_base_url(base_url):
+    with pytest.raises(UpstreamConnectionError, match="BASE_URL"):
+        await fetch_models(base_url)
 
 
 # -- the downloader: 204 and non-redirect 3xx are failed downloads ---------------------------

@@ -165,6 +165,24 @@ def test_a_provider_lost_mid_stream_is_told_in_openrouters_availability_terms(pa
         "OpenRouter said: No capacity"]
 
 
+@pytest.mark.parametrize("requested", [None, [], {"a": 1}, 7, [{"id": "x"}], "a/b"])
+def test_a_mid_stream_availability_names_the_answering_model_whatever_the_body_holds(
+        requested):
+    """Odd `requested_models` shapes never break the message; the model that was answering
+    (from `response.created`) is named instead."""
+    lost = {"code": "capacity_exhausted", "requested_models": requested,
+            "fallback_models": {"not": "a list"}, "excluded_by": [None, "zdr"]}
+    state = StreamState()
+    reduce_events(state, [
+        ev({"type": "response.created", "response": {"id": "r", "model": "x-ai/grok-4"}}),
+        ev({"type": "error", "error": {"message": "No capacity", "availability": lost}})])
+    with pytest.raises(UpstreamStreamError) as info:
+        finish_stream(state)
+    assert describe_error(info.value).split("\n") == [
+        "Every provider of x-ai/grok-4 is at capacity right now.", "Excluded by: zdr.",
+        "OpenRouter said: No capacity"]
+
+
 def test_a_mid_stream_failure_without_availability_reads_as_before():
     state = StreamState()
     reduce_events(state, [ev({"type": "error", "error": {
