@@ -9081,6 +9081,23 @@ class KeyVault:
         query = t.delete().where(t.c.user_id == user_id, t.c.key_hash == key_hash)
         await self.db.run(lambda conn: conn.execute(query))
 
+    async def put_first(self, key: VaultKey, now: float) -> VaultKey:
+        """Store the user's first key unless another worker stored one first; returns the
+        key the table holds afterwards (theirs when they won: only one key may carry the
+        user's budget)."""
+        t = self.db.table
+        row = {"user_id": key.user_id, "key_hash": key.key_hash, "secret": key.secret,
+               "limit_usd": key.limit, "limit_reset": key.limit_reset,
+               "disabled": key.disabled, "updated_at": now}
+
+        def insert(conn: Any) -> None:
+            dialect = "postgresql" if conn.dialect.name == "postgresql" else "sqlite"
+            stmt = importlib.import_module(f"sqlalchemy.dialects.{dialect}").insert(t)
+            conn.execute(stmt.values([row]).on_conflict_do_nothing(index_elements=["user_id"]))
+
+        await self.db.run(insert)
+        return await self.get(key.user_id) or key
+
     async def put(self, key: VaultKey, now: float) -> None:
         t = self.db.table
         row = {"user_id": key.user_id, "key_hash": key.key_hash, "secret": key.secret,
@@ -9465,12 +9482,8 @@ class SpendService:
         key = self._keys.get(req.user_id) or await vault.get(req.user_id)
         want = (state.budget.limit, settings.spend.period, False)
         if key is None:
-            name = f"Open WebUI {req.user_email or req.user_id}"[:100]
-            key_hash, secret = await self.api.create_key(settings, name, *want[:2])
-            key = VaultKey(req.user_id, key_hash, EncryptedStr._encrypt(secret), *want)
-            await vault.put(key, self._wall())
-            LOG.info("Provisioned an OpenRouter key for this user (limit %s %s)", *want[:2])
-        elif (key.limit, key.limit_reset, key.disabled) != want:
+            key = await self._first_key(turn, vault, want)
+        if (key.limit, key.limit_reset, key.disabled) != want:
             await self.api.update_key(settings, key.key_hash, {
                 "limit": want[0], "limit_reset": want[1], "disabled": False})
             key = dataclasses.replace(key, limit=want[0], limit_reset=want[1], disabled=False)
@@ -9478,6 +9491,23 @@ class SpendService:
             LOG.info("Updated this user's OpenRouter key (limit %s %s)", *want[:2])
         self._keys[req.user_id] = key
         return key
+
+    async def _first_key(self, turn: Turn, vault: KeyVault,
+                         want: tuple[float | None, str, bool]) -> VaultKey:
+        """Create the user's key upstream and store it; when another worker stored one in
+        the meantime, theirs is used and ours is deleted upstream (two live keys would each
+        carry the whole budget)."""
+        settings, req = turn.settings, turn.req
+        name = f"Open WebUI {req.user_email or req.user_id}"[:100]
+        key_hash, secret = await self.api.create_key(settings, name, *want[:2])
+        made = VaultKey(req.user_id, key_hash, EncryptedStr._encrypt(secret), *want)
+        kept = await vault.put_first(made, self._wall())
+        if kept.key_hash != made.key_hash:
+            LOG.info("Another worker provisioned this user's key first; using it")
+            self._spawn(self._delete_key(settings, made.key_hash))
+        else:
+            LOG.info("Provisioned an OpenRouter key for this user (limit %s %s)", *want[:2])
+        return kept
 
     async def disable_departed(self, settings: RequestSettings, function_id: str) -> int:
         """Disable provisioned keys of users deleted, set to `pending`, or outside every group

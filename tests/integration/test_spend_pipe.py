@@ -351,6 +351,45 @@ async def test_provisioned_key_carries_the_budget_and_really_stops(emulator, db,
     await p.close()
 
 
+async def test_two_workers_making_a_users_first_key_at_once_end_with_one_key(
+        emulator, db, sleeps, fid):
+    """Two workers (two Pipe instances on one database) see no key for the user and both
+    create one upstream at the same moment: one key is kept, both workers use it, and the
+    other is deleted on OpenRouter, so the user can't spend the budget once per key."""
+    emulator.keys.management_keys.add(MGMT)
+    workers = [make_pipe(emulator, db, sleeps, MANAGEMENT_API_KEY=MGMT, BUDGET_USD=5)
+               for _ in range(2)]
+    both_created = asyncio.Barrier(2)
+    for w in workers:
+        create = w._spend.api.create_key
+
+        async def create_together(*args, _create=create):
+            made = await _create(*args)
+            await both_created.wait()  # neither stores its key before both were made
+            return made
+
+        w._spend.api.create_key = create_together
+    try:
+        results = await asyncio.gather(*(chat(w, fid, who=user("u1")) for w in workers))
+        assert [r.error for r in results] == [None, None]
+        created = [r for r in emulator.requests if r["path"].endswith("/keys")
+                   and r["method"] == "POST"]
+        assert len(created) == 2  # the race really happened
+        await asyncio.sleep(0.05)  # the loser's upstream delete runs in the background
+        for w in workers:
+            await w._spend.drain()
+        assert len(emulator.keys.keys) == 1
+        kept = next(iter(emulator.keys.keys.values()))
+        used = {r["headers"]["Authorization"] for r in posts(emulator)}
+        assert used == {f"Bearer {kept.secret}"}
+        later = await asyncio.gather(*(chat(w, fid, who=user("u1")) for w in workers))
+        assert [r.error for r in later] == [None, None]
+        assert {r["headers"]["Authorization"] for r in posts(emulator)} == used
+    finally:
+        for w in workers:
+            await w.close()
+
+
 async def _forget_ledger(p, db, fid):
     """Simulate a worker whose ledger lags: empty the table (OpenRouter still counts)."""
     with db.engine.begin() as conn:
@@ -567,6 +606,29 @@ async def test_ledger_on_every_backend(backend, tmp_path, fid):
         assert await ledger.budget_spent("u", date(2027, 1, 1), date(2027, 2, 1)) == 5.0
         assert await ledger.budget_spent("u", date(2027, 2, 1), date(2027, 3, 1)) == 0.0
         assert len(await ledger.entries(date(2027, 1, 1), date(2027, 3, 1), "u")) == 2
+    finally:
+        close()
+        if backend.startswith("postgres"):
+            drop_table(name)
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+async def test_only_the_first_stored_key_is_kept_on_every_backend(backend, tmp_path, fid):
+    """KeyVault.put_first: of two workers' first keys for one user, the first stored wins and
+    both read it back (the loser deletes its own upstream)."""
+    if backend.startswith("postgres") and not pg_available():
+        pytest.skip("PostgreSQL is not running")
+    from openrouter_responses_pipe import KeyVault, VaultKey
+
+    runner, close = BACKENDS[backend](tmp_path)
+    name = spend_table_name("keys", fid)
+    try:
+        vault = KeyVault(runner, name)
+        first = VaultKey("u", "hash-a", "encrypted:a", 5.0, "monthly", False)
+        second = VaultKey("u", "hash-b", "encrypted:b", 5.0, "monthly", False)
+        assert await vault.put_first(first, 1.0) == first
+        assert await vault.put_first(second, 2.0) == first
+        assert await vault.all() == [first]
     finally:
         close()
         if backend.startswith("postgres"):
