@@ -5119,7 +5119,7 @@ class StreamState:
     response_id: str = ""
     model: str = ""
     streamed_items: set[str] = field(default_factory=set)
-    streamed_chars: int = 0  # text + reasoning shown so far (a stopped answer's estimate)
+    streamed_chars: int = 0  # text + reasoning shown (a stopped answer's estimate; §19 _pump)
     open_items: dict[int, str] = field(default_factory=dict)
     done_items: dict[int, Mapping[str, Any]] = field(default_factory=dict)
     usage: Usage | None = None
@@ -5146,17 +5146,13 @@ def _on_created(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) ->
 
 
 def _on_text_delta(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> None:
-    delta = ev.get("delta") or ""
     state.streamed_items.add(ev.get("item_id", ""))
-    out.append((TEXT, delta))
-    state.streamed_chars += len(delta)
+    out.append((TEXT, ev.get("delta") or ""))
 
 
 def _on_reasoning_delta(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> None:
-    delta = ev.get("delta") or ""
     state.streamed_items.add(ev.get("item_id", ""))
-    out.append((REASONING, delta))
-    state.streamed_chars += len(delta)
+    out.append((REASONING, ev.get("delta") or ""))
 
 
 def _on_summary_part_added(state: StreamState, ev: Mapping[str, Any], out: list[Intent]) -> None:
@@ -7992,6 +7988,7 @@ class ChunkRenderer:
                       "created": created, "model": model}
         self._carry = {TEXT: SurrogateCarry(), REASONING: SurrogateCarry()}
         self.emitted_text = False
+        self.rendered_chars = 0  # text + reasoning rendered from intents (not notes)
 
     def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
         return {**self._base, "choices": [{"index": 0, "delta": delta,
@@ -8014,6 +8011,7 @@ class ChunkRenderer:
         text = self._carry[kind].clean(text)
         if not text:
             return
+        self.rendered_chars += len(text)
         if kind == TEXT:
             self.emitted_text = True
             chunks.append(self.chunk({"content": text}))
@@ -10672,10 +10670,11 @@ class Pipe:
         state.response_id = generation_id_of(resp.headers)
         done = False
         try:
-            async for chunks in self._pump(resp, state, renderer, timing,           # 8-9
-                                           turn.images):
-                for chunk in chunks:                                                 # 12
-                    yield chunk
+            async with contextlib.aclosing(self._pump(  # Stop: its count is final at once
+                    resp, state, renderer, timing, turn.images)) as pumped:         # 8-9
+                async for chunks in pumped:
+                    for chunk in chunks:                                             # 12
+                        yield chunk
             done = state.finished
         finally:
             await (resp.release() if done else resp.close())
@@ -10739,28 +10738,32 @@ class Pipe:
 
     async def _pump(self, resp: TransportResponse, state: StreamState,
                     renderer: ChunkRenderer, timing: StreamTiming,
-                    images: ImageSink | None = None) -> AsyncIterator[list[dict[str, Any]]]:
+                    images: ImageSink | None = None
+                    ) -> AsyncGenerator[list[dict[str, Any]], None]:
         """Network reads -> decoded events -> reduced intents -> (pictures saved, §12) ->
         rendered chunk lists."""
         decoder = SSEDecoder(images.line_cap if images is not None else SSE_MAX_LINE_BYTES)
-        image_intents = 0
-        async for raw in resp.iter_chunks():
-            intents = reduce_events(state, decoder.feed(raw))
-            if state.image_intents != image_intents:  # this batch holds image intents
-                image_intents = state.image_intents
-                if images is not None:
-                    intents = await images.resolve(intents)
-                    decoder.max_bytes = images.line_cap  # the final event repeats them all
-                else:
-                    intents = [i for i in intents if i[0] not in IMAGE_INTENTS]
-            if intents:
-                chunks = renderer.render(intents)
-                if chunks:
-                    if timing.first_token_at is None:
-                        timing.first_token_at = self._clock()
-                    yield chunks
-            if state.finished:
-                break
+        image_intents, shown = 0, renderer.rendered_chars
+        try:
+            async for raw in resp.iter_chunks():
+                intents = reduce_events(state, decoder.feed(raw))
+                if state.image_intents != image_intents:  # this batch holds image intents
+                    image_intents = state.image_intents
+                    if images is not None:
+                        intents = await images.resolve(intents)
+                        decoder.max_bytes = images.line_cap  # the final event repeats them
+                    else:
+                        intents = [i for i in intents if i[0] not in IMAGE_INTENTS]
+                if intents:
+                    chunks = renderer.render(intents)
+                    if chunks:
+                        if timing.first_token_at is None:
+                            timing.first_token_at = self._clock()
+                        yield chunks
+                if state.finished:
+                    break
+        finally:  # also when Stop closes the round: what it showed prices its estimate
+            state.streamed_chars = renderer.rendered_chars - shown
         finish_stream(state)
 
     def _finish(self, state: StreamState, renderer: ChunkRenderer, timing: StreamTiming,

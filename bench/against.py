@@ -1,6 +1,7 @@
 """Benchmarks (a) and (b) for this pipe file and for the one of an earlier commit, back to back.
 
-Usage:  python bench/against.py REV [--rounds N]      e.g. REV = 0b8a7dc (before issues #10-#14)
+Usage:  python bench/against.py REV [--rounds N] [--instructions]
+        e.g. REV = 0b8a7dc (the pipe before issues #10-#14)
 
 "Within today's figures" can only be judged on one machine in one run: the same (a) and (b)
 numbers vary by ±30 % between machines and between hours on a shared one. So this script
@@ -15,6 +16,9 @@ times both versions of `openrouter_responses_pipe.py` here and now:
     (bench/measure.py). Children alternate REV, current, current, REV, … for N rounds.
   * Reported per version: the median over rounds of (a) pipe CPU / raw CPU and of (b) pipe
     minus raw first-token ms; then current minus REV.
+  * `--instructions` (needs valgrind): (a)'s pure part (SSE decoder, reducer, renderer over
+    one captured 20,000-delta body in 16 KiB reads) counted in instructions by callgrind,
+    which does not vary with the machine's load: (4 bodies - 1 body) / 3 per version.
 
 Nothing here is a pass/fail gate (the exit code is 0); bench/RESULTS.md records the figures.
 """
@@ -78,13 +82,40 @@ async def measure_one(module: Any, url: str, streams: int, first_tokens: int) ->
             "b_pipe_ms": first["pipe"], "b_raw_ms": first["raw"]}
 
 
-def child(folder: str, url: str, streams: int, first_tokens: int) -> None:
+def import_copy(folder: str) -> Any:
     sys.path.insert(0, folder)
     import openrouter_responses_pipe as module
 
     if Path(module.__file__ or "").resolve().parent != Path(folder).resolve():
         raise SystemExit(f"imported {module.__file__}, not the copy in {folder}")
+    return module
+
+
+def child(folder: str, url: str, streams: int, first_tokens: int) -> None:
+    module = import_copy(folder)
     print(json.dumps(asyncio.run(measure_one(module, url, streams, first_tokens))))
+
+
+def pure_stream(module: Any, body: bytes) -> int:
+    """(a)'s pure part: the SSE decoder, the reducer and the renderer over a captured body
+    in 16 KiB reads, as `_pump` runs them (the image step only for batches the reducer says
+    hold a picture, where the version counts them)."""
+    state, decoder = module.StreamState(), module.SSEDecoder()
+    renderer, seen, chunks = module.ChunkRenderer("openrouter.x", 0), 0, 0
+    for i in range(0, len(body), 16384):
+        intents = module.reduce_events(state, decoder.feed(body[i:i + 16384]))
+        if getattr(state, "image_intents", 0) != seen:
+            seen = state.image_intents
+        if intents:
+            chunks += len(renderer.render(intents))
+    return chunks
+
+
+def count_child(folder: str, body_file: str, repeats: int) -> None:
+    """Run under callgrind by the parent: import the copy, then `repeats` pure streams."""
+    module, body = import_copy(folder), Path(body_file).read_bytes()
+    for _ in range(repeats):
+        pure_stream(module, body)
 
 
 # ──────────────────────────────────────────────────────────────── the parent: both versions
@@ -106,6 +137,39 @@ def run_child(folder: Path, url: str, streams: int, first_tokens: int) -> dict[s
                           "--streams", str(streams), "--first-tokens", str(first_tokens)],
                          capture_output=True, text=True, check=True, cwd=folder)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+async def capture_flood(url: str) -> bytes:
+    """The raw SSE body of one 20,000-delta answer, as the pipe would read it."""
+    import aiohttp
+
+    item = {"type": "message", "role": "user",
+            "content": [{"type": "input_text", "text": f"[emu:flood deltas={FLOOD_DELTAS}] go"}]}
+    body = {"model": "openai/gpt-4o", "input": [item], "stream": True, "store": False}
+    async with aiohttp.ClientSession() as session, session.post(
+            url + "/responses", json=body, headers={"Authorization": f"Bearer {API_KEY}"}
+    ) as resp:
+        return await resp.read()
+
+
+def instructions(folder: Path, body_file: Path, repeats: int) -> int:
+    """Instructions valgrind counts for importing the copy and `repeats` pure streams."""
+    out = subprocess.run(
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={folder / 'callgrind.out'}",
+         sys.executable, __file__, "--count-child", str(folder), "--body", str(body_file),
+         "--repeats", str(repeats)], capture_output=True, text=True, check=True, cwd=folder)
+    refs = [line for line in out.stderr.splitlines() if "refs:" in line]
+    return int(refs[-1].split("refs:")[1].strip().replace(",", ""))
+
+
+def instruction_report(folders: dict[str, Path], body_file: Path) -> str:
+    """Per version: (instructions for 4 streams - for 1) / 3, i.e. one stream's decode, reduce
+    and render, without the import; deterministic, unlike the timings."""
+    per = {name: (instructions(f, body_file, 4) - instructions(f, body_file, 1)) / 3
+           for name, f in folders.items()}
+    first = next(iter(per.values()))
+    return "\n".join(f"  {name}: {n / 1e6:.1f} M instructions per 20,000-delta body "
+                     f"({n / first - 1:+.1%})" for name, n in per.items())
 
 
 def report(rev: str, runs: dict[str, list[dict[str, Any]]]) -> str:
@@ -133,11 +197,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4, help="child processes per version")
     ap.add_argument("--streams", type=int, default=7, help="(a) runs per child")
     ap.add_argument("--first-tokens", type=int, default=60, help="(b) runs per child")
+    ap.add_argument("--instructions", action="store_true",
+                    help="also count (a)'s decode/reduce/render instructions under valgrind")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--count-child", help=argparse.SUPPRESS)
+    ap.add_argument("--body", help=argparse.SUPPRESS)
+    ap.add_argument("--repeats", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args.child, args.url, args.streams, args.first_tokens)
+    if args.count_child:
+        return count_child(args.count_child, args.body, args.repeats)
     if not args.rev:
         ap.error("name the earlier commit, e.g. 0b8a7dc")
     with tempfile.TemporaryDirectory(prefix="orp-against-") as tmp, \
@@ -150,7 +221,14 @@ def main() -> None:
                 runs[name].append(run_child(folders[name], url, args.streams,
                                             args.first_tokens))
                 print(f"round {i + 1} {name}: {runs[name][-1]}", file=sys.stderr)
+        counted = ""
+        if args.instructions:
+            body_file = Path(tmp) / "flood.sse"
+            body_file.write_bytes(asyncio.run(capture_flood(url)))
+            counted = instruction_report(folders, body_file)
     print(report(args.rev, runs))
+    if counted:
+        print("\n(a)'s pure part under valgrind (decoder + reducer + renderer):\n" + counted)
 
 
 if __name__ == "__main__":

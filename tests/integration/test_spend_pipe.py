@@ -744,6 +744,36 @@ async def test_a_stopped_answer_without_a_generation_record_records_the_estimate
     await p.close()
 
 
+async def test_a_stopped_answers_estimate_grows_with_the_text_it_showed(emulator, db):
+    """Without a generation record, the estimate is the prompt plus what was shown: stopping
+    later (more text on screen) costs more, by the completion price of that text."""
+    async def unknown(settings, generation_id):
+        return None
+
+    costs, shown = [], []
+    for chunks in (1, 12):
+        fid = f"t{uuid.uuid4().hex[:10]}"
+        p = make_pipe(emulator, db, short_sleep)
+        p._spend.api.generation_cost = unknown
+        gen = await p.pipe(b(fid, GPT4O, "[emu:slow delay_ms=20 deltas=40] go"), __user__=user())
+        text = ""
+        async for chunk in gen:
+            if chunk.get("choices") and (piece := chunk["choices"][0]["delta"].get("content")):
+                text += piece
+                chunks -= 1
+                if not chunks:
+                    break
+        await gen.aclose()
+        await p._spend.drain()
+        [row] = ledger_rows(db, fid)
+        costs.append(row["cost"])
+        shown.append(len(text))
+        await p.close()
+    completion = float(emulator.catalog[GPT4O]["pricing"]["completion"])
+    assert shown[1] > shown[0]
+    assert costs[1] - costs[0] == pytest.approx((shown[1] - shown[0]) / 4 * completion)
+
+
 async def test_a_cancelled_task_is_recorded_and_cancellation_goes_on(emulator, db, fid):
     p = make_pipe(emulator, db, short_sleep)
     body = b(fid, GPT4O, "[emu:text first_byte_delay_ms=5000] title please", stream=False)
