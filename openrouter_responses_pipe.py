@@ -9093,16 +9093,20 @@ class KeyVault:
             stmt = importlib.import_module(f"sqlalchemy.dialects.{dialect}").insert(t)
             conn.execute(stmt.values([row]).on_conflict_do_nothing(index_elements=["user_id"]))
 
-        await self.db.run(insert)
-        return await self.get(key.user_id) or key
+        for _ in range(3):  # a row dropped between our insert and our read: insert again
+            await self.db.run(insert)
+            if (stored := await self.get(key.user_id)) is not None:
+                return stored
+        raise SpendLedgerError("the user's key row keeps disappearing (another worker?)")
 
-    async def put(self, key: VaultKey, now: float) -> None:
+    async def update(self, key: VaultKey, now: float) -> bool:
+        """Store a changed limit/reset/disabled for the key the row still holds; False when
+        the row now holds another key (another worker replaced it: never write over it)."""
         t = self.db.table
-        row = {"user_id": key.user_id, "key_hash": key.key_hash, "secret": key.secret,
-               "limit_usd": key.limit, "limit_reset": key.limit_reset,
-               "disabled": key.disabled, "updated_at": now}
-        await self.db.run(lambda conn: _upsert(conn, t, [row], ["user_id"], (), [
-            c for c in row if c != "user_id"]))
+        query = t.update().where(t.c.user_id == key.user_id, t.c.key_hash == key.key_hash) \
+            .values(limit_usd=key.limit, limit_reset=key.limit_reset, disabled=key.disabled,
+                    updated_at=now)
+        return bool(await self.db.run(lambda conn: conn.execute(query).rowcount))
 
 
 # -- I/O: OpenRouter's key management API -----------------------------------------------------
@@ -9477,17 +9481,32 @@ class SpendService:
         vault = self._tables(_function_id(turn))[1]
         if vault is None or _fernet_from_secret() is None:
             raise ConfigError("no database or no WEBUI_SECRET_KEY to keep keys encrypted")
-        key = self._keys.get(req.user_id) or await vault.get(req.user_id)
         want = (state.budget.limit, settings.spend.period, False)
-        if key is None:
-            key = await self._first_key(turn, vault, want)
-        if (key.limit, key.limit_reset, key.disabled) != want:
-            await self.api.update_key(settings, key.key_hash, {
-                "limit": want[0], "limit_reset": want[1], "disabled": False})
-            key = dataclasses.replace(key, limit=want[0], limit_reset=want[1], disabled=False)
-            await vault.put(key, self._wall())
-            LOG.info("Updated this user's OpenRouter key (limit %s %s)", *want[:2])
-        self._keys[req.user_id] = key
+        for _ in range(2):  # a second pass when another worker replaced the remembered key
+            key = self._keys.get(req.user_id) or await vault.get(req.user_id)
+            if key is None:
+                key = await self._first_key(turn, vault, want)
+            if (key.limit, key.limit_reset, key.disabled) != want:
+                key = await self._limit_key(turn, vault, key, want)
+            if key is not None:
+                self._keys[req.user_id] = key
+                return key
+            self._keys.pop(req.user_id, None)
+        raise ConfigError("this user's budget key keeps being replaced by another worker")
+
+    async def _limit_key(self, turn: Turn, vault: KeyVault, key: VaultKey,
+                         want: tuple[float | None, str, bool]) -> VaultKey | None:
+        """Give the key the budget's limit, upstream and in the table; None when the table
+        holds another key now (another worker replaced it: ours is neither limited nor
+        written back over theirs)."""
+        stored = await vault.get(key.user_id)
+        if stored is None or stored.key_hash != key.key_hash:
+            return None
+        await self.api.update_key(turn.settings, key.key_hash, {
+            "limit": want[0], "limit_reset": want[1], "disabled": False})
+        key = dataclasses.replace(key, limit=want[0], limit_reset=want[1], disabled=False)
+        await vault.update(key, self._wall())  # only while the row still holds this key
+        LOG.info("Updated this user's OpenRouter key (limit %s %s)", *want[:2])
         return key
 
     async def _first_key(self, turn: Turn, vault: KeyVault,
@@ -9499,7 +9518,11 @@ class SpendService:
         name = f"Open WebUI {req.user_email or req.user_id}"[:100]
         key_hash, secret = await self.api.create_key(settings, name, *want[:2])
         made = VaultKey(req.user_id, key_hash, EncryptedStr._encrypt(secret), *want)
-        kept = await vault.put_first(made, self._wall())
+        try:
+            kept = await vault.put_first(made, self._wall())
+        except SpendLedgerError:  # not stored: nobody could use or limit it again
+            self._spawn(self._delete_key(settings, made.key_hash))
+            raise
         if kept.key_hash != made.key_hash:
             LOG.info("Another worker provisioned this user's key first; using it")
             self._spawn(self._delete_key(settings, made.key_hash))
@@ -9523,7 +9546,7 @@ class SpendService:
                                                               settings.records.access):
                 continue
             await self.api.update_key(settings, key.key_hash, {"disabled": True})
-            await vault.put(dataclasses.replace(key, disabled=True), self._wall())
+            await vault.update(dataclasses.replace(key, disabled=True), self._wall())
             self._keys.pop(key.user_id, None)
             LOG.info("Disabled the provisioned key of departed user %s", key.user_id)
             done += 1

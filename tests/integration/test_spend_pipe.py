@@ -99,6 +99,22 @@ def ledger_rows(db, fid):
             f'SELECT * FROM "{t}" ORDER BY user_id, key_source'))]
 
 
+class DropAfterNextRun:
+    """A database whose next statement is followed by another worker deleting every row of
+    the vault (the race between an insert and the read that follows it)."""
+
+    def __init__(self, inner, vault):
+        self.inner, self.vault, self.dropped = inner, vault, False
+
+    async def run(self, fn):
+        result = await self.inner.run(fn)
+        if not self.dropped:
+            self.dropped = True
+            table = self.vault.db.table
+            await self.inner.run(lambda conn: conn.execute(table.delete()))
+        return result
+
+
 class GatedRunner:
     """A database that answers only once the test opens the gate."""
 
@@ -390,6 +406,35 @@ async def test_two_workers_making_a_users_first_key_at_once_end_with_one_key(
             await w.close()
 
 
+async def test_a_worker_with_an_old_key_cached_takes_the_new_one_on_a_budget_change(
+        emulator, db, sleeps, fid):
+    """Worker A remembers key 1; the row was replaced by key 2 (made by worker B after the
+    first was dropped). A budget change on A must limit key 2, and A must use key 2: writing
+    key 1 back over the row would leave key 2 live with the budget and out of the table."""
+    emulator.keys.management_keys.add(MGMT)
+    a = make_pipe(emulator, db, sleeps, MANAGEMENT_API_KEY=MGMT, BUDGET_USD=5)
+    b_ = make_pipe(emulator, db, sleeps, MANAGEMENT_API_KEY=MGMT, BUDGET_USD=5)
+    try:
+        assert (await chat(a, fid, who=user("u1"))).error is None
+        first = next(iter(emulator.keys.keys.values()))
+        with db.engine.begin() as conn:  # the row dropped (e.g. a 401 seen by another worker)
+            conn.execute(sa.text(f'DELETE FROM "{spend_table_name("keys", fid)}"'))
+        assert (await chat(b_, fid, who=user("u1"))).error is None
+        second = next(k for k in emulator.keys.keys.values() if k.hash != first.hash)
+        a.valves = a.Valves(**{**a.valves.model_dump(), "BUDGET_USD": 7})
+        a._spend._cache.clear()
+        assert (await chat(a, fid, who=user("u1"))).error is None
+        assert posts(emulator)[-1]["headers"]["Authorization"] == f"Bearer {second.secret}"
+        assert (second.limit, first.limit) == (7, 5)
+        with db.engine.begin() as conn:
+            held = conn.execute(sa.text(
+                f'SELECT key_hash, limit_usd FROM "{spend_table_name("keys", fid)}"')).all()
+        assert [tuple(r) for r in held] == [(second.hash, 7.0)]
+    finally:
+        await a.close()
+        await b_.close()
+
+
 async def _forget_ledger(p, db, fid):
     """Simulate a worker whose ledger lags: empty the table (OpenRouter still counts)."""
     with db.engine.begin() as conn:
@@ -629,6 +674,11 @@ async def test_only_the_first_stored_key_is_kept_on_every_backend(backend, tmp_p
         assert await vault.put_first(first, 1.0) == first
         assert await vault.put_first(second, 2.0) == first
         assert await vault.all() == [first]
+        # the winner's row dropped between our insert and our read: ours is stored, not lost
+        dropping = DropAfterNextRun(runner, vault)
+        vault.db.runner = dropping
+        assert await vault.put_first(second, 3.0) == second
+        assert await vault.all() == [second] and dropping.dropped
     finally:
         close()
         if backend.startswith("postgres"):
