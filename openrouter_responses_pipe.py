@@ -9219,6 +9219,7 @@ class SpendService:
         self._pending: list[tuple[SpendLedger, LedgerEntry]] = []
         self._writing: list[tuple[SpendLedger, LedgerEntry]] = []
         self._keys: dict[str, VaultKey] = {}
+        self._key_read: dict[str, float] = {}  # when each remembered key was read (clock)
         self._key_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._flushing = False
@@ -9483,7 +9484,10 @@ class SpendService:
             raise ConfigError("no database or no WEBUI_SECRET_KEY to keep keys encrypted")
         want = (state.budget.limit, settings.spend.period, False)
         for _ in range(2):  # a second pass when another worker replaced the remembered key
-            key = self._keys.get(req.user_id) or await vault.get(req.user_id)
+            key = self._remembered(req.user_id, settings.spend.cache_seconds)
+            if key is None:
+                key = await vault.get(req.user_id)
+                self._key_read[req.user_id] = self._clock()
             if key is None:
                 key = await self._first_key(turn, vault, want)
             if (key.limit, key.limit_reset, key.disabled) != want:
@@ -9493,6 +9497,15 @@ class SpendService:
                 return key
             self._keys.pop(req.user_id, None)
         raise ConfigError("this user's budget key keeps being replaced by another worker")
+
+    def _remembered(self, user_id: str, max_age: float) -> VaultKey | None:
+        """This worker's copy of the user's key while younger than `max_age` seconds (the
+        budget check's cache time): another worker may have replaced the row (a key dropped
+        after a 401), and two live keys would each carry the whole budget."""
+        key = self._keys.get(user_id)
+        if key is None or self._clock() - self._key_read.get(user_id, -math.inf) > max_age:
+            return None
+        return key
 
     async def _limit_key(self, turn: Turn, vault: KeyVault, key: VaultKey,
                          want: tuple[float | None, str, bool]) -> VaultKey | None:

@@ -435,6 +435,29 @@ async def test_a_worker_with_an_old_key_cached_takes_the_new_one_on_a_budget_cha
         await b_.close()
 
 
+async def test_a_worker_rereads_its_remembered_key_after_the_budget_cache_time(
+        emulator, db, sleeps, fid):
+    """Worker A remembers key 1; another worker replaced the row with key 2 while key 1 stayed
+    live upstream (its best-effort delete failed). Once the budget check's cache time has
+    passed, A reads the row again and uses key 2: never two keys in use for one budget."""
+    emulator.keys.management_keys.add(MGMT)
+    valves = {"MANAGEMENT_API_KEY": MGMT, "BUDGET_USD": 5, "BUDGET_CHECK_CACHE_SECONDS": 0}
+    a, b_ = make_pipe(emulator, db, sleeps, **valves), make_pipe(emulator, db, sleeps, **valves)
+    try:
+        assert (await chat(a, fid, who=user("u1"))).error is None
+        first = next(iter(emulator.keys.keys.values()))
+        with db.engine.begin() as conn:
+            conn.execute(sa.text(f'DELETE FROM "{spend_table_name("keys", fid)}"'))
+        assert (await chat(b_, fid, who=user("u1"))).error is None
+        second = next(k for k in emulator.keys.keys.values() if k.hash != first.hash)
+        assert first.hash in emulator.keys.keys  # still live upstream
+        assert (await chat(a, fid, who=user("u1"))).error is None
+        assert posts(emulator)[-1]["headers"]["Authorization"] == f"Bearer {second.secret}"
+    finally:
+        await a.close()
+        await b_.close()
+
+
 async def _forget_ledger(p, db, fid):
     """Simulate a worker whose ledger lags: empty the table (OpenRouter still counts)."""
     with db.engine.begin() as conn:
