@@ -8962,13 +8962,17 @@ class _Table:
         self._ready = True
 
 
+def _dialect_insert(conn: Any, table: Any) -> Any:
+    """INSERT with ON CONFLICT support for this connection's database (PostgreSQL or SQLite)."""
+    dialect = "postgresql" if conn.dialect.name == "postgresql" else "sqlite"
+    return importlib.import_module(f"sqlalchemy.dialects.{dialect}").insert(table)
+
+
 def _upsert(conn: Any, table: Any, rows: list[dict[str, Any]], keys: list[str],
             add: Iterable[str] = (), replace: Iterable[str] = ()) -> None:
     """One atomic INSERT … ON CONFLICT DO UPDATE: `add` columns are summed with what is stored
     (no lost increments under concurrent writers), `replace` columns overwritten."""
-    dialect = "postgresql" if conn.dialect.name == "postgresql" else "sqlite"
-    insert = importlib.import_module(f"sqlalchemy.dialects.{dialect}").insert
-    stmt = insert(table).values(rows)
+    stmt = _dialect_insert(conn, table).values(rows)
     new = stmt.excluded
     sets = {c: table.c[c] + new[c] for c in add} | {c: new[c] for c in replace}
     conn.execute(stmt.on_conflict_do_update(index_elements=keys, set_=sets))
@@ -9089,9 +9093,8 @@ class KeyVault:
                "disabled": key.disabled, "updated_at": now}
 
         def insert(conn: Any) -> None:
-            dialect = "postgresql" if conn.dialect.name == "postgresql" else "sqlite"
-            stmt = importlib.import_module(f"sqlalchemy.dialects.{dialect}").insert(t)
-            conn.execute(stmt.values([row]).on_conflict_do_nothing(index_elements=["user_id"]))
+            conn.execute(_dialect_insert(conn, t).values([row])
+                         .on_conflict_do_nothing(index_elements=["user_id"]))
 
         for _ in range(3):  # a row dropped between our insert and our read: insert again
             await self.db.run(insert)
@@ -9218,8 +9221,7 @@ class SpendService:
         self._cache: dict[tuple[str, str], tuple[float, date, float, list[str]]] = {}
         self._pending: list[tuple[SpendLedger, LedgerEntry]] = []
         self._writing: list[tuple[SpendLedger, LedgerEntry]] = []
-        self._keys: dict[str, VaultKey] = {}
-        self._key_read: dict[str, float] = {}  # when each remembered key was read (clock)
+        self._keys: dict[str, tuple[VaultKey, float]] = {}  # user -> key, when read (clock)
         self._key_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._flushing = False
@@ -9442,7 +9444,7 @@ class SpendService:
 
     async def key_rejected(self, turn: Turn) -> None:
         """OpenRouter answered 401 to the user's provisioned key: forget it."""
-        key = self._keys.get(turn.req.user_id)
+        key = self._keys.get(turn.req.user_id, (None, 0.0))[0]
         if key is not None:
             await self.forget_key(turn.settings, _function_id(turn), key.user_id, key.key_hash)
 
@@ -9452,7 +9454,7 @@ class SpendService:
         on OpenRouter): drop it here and, best effort, on OpenRouter; the user's next turn
         provisions a new one. Never raises."""
         cached = self._keys.get(user_id)
-        if cached is not None and cached.key_hash == key_hash:
+        if cached is not None and cached[0].key_hash == key_hash:
             del self._keys[user_id]
         vault = self._tables(function_id)[1]
         try:
@@ -9485,15 +9487,15 @@ class SpendService:
         want = (state.budget.limit, settings.spend.period, False)
         for _ in range(2):  # a second pass when another worker replaced the remembered key
             key = self._remembered(req.user_id, settings.spend.cache_seconds)
+            if key is not None and (key.limit, key.limit_reset, key.disabled) == want:
+                return key  # the common turn: nothing read, nothing sent
+            read = key is None
             if key is None:
-                key = await vault.get(req.user_id)
-                self._key_read[req.user_id] = self._clock()
-            if key is None:
-                key = await self._first_key(turn, vault, want)
+                key = await vault.get(req.user_id) or await self._first_key(turn, vault, want)
             if (key.limit, key.limit_reset, key.disabled) != want:
-                key = await self._limit_key(turn, vault, key, want)
+                key = await self._limit_key(turn, vault, key, want, read)
             if key is not None:
-                self._keys[req.user_id] = key
+                self._keys[req.user_id] = (key, self._clock())
                 return key
             self._keys.pop(req.user_id, None)
         raise ConfigError("this user's budget key keeps being replaced by another worker")
@@ -9502,23 +9504,24 @@ class SpendService:
         """This worker's copy of the user's key while younger than `max_age` seconds (the
         budget check's cache time): another worker may have replaced the row (a key dropped
         after a 401), and two live keys would each carry the whole budget."""
-        key = self._keys.get(user_id)
-        if key is None or self._clock() - self._key_read.get(user_id, -math.inf) > max_age:
-            return None
-        return key
+        key, read_at = self._keys.get(user_id, (None, -math.inf))
+        return key if self._clock() - read_at <= max_age else None
 
     async def _limit_key(self, turn: Turn, vault: KeyVault, key: VaultKey,
-                         want: tuple[float | None, str, bool]) -> VaultKey | None:
+                         want: tuple[float | None, str, bool], just_read: bool
+                         ) -> VaultKey | None:
         """Give the key the budget's limit, upstream and in the table; None when the table
         holds another key now (another worker replaced it: ours is neither limited nor
-        written back over theirs)."""
-        stored = await vault.get(key.user_id)
-        if stored is None or stored.key_hash != key.key_hash:
-            return None
+        written back over theirs). A key remembered, not `just_read`, is checked first."""
+        if not just_read:
+            stored = await vault.get(key.user_id)
+            if stored is None or stored.key_hash != key.key_hash:
+                return None
         await self.api.update_key(turn.settings, key.key_hash, {
             "limit": want[0], "limit_reset": want[1], "disabled": False})
         key = dataclasses.replace(key, limit=want[0], limit_reset=want[1], disabled=False)
-        await vault.update(key, self._wall())  # only while the row still holds this key
+        if not await vault.update(key, self._wall()):  # replaced meanwhile: take theirs
+            return None
         LOG.info("Updated this user's OpenRouter key (limit %s %s)", *want[:2])
         return key
 
@@ -10785,11 +10788,7 @@ class Pipe:
                 intents = reduce_events(state, decoder.feed(raw))
                 if state.image_intents != image_intents:  # this batch holds image intents
                     image_intents = state.image_intents
-                    if images is not None:
-                        intents = await images.resolve(intents)
-                        decoder.max_bytes = images.line_cap  # the final event repeats them
-                    else:
-                        intents = [i for i in intents if i[0] not in IMAGE_INTENTS]
+                    intents = await self._pictures(intents, images, decoder)
                 if intents:
                     chunks = renderer.render(intents)
                     if chunks:
@@ -10801,6 +10800,17 @@ class Pipe:
         finally:  # also when Stop closes the round: what it showed prices its estimate
             state.streamed_chars = renderer.rendered_chars - shown
         finish_stream(state)
+
+    @staticmethod
+    async def _pictures(intents: list[Intent], images: ImageSink | None,
+                        decoder: SSEDecoder) -> list[Intent]:
+        """§12 for a batch with image intents: pictures saved (the SSE line cap grows, as the
+        final event repeats them), or dropped when the turn takes none."""
+        if images is None:
+            return [i for i in intents if i[0] not in IMAGE_INTENTS]
+        resolved = await images.resolve(intents)
+        decoder.max_bytes = images.line_cap
+        return resolved
 
     def _finish(self, state: StreamState, renderer: ChunkRenderer, timing: StreamTiming,
                 route: RouteReport = ((), None)) -> list[dict[str, Any]]:

@@ -99,3 +99,20 @@ async def test_on_0_6_only_readers_of_the_base_models_record_reach_it(tmp_path, 
         assert out.error is None and out.text
     finally:
         handle.uninstall()
+
+
+async def test_the_access_check_follows_the_open_webui_that_is_loaded_now(pipe, emulator,
+                                                                          tmp_path):
+    """The pipe finds Open WebUI's Models table on each request, not once per process: a
+    first turn outside Open WebUI must not switch the 0.6 access check off for good."""
+    from helpers import body, stream
+
+    outside = await stream(pipe, body("openai/gpt-4o", "hi"), __user__={"id": "u1"})
+    assert outside.error is None  # no Open WebUI loaded: nothing to check against
+    handle = install("sync", data_dir=tmp_path)
+    try:
+        handle.add_user("u1", role="user")
+        refused = await stream(pipe, body("openai/gpt-4o", "hi"), __user__={"id": "u1"})
+        assert refused.error and "not available to you" in refused.error
+    finally:
+        handle.uninstall()

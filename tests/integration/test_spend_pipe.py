@@ -458,6 +458,35 @@ async def test_a_worker_rereads_its_remembered_key_after_the_budget_cache_time(
         await b_.close()
 
 
+async def test_a_key_replaced_while_its_limit_is_sent_is_not_used_again(emulator, db, sleeps,
+                                                                          fid):
+    """The row changes between the limit PATCH and the table update (another worker dropped
+    the key): the worker must not keep using a key the table no longer holds."""
+    emulator.keys.management_keys.add(MGMT)
+    p = make_pipe(emulator, db, sleeps, MANAGEMENT_API_KEY=MGMT, BUDGET_USD=5,
+                  BUDGET_CHECK_CACHE_SECONDS=0)
+    try:
+        assert (await chat(p, fid, who=user("u1"))).error is None
+        first = next(iter(emulator.keys.keys.values()))
+        patch = p._spend.api.update_key
+
+        async def patch_then_drop(*args):
+            await patch(*args)
+            with db.engine.begin() as conn:  # meanwhile, another worker drops the row
+                conn.execute(sa.text(f'DELETE FROM "{spend_table_name("keys", fid)}"'))
+
+        p._spend.api.update_key = patch_then_drop
+        p.valves = p.Valves(**{**p.valves.model_dump(), "BUDGET_USD": 7})
+        assert (await chat(p, fid, who=user("u1"))).error is None
+        with db.engine.begin() as conn:
+            held = conn.execute(sa.text(
+                f'SELECT key_hash FROM "{spend_table_name("keys", fid)}"')).scalar()
+        used = posts(emulator)[-1]["headers"]["Authorization"]
+        assert held != first.hash and used == f"Bearer {emulator.keys.keys[held].secret}"
+    finally:
+        await p.close()
+
+
 async def _forget_ledger(p, db, fid):
     """Simulate a worker whose ledger lags: empty the table (OpenRouter still counts)."""
     with db.engine.begin() as conn:
